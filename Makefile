@@ -1,0 +1,35 @@
+# deeprebirth: set-up, tests, examples. `make install` is idempotent and quick once Caffe is built and cached.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install example test test-fast lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py setup.cfg proto/caffe.proto scripts/build_caffe.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "numpy>=2,<3" "protobuf>=3.20" six
+	scripts/build_caffe.sh $(PY)
+	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) scripts/fetch_assets.py > /dev/null
+	touch $(STAMP)
+
+# The main job end to end on a bundled example: exact folds on the real open_nsfw ResNet-50, checked in real Caffe.
+example: install
+	$(PY) examples/open_nsfw.py
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check deeprebirth tests benchmarks examples scripts
+	$(VENV)/bin/mypy deeprebirth
+
+bench: install
+	$(PY) benchmarks/rewrite_speed.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info deeprebirth/caffe_pb2.py

@@ -1,0 +1,462 @@
+"""Reading and writing Caffe files: prototxt (text) and caffemodel (binary), with no pycaffe involved.
+
+Everything old or odd about Caffe's formats is resolved here, once, so that the graph IR and the rules only ever see
+a modern, phase-filtered ``NetParameter`` whose inputs are ``Input`` layers:
+
+* legacy V1 ``layers { type: CONVOLUTION blobs_lr: 1 ... }`` are upgraded as Caffe's upgrade_proto does;
+* net-level ``input`` / ``input_dim`` / ``input_shape`` become one ``Input`` layer at the front;
+* train_val files are filtered by phase (and level/stage) as Caffe's ``Net::FilterNet`` does.
+
+Caffemodels are read by a small wire-format scanner instead of a full protobuf parse: the float payload of every blob
+is mapped straight from the file into a read-only numpy array (no copy), so a 550 MB model costs about its file size
+in memory. Writing streams the blobs the same way. Every file is written atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+from google.protobuf import text_format
+from google.protobuf.message import DecodeError
+
+from deeprebirth import caffe_pb2 as pb
+from deeprebirth.errors import DeepRebirthError
+
+Weights = dict[str, list[np.ndarray]]
+
+V1_LAYER_TYPES = {
+    "ABSVAL": "AbsVal", "ACCURACY": "Accuracy", "ARGMAX": "ArgMax", "BNLL": "BNLL", "CONCAT": "Concat",
+    "CONTRASTIVE_LOSS": "ContrastiveLoss", "CONVOLUTION": "Convolution", "DATA": "Data",
+    "DECONVOLUTION": "Deconvolution", "DROPOUT": "Dropout", "DUMMY_DATA": "DummyData",
+    "EUCLIDEAN_LOSS": "EuclideanLoss", "ELTWISE": "Eltwise", "EXP": "Exp", "FLATTEN": "Flatten",
+    "HDF5_DATA": "HDF5Data", "HDF5_OUTPUT": "HDF5Output", "HINGE_LOSS": "HingeLoss", "IM2COL": "Im2col",
+    "IMAGE_DATA": "ImageData", "INFOGAIN_LOSS": "InfogainLoss", "INNER_PRODUCT": "InnerProduct", "LRN": "LRN",
+    "MEMORY_DATA": "MemoryData", "MULTINOMIAL_LOGISTIC_LOSS": "MultinomialLogisticLoss", "MVN": "MVN",
+    "POOLING": "Pooling", "POWER": "Power", "RELU": "ReLU", "SIGMOID": "Sigmoid",
+    "SIGMOID_CROSS_ENTROPY_LOSS": "SigmoidCrossEntropyLoss", "SILENCE": "Silence", "SOFTMAX": "Softmax",
+    "SOFTMAX_LOSS": "SoftmaxWithLoss", "SPLIT": "Split", "SLICE": "Slice", "TANH": "TanH",
+    "WINDOW_DATA": "WindowData", "THRESHOLD": "Threshold",
+}
+
+PHASES = {"TRAIN": pb.TRAIN, "TEST": pb.TEST}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# atomic output
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` through a temp file in the same folder, renamed into place only when ``write`` succeeded.
+
+    A crash, a Ctrl-C or an error inside ``write`` leaves the old file (or no file) and no partial output.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise DeepRebirthError("output folder does not exist", file=str(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prototxt
+
+
+def parse_prototxt(text: str, source: str = "<text>") -> pb.NetParameter:
+    """Parse prototxt text; a syntax error or unknown field becomes ``file:line:column: message``."""
+    net = pb.NetParameter()
+    try:
+        text_format.Parse(text, net)
+    except text_format.ParseError as err:
+        line, column = err.GetLine(), err.GetColumn()
+        message = str(err)
+        prefix = f"{line}:{column} : "
+        if message.startswith(prefix):
+            message = message[len(prefix):]
+        where = f"{source}:{line}:{column}" if line is not None else source
+        raise DeepRebirthError(f"{where}: {message}") from None
+    return net
+
+
+def read_prototxt(path: str | os.PathLike[str]) -> pb.NetParameter:
+    """Read a prototxt file as written (no upgrade, no filtering)."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise DeepRebirthError(f"cannot read: {err.strerror}", file=str(path)) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DeepRebirthError("not a text prototxt (is it a binary caffemodel?)", file=str(path)) from None
+    return parse_prototxt(text, str(path))
+
+
+def load_net(path: str | os.PathLike[str], phase: str = "TEST") -> pb.NetParameter:
+    """Read a prototxt and normalise it: V1 upgrade, net-level inputs -> Input layer, phase filter."""
+    return normalize_net(read_prototxt(path), phase=phase, source=str(path))
+
+
+def normalize_net(net: pb.NetParameter, phase: str = "TEST", source: str | None = None) -> pb.NetParameter:
+    """Return a modern copy of ``net``: only ``layer`` entries, inputs as an Input layer, one phase's layers."""
+    if phase not in PHASES:
+        raise DeepRebirthError(f"unknown phase {phase!r} (TRAIN or TEST)", file=source)
+    out = pb.NetParameter()
+    out.CopyFrom(net)
+    if out.layers:
+        if out.layer:
+            raise DeepRebirthError("net mixes V1 'layers' and modern 'layer' entries", file=source)
+        upgraded = [upgrade_v1_layer(v1, source) for v1 in out.layers]
+        del out.layers[:]
+        out.layer.extend(upgraded)
+    _net_inputs_to_input_layer(out, source)
+    _filter_by_state(out, phase)
+    return out
+
+
+def upgrade_v1_layer(v1: pb.V1LayerParameter, source: str | None = None) -> pb.LayerParameter:
+    """One V1 ``layers`` entry -> a modern ``layer`` (the mapping of Caffe's UpgradeV1LayerParameter)."""
+    if v1.HasField("layer"):
+        raise DeepRebirthError("V0 layer format (layers { layer { ... } }) is not supported", file=source,
+                               layer=v1.name or None)
+    layer = pb.LayerParameter()
+    layer.name = v1.name
+    layer.bottom.extend(v1.bottom)
+    layer.top.extend(v1.top)
+    if v1.HasField("type"):
+        type_name = pb.V1LayerParameter.LayerType.Name(v1.type)
+        if type_name not in V1_LAYER_TYPES:
+            raise DeepRebirthError(f"V1 layer type {type_name} has no modern equivalent", file=source,
+                                   layer=v1.name)
+        layer.type = V1_LAYER_TYPES[type_name]
+    layer.include.extend(v1.include)
+    layer.exclude.extend(v1.exclude)
+    layer.loss_weight.extend(v1.loss_weight)
+    layer.blobs.extend(v1.blobs)
+    n_specs = max(len(v1.param), len(v1.blob_share_mode), len(v1.blobs_lr), len(v1.weight_decay))
+    for i in range(n_specs):
+        spec = layer.param.add()
+        if i < len(v1.param):
+            spec.name = v1.param[i]
+        if i < len(v1.blob_share_mode):
+            spec.share_mode = v1.blob_share_mode[i]
+        if i < len(v1.blobs_lr):
+            spec.lr_mult = v1.blobs_lr[i]
+        if i < len(v1.weight_decay):
+            spec.decay_mult = v1.weight_decay[i]
+    modern_fields = pb.LayerParameter.DESCRIPTOR.fields_by_name
+    for field, value in v1.ListFields():
+        if field.name.endswith("_param") and field.name in modern_fields:
+            getattr(layer, field.name).CopyFrom(value)
+    return layer
+
+
+def _net_inputs_to_input_layer(net: pb.NetParameter, source: str | None) -> None:
+    if not net.input:
+        if net.input_shape or net.input_dim:
+            raise DeepRebirthError("input_shape/input_dim given without 'input' names", file=source)
+        return
+    names = list(net.input)
+    shapes: list[list[int]] = []
+    if net.input_shape:
+        if len(net.input_shape) != len(names):
+            raise DeepRebirthError(f"{len(names)} net inputs but {len(net.input_shape)} input_shape entries",
+                                   file=source)
+        shapes = [list(shape.dim) for shape in net.input_shape]
+    elif net.input_dim:
+        if len(net.input_dim) != 4 * len(names):
+            raise DeepRebirthError(f"{len(names)} net inputs need {4 * len(names)} input_dim values, "
+                                   f"found {len(net.input_dim)}", file=source)
+        dims = list(net.input_dim)
+        shapes = [dims[4 * i:4 * i + 4] for i in range(len(names))]
+    else:
+        raise DeepRebirthError(f"net input {names[0]!r} has no input_shape or input_dim", file=source)
+    taken = {layer.name for layer in net.layer}
+    name = "input"
+    suffix = 0
+    while name in taken:
+        suffix += 1
+        name = f"input_{suffix}"
+    input_layer = pb.LayerParameter(name=name, type="Input", top=names)
+    for dims in shapes:
+        input_layer.input_param.shape.add().dim.extend(dims)
+    layers = [input_layer, *net.layer]
+    del net.layer[:]
+    net.layer.extend(layers)
+    del net.input[:]
+    del net.input_shape[:]
+    del net.input_dim[:]
+
+
+def _state_meets_rule(state: pb.NetState, rule: pb.NetStateRule) -> bool:
+    if rule.HasField("phase") and rule.phase != state.phase:
+        return False
+    if rule.HasField("min_level") and state.level < rule.min_level:
+        return False
+    if rule.HasField("max_level") and state.level > rule.max_level:
+        return False
+    if any(stage not in state.stage for stage in rule.stage):
+        return False
+    return not any(stage in state.stage for stage in rule.not_stage)
+
+
+def _filter_by_state(net: pb.NetParameter, phase: str) -> None:
+    state = pb.NetState()
+    state.CopyFrom(net.state)
+    state.phase = PHASES[phase]
+    kept = []
+    for layer in net.layer:
+        if layer.include:
+            keep = any(_state_meets_rule(state, rule) for rule in layer.include)
+        else:
+            keep = not any(_state_meets_rule(state, rule) for rule in layer.exclude)
+        if keep:
+            kept.append(layer)
+    if len(kept) != len(net.layer):
+        del net.layer[:]
+        net.layer.extend(kept)
+
+
+def format_prototxt(net: pb.NetParameter) -> str:
+    return text_format.MessageToString(net)
+
+
+def write_prototxt(path: str | os.PathLike[str], net: pb.NetParameter) -> None:
+    text = format_prototxt(net).encode("utf-8")
+    atomic_write(path, lambda handle: handle.write(text))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# caffemodel: a wire-format scanner for reading, a streaming writer
+
+
+_WIRE_VARINT, _WIRE_I64, _WIRE_LEN, _WIRE_I32 = 0, 1, 2, 5
+_NET_LAYER, _NET_V1_LAYERS = 100, 2
+# (name field, type field, blobs field) of LayerParameter and V1LayerParameter
+_LAYER_FIELDS = {_NET_LAYER: (1, 2, 7), _NET_V1_LAYERS: (4, 5, 6)}
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise DecodeError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise DecodeError("varint too long")
+
+
+def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int | memoryview, int]]:
+    """Yield (field number, wire type, value, offset of value) for one message's bytes; LEN values as views."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise DecodeError("field number 0")
+        if wire == _WIRE_VARINT:
+            value, pos = _varint(buf, pos)
+            yield number, wire, value, pos
+        elif wire == _WIRE_LEN:
+            length, pos = _varint(buf, pos)
+            if pos + length > end:
+                raise DecodeError("truncated field")
+            yield number, wire, buf[pos:pos + length], pos
+            pos += length
+        elif wire == _WIRE_I32:
+            if pos + 4 > end:
+                raise DecodeError("truncated field")
+            yield number, wire, buf[pos:pos + 4], pos
+            pos += 4
+        elif wire == _WIRE_I64:
+            if pos + 8 > end:
+                raise DecodeError("truncated field")
+            yield number, wire, buf[pos:pos + 8], pos
+            pos += 8
+        else:
+            raise DecodeError(f"unsupported wire type {wire}")
+
+
+def _packed_varints(view: memoryview) -> list[int]:
+    values, pos = [], 0
+    while pos < len(view):
+        value, pos = _varint(view, pos)
+        values.append(value)
+    return values
+
+
+def _decode_blob(view: memoryview) -> np.ndarray:
+    """BlobProto bytes -> float32 array; packed float data is a zero-copy view of the file."""
+    shape: list[int] = []
+    legacy = {1: 1, 2: 1, 3: 1, 4: 1}
+    has_legacy = False
+    chunks: list[np.ndarray] = []
+    doubles: list[np.ndarray] = []
+    for number, wire, value, _ in _fields(view, 0, len(view)):
+        if number == 7 and wire == _WIRE_LEN:  # shape
+            for dim_number, dim_wire, dim_value, _ in _fields(value, 0, len(value)):  # type: ignore[arg-type]
+                if dim_number == 1 and dim_wire == _WIRE_LEN:
+                    shape.extend(_packed_varints(dim_value))  # type: ignore[arg-type]
+                elif dim_number == 1 and dim_wire == _WIRE_VARINT:
+                    shape.append(dim_value)  # type: ignore[arg-type]
+        elif number == 5 and wire == _WIRE_LEN:
+            chunks.append(np.frombuffer(value, dtype="<f4"))  # type: ignore[arg-type]
+        elif number == 5 and wire == _WIRE_I32:
+            chunks.append(np.frombuffer(value, dtype="<f4").copy())  # type: ignore[arg-type]
+        elif number == 8 and wire == _WIRE_LEN:
+            doubles.append(np.frombuffer(value, dtype="<f8"))  # type: ignore[arg-type]
+        elif number == 8 and wire == _WIRE_I64:
+            doubles.append(np.frombuffer(value, dtype="<f8").copy())  # type: ignore[arg-type]
+        elif number in legacy and wire == _WIRE_VARINT:
+            legacy[number] = value  # type: ignore[assignment]
+            has_legacy = True
+    if chunks:
+        data = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+    elif doubles:
+        data = np.concatenate(doubles).astype(np.float32)
+    else:
+        data = np.zeros(0, dtype=np.float32)
+    if shape:
+        dims = tuple(int(d) for d in shape)
+    elif has_legacy:
+        dims = (legacy[1], legacy[2], legacy[3], legacy[4])
+    else:
+        dims = (data.size,)
+    if int(np.prod(dims, dtype=np.int64)) != data.size:
+        raise DecodeError(f"blob shape {dims} does not match its {data.size} values")
+    return data.reshape(dims)
+
+
+def read_weights(path: str | os.PathLike[str]) -> Weights:
+    """Blobs of every layer in a caffemodel, by layer name (modern or V1 layers; extra training layers too).
+
+    Arrays are read-only views of the memory-mapped file: copy before changing them in place.
+    """
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size == 0:
+                raise DeepRebirthError("empty caffemodel", file=str(path))
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as err:
+        raise DeepRebirthError(f"cannot read: {err.strerror}", file=str(path)) from None
+    buf = memoryview(mapped)
+    weights: Weights = {}
+    try:
+        found_layer = False
+        for number, wire, value, _ in _fields(buf, 0, len(buf)):
+            if number not in _LAYER_FIELDS:
+                continue
+            if wire != _WIRE_LEN:
+                raise DecodeError("layer field is not a message")
+            found_layer = True
+            name_field, _type_field, blobs_field = _LAYER_FIELDS[number]
+            name, blobs = "", []
+            for inner_number, inner_wire, inner_value, _ in _fields(value, 0, len(value)):  # type: ignore[arg-type]
+                if inner_wire != _WIRE_LEN:
+                    continue
+                if inner_number == name_field:
+                    name = bytes(inner_value).decode("utf-8", errors="replace")  # type: ignore[arg-type]
+                elif inner_number == blobs_field:
+                    blobs.append(_decode_blob(inner_value))  # type: ignore[arg-type]
+            if blobs:
+                weights[name] = blobs
+        if not found_layer:
+            raise DecodeError("no layers found")
+    except DecodeError as err:
+        raise DeepRebirthError(f"not a valid caffemodel ({err})", file=str(path)) from None
+    return weights
+
+
+def _key(number: int, wire: int) -> bytes:
+    return _encode_varint((number << 3) | wire)
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _blob_header(array: np.ndarray) -> tuple[bytes, int]:
+    """Bytes of a BlobProto up to the float payload, and the payload's size in bytes."""
+    dims = b"".join(_encode_varint(int(d)) for d in array.shape)
+    shape_msg = _key(1, _WIRE_LEN) + _encode_varint(len(dims)) + dims
+    nbytes = array.size * 4
+    header = _key(7, _WIRE_LEN) + _encode_varint(len(shape_msg)) + shape_msg
+    header += _key(5, _WIRE_LEN) + _encode_varint(nbytes)
+    return header, nbytes
+
+
+def write_caffemodel(path: str | os.PathLike[str], net: pb.NetParameter, weights: Weights) -> None:
+    """Write ``net`` (its prototxt part) with ``weights`` attached by layer name, streaming the float payloads."""
+    head = pb.NetParameter()
+    head.CopyFrom(net)
+    del head.layer[:]
+
+    def write(handle: IO[bytes]) -> None:
+        handle.write(head.SerializeToString())
+        for layer in net.layer:
+            bare = pb.LayerParameter()
+            bare.CopyFrom(layer)
+            del bare.blobs[:]
+            layer_bytes = bare.SerializeToString()
+            blob_parts = []
+            for array in weights.get(layer.name, []):
+                data = np.ascontiguousarray(array, dtype="<f4")
+                header, nbytes = _blob_header(data)
+                blob_len = len(header) + nbytes
+                blob_parts.append((_key(7, _WIRE_LEN) + _encode_varint(blob_len) + header, data))
+            total = len(layer_bytes) + sum(len(h) + d.nbytes for h, d in blob_parts)
+            handle.write(_key(_NET_LAYER, _WIRE_LEN) + _encode_varint(total))
+            handle.write(layer_bytes)
+            for header, data in blob_parts:
+                handle.write(header)
+                handle.write(memoryview(data).cast("B"))
+
+    atomic_write(path, write)
+
+
+def blob_to_array(blob: pb.BlobProto) -> np.ndarray:
+    """A BlobProto held in a parsed message (e.g. blobs inside a prototxt) -> float32 array."""
+    data = np.asarray(blob.double_data if len(blob.double_data) else blob.data, dtype=np.float32)
+    if blob.HasField("shape"):
+        dims = tuple(blob.shape.dim)
+    elif any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
+        dims = (blob.num, blob.channels, blob.height, blob.width)
+    else:
+        dims = (data.size,)
+    return data.reshape(dims)
+

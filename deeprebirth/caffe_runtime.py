@@ -1,0 +1,146 @@
+"""Everything that runs a net in real Caffe (pycaffe) or OpenCV dnn: forward passes, equivalence checks.
+
+Caffe aborts the whole process on a fatal check (glog ``LOG(FATAL)``), so comparisons run in a spawned worker
+process: a net Caffe refuses becomes a one-line error here instead of a dead interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from deeprebirth.errors import DeepRebirthError
+
+Feed = dict[str, np.ndarray]
+IMAGENET_MEAN_BGR = (104.0, 117.0, 123.0)
+
+
+def import_caffe() -> ModuleType:
+    """pycaffe, quiet and in CPU mode; a clear error when it is not installed."""
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    try:
+        import caffe
+    except ImportError as err:
+        raise DeepRebirthError(f"pycaffe is not importable ({err}): run `make install`") from None
+    caffe.set_mode_cpu()
+    return caffe
+
+
+def open_net(prototxt: str | os.PathLike[str], caffemodel: str | os.PathLike[str] | None = None) -> Any:
+    caffe = import_caffe()
+    if caffemodel is None:
+        return caffe.Net(str(prototxt), caffe.TEST)
+    return caffe.Net(str(prototxt), caffe.TEST, weights=str(caffemodel))
+
+
+def forward(net: Any, feed: Feed, blobs: Sequence[str]) -> dict[str, np.ndarray]:
+    """One forward pass; copies of the named blobs."""
+    for name, array in feed.items():
+        if net.blobs[name].data.shape != array.shape:
+            net.blobs[name].reshape(*array.shape)
+        net.blobs[name].data[...] = array
+    net.forward()
+    return {name: np.array(net.blobs[name].data, dtype=np.float32) for name in blobs}
+
+
+def random_feeds(input_shapes: dict[str, tuple[int, ...]], count: int, seed: int = 0) -> list[Feed]:
+    """``count`` feeds of N(0, 1) values, the same for every call with the same seed."""
+    rng = np.random.default_rng(seed)
+    return [{name: rng.standard_normal(shape).astype(np.float32) for name, shape in input_shapes.items()}
+            for _ in range(count)]
+
+
+def image_feeds(paths: Sequence[str | os.PathLike[str]], input_name: str, shape: tuple[int, ...],
+                mean: Sequence[float] = IMAGENET_MEAN_BGR, scale: float = 1.0) -> list[Feed]:
+    """Real photos as Caffe's classic preprocessing does it: resize, BGR, 0-255 minus mean, times scale."""
+    import cv2
+
+    n, c, h, w = shape
+    feeds = []
+    for path in paths:
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR if c == 3 else cv2.IMREAD_GRAYSCALE)
+        if image is None:
+            raise DeepRebirthError("cannot read image", file=str(path))
+        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32)
+        chw = image.transpose(2, 0, 1) if image.ndim == 3 else image[None]
+        chw = (chw - np.asarray(mean[:c], dtype=np.float32).reshape(c, 1, 1)) * scale
+        feeds.append({input_name: np.repeat(chw[None], n, axis=0)})
+    return feeds
+
+
+@dataclass
+class BlobDiff:
+    blob: str
+    max_abs: float
+    max_rel: float  # max |a - b| / max |a|: the error relative to the blob's own range
+
+
+@dataclass
+class CheckResult:
+    inputs: int
+    tolerance: float
+    diffs: list[BlobDiff] = field(default_factory=list)
+    predictions_changed: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return all(d.max_rel <= self.tolerance for d in self.diffs) and self.predictions_changed == 0
+
+    @property
+    def worst(self) -> BlobDiff:
+        return max(self.diffs, key=lambda d: d.max_rel)
+
+
+def _compare_in_process(a: tuple[str, str], b: tuple[str, str], feeds: list[Feed], blobs: list[str],
+                        tolerance: float) -> CheckResult:
+    net_a, net_b = open_net(*a), open_net(*b)
+    result = CheckResult(len(feeds), tolerance)
+    worst = {name: [0.0, 0.0] for name in blobs}  # per blob: max |a - b|, max |a|
+    for feed in feeds:
+        out_a, out_b = forward(net_a, feed, blobs), forward(net_b, feed, blobs)
+        for name in blobs:
+            if out_a[name].shape != out_b[name].shape:
+                raise DeepRebirthError(f"blob '{name}' has shape {out_a[name].shape} in the original and "
+                                       f"{out_b[name].shape} in the rewritten net")
+            worst[name][0] = max(worst[name][0], float(np.max(np.abs(out_a[name] - out_b[name]), initial=0.0)))
+            worst[name][1] = max(worst[name][1], float(np.max(np.abs(out_a[name]), initial=0.0)))
+        final = out_a[blobs[0]]
+        if final.ndim >= 2 and final.shape[1] > 1:
+            result.predictions_changed += int(np.sum(final.argmax(axis=1) != out_b[blobs[0]].argmax(axis=1)))
+    for name, (max_abs, scale) in worst.items():
+        result.diffs.append(BlobDiff(name, max_abs, max_abs / scale if scale > 0 else max_abs))
+    return result
+
+
+def compare_nets(original: tuple[str, str], rewritten: tuple[str, str], feeds: list[Feed], blobs: list[str],
+                 tolerance: float = 1e-4) -> CheckResult:
+    """Run both (prototxt, caffemodel) pairs in real Caffe on every feed and compare the named blobs.
+
+    Runs in a spawned worker so a Caffe abort cannot take the caller down.
+    """
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        try:
+            return pool.submit(_compare_in_process, original, rewritten, feeds, blobs, tolerance).result()
+        except BrokenProcessPool:
+            raise DeepRebirthError(f"Caffe aborted while running {Path(original[0]).name} or "
+                                   f"{Path(rewritten[0]).name} (see Caffe's message above)") from None
+
+
+def opencv_forward(prototxt: str | os.PathLike[str], caffemodel: str | os.PathLike[str], feed: Feed,
+                   layer: str | None = None) -> np.ndarray:
+    """One forward pass in OpenCV dnn (its Caffe importer); returns the output of ``layer`` (default: last)."""
+    import cv2
+
+    net = cv2.dnn.readNetFromCaffe(str(prototxt), str(caffemodel))
+    for name, array in feed.items():
+        net.setInput(array, name)
+    return np.asarray(net.forward(layer) if layer else net.forward(), dtype=np.float32)

@@ -1,0 +1,26 @@
+"""The one exception type a user ever sees: it names the file, the layer and the problem on one line."""
+
+from __future__ import annotations
+
+
+class DeepRebirthError(Exception):
+    """A problem with the user's input (exit code 2), rendered as ``file: layer 'x': message``."""
+
+    def __init__(self, message: str, *, file: str | None = None, layer: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.file = file
+        self.layer = layer
+
+    def __str__(self) -> str:
+        parts = []
+        if self.file:
+            parts.append(str(self.file))
+        if self.layer:
+            parts.append(f"layer '{self.layer}'")
+        parts.append(self.message)
+        return ": ".join(parts)
+
+
+class CheckFailed(Exception):
+    """A rewritten net whose outputs differ from the original's beyond the tolerance (exit code 1)."""

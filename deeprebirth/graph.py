@@ -1,0 +1,354 @@
+"""The graph IR: layers as nodes of a networkx DAG, blobs in single-assignment form.
+
+Caffe lets a layer write its output over its input (``top == bottom``: ReLU, BatchNorm, Scale, Dropout in place), so
+a Caffe blob name may have several producers over time. Here every in-place output gets a fresh internal name
+(``conv1`` -> ``conv1@1`` -> ``conv1@2``) so each blob has exactly one producer and rules can ask "who reads this
+value?" without thinking about order. When the graph is written back, each blob's Caffe name is restored, so
+in-place layers stay in place.
+
+Edges run producer -> consumer, keyed by ``(blob, bottom index)``. Layer order is kept stable: layers sort
+topologically with their original position as tie-break, and a new layer takes the position of the layer it replaces.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+
+from deeprebirth import caffe_pb2 as pb
+from deeprebirth.caffe_io import Weights, blob_to_array
+from deeprebirth.errors import DeepRebirthError
+
+
+class GraphError(Exception):
+    """An IR invariant broken by a rewrite: a bug in a rule, never a user error."""
+
+
+@dataclass
+class Layer:
+    """One Caffe layer. ``proto`` carries every setting except names of blobs and the weights themselves."""
+
+    name: str
+    type: str
+    bottoms: list[str]
+    tops: list[str]
+    proto: pb.LayerParameter = field(default_factory=pb.LayerParameter)
+    blobs: list[np.ndarray] | None = None  # None: no weights known (prototxt only)
+
+    def clone(self, **changes: object) -> Layer:
+        layer = Layer(self.name, self.type, list(self.bottoms), list(self.tops), copy.deepcopy(self.proto),
+                      None if self.blobs is None else list(self.blobs))
+        for key, value in changes.items():
+            setattr(layer, key, value)
+        return layer
+
+
+class Graph:
+    """A Caffe net as a DAG of layers. All mutation goes through the methods below, which keep edges in step."""
+
+    def __init__(self, name: str = "", source: str | None = None) -> None:
+        self.name = name
+        self.source = source
+        self.net_settings = pb.NetParameter()  # net-level fields other than layers (state, force_backward ...)
+        self._dag = nx.MultiDiGraph()
+        self._producer: dict[str, str] = {}
+        self._caffe_name: dict[str, str] = {}
+        self._rank: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def from_net(cls, net: pb.NetParameter, source: str | None = None) -> Graph:
+        """Build from a normalised NetParameter (see ``caffe_io.normalize_net``); prototxt blobs become weights."""
+        graph = cls(net.name, source)
+        graph.net_settings.CopyFrom(net)
+        del graph.net_settings.layer[:]
+        current: dict[str, str] = {}  # Caffe blob name -> its latest SSA version
+        for index, param in enumerate(net.layer):
+            if not param.name:
+                raise DeepRebirthError(f"layer #{index} has no name", file=source)
+            if param.name in graph._rank:
+                raise DeepRebirthError("duplicate layer name", file=source, layer=param.name)
+            bottoms = []
+            for blob in param.bottom:
+                if blob not in current:
+                    raise DeepRebirthError(f"bottom blob '{blob}' is not produced by any earlier layer",
+                                           file=source, layer=param.name)
+                bottoms.append(current[blob])
+            tops = []
+            for i, blob in enumerate(param.top):
+                in_place = i < len(param.bottom) and param.bottom[i] == blob
+                if blob in current and not in_place:
+                    raise DeepRebirthError(f"top blob '{blob}' is already produced by layer "
+                                           f"'{graph._producer[current[blob]]}'", file=source, layer=param.name)
+                if blob in param.top[:i]:
+                    raise DeepRebirthError(f"top blob '{blob}' listed twice", file=source, layer=param.name)
+                ssa = graph.fresh_blob_name(blob) if blob in current else blob
+                graph._caffe_name[ssa] = blob
+                current[blob] = ssa
+                tops.append(ssa)
+            proto = pb.LayerParameter()
+            proto.CopyFrom(param)
+            del proto.bottom[:]
+            del proto.top[:]
+            blobs = [blob_to_array(b) for b in proto.blobs] or None
+            del proto.blobs[:]
+            layer = Layer(param.name, param.type, bottoms, tops, proto, blobs)
+            graph._insert(layer, float(index))
+        return graph
+
+    def to_net(self) -> pb.NetParameter:
+        """Back to a NetParameter (no weights) with Caffe blob names restored, in place where it is safe."""
+        net = pb.NetParameter()
+        net.CopyFrom(self.net_settings)
+        net.name = self.name
+        names = self.caffe_blob_names()
+        for layer in self.layers():
+            param = net.layer.add()
+            param.CopyFrom(layer.proto)
+            param.name = layer.name
+            param.type = layer.type
+            param.bottom.extend(names[b] for b in layer.bottoms)
+            param.top.extend(names[t] for t in layer.tops)
+        return net
+
+    def weights(self) -> Weights:
+        return {layer.name: list(layer.blobs) for layer in self.layers() if layer.blobs}
+
+    def caffe_blob_names(self) -> dict[str, str]:
+        """SSA blob -> name to write. An in-place version keeps its Caffe name only when nothing still needs the
+        value it would overwrite; otherwise it is written under its own (unique) SSA name."""
+        names: dict[str, str] = {}
+        live: dict[str, str] = {}  # Caffe name -> SSA blob currently stored under it
+        pending = {blob: len(self.consumers(blob)) for blob in self._producer}
+        for layer in self.layers():
+            for blob in layer.bottoms:
+                pending[blob] -= 1
+            for blob in layer.tops:
+                wanted = self._caffe_name.get(blob, blob)
+                holder = live.get(wanted)
+                if holder is not None and holder != blob and pending[holder] > 0:
+                    wanted = blob
+                if wanted != self._caffe_name.get(blob, blob) and wanted in live:
+                    raise GraphError(f"cannot find a Caffe name for blob {blob!r}")
+                names[blob] = wanted
+                live[wanted] = blob
+        return names
+
+    # ------------------------------------------------------------------ queries
+
+    def layers(self) -> list[Layer]:
+        """All layers in a stable topological order."""
+        order = nx.lexicographical_topological_sort(self._dag, key=lambda name: (self._rank[name], name))
+        return [self._dag.nodes[name]["layer"] for name in order]
+
+    def layer(self, name: str) -> Layer:
+        try:
+            return self._dag.nodes[name]["layer"]  # type: ignore[no-any-return]
+        except KeyError:
+            raise GraphError(f"no layer named {name!r}") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._dag
+
+    def __len__(self) -> int:
+        return self._dag.number_of_nodes()
+
+    def producer(self, blob: str) -> Layer:
+        return self.layer(self._producer[blob])
+
+    def consumers(self, blob: str) -> list[Layer]:
+        """Layers that read ``blob`` (each once, in layer order)."""
+        producer = self._producer[blob]
+        names = {v for _, v, key in self._dag.out_edges(producer, keys=True) if key[0] == blob}
+        return sorted((self.layer(n) for n in names), key=lambda layer: self._rank[layer.name])
+
+    def only_consumer(self, blob: str) -> Layer | None:
+        """The single layer reading ``blob`` exactly once, if that is the case and ``blob`` is not a net output."""
+        readers = self.consumers(blob)
+        if len(readers) != 1 or readers[0].bottoms.count(blob) != 1:
+            return None
+        return readers[0]
+
+    def caffe_name(self, blob: str) -> str:
+        return self._caffe_name.get(blob, blob)
+
+    def blobs(self) -> list[str]:
+        return [top for layer in self.layers() for top in layer.tops]
+
+    def outputs(self) -> list[str]:
+        """Blobs no layer reads: the net's outputs."""
+        return [blob for blob in self.blobs() if not self.consumers(blob)]
+
+    def inputs(self) -> list[str]:
+        return [top for layer in self.layers() if layer.type == "Input" for top in layer.tops]
+
+    def layer_types(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for layer in self.layers():
+            counts[layer.type] = counts.get(layer.type, 0) + 1
+        return counts
+
+    def dag(self) -> nx.MultiDiGraph:
+        """A read-only view of the networkx graph (nodes carry ``layer``)."""
+        return self._dag.copy(as_view=True)
+
+    # ------------------------------------------------------------------ naming
+
+    def fresh_blob_name(self, base: str) -> str:
+        taken = set(self._producer) | set(self._caffe_name.values())
+        k = 1
+        while f"{base}@{k}" in taken:
+            k += 1
+        return f"{base}@{k}"
+
+    def fresh_layer_name(self, base: str) -> str:
+        if base not in self._dag:
+            return base
+        k = 1
+        while f"{base}_{k}" in self._dag:
+            k += 1
+        return f"{base}_{k}"
+
+    # ------------------------------------------------------------------ mutation
+
+    def _insert(self, layer: Layer, rank: float) -> None:
+        if layer.name in self._dag:
+            raise GraphError(f"layer {layer.name!r} already exists")
+        for blob in layer.tops:
+            if blob in self._producer:
+                raise GraphError(f"blob {blob!r} already produced by {self._producer[blob]!r}")
+        for blob in layer.bottoms:
+            if blob not in self._producer:
+                raise GraphError(f"layer {layer.name!r} reads unknown blob {blob!r}")
+        self._dag.add_node(layer.name, layer=layer)
+        self._rank[layer.name] = rank
+        for blob in layer.tops:
+            self._producer[blob] = layer.name
+            self._caffe_name.setdefault(blob, blob)
+        for index, blob in enumerate(layer.bottoms):
+            self._dag.add_edge(self._producer[blob], layer.name, key=(blob, index))
+
+    def add_layer(self, layer: Layer, at: str | None = None) -> Layer:
+        """Add ``layer`` (its tops must be new blobs, see ``new_blob``); it sorts right after layer ``at``, or last."""
+        if at is None:
+            rank = max(self._rank.values(), default=0.0) + 1.0
+        else:
+            later = [r for r in self._rank.values() if r > self._rank[at]]
+            rank = (self._rank[at] + min(later)) / 2 if later else self._rank[at] + 1.0
+        self._insert(layer, rank)
+        return layer
+
+    def new_blob(self, caffe_name: str) -> str:
+        """Reserve an SSA name for a new blob that should be written as ``caffe_name`` when possible."""
+        ssa = caffe_name if caffe_name not in self._producer and caffe_name not in self._caffe_name.values() \
+            else self.fresh_blob_name(caffe_name)
+        self._caffe_name[ssa] = caffe_name
+        return ssa
+
+    def remove_layer(self, name: str) -> Layer:
+        """Remove a layer whose tops nobody reads any more."""
+        layer = self.layer(name)
+        for blob in layer.tops:
+            if self.consumers(blob):
+                raise GraphError(f"cannot remove {name!r}: its top {blob!r} is still read")
+        self._dag.remove_node(name)
+        del self._rank[name]
+        for blob in layer.tops:
+            del self._producer[blob]
+        return layer
+
+    def replace_uses(self, old: str, new: str) -> None:
+        """Make every reader of blob ``old`` read ``new`` instead."""
+        if new not in self._producer:
+            raise GraphError(f"unknown blob {new!r}")
+        for reader in self.consumers(old):
+            for index, blob in enumerate(reader.bottoms):
+                if blob == old:
+                    self._dag.remove_edge(self._producer[old], reader.name, key=(old, index))
+                    reader.bottoms[index] = new
+                    self._dag.add_edge(self._producer[new], reader.name, key=(new, index))
+
+    def replace_layer(self, old_name: str, new: Layer) -> Layer:
+        """Put ``new`` where ``old_name`` was: same position; ``new`` must produce the same tops (or a subset that
+        covers every top still read)."""
+        old = self.layer(old_name)
+        readers = {blob: [(r.name, i) for r in self.consumers(blob) for i, b in enumerate(r.bottoms) if b == blob]
+                   for blob in old.tops}
+        rank = self._rank[old_name]
+        for blob in old.tops:
+            for reader, index in readers[blob]:
+                self._dag.remove_edge(old_name, reader, key=(blob, index))
+        self._dag.remove_node(old_name)
+        del self._rank[old_name]
+        for blob in old.tops:
+            del self._producer[blob]
+        self._insert(new, rank)
+        for blob, uses in readers.items():
+            if uses and blob not in new.tops:
+                raise GraphError(f"{new.name!r} does not produce {blob!r}, which is still read")
+            for reader, index in uses:
+                self._dag.add_edge(new.name, reader, key=(blob, index))
+        return new
+
+    # ------------------------------------------------------------------ invariants
+
+    def check(self) -> None:
+        """Raise GraphError unless: acyclic; every blob has one producer; edges match bottoms; names unique."""
+        if not nx.is_directed_acyclic_graph(self._dag):
+            raise GraphError(f"cycle: {nx.find_cycle(self._dag)}")
+        produced: dict[str, str] = {}
+        for name, data in self._dag.nodes(data=True):
+            layer: Layer = data["layer"]
+            if layer.name != name:
+                raise GraphError(f"node {name!r} holds layer {layer.name!r}")
+            for blob in layer.tops:
+                if blob in produced:
+                    raise GraphError(f"blob {blob!r} produced by {produced[blob]!r} and {name!r}")
+                produced[blob] = name
+        if produced != self._producer:
+            raise GraphError("producer map out of step with the layers")
+        expected = sorted((self._producer[b], name, (b, i)) for name, data in self._dag.nodes(data=True)
+                          for i, b in enumerate(data["layer"].bottoms))
+        actual = sorted(self._dag.edges(keys=True))
+        if expected != actual:
+            raise GraphError("edges out of step with the layers' bottoms")
+        self.caffe_blob_names()
+
+
+def attach_weights(graph: Graph, weights: Weights, expected_shapes: dict[str, list[tuple[int, ...]]],
+                   source: str | None = None) -> None:
+    """Give each layer its blobs from ``weights`` (matched by layer name, as Caffe does).
+
+    ``expected_shapes`` holds each learnable layer's blob shapes (from shape inference). Legacy 4-D shapes are
+    reshaped when the element count agrees; a missing layer, a wrong blob count or a wrong shape is an error that
+    names the layer, the expectation and what was found. Weights of layers the net does not have are ignored.
+    """
+    for layer in graph.layers():
+        expected = expected_shapes.get(layer.name)
+        found = weights.get(layer.name)
+        if expected is None:
+            if found:
+                layer.blobs = list(found)  # a type whose blobs we do not model: carry them as they are
+            continue
+        if not expected:
+            continue
+        if found is None:
+            raise DeepRebirthError(f"no weights for this {layer.type} layer in the caffemodel", file=source,
+                                   layer=layer.name)
+        if len(found) != len(expected):
+            raise DeepRebirthError(f"expected {len(expected)} weight blobs, found {len(found)}", file=source,
+                                   layer=layer.name)
+        blobs = []
+        for i, (array, shape) in enumerate(zip(found, expected)):
+            if tuple(array.shape) != tuple(shape):
+                if array.size != int(np.prod(shape, dtype=np.int64)):
+                    raise DeepRebirthError(f"weight blob {i} has shape {tuple(array.shape)}, expected {tuple(shape)}",
+                                           file=source, layer=layer.name)
+                array = array.reshape(shape)
+            blobs.append(array)
+        layer.blobs = blobs
+

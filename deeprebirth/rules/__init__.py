@@ -1,0 +1,14 @@
+"""The rules, in the order the driver tries them. Adding a rule: one module, one test file, one line here."""
+
+from __future__ import annotations
+
+from deeprebirth.rules import eliminate_dropout, fuse_batchnorm_into_conv, fuse_scale_into_conv
+from deeprebirth.rules.base import Change, Match, Rule, Skip
+
+RULES: tuple[Rule, ...] = (
+    eliminate_dropout.RULE,
+    fuse_batchnorm_into_conv.RULE,
+    fuse_scale_into_conv.RULE,
+)
+
+__all__ = ["RULES", "Change", "Match", "Rule", "Skip"]

@@ -1,0 +1,38 @@
+"""eliminate_dropout (exact): remove Dropout layers, which are the identity at inference time.
+
+Before:  x -> Dropout -> y -> ...
+After:   x -> ...
+
+Preconditions: the net is read in the TEST phase (deploy nets are); the Dropout's output is not a net output under
+another name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from deeprebirth.graph import Graph
+from deeprebirth.rules.base import Change, Match, Rule, Skip
+from deeprebirth.rules.common import passthrough_blocker, remove_passthrough
+
+NAME = "eliminate_dropout"
+
+
+def match(graph: Graph) -> Iterator[Match | Skip]:
+    for layer in graph.layers():
+        if layer.type != "Dropout":
+            continue
+        blocker = passthrough_blocker(graph, layer)
+        if blocker:
+            yield Skip(layer.name, blocker)
+            continue
+        yield Match((layer.name,))
+
+
+def apply(graph: Graph, found: Match) -> Change:
+    layer = graph.layer(found.layers[0])
+    remove_passthrough(graph, layer)
+    return Change(NAME, True, removed=[layer.name], added=[], changed=[], summary=f"removed Dropout '{layer.name}'")
+
+
+RULE = Rule(NAME, exact=True, group="exact", match=match, apply=apply)
