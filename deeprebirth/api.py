@@ -15,7 +15,7 @@ from deeprebirth.errors import DeepRebirthError
 from deeprebirth.graph import Graph
 from deeprebirth.model import PathLike, load_model, same_file, save_model
 from deeprebirth.rewrite import RewriteReport, rewrite, select_rules
-from deeprebirth.rules import RULES, Skip
+from deeprebirth.rules import RULES, RuleConfig, Skip
 from deeprebirth.shapes import LayerCost, infer_shapes, layer_costs
 
 
@@ -30,6 +30,8 @@ class RewriteOptions:
     images: Sequence[PathLike] = ()  # real photos to compare on as well
     tolerance: float = 1e-4  # max |a - b| / max |a| per compared blob
     seed: int = 0
+    init: str = "inherit"  # how lossy rules start new layers: "inherit" or "filler"
+    widen: str = "balanced"  # where merge_inception_branches puts freed channels: "3x3", "5x5", "balanced"
 
 
 @dataclass
@@ -50,7 +52,8 @@ def rewrite_files(prototxt: PathLike, out_prototxt: PathLike, weights: PathLike 
         raise DeepRebirthError("--check and --images need --weights and --out-weights")
     rules = select_rules(options.rules, options.skip)
     graph = load_model(prototxt, weights, phase=options.phase)
-    report = rewrite(graph, rules, only=options.only, exclude=options.exclude)
+    config = RuleConfig(init=options.init, widen=options.widen, seed=options.seed)
+    report = rewrite(graph, rules, only=options.only, exclude=options.exclude, config=config)
     save_model(graph, out_prototxt, out_weights)
     check = None
     if options.check or options.images:
@@ -117,7 +120,7 @@ def inspect_file(prototxt: PathLike, weights: PathLike | None = None, phase: str
     costs = layer_costs(graph)
     fires, skips = [], []
     for rule in RULES:
-        for found in rule.match(graph):
+        for found in rule.match(graph, RuleConfig()):
             if isinstance(found, Skip):
                 skips.append((rule.name, found))
             else:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.graph import Graph, GraphError
-from deeprebirth.rules import RULES, Change, Rule, Skip
+from deeprebirth.rules import RULES, Change, Rule, RuleConfig, Skip
 from deeprebirth.shapes import infer_shapes, layer_costs
 
 MAX_CHANGES = 100_000  # a guard against a rule pair that undoes each other
@@ -73,9 +73,10 @@ def select_rules(names: Sequence[str] | str = "all", skip: Iterable[str] = ()) -
 
 
 def rewrite(graph: Graph, rules: Sequence[Rule] = RULES, only: Iterable[str] = (),
-            exclude: Iterable[str] = ()) -> RewriteReport:
+            exclude: Iterable[str] = (), config: RuleConfig | None = None) -> RewriteReport:
     """Rewrite ``graph`` in place. ``only``/``exclude`` restrict rules to matches that involve those layer names."""
     only, exclude = set(only), set(exclude)
+    config = config or RuleConfig()
     report = RewriteReport([r.name for r in rules], NetSummary.of(graph))
 
     def allowed(layers: tuple[str, ...]) -> bool:
@@ -88,11 +89,11 @@ def rewrite(graph: Graph, rules: Sequence[Rule] = RULES, only: Iterable[str] = (
         progress = False
         for rule in rules:
             while True:
-                found = next((m for m in rule.match(graph) if not isinstance(m, Skip) and allowed(m.layers)), None)
+                found = next((m for m in rule.match(graph, config) if not isinstance(m, Skip) and allowed(m.layers)), None)
                 if found is None:
                     break
                 try:
-                    change = rule.apply(graph, found)
+                    change = rule.apply(graph, found, config)
                     graph.check()
                 except GraphError as err:
                     raise GraphError(f"rule {rule.name} at {found.layers[0]!r}: {err}") from err
@@ -101,7 +102,7 @@ def rewrite(graph: Graph, rules: Sequence[Rule] = RULES, only: Iterable[str] = (
                 if len(report.changes) > MAX_CHANGES:
                     raise GraphError("rules did not reach a fixed point")
     for rule in rules:
-        skips = [m for m in rule.match(graph) if isinstance(m, Skip)]
+        skips = [m for m in rule.match(graph, config) if isinstance(m, Skip)]
         if skips:
             report.skipped[rule.name] = skips
     report.after = NetSummary.of(graph)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from deeprebirth.rules import eliminate_dropout, fuse_batchnorm_into_conv, fuse_scale_into_conv
-from deeprebirth.rules.base import Change, Match, Rule, Skip
+from deeprebirth.rules.base import Change, Match, Rule, RuleConfig, Skip
 
 RULES: tuple[Rule, ...] = (
     eliminate_dropout.RULE,
@@ -11,4 +11,4 @@ RULES: tuple[Rule, ...] = (
     fuse_scale_into_conv.RULE,
 )
 
-__all__ = ["RULES", "Change", "Match", "Rule", "Skip"]
+__all__ = ["RULES", "Change", "Match", "Rule", "RuleConfig", "Skip"]

@@ -40,10 +40,18 @@ class Change:
 
 
 @dataclass(frozen=True)
+class RuleConfig:
+    """User choices that change how lossy rules build their new layers."""
+
+    init: str = "inherit"  # "inherit": start new layers from the original weights where shapes allow; "filler"
+    widen: str = "balanced"  # merge_inception_branches: where freed channels go ("3x3", "5x5", "balanced")
+    seed: int = 0  # for the random parts of new weights
+
+
+@dataclass(frozen=True)
 class Rule:
     name: str
     exact: bool
     group: str  # "exact", "streamline", "branch", ...
-    match: Callable[[Graph], Iterator[Match | Skip]]
-    apply: Callable[[Graph, Match], Change]
-    needs_weights: bool = False  # exact folds compute new weights: without them they are skipped
+    match: Callable[[Graph, RuleConfig], Iterator[Match | Skip]]
+    apply: Callable[[Graph, Match, RuleConfig], Change]

@@ -12,13 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from deeprebirth.graph import Graph
-from deeprebirth.rules.base import Change, Match, Rule, Skip
+from deeprebirth.rules.base import Change, Match, Rule, RuleConfig, Skip
 from deeprebirth.rules.common import passthrough_blocker, remove_passthrough
 
 NAME = "eliminate_dropout"
 
 
-def match(graph: Graph) -> Iterator[Match | Skip]:
+def match(graph: Graph, config: RuleConfig) -> Iterator[Match | Skip]:
     for layer in graph.layers():
         if layer.type != "Dropout":
             continue
@@ -29,7 +29,7 @@ def match(graph: Graph) -> Iterator[Match | Skip]:
         yield Match((layer.name,))
 
 
-def apply(graph: Graph, found: Match) -> Change:
+def apply(graph: Graph, found: Match, config: RuleConfig) -> Change:
     layer = graph.layer(found.layers[0])
     remove_passthrough(graph, layer)
     return Change(NAME, True, removed=[layer.name], added=[], changed=[], summary=f"removed Dropout '{layer.name}'")

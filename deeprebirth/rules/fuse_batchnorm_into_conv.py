@@ -16,13 +16,13 @@ from collections.abc import Iterator
 
 from deeprebirth.fold import batchnorm_affine
 from deeprebirth.graph import Graph
-from deeprebirth.rules.base import Change, Match, Rule, Skip
+from deeprebirth.rules.base import Change, Match, Rule, RuleConfig, Skip
 from deeprebirth.rules.common import fold_affine, linear_producer, passthrough_blocker, remove_passthrough
 
 NAME = "fuse_batchnorm_into_conv"
 
 
-def match(graph: Graph) -> Iterator[Match | Skip]:
+def match(graph: Graph, config: RuleConfig) -> Iterator[Match | Skip]:
     for bn in graph.layers():
         if bn.type != "BatchNorm":
             continue
@@ -44,7 +44,7 @@ def match(graph: Graph) -> Iterator[Match | Skip]:
         yield Match((bn.name, linear.name))
 
 
-def apply(graph: Graph, found: Match) -> Change:
+def apply(graph: Graph, found: Match, config: RuleConfig) -> Change:
     bn, linear = graph.layer(found.layers[0]), graph.layer(found.layers[1])
     assert bn.blobs is not None
     a, b = batchnorm_affine(bn.blobs[0], bn.blobs[1], bn.blobs[2], bn.proto.batch_norm_param.eps)
@@ -54,4 +54,4 @@ def apply(graph: Graph, found: Match) -> Change:
                   summary=f"folded BatchNorm '{bn.name}' into {linear.type} '{linear.name}'")
 
 
-RULE = Rule(NAME, exact=True, group="exact", match=match, apply=apply, needs_weights=True)
+RULE = Rule(NAME, exact=True, group="exact", match=match, apply=apply)

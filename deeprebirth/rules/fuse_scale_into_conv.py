@@ -17,13 +17,13 @@ from collections.abc import Iterator
 import numpy as np
 
 from deeprebirth.graph import Graph
-from deeprebirth.rules.base import Change, Match, Rule, Skip
+from deeprebirth.rules.base import Change, Match, Rule, RuleConfig, Skip
 from deeprebirth.rules.common import fold_affine, linear_producer, passthrough_blocker, remove_passthrough
 
 NAME = "fuse_scale_into_conv"
 
 
-def match(graph: Graph) -> Iterator[Match | Skip]:
+def match(graph: Graph, config: RuleConfig) -> Iterator[Match | Skip]:
     for scale in graph.layers():
         if scale.type != "Scale":
             continue
@@ -48,7 +48,7 @@ def match(graph: Graph) -> Iterator[Match | Skip]:
         yield Match((scale.name, linear.name))
 
 
-def apply(graph: Graph, found: Match) -> Change:
+def apply(graph: Graph, found: Match, config: RuleConfig) -> Change:
     scale, linear = graph.layer(found.layers[0]), graph.layer(found.layers[1])
     assert scale.blobs is not None
     gamma = np.asarray(scale.blobs[0], dtype=np.float64).ravel()
@@ -59,4 +59,4 @@ def apply(graph: Graph, found: Match) -> Change:
                   summary=f"folded Scale '{scale.name}' into {linear.type} '{linear.name}'")
 
 
-RULE = Rule(NAME, exact=True, group="exact", match=match, apply=apply, needs_weights=True)
+RULE = Rule(NAME, exact=True, group="exact", match=match, apply=apply)

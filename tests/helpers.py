@@ -1,0 +1,46 @@
+"""Small test helpers: build nets from prototxt text, give them random weights, run them in real Caffe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from deeprebirth import caffe_io
+from deeprebirth.caffe_runtime import forward, open_net
+from deeprebirth.graph import Graph
+from deeprebirth.initializers import random_weights
+from deeprebirth.model import save_model
+from deeprebirth.shapes import infer_shapes
+
+
+def graph_from_text(text: str, seed: int | None = 0) -> Graph:
+    """A graph from prototxt text; with ``seed`` it gets random weights."""
+    graph = Graph.from_net(caffe_io.normalize_net(caffe_io.parse_prototxt(text)), source="<test>")
+    infer_shapes(graph)
+    if seed is not None:
+        random_weights(graph, seed)
+    return graph
+
+
+def save(graph: Graph, folder: Path, stem: str) -> tuple[str, str]:
+    proto, model = folder / f"{stem}.prototxt", folder / f"{stem}.caffemodel"
+    save_model(graph, proto, model)
+    return str(proto), str(model)
+
+
+def input_feed(graph: Graph, seed: int = 0) -> dict[str, np.ndarray]:
+    shapes = infer_shapes(graph)
+    rng = np.random.default_rng(seed)
+    return {graph.caffe_name(b): rng.standard_normal(shapes[b]).astype(np.float32)  # type: ignore[arg-type]
+            for b in graph.inputs()}
+
+
+def run_caffe(proto: str, model: str, feed: dict[str, np.ndarray], blobs: list[str]) -> dict[str, np.ndarray]:
+    """Forward once in real Caffe (in this process)."""
+    return forward(open_net(proto, model), feed, blobs)
+
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a - b| / max |a|."""
+    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(a))), 1e-12))
