@@ -115,13 +115,20 @@ def main() -> None:
 @click.option("--images", multiple=True, type=click.Path(dir_okay=False), help="real photos to compare on too")
 @click.option("--tolerance", type=float, default=1e-4, show_default=True,
               help="largest allowed max|a-b|/max|a| on each compared blob")
+@click.option("--init", type=click.Choice(["inherit", "filler"]), default="inherit", show_default=True,
+              help="start merged layers from the original weights where shapes allow, or from fillers")
+@click.option("--widen", type=click.Choice(["3x3", "5x5", "balanced"]), default="balanced", show_default=True,
+              help="which inception branch receives the channels of the removed branches")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed for random inputs and new weights")
 @_user_errors
 def rewrite(prototxt: str, out_prototxt: str, weights: str | None, out_weights: str | None, rules: str,
             skip: tuple[str, ...], only: tuple[str, ...], exclude: tuple[str, ...], phase: str,
-            report_path: str | None, check: int, images: tuple[str, ...], tolerance: float) -> None:
+            report_path: str | None, check: int, images: tuple[str, ...], tolerance: float, init: str, widen: str,
+            seed: int) -> None:
     """Rewrite PROTOTXT (and --weights) into OUT_PROTOTXT (and --out-weights)."""
     options = api.RewriteOptions(rules=rules, skip=_split(skip), only=_split(only), exclude=_split(exclude),
-                                 phase=phase, check=check, images=images, tolerance=tolerance)
+                                 phase=phase, check=check, images=images, tolerance=tolerance, init=init,
+                                 widen=widen, seed=seed)
     result = api.rewrite_files(prototxt, out_prototxt, weights, out_weights, report_path, options)
     click.echo(render_report(result.report))
     written = [out_prototxt] + [p for p in (out_weights, report_path) if p]

@@ -119,23 +119,28 @@ class Graph:
         return {layer.name: list(layer.blobs) for layer in self.layers() if layer.blobs}
 
     def caffe_blob_names(self) -> dict[str, str]:
-        """SSA blob -> name to write. An in-place version keeps its Caffe name only when nothing still needs the
-        value it would overwrite; otherwise it is written under its own (unique) SSA name."""
+        """SSA blob -> the name to write. A blob gets its wanted Caffe name unless that name was already written,
+        in which case it may reuse it only as Caffe's in-place form (same name as the bottom at the same index,
+        whose value nothing reads any more); otherwise it gets a fresh unique name."""
         names: dict[str, str] = {}
-        live: dict[str, str] = {}  # Caffe name -> SSA blob currently stored under it
+        written: set[str] = set()
+        all_wanted = set(self._caffe_name.values())
         pending = {blob: len(self.consumers(blob)) for blob in self._producer}
         for layer in self.layers():
             for blob in layer.bottoms:
                 pending[blob] -= 1
-            for blob in layer.tops:
+            for i, blob in enumerate(layer.tops):
                 wanted = self._caffe_name.get(blob, blob)
-                holder = live.get(wanted)
-                if holder is not None and holder != blob and pending[holder] > 0:
-                    wanted = blob
-                if wanted != self._caffe_name.get(blob, blob) and wanted in live:
-                    raise GraphError(f"cannot find a Caffe name for blob {blob!r}")
+                if wanted in written:
+                    bottom = layer.bottoms[i] if i < len(layer.bottoms) else None
+                    in_place = bottom is not None and names[bottom] == wanted and pending[bottom] == 0
+                    if not in_place:
+                        k = 1
+                        while f"{wanted}_{k}" in written or f"{wanted}_{k}" in all_wanted:
+                            k += 1
+                        wanted = f"{wanted}_{k}"
                 names[blob] = wanted
-                live[wanted] = blob
+                written.add(wanted)
         return names
 
     # ------------------------------------------------------------------ queries
@@ -199,7 +204,7 @@ class Graph:
     # ------------------------------------------------------------------ naming
 
     def fresh_blob_name(self, base: str) -> str:
-        taken = set(self._producer) | set(self._caffe_name.values())
+        taken = set(self._producer) | set(self._caffe_name) | set(self._caffe_name.values())
         k = 1
         while f"{base}@{k}" in taken:
             k += 1
@@ -243,9 +248,8 @@ class Graph:
         return layer
 
     def new_blob(self, caffe_name: str) -> str:
-        """Reserve an SSA name for a new blob that should be written as ``caffe_name`` when possible."""
-        ssa = caffe_name if caffe_name not in self._producer and caffe_name not in self._caffe_name.values() \
-            else self.fresh_blob_name(caffe_name)
+        """A fresh SSA name for a new blob that should be written as ``caffe_name`` where Caffe allows it."""
+        ssa = caffe_name if caffe_name not in self._caffe_name else self.fresh_blob_name(caffe_name)
         self._caffe_name[ssa] = caffe_name
         return ssa
 
