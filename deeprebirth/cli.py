@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 from functools import wraps
@@ -40,6 +41,17 @@ def _user_errors(command: F) -> F:
 
 def _split(values: Sequence[str]) -> list[str]:
     return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def _image_files(paths: Sequence[str]) -> list[str]:
+    files: list[str] = []
+    for path in paths:
+        if os.path.isdir(path):
+            files += sorted(os.path.join(path, f) for f in os.listdir(path)
+                            if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")))
+        else:
+            files.append(path)
+    return files
 
 
 def human(value: float, unit: str = "") -> str:
@@ -112,7 +124,8 @@ def main() -> None:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="write a JSON report here")
 @click.option("--check", type=click.IntRange(min=0), default=0,
               help="compare both nets in real Caffe on N random inputs")
-@click.option("--images", multiple=True, type=click.Path(dir_okay=False), help="real photos to compare on too")
+@click.option("--images", multiple=True, type=click.Path(),
+              help="real photos (files or a folder of them; repeatable) to compare on too")
 @click.option("--tolerance", type=float, default=1e-4, show_default=True,
               help="largest allowed max|a-b|/max|a| on each compared blob")
 @click.option("--init", type=click.Choice(["inherit", "filler"]), default="inherit", show_default=True,
@@ -127,7 +140,7 @@ def rewrite(prototxt: str, out_prototxt: str, weights: str | None, out_weights: 
             seed: int) -> None:
     """Rewrite PROTOTXT (and --weights) into OUT_PROTOTXT (and --out-weights)."""
     options = api.RewriteOptions(rules=rules, skip=_split(skip), only=_split(only), exclude=_split(exclude),
-                                 phase=phase, check=check, images=images, tolerance=tolerance, init=init,
+                                 phase=phase, check=check, images=_image_files(images), tolerance=tolerance, init=init,
                                  widen=widen, seed=seed)
     result = api.rewrite_files(prototxt, out_prototxt, weights, out_weights, report_path, options)
     click.echo(render_report(result.report))

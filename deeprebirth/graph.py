@@ -253,6 +253,10 @@ class Graph:
         self._caffe_name[ssa] = caffe_name
         return ssa
 
+    def rename_blob(self, blob: str, caffe_name: str) -> None:
+        """Write ``blob`` under another Caffe name (e.g. to keep a net output's name when its producer goes)."""
+        self._caffe_name[blob] = caffe_name
+
     def remove_layer(self, name: str) -> Layer:
         """Remove a layer whose tops nobody reads any more."""
         layer = self.layer(name)

@@ -26,17 +26,13 @@ def linear_producer(graph: Graph, layer: Layer) -> tuple[Layer | None, str]:
     return producer, ""
 
 
-def passthrough_blocker(graph: Graph, layer: Layer) -> str | None:
-    """Why ``layer`` (one bottom, one top, same shape) cannot simply be removed, or None."""
-    top, bottom = layer.tops[0], layer.bottoms[0]
-    if not graph.consumers(top) and graph.caffe_name(top) != graph.caffe_name(bottom):
-        return f"its top '{graph.caffe_name(top)}' is a net output and would change name"
-    return None
-
-
 def remove_passthrough(graph: Graph, layer: Layer) -> None:
-    """Remove a one-in one-out layer: its readers read its input instead."""
-    graph.replace_uses(layer.tops[0], layer.bottoms[0])
+    """Remove a one-in one-out layer: its readers read its input instead. If its output was a net output, the
+    input takes over that output's name, so the net's external names do not change."""
+    top, bottom = layer.tops[0], layer.bottoms[0]
+    if not graph.consumers(top):
+        graph.rename_blob(bottom, graph.caffe_name(top))
+    graph.replace_uses(top, bottom)
     graph.remove_layer(layer.name)
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from deeprebirth.fold import batchnorm_affine
 from deeprebirth.graph import Graph
 from deeprebirth.rules.base import Change, Match, Rule, RuleConfig, Skip
-from deeprebirth.rules.common import fold_affine, linear_producer, passthrough_blocker, remove_passthrough
+from deeprebirth.rules.common import fold_affine, linear_producer, remove_passthrough
 
 NAME = "fuse_batchnorm_into_conv"
 
@@ -36,10 +36,6 @@ def match(graph: Graph, config: RuleConfig) -> Iterator[Match | Skip]:
         linear, reason = linear_producer(graph, bn)
         if linear is None:
             yield Skip(bn.name, reason)
-            continue
-        blocker = passthrough_blocker(graph, bn)
-        if blocker:
-            yield Skip(bn.name, blocker)
             continue
         yield Match((bn.name, linear.name))
 

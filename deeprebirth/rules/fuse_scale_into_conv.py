@@ -18,7 +18,7 @@ import numpy as np
 
 from deeprebirth.graph import Graph
 from deeprebirth.rules.base import Change, Match, Rule, RuleConfig, Skip
-from deeprebirth.rules.common import fold_affine, linear_producer, passthrough_blocker, remove_passthrough
+from deeprebirth.rules.common import fold_affine, linear_producer, remove_passthrough
 
 NAME = "fuse_scale_into_conv"
 
@@ -40,10 +40,6 @@ def match(graph: Graph, config: RuleConfig) -> Iterator[Match | Skip]:
         linear, reason = linear_producer(graph, scale)
         if linear is None:
             yield Skip(scale.name, reason)
-            continue
-        blocker = passthrough_blocker(graph, scale)
-        if blocker:
-            yield Skip(scale.name, blocker)
             continue
         yield Match((scale.name, linear.name))
 

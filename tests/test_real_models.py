@@ -1,0 +1,68 @@
+"""Exact rewrites of real models, checked in real Caffe and loaded in OpenCV dnn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import save
+
+from deeprebirth.api import RewriteOptions, rewrite_files
+from deeprebirth.caffe_runtime import image_feeds, opencv_forward
+from deeprebirth.initializers import random_weights
+from deeprebirth.model import load_model
+
+
+def test_open_nsfw_exact_folds(assets: dict[str, str], photos: list[str], tmp_path: Path) -> None:
+    out_proto, out_model = tmp_path / "nsfw.prototxt", tmp_path / "nsfw.caffemodel"
+    result = rewrite_files(assets["open_nsfw.prototxt"], out_proto, assets["open_nsfw.caffemodel"], out_model,
+                           options=RewriteOptions(rules="exact", check=3, images=photos, tolerance=1e-5))
+    report, check = result.report, result.check
+    assert report.before.layers == 229
+    assert report.after is not None and report.after.layers == 123
+    assert report.after.layers_by_type.get("BatchNorm", 0) == 0 and report.after.layers_by_type.get("Scale", 0) == 0
+    assert check is not None and check.inputs == 3 + len(photos) == 8
+    assert check.passed and check.predictions_changed == 0
+    prob = next(d for d in check.diffs if d.blob == "prob")
+    assert prob.max_abs <= 1e-5
+
+    # OpenCV dnn loads the rewritten pair and agrees with the original on the photos
+    for feed in image_feeds(photos, "data", (1, 3, 224, 224)):
+        a = opencv_forward(assets["open_nsfw.prototxt"], assets["open_nsfw.caffemodel"], feed)
+        b = opencv_forward(out_proto, out_model, feed)
+        assert a.shape == b.shape == (1, 2)
+        assert np.max(np.abs(a - b)) <= 1e-5
+        assert a.argmax() == b.argmax()
+
+
+def test_ssd_face_detector_exact_folds(assets: dict[str, str], photos: list[str], tmp_path: Path) -> None:
+    out_proto, out_model = tmp_path / "ssd.prototxt", tmp_path / "ssd.caffemodel"
+    result = rewrite_files(assets["ssd_face.prototxt"], out_proto, assets["ssd_face.caffemodel"], out_model,
+                           options=RewriteOptions(rules="exact"))
+    assert result.report.after is not None and result.report.after.layers < result.report.before.layers
+    import cv2
+
+    astronaut = cv2.imread(photos[0])
+    blob = cv2.dnn.blobFromImage(astronaut, 1.0, (300, 300), (104.0, 177.0, 123.0))
+    before = opencv_forward(assets["ssd_face.prototxt"], assets["ssd_face.caffemodel"], {"data": blob})
+    after = opencv_forward(out_proto, out_model, {"data": blob})
+    confident = lambda d: d[0, 0][d[0, 0, :, 2] > 0.5]  # noqa: E731
+    assert len(confident(before)) == len(confident(after)) == 1
+    assert np.max(np.abs(confident(before) - confident(after))) <= 1e-4
+
+
+@pytest.mark.parametrize("model", ["bvlc_googlenet", "bvlc_alexnet", "bvlc_reference_caffenet"])
+def test_model_zoo_exact_rewrite_keeps_logits(model: str, model_zoo: Path, tmp_path: Path) -> None:
+    graph = load_model(model_zoo / model / "deploy.prototxt")
+    random_weights(graph, seed=7)
+    proto, weights = save(graph, tmp_path, "original")
+    result = rewrite_files(proto, tmp_path / "out.prototxt", weights, tmp_path / "out.caffemodel",
+                           options=RewriteOptions(rules="exact", check=2))
+    check = result.check
+    assert check is not None
+    logits = [d for d in check.diffs if d.blob != "prob"]
+    assert logits, "the logits under the softmax are compared"
+    assert all(d.max_rel <= 1e-4 for d in check.diffs)
+    assert result.report.after is not None and result.report.after.layers_by_type.get("Dropout", 0) == 0
+    assert result.report.after.output_shapes == result.report.before.output_shapes
