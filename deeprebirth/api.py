@@ -58,11 +58,14 @@ def rewrite_files(prototxt: PathLike, out_prototxt: PathLike, weights: PathLike 
     check = None
     if options.check or options.images:
         original = load_model(prototxt, weights, phase=options.phase)
-        check = check_rewrite(original, graph, prototxt, weights, out_prototxt, out_weights, options)  # type: ignore
+        lossy = any(not change.exact for change in report.changes)
+        check = check_rewrite(original, graph, prototxt, weights, out_prototxt, out_weights, options,  # type: ignore
+                              lossy=lossy)
     if report_path is not None:
         payload = report.to_json()
         if check is not None:
             payload["check"] = {"inputs": check.inputs, "tolerance": check.tolerance, "passed": check.passed,
+                                "lossy": check.lossy,
                                 "predictions_changed": check.predictions_changed,
                                 "blobs": [vars(d) for d in check.diffs]}
         text = json.dumps(payload, indent=2).encode()
@@ -71,7 +74,8 @@ def rewrite_files(prototxt: PathLike, out_prototxt: PathLike, weights: PathLike 
 
 
 def check_rewrite(original: Graph, rewritten: Graph, prototxt: PathLike, weights: PathLike,
-                  out_prototxt: PathLike, out_weights: PathLike, options: RewriteOptions) -> CheckResult:
+                  out_prototxt: PathLike, out_weights: PathLike, options: RewriteOptions,
+                  lossy: bool = False) -> CheckResult:
     """Compare outputs (and the logits under a Softmax output) of the two nets in real Caffe."""
     shapes = infer_shapes(original)
     inputs = {original.caffe_name(b): shapes[b] for b in original.inputs()}
@@ -87,7 +91,7 @@ def check_rewrite(original: Graph, rewritten: Graph, prototxt: PathLike, weights
         normalised = Path(tmp) / "original.prototxt"
         caffe_io.write_prototxt(normalised, original.to_net())
         return compare_nets((str(normalised), str(weights)), (str(out_prototxt), str(out_weights)), feeds, blobs,
-                            options.tolerance)
+                            options.tolerance, lossy)
 
 
 def comparable_blobs(original: Graph, rewritten: Graph) -> list[str]:
