@@ -9,6 +9,7 @@
 set -euo pipefail
 
 PY=${1:?usage: build_caffe.sh VENV_PYTHON}
+case "$PY" in /*) ;; *) PY="$PWD/$PY" ;; esac  # the build cd's elsewhere
 SDIST_VERSION=9.0.2
 CACHE=${DEEPREBIRTH_CACHE:-$HOME/.cache/deeprebirth}
 PYVER=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
@@ -22,7 +23,7 @@ log() { printf '[build_caffe] %s\n' "$*" >&2; }
 
 APT_PACKAGES="build-essential cmake pkg-config libboost-system-dev libboost-thread-dev libboost-filesystem-dev
   libboost-python-dev libboost-regex-dev libgtest-dev libprotobuf-dev protobuf-compiler libgoogle-glog-dev
-  libgflags-dev libhdf5-dev libopenblas-dev"
+  libgflags-dev libhdf5-dev libopenblas-dev graphviz"
 
 install_apt_packages() {
     local missing=()
@@ -92,9 +93,16 @@ cmake .. -DCMAKE_BUILD_TYPE=Release -DCPU_ONLY=ON -DBUILD_python=ON -DBUILD_docs
     -DCMAKE_SHARED_LINKER_FLAGS="$HDF5_LIBS" -DCMAKE_EXE_LINKER_FLAGS="$HDF5_LIBS" \
     > "$BUILD_ROOT/cmake.log" 2>&1 || { tail -30 "$BUILD_ROOT/cmake.log"; exit 1; }
 log "compiling (make -j$(nproc)); log: $BUILD_ROOT/make.log"
-# progress: one line per 10% of the build
-make -j"$(nproc)" 2>&1 | tee "$BUILD_ROOT/make.log" | sed -un 's/^\[ *\([0-9]*\)%\].*/\1/p' \
-    | awk 'BEGIN { last = -1 } { if (int($1 / 10) != last) { last = int($1 / 10); print "[build_caffe] " $1 "% compiled"; fflush() } }' >&2 || true
+# progress: one line per 10% of the build (a shell loop: mawk would buffer the stream until the end)
+make -j"$(nproc)" 2>&1 | tee "$BUILD_ROOT/make.log" | {
+    last=-1
+    while IFS= read -r line; do
+        if [[ $line =~ ^\[\ *([0-9]+)%\] ]] && (( BASH_REMATCH[1] / 10 != last )); then
+            last=$(( BASH_REMATCH[1] / 10 ))
+            log "${BASH_REMATCH[1]}% compiled"
+        fi
+    done
+} || true
 [ -f "$SRC/python/caffe/_caffe.so" ] || { tail -40 "$BUILD_ROOT/make.log"; log "build failed"; exit 1; }
 touch "$STAMP"
 link_into_venv
