@@ -25,7 +25,7 @@ test: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check deeprebirth tests benchmarks examples scripts
+	$(VENV)/bin/ruff check --line-length 120 --extend-exclude deeprebirth/caffe_pb2.py deeprebirth tests benchmarks examples scripts
 	$(VENV)/bin/mypy deeprebirth
 
 bench: install

@@ -18,7 +18,8 @@ def compile_proto() -> None:
     protoc = shutil.which("protoc")
     if protoc is None:
         raise SystemExit("protoc not found: install Debian's protobuf-compiler (make install does)")
-    subprocess.run([protoc, f"-I{PROTO.parent}", f"--python_out={GENERATED.parent}", PROTO.name],
+    subprocess.run([protoc, f"-I{PROTO.parent}", f"--python_out={GENERATED.parent}", f"--pyi_out={GENERATED.parent}",
+                    PROTO.name],
                    cwd=PROTO.parent, check=True)
 
 

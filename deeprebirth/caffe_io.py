@@ -14,6 +14,7 @@ in memory. Writing streams the blobs the same way. Every file is written atomica
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import tempfile
@@ -51,7 +52,7 @@ PHASES = {"TRAIN": pb.TRAIN, "TEST": pb.TEST}
 # atomic output
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> None:
     """Write ``path`` through a temp file in the same folder, renamed into place only when ``write`` succeeded.
 
     A crash, a Ctrl-C or an error inside ``write`` leaves the old file (or no file) and no partial output.
@@ -132,6 +133,8 @@ def normalize_net(net: pb.NetParameter, phase: str = "TEST", source: str | None 
         out.layer.extend(upgraded)
     _net_inputs_to_input_layer(out, source)
     _filter_by_state(out, phase)
+    if not out.layer:  # nothing to rewrite, and a caffemodel without layers is not one Caffe (or we) can read
+        raise DeepRebirthError(f"the net has no layers (in phase {phase})", file=source)
     return out
 
 
@@ -326,10 +329,14 @@ def _decode_blob(view: memoryview) -> np.ndarray:
                 elif dim_number == 1 and dim_wire == _WIRE_VARINT:
                     shape.append(dim_value)  # type: ignore[arg-type]
         elif number == 5 and wire == _WIRE_LEN:
+            if len(value) % 4:  # type: ignore[arg-type]
+                raise DecodeError(f"packed float data of {len(value)} bytes")  # type: ignore[arg-type]
             chunks.append(np.frombuffer(value, dtype="<f4"))  # type: ignore[arg-type]
         elif number == 5 and wire == _WIRE_I32:
             chunks.append(np.frombuffer(value, dtype="<f4").copy())  # type: ignore[arg-type]
         elif number == 8 and wire == _WIRE_LEN:
+            if len(value) % 8:  # type: ignore[arg-type]
+                raise DecodeError(f"packed double data of {len(value)} bytes")  # type: ignore[arg-type]
             doubles.append(np.frombuffer(value, dtype="<f8"))  # type: ignore[arg-type]
         elif number == 8 and wire == _WIRE_I64:
             doubles.append(np.frombuffer(value, dtype="<f8").copy())  # type: ignore[arg-type]
@@ -339,7 +346,8 @@ def _decode_blob(view: memoryview) -> np.ndarray:
     if chunks:
         data = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
     elif doubles:
-        data = np.concatenate(doubles).astype(np.float32)
+        with np.errstate(over="ignore"):  # out-of-range doubles become Inf, which load_model reports by layer
+            data = np.concatenate(doubles).astype(np.float32)
     else:
         data = np.zeros(0, dtype=np.float32)
     if shape:
@@ -348,7 +356,7 @@ def _decode_blob(view: memoryview) -> np.ndarray:
         dims = (legacy[1], legacy[2], legacy[3], legacy[4])
     else:
         dims = (data.size,)
-    if int(np.prod(dims, dtype=np.int64)) != data.size:
+    if math.prod(dims) != data.size:  # Python ints: a corrupt dim of 2**64 - 1 must not overflow int64
         raise DecodeError(f"blob shape {dims} does not match its {data.size} values")
     return data.reshape(dims)
 
@@ -413,7 +421,7 @@ def _encode_varint(value: int) -> bytes:
 def _blob_header(array: np.ndarray) -> tuple[bytes, int]:
     """Bytes of a BlobProto up to the float payload, and the payload's size in bytes."""
     dims = b"".join(_encode_varint(int(d)) for d in array.shape)
-    shape_msg = _key(1, _WIRE_LEN) + _encode_varint(len(dims)) + dims
+    shape_msg = _key(1, _WIRE_LEN) + _encode_varint(len(dims)) + dims if dims else b""  # 0-D: no dims
     nbytes = array.size * 4
     header = _key(7, _WIRE_LEN) + _encode_varint(len(shape_msg)) + shape_msg
     header += _key(5, _WIRE_LEN) + _encode_varint(nbytes)
@@ -435,7 +443,9 @@ def write_caffemodel(path: str | os.PathLike[str], net: pb.NetParameter, weights
             layer_bytes = bare.SerializeToString()
             blob_parts = []
             for array in weights.get(layer.name, []):
-                data = np.ascontiguousarray(array, dtype="<f4")
+                data = np.asarray(array, dtype="<f4")
+                if not data.flags.c_contiguous:  # (np.ascontiguousarray would turn a 0-D blob into 1-D)
+                    data = data.copy(order="C")
                 header, nbytes = _blob_header(data)
                 blob_len = len(header) + nbytes
                 blob_parts.append((_key(7, _WIRE_LEN) + _encode_varint(blob_len) + header, data))
@@ -444,19 +454,22 @@ def write_caffemodel(path: str | os.PathLike[str], net: pb.NetParameter, weights
             handle.write(layer_bytes)
             for header, data in blob_parts:
                 handle.write(header)
-                handle.write(memoryview(data).cast("B"))
+                handle.write(data.reshape(-1).view(np.uint8).data)
 
     atomic_write(path, write)
 
 
 def blob_to_array(blob: pb.BlobProto) -> np.ndarray:
     """A BlobProto held in a parsed message (e.g. blobs inside a prototxt) -> float32 array."""
-    data = np.asarray(blob.double_data if len(blob.double_data) else blob.data, dtype=np.float32)
+    with np.errstate(over="ignore"):  # out-of-range doubles become Inf, which load_model reports by layer
+        data = np.asarray(blob.double_data if len(blob.double_data) else blob.data, dtype=np.float32)
     if blob.HasField("shape"):
         dims = tuple(blob.shape.dim)
     elif any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
         dims = (blob.num, blob.channels, blob.height, blob.width)
     else:
         dims = (data.size,)
+    if any(d < 0 for d in dims) or math.prod(dims) != data.size:
+        raise DeepRebirthError(f"blob shape {dims} does not match its {data.size} values")
     return data.reshape(dims)
 

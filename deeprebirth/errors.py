@@ -19,7 +19,13 @@ class DeepRebirthError(Exception):
         if self.layer:
             parts.append(f"layer '{self.layer}'")
         parts.append(self.message)
-        return ": ".join(parts)
+        return _one_line(": ".join(parts))
+
+
+def _one_line(text: str) -> str:
+    """Escape line breaks and other unprintable characters: messages quote names and text from the user's files,
+    and an error must stay one line whatever those hold."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 class CheckFailed(Exception):

@@ -81,11 +81,11 @@ class Graph:
             tops = []
             for i, blob in enumerate(param.top):
                 in_place = i < len(param.bottom) and param.bottom[i] == blob
+                if blob in param.top[:i]:  # first: an earlier top of this layer has no producer entry yet
+                    raise DeepRebirthError(f"top blob '{blob}' listed twice", file=source, layer=param.name)
                 if blob in current and not in_place:
                     raise DeepRebirthError(f"top blob '{blob}' is already produced by layer "
                                            f"'{graph._producer[current[blob]]}'", file=source, layer=param.name)
-                if blob in param.top[:i]:
-                    raise DeepRebirthError(f"top blob '{blob}' listed twice", file=source, layer=param.name)
                 ssa = graph.fresh_blob_name(blob) if blob in current else blob
                 graph._caffe_name[ssa] = blob
                 current[blob] = ssa
@@ -94,7 +94,11 @@ class Graph:
             proto.CopyFrom(param)
             del proto.bottom[:]
             del proto.top[:]
-            blobs = [blob_to_array(b) for b in proto.blobs] or None
+            try:
+                blobs = [blob_to_array(b) for b in proto.blobs] or None
+            except DeepRebirthError as err:
+                raise DeepRebirthError(f"weights inside the prototxt: {err.message}", file=source,
+                                       layer=param.name) from None
             del proto.blobs[:]
             layer = Layer(param.name, param.type, bottoms, tops, proto, blobs)
             graph._insert(layer, float(index))

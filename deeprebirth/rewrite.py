@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.graph import Graph, GraphError
 from deeprebirth.rules import RULES, Change, Rule, RuleConfig, Skip
-from deeprebirth.shapes import infer_shapes, layer_costs
+from deeprebirth.shapes import SHAPE_FUNCTIONS, infer_shapes, layer_costs
 
 MAX_CHANGES = 100_000  # a guard against a rule pair that undoes each other
+OPT_IN_GROUPS = ("tucker",)  # groups that "all" leaves out: applied only when named
 
 
 @dataclass
@@ -39,10 +42,18 @@ class RewriteReport:
     after: NetSummary | None = None
     changes: list[Change] = field(default_factory=list)
     skipped: dict[str, list[Skip]] = field(default_factory=dict)  # rule name -> places it did not fire, and why
+    warnings: list[str] = field(default_factory=list)  # e.g. layer types passed through untouched
 
     @property
     def relearn(self) -> list[str]:
-        return [name for change in self.changes for name in change.relearn]
+        """The new layers still in the net whose weights must be learned: a layer that a later change removed
+        (e.g. a merged conv that decompose_conv_tucker split) gives way to that change's own new layers."""
+        names: list[str] = []
+        for change in self.changes:
+            gone = set(change.removed)
+            names = [name for name in names if name not in gone]
+            names += [name for name in change.relearn if name not in names]
+        return names
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -52,11 +63,56 @@ class RewriteReport:
             "changes": [asdict(c) for c in self.changes],
             "skipped": {rule: [asdict(s) for s in skips] for rule, skips in self.skipped.items()},
             "relearn": self.relearn,
+            "warnings": self.warnings,
         }
 
 
+DATA_LAYER_TYPES = ("Data", "ImageData", "HDF5Data", "WindowData")  # known to Caffe; their shapes live in files
+
+
+def unknown_type_warnings(graph: Graph) -> list[str]:
+    """One line naming the layer types the tool has no model of: they are carried through unchanged, and rules
+    leave alone everything whose shapes depend on them."""
+    unknown: dict[str, list[str]] = {}
+    for layer in graph.layers():
+        if layer.type not in SHAPE_FUNCTIONS and layer.type not in DATA_LAYER_TYPES:
+            unknown.setdefault(layer.type, []).append(layer.name)
+    if not unknown:
+        return []
+    parts = [f"{t or '(no type)'} ({', '.join(repr(n) for n in names[:3])}{', ...' if len(names) > 3 else ''})"
+             for t, names in sorted(unknown.items())]
+    return [f"layer types this tool does not know, passed through untouched: {'; '.join(parts)}"]
+
+
+def _check_finite(graph: Graph, change: Change) -> None:
+    """Finite weights in, finite weights out: extreme (but finite) input values can overflow a fold."""
+    for name in change.changed + change.added:
+        if name not in graph:
+            continue
+        for i, blob in enumerate(graph.layer(name).blobs or []):
+            if not np.isfinite(blob).all():
+                raise DeepRebirthError(f"{change.rule} would give weight blob {i} NaN or Inf values: the input "
+                                       "weights are out of range (e.g. a BatchNorm variance below -eps)",
+                                       file=graph.source, layer=name)
+
+
+def _inherit_reproduces(change: Change, pending: dict[str, str], original_blobs: set[str]) -> None:
+    """A change's ``reproduces`` must name a blob of the original net. When a rule rebuilds a layer that an earlier
+    lossy change made (Tucker decomposing a merged inception conv, whose own output is a new blob), it reproduces
+    what that earlier change reproduced."""
+    inherited = [pending.pop(name) for name in change.removed if name in pending]
+    if change.reproduces is not None and change.reproduces not in original_blobs and inherited:
+        change.reproduces = inherited[-1]
+    for name in change.relearn:
+        if change.reproduces is not None:
+            pending[name] = change.reproduces
+
+
 def select_rules(names: Sequence[str] | str = "all", skip: Iterable[str] = ()) -> tuple[Rule, ...]:
-    """Rules by name or group ("exact", "streamline", "branch", "all"), kept in the canonical order."""
+    """Rules by name or group ("exact", "streamline", "branch", "tucker", "all"), kept in the canonical order.
+
+    "all" means every rule outside the opt-in groups (``OPT_IN_GROUPS``): DeepRebirth's default is slimming, and
+    Tucker decomposition is added only when named ("all,tucker", or the deeprebirth+tucker preset)."""
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     wanted: set[str] = set()
@@ -64,7 +120,8 @@ def select_rules(names: Sequence[str] | str = "all", skip: Iterable[str] = ()) -
     for name in names:
         if name not in known:
             raise DeepRebirthError(f"unknown rule or group {name!r} (known: {', '.join(sorted(known))})")
-        wanted |= {r.name for r in RULES if name in ("all", r.name, r.group)}
+        wanted |= {r.name for r in RULES
+                   if name in (r.name, r.group) or (name == "all" and r.group not in OPT_IN_GROUPS)}
     skip = set(skip)
     for name in skip:
         if name not in known:
@@ -72,31 +129,42 @@ def select_rules(names: Sequence[str] | str = "all", skip: Iterable[str] = ()) -
     return tuple(r for r in RULES if r.name in wanted and r.name not in skip and r.group not in skip)
 
 
-def rewrite(graph: Graph, rules: Sequence[Rule] = RULES, only: Iterable[str] = (),
+def rewrite(graph: Graph, rules: Sequence[Rule] | None = None, only: Iterable[str] = (),
             exclude: Iterable[str] = (), config: RuleConfig | None = None) -> RewriteReport:
-    """Rewrite ``graph`` in place. ``only``/``exclude`` restrict rules to matches that involve those layer names."""
+    """Rewrite ``graph`` in place with ``rules`` (default: ``select_rules("all")``). ``only``/``exclude`` restrict
+    rules to matches that involve those layer names."""
+    rules = select_rules("all") if rules is None else rules
     only, exclude = set(only), set(exclude)
     config = config or RuleConfig()
-    report = RewriteReport([r.name for r in rules], NetSummary.of(graph))
+    report = RewriteReport([r.name for r in rules], NetSummary.of(graph), warnings=unknown_type_warnings(graph))
 
     def allowed(layers: tuple[str, ...]) -> bool:
         if only and not only.intersection(layers):
             return False
         return not exclude.intersection(layers)
 
+    # Opt-in rules (Tucker) act on what the slimming rules leave: a pass reaches them only once the other rules
+    # changed nothing in it, so slimming is at its fixed point first.
+    original_blobs = set(graph.caffe_blob_names().values())
+    pending: dict[str, str] = {}  # new layer still to re-learn -> the original blob its change reproduces
     progress = True
     while progress:
         progress = False
         for rule in rules:
+            if progress and rule.group in OPT_IN_GROUPS:
+                break
             while True:
                 found = next((m for m in rule.match(graph, config) if not isinstance(m, Skip) and allowed(m.layers)), None)
                 if found is None:
                     break
                 try:
-                    change = rule.apply(graph, found, config)
+                    with np.errstate(all="ignore"):  # an overflow is reported by _check_finite, not as a warning
+                        change = rule.apply(graph, found, config)
                     graph.check()
                 except GraphError as err:
                     raise GraphError(f"rule {rule.name} at {found.layers[0]!r}: {err}") from err
+                _check_finite(graph, change)
+                _inherit_reproduces(change, pending, original_blobs)
                 report.changes.append(change)
                 progress = True
                 if len(report.changes) > MAX_CHANGES:

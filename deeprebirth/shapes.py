@@ -324,10 +324,10 @@ def param_shapes(layer: Layer, bottoms: list[Shape]) -> list[Shape] | None:
             (c, p.num_output // p.group, *g.kernel)
         return [weight, (p.num_output,)] if p.bias_term else [weight]
     if t == "InnerProduct":
-        p = layer.proto.inner_product_param
-        k = math.prod(bottoms[0][_axis(p.axis, len(bottoms[0])):])
-        weight = (k, p.num_output) if p.transpose else (p.num_output, k)
-        return [weight, (p.num_output,)] if p.bias_term else [weight]
+        ip = layer.proto.inner_product_param
+        k = math.prod(bottoms[0][_axis(ip.axis, len(bottoms[0])):])
+        matrix: Shape = (k, ip.num_output) if ip.transpose else (ip.num_output, k)
+        return [matrix, (ip.num_output,)] if ip.bias_term else [matrix]
     if t == "BatchNorm":
         c = bottoms[0][1] if len(bottoms[0]) > 1 else 1
         return [(c,), (c,), (1,)]
@@ -341,8 +341,10 @@ def param_shapes(layer: Layer, bottoms: list[Shape]) -> list[Shape] | None:
         if t == "Bias":
             return [shape]
         return [shape, shape] if p.bias_term else [shape]
-    if t == "PReLU":
-        return [(1,)] if layer.proto.prelu_param.channel_shared else [(bottoms[0][1],)]
+    if t == "PReLU":  # a shared slope is a 0-D blob in Caffe, and its by-name loading checks shapes strictly
+        return [()] if layer.proto.prelu_param.channel_shared else [(bottoms[0][1],)]
+    if t == "Normalize":  # SSD's L2 normalisation: one learned scale per channel (or one 0-D scale for all)
+        return [()] if layer.proto.norm_param.channel_shared else [(bottoms[0][1],)]
     if t in SHAPE_FUNCTIONS:
         return []
     return None
@@ -416,6 +418,7 @@ def layer_costs(graph: Graph, shapes: dict[str, Shape | None] | None = None) -> 
         macs = 0
         if known and tops:
             out = tops[0]
+            assert out is not None
             if layer.type in ("Convolution", "Deconvolution"):
                 p = layer.proto.convolution_param
                 g = conv_geometry(p)
@@ -425,10 +428,10 @@ def layer_costs(graph: Graph, shapes: dict[str, Shape | None] | None = None) -> 
                 macs = math.prod(out) * per_output if layer.type == "Convolution" else \
                     math.prod(bottom) * (p.num_output // p.group) * g.kernel[0] * g.kernel[1]
             elif layer.type == "InnerProduct":
-                p = layer.proto.inner_product_param
                 bottom = shapes[layer.bottoms[0]]
                 assert bottom is not None
-                macs = math.prod(out) * math.prod(bottom[_axis(p.axis, len(bottom)):])
+                axis = _axis(layer.proto.inner_product_param.axis, len(bottom))
+                macs = math.prod(out) * math.prod(bottom[axis:])
             elif layer.type in ("Scale", "BatchNorm", "Bias"):
                 macs = math.prod(out)
         act = 0

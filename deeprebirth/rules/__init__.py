@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
-from deeprebirth.rules import eliminate_dropout, fuse_batchnorm_into_conv, fuse_scale_into_conv
+from deeprebirth.rules import (
+    decompose_conv_tucker,
+    eliminate_dropout,
+    fuse_batchnorm_into_conv,
+    fuse_scale_into_conv,
+    merge_inception_branches,
+    merge_lrn_into_conv,
+    merge_pooling_into_conv,
+)
 from deeprebirth.rules.base import Change, Match, Rule, RuleConfig, Skip
 
 RULES: tuple[Rule, ...] = (
     eliminate_dropout.RULE,
     fuse_batchnorm_into_conv.RULE,
     fuse_scale_into_conv.RULE,
+    merge_pooling_into_conv.RULE,
+    merge_lrn_into_conv.RULE,
+    merge_inception_branches.RULE,
+    decompose_conv_tucker.RULE,  # opt-in (group "tucker"): not part of "all"
 )
 
 __all__ = ["RULES", "Change", "Match", "Rule", "RuleConfig", "Skip"]

@@ -46,6 +46,7 @@ class RuleConfig:
     init: str = "inherit"  # "inherit": start new layers from the original weights where shapes allow; "filler"
     widen: str = "balanced"  # merge_inception_branches: where freed channels go ("3x3", "5x5", "balanced")
     seed: int = 0  # for the random parts of new weights
+    rank_method: str = "vbmf"  # decompose_conv_tucker: "vbmf", "energy:F", "speedup:X", "ranks:R1,R2", "full"
 
 
 @dataclass(frozen=True)
