@@ -257,6 +257,10 @@ class Graph:
         self._caffe_name[ssa] = caffe_name
         return ssa
 
+    def rename_layer(self, old_name: str, new_name: str) -> Layer:
+        """Give a layer another name, keeping its place, inputs and readers."""
+        return self.replace_layer(old_name, self.layer(old_name).clone(name=new_name))
+
     def rename_blob(self, blob: str, caffe_name: str) -> None:
         """Write ``blob`` under another Caffe name (e.g. to keep a net output's name when its producer goes)."""
         self._caffe_name[blob] = caffe_name

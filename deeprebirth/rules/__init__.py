@@ -9,6 +9,7 @@ from deeprebirth.rules import (
     fuse_scale_into_conv,
     merge_inception_branches,
     merge_lrn_into_conv,
+    merge_pooling_into_branch_convs,
     merge_pooling_into_conv,
 )
 from deeprebirth.rules.base import Change, Match, Rule, RuleConfig, Skip
@@ -18,6 +19,7 @@ RULES: tuple[Rule, ...] = (
     fuse_batchnorm_into_conv.RULE,
     fuse_scale_into_conv.RULE,
     merge_pooling_into_conv.RULE,
+    merge_pooling_into_branch_convs.RULE,
     merge_lrn_into_conv.RULE,
     merge_inception_branches.RULE,
     decompose_conv_tucker.RULE,  # opt-in (group "tucker"): not part of "all"

@@ -272,9 +272,14 @@ def match(graph: Graph, config: RuleConfig) -> Iterator[Match | Skip]:
             yield found
 
 
+def _merged(name: str) -> str:
+    """``name_merge``; a name that already ends so (a layer merged earlier in this rewrite) stays as it is."""
+    return name if name.endswith("_merge") else name + "_merge"
+
+
 def _widened(graph: Graph, conv: Layer, own: np.ndarray, config: RuleConfig) -> Layer:
-    top = graph.new_blob(graph.caffe_name(conv.tops[0]) + "_merge")
-    layer = conv.clone(name=graph.fresh_layer_name(conv.name + "_merge"), tops=[top])
+    top = graph.new_blob(_merged(graph.caffe_name(conv.tops[0])))
+    layer = conv.clone(name=graph.fresh_layer_name(_merged(conv.name)), tops=[top])
     layer.proto.convolution_param.num_output = own.size
     if conv.blobs is not None:
         if config.init not in ("inherit", "filler"):
@@ -305,25 +310,33 @@ def apply(graph: Graph, found: Match, config: RuleConfig) -> Change:
     data = found.data
     concat = graph.layer(found.layers[0])
     bottoms, added, changed, relearn = list(concat.bottoms), [], [], []
+    intended: list[str] = []
     for index, (conv_name, tail, own) in data["widen"].items():
         new = graph.add_layer(_widened(graph, graph.layer(conv_name), own, config), at=conv_name)
         added.append(new.name)
+        intended.append(_merged(conv_name))
         relearn.append(new.name)
         for name in tail:
             old = graph.layer(name)
             in_place = graph.caffe_name(old.tops[0]) == graph.caffe_name(old.bottoms[0])
-            top = graph.new_blob(graph.caffe_name(new.tops[0]) if in_place else graph.caffe_name(old.tops[0]) + "_merge")
-            new = graph.add_layer(old.clone(name=graph.fresh_layer_name(name + "_merge"), bottoms=[new.tops[0]],
+            top = graph.new_blob(graph.caffe_name(new.tops[0]) if in_place else _merged(graph.caffe_name(old.tops[0])))
+            new = graph.add_layer(old.clone(name=graph.fresh_layer_name(_merged(name)), bottoms=[new.tops[0]],
                                             tops=[top]), at=new.name)
             added.append(new.name)
+            intended.append(_merged(name))
         bottoms[index] = new.tops[0]
     graph.replace_layer(concat.name, concat.clone(bottoms=[bottoms[k] for k in data["kept"]]))
     for name in data["remove"]:
         graph.remove_layer(name)
-    removed = list(data["remove"])
+    for i, (name, wanted) in enumerate(zip(added, intended)):  # "<x>_merge" layers rebuilt: names back once free
+        if wanted != name and wanted not in graph:
+            graph.rename_layer(name, wanted)
+            added[i] = wanted
+            relearn[:] = [wanted if r == name else r for r in relearn]
+    removed = [name for name in data["remove"] if name not in added]
     for name, perm, inner in data["permute"]:
         old = graph.layer(name)
-        new = graph.replace_layer(name, old.clone(name=graph.fresh_layer_name(name + "_merge"),
+        new = graph.replace_layer(name, old.clone(name=graph.fresh_layer_name(_merged(name)),
                                                   blobs=_permuted(old, perm, inner)))
         removed.append(name)
         changed.append(new.name)
