@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from deeprebirth import caffe_io
 from deeprebirth.caffe_runtime import CheckResult, compare_nets, image_feeds, random_feeds
@@ -17,6 +18,7 @@ from deeprebirth.model import PathLike, load_model, same_file, save_model
 from deeprebirth.rewrite import RewriteReport, rewrite, select_rules
 from deeprebirth.rules import RULES, RuleConfig, Skip
 from deeprebirth.shapes import LayerCost, infer_shapes, layer_costs
+from deeprebirth.tucker import parse_rank_method
 
 
 @dataclass
@@ -32,6 +34,23 @@ class RewriteOptions:
     seed: int = 0
     init: str = "inherit"  # how lossy rules start new layers: "inherit" or "filler"
     widen: str = "balanced"  # where merge_inception_branches puts freed channels: "3x3", "5x5", "balanced"
+    rank_method: str = "vbmf"  # decompose_conv_tucker's ranks: "vbmf", "energy:F", "speedup:X", "ranks:R1,R2", "full"
+
+
+# Named pipelines (``rewrite --preset``): settings of RewriteOptions. DeepRebirth's default is slimming alone; its
+# fastest configuration adds Tucker-2 decomposition with VBMF ranks (Kim et al. 2016).
+PRESETS: dict[str, dict[str, str]] = {
+    "deeprebirth": {"rules": "all"},
+    "deeprebirth+tucker": {"rules": "all,tucker", "rank_method": "vbmf"},
+}
+
+
+def preset_options(preset: str, **settings: Any) -> RewriteOptions:
+    """RewriteOptions from a preset; ``settings`` that are not None override the preset's and the defaults."""
+    if preset not in PRESETS:
+        raise DeepRebirthError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    given = {key: value for key, value in settings.items() if value is not None}
+    return RewriteOptions(**{**PRESETS[preset], **given})
 
 
 @dataclass
@@ -51,8 +70,12 @@ def rewrite_files(prototxt: PathLike, out_prototxt: PathLike, weights: PathLike 
     if (options.check or options.images) and (weights is None or out_weights is None):
         raise DeepRebirthError("--check and --images need --weights and --out-weights")
     rules = select_rules(options.rules, options.skip)
+    try:
+        parse_rank_method(options.rank_method)
+    except ValueError as err:
+        raise DeepRebirthError(str(err)) from None
     graph = load_model(prototxt, weights, phase=options.phase)
-    config = RuleConfig(init=options.init, widen=options.widen, seed=options.seed)
+    config = RuleConfig(init=options.init, widen=options.widen, seed=options.seed, rank_method=options.rank_method)
     report = rewrite(graph, rules, only=options.only, exclude=options.exclude, config=config)
     save_model(graph, out_prototxt, out_weights)
     check = None
@@ -73,6 +96,9 @@ def rewrite_files(prototxt: PathLike, out_prototxt: PathLike, weights: PathLike 
     return RewriteResult(report, check)
 
 
+CALLS_OUT_TYPES = ("Data", "ImageData", "HDF5Data", "WindowData", "HDF5Output", "Python")
+
+
 def check_rewrite(original: Graph, rewritten: Graph, prototxt: PathLike, weights: PathLike,
                   out_prototxt: PathLike, out_weights: PathLike, options: RewriteOptions,
                   lossy: bool = False) -> CheckResult:
@@ -81,6 +107,11 @@ def check_rewrite(original: Graph, rewritten: Graph, prototxt: PathLike, weights
     inputs = {original.caffe_name(b): shapes[b] for b in original.inputs()}
     if any(s is None for s in inputs.values()) or not inputs:
         raise DeepRebirthError("--check needs a net with Input layers of known shape", file=str(prototxt))
+    # Caffe would open the files these layers name (data sources, mean files, HDF5 output) or import their module
+    risky = [f"'{layer.name}' ({layer.type})" for layer in original.layers() if layer.type in CALLS_OUT_TYPES]
+    if risky:
+        raise DeepRebirthError(f"--check would make Caffe open files or import code named in the net: "
+                               f"{', '.join(risky[:3])}; check a deploy net with Input layers", file=str(prototxt))
     feeds = random_feeds(inputs, options.check, options.seed)  # type: ignore[arg-type]
     if options.images:
         name, shape = next(iter(inputs.items()))

@@ -126,6 +126,9 @@ def _axis(axis: int, rank: int) -> int:
 
 def _convolution(layer: Layer, bottoms: list[Shape]) -> list[Shape]:
     n, c, h, w = _one(bottoms)
+    if len(layer.tops) != len(bottoms) or any(b != bottoms[0] for b in bottoms):  # Caffe: one top per bottom
+        raise ShapeError(f"{len(bottoms)} bottoms of shapes {bottoms} need as many tops of one shape, "
+                         f"{len(layer.tops)} given")
     p = layer.proto.convolution_param
     g = conv_geometry(p)
     group = p.group
@@ -135,6 +138,8 @@ def _convolution(layer: Layer, bottoms: list[Shape]) -> list[Shape]:
         raise ShapeError(f"group {group} does not divide channels {c} and num_output {p.num_output}")
     if min(g.kernel) <= 0 or min(g.stride) <= 0 or min(g.dilation) <= 0 or min(g.pad) < 0:
         raise ShapeError("kernel, stride and dilation must be positive, pad non-negative")
+    if p.num_output * (c // group) * g.kernel[0] * g.kernel[1] > MAX_BLOB_ELEMENTS:
+        raise ShapeError("the weights exceed Caffe's blob size limit")
     if layer.type == "Deconvolution":
         size = [g.stride[i] * ((h, w)[i] - 1) + g.dilation[i] * (g.kernel[i] - 1) + 1 - 2 * g.pad[i]
                 for i in range(2)]
@@ -162,10 +167,15 @@ def _inner_product(layer: Layer, bottoms: list[Shape]) -> list[Shape]:
     axis = _axis(p.axis, len(shape))
     if p.num_output <= 0:
         raise ShapeError("num_output must be positive")
-    return [shape[:axis] + (p.num_output,)]
+    if math.prod(shape[axis:]) * p.num_output > MAX_BLOB_ELEMENTS:
+        raise ShapeError(f"{p.num_output} x {math.prod(shape[axis:])} weights exceed Caffe's blob size limit")
+    return [_positive(shape[:axis] + (p.num_output,), layer)]
 
 
 def _same(layer: Layer, bottoms: list[Shape]) -> list[Shape]:
+    # Caffe's ExactNumTopBlobs(1) (Split: any number); rules that remove such a layer rely on its one top
+    if layer.type != "Split" and len(layer.tops) != 1:
+        raise ShapeError(f"takes one top, {len(layer.tops)} given")
     return [_one(bottoms, None)] * len(layer.tops)
 
 

@@ -1,0 +1,453 @@
+"""Where the time goes: run a net in real Caffe and time every layer (the paper's Table 1), plus its memory.
+
+Each measurement runs in a fresh Python process (``python -m deeprebirth.profile REQUEST RESULT``) because
+OpenBLAS reads ``OPENBLAS_NUM_THREADS`` once, when Caffe loads it: a thread count can only be chosen before the
+process starts. The worker also gives a clean peak RSS per net, and a Caffe abort (glog ``LOG(FATAL)``) kills only
+the worker, never the caller. The worker reports the thread count OpenBLAS actually uses (it caps it at the cores).
+
+Timing: pycaffe's ``net._forward(i, i)`` runs layer ``i`` alone; a few warm-up rounds, then the median of the timed
+rounds per layer. Every round also times one whole forward pass. Inputs are N(0, 1); a net without weights gets
+plausible random weights (zero weights make max pooling look ~2x cheaper than it is on real data). The clock is wall
+time by default; ``clock="cpu"`` uses the process's CPU time instead, which on a shared, busy machine still gives
+the 1-thread latency (time slices lost to other processes do not count), but with several threads it is the summed
+work of all threads, not latency.
+
+Memory: Caffe's blob memory is the bytes of every distinct top blob (in-place tops and Split tops share their
+bottom's memory and count once) plus the parameter bytes; the worker's peak RSS is the kernel's ``VmHWM``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import io
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from deeprebirth import caffe_io
+from deeprebirth.caffe_runtime import open_net
+from deeprebirth.errors import DeepRebirthError
+from deeprebirth.graph import Graph
+from deeprebirth.initializers import random_weights
+from deeprebirth.model import PathLike, load_model
+from deeprebirth.shapes import infer_shapes
+
+TENSOR_TYPES = frozenset({"Convolution", "Deconvolution", "InnerProduct"})
+UNCOUNTED_TYPES = frozenset({"Input"})  # neither tensor nor non-tensor: they do no work at forward time
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def type_class(layer_type: str) -> str:
+    """'tensor', 'non-tensor' or 'other' (the paper's split; Input layers do no work and count as neither)."""
+    if layer_type in TENSOR_TYPES:
+        return "tensor"
+    return "other" if layer_type in UNCOUNTED_TYPES else "non-tensor"
+
+
+@dataclass
+class LayerTime:
+    name: str
+    type: str
+    ms: float  # median over the timed rounds
+
+
+@dataclass
+class TypeTime:
+    type: str
+    layers: int
+    ms: float
+    share: float  # of the summed per-layer time
+
+
+@dataclass
+class NetProfile:
+    """One net measured in real Caffe in its own process."""
+
+    prototxt: str
+    weights: str | None  # None: random weights were generated for the run
+    batch: int
+    input_shapes: dict[str, list[int]]
+    threads: int  # requested (OPENBLAS_NUM_THREADS)
+    blas_threads: int | None  # what OpenBLAS reported inside the worker (None: could not ask it)
+    rounds: int
+    warmup: int
+    layers: list[LayerTime]
+    forward_ms: float  # median of whole forward passes
+    clock: str  # "wall" or "cpu" (process CPU time)
+    blob_bytes: int
+    param_bytes: int
+    base_rss_bytes: int  # peak RSS of the worker before the net was built (Python, numpy, pycaffe)
+    peak_rss_bytes: int
+    forward_times_ms: list[float] = field(default_factory=list)
+
+    @property
+    def total_ms(self) -> float:
+        """Sum of the per-layer medians (slightly above ``forward_ms``: per-call overhead)."""
+        return sum(layer.ms for layer in self.layers)
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.blob_bytes + self.param_bytes
+
+    def class_ms(self, cls: str) -> float:
+        return sum(layer.ms for layer in self.layers if type_class(layer.type) == cls)
+
+    @property
+    def non_tensor_share(self) -> float:
+        """Non-tensor time over tensor + non-tensor time (Input layers left out), in [0, 1]."""
+        tensor, non_tensor = self.class_ms("tensor"), self.class_ms("non-tensor")
+        return non_tensor / (tensor + non_tensor) if tensor + non_tensor > 0 else 0.0
+
+    def by_type(self) -> list[TypeTime]:
+        """Per layer type, slowest first."""
+        sums: dict[str, list[float]] = {}
+        for layer in self.layers:
+            sums.setdefault(layer.type, []).append(layer.ms)
+        total = self.total_ms
+        rows = [TypeTime(t, len(v), sum(v), sum(v) / total if total > 0 else 0.0) for t, v in sums.items()]
+        return sorted(rows, key=lambda row: (-row.ms, row.type))
+
+    def times(self) -> dict[str, float]:
+        return {layer.name: layer.ms for layer in self.layers}
+
+    def to_json(self) -> dict[str, Any]:
+        payload = asdict(self)
+        payload["total_ms"] = self.total_ms
+        payload["non_tensor_share"] = self.non_tensor_share
+        payload["by_type"] = [asdict(t) for t in self.by_type()]
+        return payload
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> NetProfile:
+        names = set(cls.__dataclass_fields__)
+        values = {k: v for k, v in payload.items() if k in names}
+        values["layers"] = [LayerTime(**layer) for layer in payload["layers"]]
+        return cls(**values)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the caller's side
+
+
+def set_batch(graph: Graph, batch: int) -> None:
+    """Give every Input layer of ``graph`` batch size ``batch`` (so shapes.layer_costs match a profiled run)."""
+    for layer in graph.layers():
+        if layer.type == "Input":
+            for shape in layer.proto.input_param.shape:
+                if shape.dim:
+                    shape.dim[0] = batch
+
+
+def random_caffemodel(prototxt: PathLike, out: PathLike, seed: int = 0) -> None:
+    """Write a caffemodel of plausible random weights for ``prototxt`` (validating the prototxt on the way)."""
+    graph = load_model(prototxt)
+    random_weights(graph, seed)
+    caffe_io.write_caffemodel(out, graph.to_net(), graph.weights())
+
+
+def write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (no half-written file on failure)."""
+
+    def write(handle: IO[bytes]) -> None:
+        handle.write(data)
+
+    caffe_io.atomic_write(path, write)
+
+
+def _check_files(prototxt: PathLike, weights: PathLike | None) -> None:
+    for path in (prototxt, weights):
+        if path is not None and not Path(path).is_file():
+            raise DeepRebirthError("no such file", file=str(path))
+
+
+def run_worker(request: dict[str, Any], threads: int) -> dict[str, Any]:
+    """Run ``request`` in a fresh ``python -m deeprebirth.profile`` with OpenBLAS limited to ``threads``."""
+    if threads < 1:
+        raise DeepRebirthError(f"threads must be at least 1, got {threads}")
+    env = dict(os.environ)
+    env.update(OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               GLOG_minloglevel=env.get("GLOG_minloglevel", "2"))
+    package_root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+    with tempfile.TemporaryDirectory(prefix="deeprebirth-profile-") as tmp:
+        request_path, result_path = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        request_path.write_text(json.dumps(request))
+        done = subprocess.run([sys.executable, "-m", "deeprebirth.profile", str(request_path), str(result_path)],
+                              env=env, capture_output=True, text=True, check=False)
+        if result_path.exists():
+            result: dict[str, Any] = json.loads(result_path.read_text())
+            if "error" in result:
+                raise DeepRebirthError(result["error"], file=result.get("file"))
+            return result
+    what = ", ".join(Path(net[0]).name for net in request["nets"])
+    raise DeepRebirthError(f"Caffe aborted while running {what}: {_fatal_line(done.stderr + done.stdout)}")
+
+
+def _fatal_line(output: str) -> str:
+    """The line that says why: glog's fatal line (``F1119 12:00:00 ... msg``) if any, else the last line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    fatal = [line for line in lines if len(line) > 1 and line[0] == "F" and line[1:5].isdigit()]
+    if fatal:
+        return fatal[0].split("] ", 1)[-1]
+    return lines[-1] if lines else "no message (killed?)"
+
+
+def profile_net(prototxt: PathLike, weights: PathLike | None = None, *, batch: int | None = None,
+                threads: int = 1, rounds: int = 10, warmup: int = 2, seed: int = 0, clock: str = "wall") -> NetProfile:
+    """Time every layer of ``prototxt`` in real Caffe (see the module docstring); ``batch`` reshapes the inputs."""
+    _check_files(prototxt, weights)
+    if rounds < 1 or warmup < 0:
+        raise DeepRebirthError("rounds must be at least 1 and warm-up rounds at least 0")
+    if batch is not None and batch < 1:
+        raise DeepRebirthError(f"batch must be at least 1, got {batch}")
+    _check_clock(clock)
+    graph = load_model(prototxt, weights)  # clear one-line errors here rather than a Caffe abort later
+    with tempfile.TemporaryDirectory(prefix="deeprebirth-weights-") as tmp:
+        model = str(weights) if weights is not None else str(Path(tmp) / "random.caffemodel")
+        if weights is None:
+            random_weights(graph, seed)
+            caffe_io.write_caffemodel(model, graph.to_net(), graph.weights())
+        request = {"job": "profile", "nets": [[str(prototxt), model]], "batch": batch, "rounds": rounds,
+                   "warmup": warmup, "seed": seed, "clock": clock}
+        result = run_worker(request, threads)
+    result.update(prototxt=str(prototxt), weights=None if weights is None else str(weights), threads=threads)
+    return NetProfile.from_json(result)
+
+
+def interleaved_latency(nets: Sequence[tuple[PathLike, PathLike]], *, runtime: str = "caffe",
+                        batch: int | None = None, threads: int = 1, rounds: int = 10, warmup: int = 2,
+                        seed: int = 0, fusion: bool = True, clock: str = "wall") -> list[list[float]]:
+    """Whole-forward times (ms) of several (prototxt, caffemodel) nets loaded in one worker and run in turn
+    (A B A B ...), so slow drift of a shared machine hits every net alike. ``runtime``: "caffe" or "opencv"
+    (OpenCV dnn, with ``fusion`` passed to ``enableFusion``). Returns one list of ``rounds`` times per net."""
+    _check_clock(clock)
+    for prototxt, weights in nets:
+        _check_files(prototxt, weights)
+    if runtime not in ("caffe", "opencv"):
+        raise DeepRebirthError(f"unknown runtime {runtime!r} (caffe, opencv)")
+    request: dict[str, Any] = {"job": "latency", "runtime": runtime, "nets": [[str(p), str(w)] for p, w in nets],
+                               "batch": batch, "rounds": rounds, "warmup": warmup, "seed": seed, "fusion": fusion,
+                               "threads": threads, "clock": clock}
+    if runtime == "opencv":
+        request["inputs"] = [_input_shapes(p, batch) for p, _ in nets]
+    times: list[list[float]] = run_worker(request, threads)["times_ms"]
+    return times
+
+
+def _check_clock(clock: str) -> None:
+    if clock not in CLOCKS:
+        raise DeepRebirthError(f"unknown clock {clock!r} ({', '.join(CLOCKS)})")
+
+
+def _input_shapes(prototxt: PathLike, batch: int | None) -> dict[str, list[int]]:
+    """Input blob name -> shape, from our own shape inference (OpenCV cannot tell us)."""
+    graph = load_model(prototxt)
+    if batch is not None:
+        set_batch(graph, batch)
+    shapes = infer_shapes(graph)
+    found = {graph.caffe_name(b): list(shapes[b] or ()) for b in graph.inputs()}
+    if not found or any(not s for s in found.values()):
+        raise DeepRebirthError("needs a net with Input layers of known shape", file=str(prototxt))
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# plots
+
+
+def plot_by_type(profiles: Sequence[NetProfile], labels: Sequence[str], path: PathLike, title: str = "") -> None:
+    """Per-type bar chart of forward time, one bar per net side by side; written atomically as PNG (or by
+    extension, whatever matplotlib supports). Uses the Agg canvas directly: no pyplot, no global backend."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not profiles or len(profiles) != len(labels):
+        raise ValueError("one label per profile")
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    if fmt not in ("png", "svg", "pdf", "jpg", "jpeg"):
+        raise DeepRebirthError("unsupported plot format (use .png, .svg or .pdf)", file=str(path))
+    order: list[str] = []
+    for profile in profiles:
+        for row in profile.by_type():
+            if row.type not in order:
+                order.append(row.type)
+    fig = Figure(figsize=(max(6.0, 0.9 * len(order) + 2.5), 4.8), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / len(profiles)
+    colors = ("#4c72b0", "#dd8452", "#55a868", "#c44e52")
+    x = np.arange(len(order))
+    for k, (profile, label) in enumerate(zip(profiles, labels)):
+        per_type = {row.type: row.ms for row in profile.by_type()}
+        values = [per_type.get(t, 0.0) for t in order]
+        bars = ax.bar(x + (k - (len(profiles) - 1) / 2) * width, values, width, color=colors[k % len(colors)],
+                      label=f"{label}: {profile.total_ms:.1f} ms, non-tensor {100 * profile.non_tensor_share:.0f}%")
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
+    ax.set_xticks(x, order, rotation=30, ha="right")
+    first = profiles[0]
+    ax.set_ylabel(f"{'CPU time' if first.clock == 'cpu' else 'time'} per forward pass (ms, sum of per-layer medians)")
+    clock = ", CPU time" if first.clock == "cpu" else ""
+    ax.set_title(title or f"Caffe time per layer type (batch {first.batch}, {first.threads} thread"
+                          f"{'s' if first.threads > 1 else ''}{clock})")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=fmt)
+    write_bytes(path, buffer.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the worker's side (runs in the spawned process)
+
+
+def _blas_threads() -> int | None:
+    """Ask the OpenBLAS that Caffe loaded how many threads it uses (numpy's own copy has renamed symbols)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            libs = sorted({line.split()[-1] for line in maps if "openblas" in line and "/" in line})
+    except OSError:
+        return None
+    for path in libs:
+        try:
+            return int(ctypes.CDLL(path).openblas_get_num_threads())
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def _peak_rss() -> int:
+    """This process's peak RSS in bytes. Linux's ``VmHWM`` belongs to the current memory image; ``ru_maxrss`` does
+    not do here: exec keeps the high-water mark of the image it replaces, which after (v)fork is the parent's, so a
+    worker started by a big parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _feed_caffe(net: Any, batch: int | None, rng: np.random.Generator) -> dict[str, list[int]]:
+    if batch is not None:
+        if not net.inputs:
+            raise DeepRebirthError("--batch needs a net with Input layers")
+        for name in net.inputs:
+            shape = net.blobs[name].data.shape
+            net.blobs[name].reshape(batch, *shape[1:])
+        net.reshape()
+    shapes = {}
+    for name in net.inputs:
+        blob = net.blobs[name]
+        blob.data[...] = rng.standard_normal(blob.data.shape).astype(np.float32)
+        shapes[name] = list(blob.data.shape)
+    return shapes
+
+
+def _distinct_bytes(arrays: Sequence[np.ndarray]) -> int:
+    """Bytes of arrays counted once per distinct memory (shared blobs point to the same data)."""
+    seen: dict[int, int] = {}
+    for array in arrays:
+        if array.size:
+            address = array.__array_interface__["data"][0]
+            seen[address] = max(seen.get(address, 0), array.nbytes)
+    return sum(seen.values())
+
+
+def _work_profile(request: dict[str, Any]) -> dict[str, Any]:
+    base_rss = _peak_rss()
+    prototxt, model = request["nets"][0]
+    net = open_net(prototxt, model)
+    rng = np.random.default_rng(request["seed"])
+    shapes = _feed_caffe(net, request["batch"], rng)
+    count = len(net.layers)
+    per_layer: list[list[float]] = [[] for _ in range(count)]
+    forward: list[float] = []
+    clock = CLOCKS[request["clock"]]
+    for round_index in range(request["warmup"] + request["rounds"]):
+        timed = round_index >= request["warmup"]
+        for i in range(count):
+            start = clock()
+            net._forward(i, i)
+            elapsed = clock() - start
+            if timed:
+                per_layer[i].append(elapsed * 1e3)
+        start = clock()
+        net._forward(0, count - 1)
+        if timed:
+            forward.append((clock() - start) * 1e3)
+    layers = [{"name": name, "type": layer.type, "ms": statistics.median(per_layer[i])}
+              for i, (name, layer) in enumerate(zip(net._layer_names, net.layers))]
+    blob_bytes = _distinct_bytes([blob.data for blob in net.blobs.values()])
+    param_bytes = _distinct_bytes([blob.data for blobs in net.params.values() for blob in blobs])
+    return {"batch": next(iter(shapes.values()))[0] if shapes else 0, "input_shapes": shapes,
+            "blas_threads": _blas_threads(), "rounds": request["rounds"], "warmup": request["warmup"],
+            "layers": layers, "forward_ms": statistics.median(forward), "forward_times_ms": forward,
+            "clock": request["clock"],
+            "blob_bytes": blob_bytes, "param_bytes": param_bytes, "base_rss_bytes": base_rss,
+            "peak_rss_bytes": _peak_rss()}
+
+
+def _work_latency(request: dict[str, Any]) -> dict[str, Any]:
+    clock = CLOCKS[request["clock"]]
+    runs: list[Callable[[], Any]] = []
+    if request["runtime"] == "caffe":
+        for prototxt, model in request["nets"]:
+            net = open_net(prototxt, model)
+            _feed_caffe(net, request["batch"], np.random.default_rng(request["seed"]))
+            last = len(net.layers) - 1
+            runs.append(functools.partial(net._forward, 0, last))
+    else:
+        import cv2
+
+        cv2.setNumThreads(request["threads"])
+        for (prototxt, model), inputs in zip(request["nets"], request["inputs"]):
+            net = cv2.dnn.readNetFromCaffe(prototxt, model)
+            net.enableFusion(bool(request["fusion"]))
+            rng = np.random.default_rng(request["seed"])
+            for name, shape in inputs.items():
+                net.setInput(rng.standard_normal(shape).astype(np.float32), name)
+            runs.append(net.forward)
+    for _ in range(request["warmup"]):
+        for run in runs:
+            run()
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(request["rounds"]):
+        for k, run in enumerate(runs):
+            start = clock()
+            run()
+            times[k].append((clock() - start) * 1e3)
+    return {"times_ms": times, "blas_threads": _blas_threads()}
+
+
+def _worker_main(argv: Sequence[str]) -> int:
+    """Entry point of the spawned process: read the request, do it, write the result (or the error) as JSON."""
+    request_path, result_path = argv
+    request = json.loads(Path(request_path).read_text())
+    try:
+        result = _work_profile(request) if request["job"] == "profile" else _work_latency(request)
+    except DeepRebirthError as err:
+        result = {"error": err.message, "file": err.file}
+    except Exception as err:  # noqa: BLE001 - any failure becomes one line for the caller
+        result = {"error": f"{type(err).__name__}: {err}", "file": request["nets"][0][0]}
+    Path(result_path).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))
