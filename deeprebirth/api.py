@@ -78,6 +78,8 @@ def rewrite_files(prototxt: PathLike, out_prototxt: PathLike, weights: PathLike 
     config = RuleConfig(init=options.init, widen=options.widen, seed=options.seed, rank_method=options.rank_method)
     report = rewrite(graph, rules, only=options.only, exclude=options.exclude, config=config)
     save_model(graph, out_prototxt, out_weights)
+    if out_weights is not None:
+        report.warnings += caffemodel_size_warnings(os.path.getsize(out_weights))
     check = None
     if options.check or options.images:
         original = load_model(prototxt, weights, phase=options.phase)
@@ -94,6 +96,18 @@ def rewrite_files(prototxt: PathLike, out_prototxt: PathLike, weights: PathLike 
         text = json.dumps(payload, indent=2).encode()
         caffe_io.atomic_write(report_path, lambda handle: handle.write(text))
     return RewriteResult(report, check)
+
+
+def caffemodel_size_warnings(size: int) -> list[str]:
+    """deeprebirth reads and writes caffemodels of any size, but Caffe parses them with protobuf: 2 GiB is a hard
+    limit of the format, and some Caffe builds cap reads at 512 MiB (brocolli's util/io.cpp, the pycaffe here)."""
+    if size >= 2**31:
+        return [(f"the caffemodel is {size / 2**30:.1f} GiB: protobuf (and so Caffe) cannot parse messages of "
+                 "2 GiB or more")]
+    if size > 2**29:
+        return [(f"the caffemodel is {size / 2**20:.0f} MiB: BVLC Caffe reads it, but Caffe builds that cap "
+                 "protobuf reads at 512 MiB (e.g. brocolli-caffe) refuse it")]
+    return []
 
 
 CALLS_OUT_TYPES = ("Data", "ImageData", "HDF5Data", "WindowData", "HDF5Output", "Python")
@@ -116,7 +130,7 @@ def check_rewrite(original: Graph, rewritten: Graph, prototxt: PathLike, weights
     if options.images:
         name, shape = next(iter(inputs.items()))
         feeds += image_feeds(options.images, name, shape)  # type: ignore[arg-type]
-    blobs = comparable_blobs(original, rewritten)
+    blobs = comparable_blobs(original, rewritten, lossy)
     with tempfile.TemporaryDirectory(prefix="deeprebirth-check-") as tmp:
         # compare the normalised original (V1 upgraded, phase filtered) so Caffe runs the same net we read
         normalised = Path(tmp) / "original.prototxt"
@@ -125,17 +139,20 @@ def check_rewrite(original: Graph, rewritten: Graph, prototxt: PathLike, weights
                             options.tolerance, lossy)
 
 
-def comparable_blobs(original: Graph, rewritten: Graph) -> list[str]:
+def comparable_blobs(original: Graph, rewritten: Graph, lossy: bool = False) -> list[str]:
     """The rewritten net's outputs, plus the input of each Softmax output (logits say more than saturated
-    probabilities), restricted to names both nets have."""
+    probabilities), restricted to names both nets have. A lossy rewrite changes values, so a DetectionOutput (how
+    many rows it has depends on the values) is judged by its inputs' shapes instead."""
     known = set(original.caffe_blob_names().values())
     names = rewritten.caffe_blob_names()
-    blobs = []
+    blobs: list[str] = []
     for blob in rewritten.outputs():
         producer = rewritten.producer(blob)
         candidates = [names[blob]]
         if producer.type == "Softmax":
             candidates.append(names[producer.bottoms[0]])
+        if producer.type == "DetectionOutput" and lossy:
+            candidates = [names[b] for b in producer.bottoms]
         blobs += [c for c in candidates if c in known and c not in blobs]
     if not blobs:
         raise DeepRebirthError("the rewritten net shares no output blob with the original")

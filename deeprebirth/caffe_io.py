@@ -346,7 +346,7 @@ def _decode_blob(view: memoryview) -> np.ndarray:
     if chunks:
         data = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
     elif doubles:
-        with np.errstate(over="ignore"):  # out-of-range doubles become Inf, which load_model reports by layer
+        with np.errstate(over="ignore", invalid="ignore"):  # out-of-range doubles: Inf or NaN, which load_model reports
             data = np.concatenate(doubles).astype(np.float32)
     else:
         data = np.zeros(0, dtype=np.float32)
@@ -461,7 +461,7 @@ def write_caffemodel(path: str | os.PathLike[str], net: pb.NetParameter, weights
 
 def blob_to_array(blob: pb.BlobProto) -> np.ndarray:
     """A BlobProto held in a parsed message (e.g. blobs inside a prototxt) -> float32 array."""
-    with np.errstate(over="ignore"):  # out-of-range doubles become Inf, which load_model reports by layer
+    with np.errstate(over="ignore", invalid="ignore"):  # out-of-range doubles: Inf or NaN, which load_model reports
         data = np.asarray(blob.double_data if len(blob.double_data) else blob.data, dtype=np.float32)
     if blob.HasField("shape"):
         dims = tuple(blob.shape.dim)

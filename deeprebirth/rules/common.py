@@ -26,6 +26,20 @@ def linear_producer(graph: Graph, layer: Layer) -> tuple[Layer | None, str]:
     return producer, ""
 
 
+def passthrough_blocker(graph: Graph, layer: Layer) -> str | None:
+    """Why removing the one-in one-out ``layer`` would change the net's interface, or None. When its output is a
+    net output, its input must take over that name, which is only possible for a blob nothing else reads and that
+    is not itself a net input."""
+    top, bottom = layer.tops[0], layer.bottoms[0]
+    if graph.consumers(top) or graph.caffe_name(top) == graph.caffe_name(bottom):
+        return None
+    if len(graph.consumers(bottom)) > 1:
+        return f"its output '{graph.caffe_name(top)}' is a net output and its input is read elsewhere too"
+    if graph.producer(bottom).type == "Input":
+        return f"its output '{graph.caffe_name(top)}' is a net output and its input is a net input"
+    return None
+
+
 def remove_passthrough(graph: Graph, layer: Layer) -> None:
     """Remove a one-in one-out layer: its readers read its input instead. If its output was a net output, the
     input takes over that output's name, so the net's external names do not change."""

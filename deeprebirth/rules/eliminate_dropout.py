@@ -3,8 +3,9 @@
 Before:  x -> Dropout -> y -> ...
 After:   x -> ...
 
-Precondition: the net is read in the TEST phase (deploy nets are). When the Dropout's output is a net output, its
-input takes over that name, so the net's outputs keep their names.
+Preconditions: the net is read in the TEST phase (deploy nets are). When the Dropout's output is a net output, its
+input takes over that name, so the net keeps its outputs' names; that needs an input that nothing else reads and
+that is not a net input (else Skip).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 
 from deeprebirth.graph import Graph
 from deeprebirth.rules.base import Change, Match, Rule, RuleConfig, Skip
-from deeprebirth.rules.common import remove_passthrough
+from deeprebirth.rules.common import passthrough_blocker, remove_passthrough
 
 NAME = "eliminate_dropout"
 
@@ -21,6 +22,10 @@ NAME = "eliminate_dropout"
 def match(graph: Graph, config: RuleConfig) -> Iterator[Match | Skip]:
     for layer in graph.layers():
         if layer.type != "Dropout":
+            continue
+        blocker = passthrough_blocker(graph, layer)
+        if blocker:
+            yield Skip(layer.name, blocker)
             continue
         yield Match((layer.name,))
 
