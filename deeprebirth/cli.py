@@ -504,6 +504,7 @@ def finetune_table(steps: Sequence[Any]) -> str:
 @click.option("--iters", type=click.IntRange(min=1), default=300, show_default=True, help="solver iterations per step")
 @click.option("--final-iters", type=click.IntRange(min=0), default=0, show_default=True,
               help="then train the whole slim net this long (label: on the labels; mimic: the original's logits)")
+@click.option("--final-lr", type=float, help="base learning rate of that closing step (default: --lr)")
 @click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--lr", type=float, help="base learning rate (default: 1e-4 for adam, 1e-3 for sgd)")
 @click.option("--solver", type=click.Choice(["adam", "sgd", "nesterov", "rmsprop", "adagrad", "adadelta"]),
@@ -530,8 +531,8 @@ def finetune_table(steps: Sequence[Any]) -> str:
 @_transform_options
 @_user_errors
 def finetune_command(original_prototxt: str, original_weights: str, slim_prototxt: str, slim_weights: str,
-                     report_path: str, data: str, out: str, mode: str, iters: int, final_iters: int, batch: int,
-                     lr: float | None,
+                     report_path: str, data: str, out: str, mode: str, iters: int, final_iters: int,
+                     final_lr: float | None, batch: int, lr: float | None,
                      solver: str, momentum: float, weight_decay: float, new_lr_mult: float, freeze_rest: bool,
                      resume: bool, max_steps: int | None, val: str | None, holdout: float, val_limit: int,
                      work_dir: str | None, json_path: str | None, cache_mb: float, seed: int,
@@ -542,7 +543,7 @@ def finetune_command(original_prototxt: str, original_weights: str, slim_prototx
     from deeprebirth.train import SolverOptions
 
     options = FinetuneOptions(
-        mode=mode, iters=iters, final_iters=final_iters, batch=batch, solver=SolverOptions(solver, lr, momentum, weight_decay),
+        mode=mode, iters=iters, final_iters=final_iters, final_lr=final_lr, batch=batch, solver=SolverOptions(solver, lr, momentum, weight_decay),
         new_lr_mult=new_lr_mult, freeze_rest=freeze_rest, resume=resume,
         transform=_transform(transform_from, scale, mean, mean_file, crop, mirror, resize, rgb), val=val,
         holdout=holdout, val_limit=val_limit, seed=seed, max_steps=max_steps, cache_mb=cache_mb, work_dir=work_dir,

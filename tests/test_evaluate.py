@@ -1,0 +1,116 @@
+"""Accuracy in real Caffe on a net whose predictions are known: its class scores are its input pixels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from helpers import graph_from_text, save
+
+from deeprebirth.cli import main
+from deeprebirth.errors import DeepRebirthError
+from deeprebirth.evaluate import evaluate_files, top_k
+
+CLASSES = 10
+PASS_THROUGH = f"""name: "pass_through"
+layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ dim: 1 dim: 1 dim: 1 dim: {CLASSES} }} }} }}
+layer {{ name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_param {{ num_output: {CLASSES} }} }}
+layer {{ name: "prob" type: "Softmax" bottom: "fc" top: "prob" }}
+"""
+
+
+def pass_through(folder: Path, stem: str, permutation: np.ndarray | None = None) -> tuple[str, str]:
+    """A net that predicts class ``permutation[argmax(pixels)]``: identity weights, rows permuted."""
+    graph = graph_from_text(PASS_THROUGH)
+    weight = np.eye(CLASSES, dtype=np.float32)
+    if permutation is not None:
+        weight = weight[np.argsort(permutation)]
+    graph.layer("fc").blobs = [weight, np.zeros(CLASSES, np.float32)]
+    return save(graph, folder, stem)
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    """40 images whose pixel ranking is known; label k-th best for a chosen k per image."""
+    rng = np.random.default_rng(0)
+    ranks = np.array([0] * 20 + [1] * 6 + [4] * 4 + [5] * 6 + [9] * 4)  # the label's rank among the scores
+    x = np.empty((len(ranks), 1, 1, CLASSES), np.uint8)
+    labels = np.empty(len(ranks), np.int64)
+    predicted = np.empty(len(ranks), np.int64)
+    for i, rank in enumerate(ranks):
+        order = rng.permutation(CLASSES)  # order[0] scores highest
+        x[i, 0, 0, order] = np.arange(250, 250 - 20 * CLASSES, -20)
+        labels[i], predicted[i] = order[rank], order[0]
+    path = tmp_path / "data.npz"
+    np.savez(path, x=x, y=labels)
+    return path, labels, predicted
+
+
+def test_top1_and_top5_on_a_net_whose_predictions_are_known(tmp_path: Path, data) -> None:  # type: ignore[no-untyped-def]
+    path, _, _ = data
+    result = evaluate_files(*pass_through(tmp_path, "net"), path, batch=7)  # a last, partial batch too
+    assert result.images == 40 and result.classes == CLASSES
+    assert result.top1 == pytest.approx(20 / 40)
+    assert result.top5 == pytest.approx(30 / 40)  # ranks 0, 1 and 4
+    assert result.agreement is None
+
+
+def test_agreement_with_a_reference(tmp_path: Path, data) -> None:  # type: ignore[no-untyped-def]
+    path, labels, predicted = data
+    swap = np.arange(CLASSES)
+    swap[[0, 1]] = [1, 0]  # the reference calls 0 what the net calls 1, and the other way round
+    reference = pass_through(tmp_path, "reference", swap)
+    result = evaluate_files(*pass_through(tmp_path, "net"), path, reference=reference)
+    assert result.agreement == pytest.approx(np.mean(~np.isin(predicted, [0, 1])))
+    assert result.reference_top1 == pytest.approx(np.mean(swap[predicted] == labels))
+
+
+def test_top_k_counts_ties_by_position() -> None:
+    scores = np.array([[0.5, 0.5, 0.0], [0.1, 0.2, 0.7]])
+    assert top_k(scores, np.array([1, 2]), 1) == 0.5
+    assert top_k(scores, np.array([1, 0]), 2) == 0.5
+
+
+def test_image_folder_and_list_file(tmp_path: Path) -> None:
+    import cv2
+
+    net = pass_through(tmp_path, "net")
+    lines = []
+    for label in range(3):
+        (tmp_path / "images" / f"c{label}").mkdir(parents=True)
+        pixels = np.zeros((1, CLASSES), np.uint8)
+        pixels[0, label] = 200
+        cv2.imwrite(str(tmp_path / "images" / f"c{label}" / "a.png"), pixels)
+        lines.append(f"images/c{label}/a.png {label}")
+    assert evaluate_files(*net, tmp_path / "images").top1 == 1.0
+    (tmp_path / "list.txt").write_text("\n".join(lines[::-1]) + "\n")
+    assert evaluate_files(*net, tmp_path / "list.txt").top1 == 1.0
+
+
+def test_errors(tmp_path: Path, data) -> None:  # type: ignore[no-untyped-def]
+    net = pass_through(tmp_path, "net")
+    with pytest.raises(DeepRebirthError, match="no such file or folder"):
+        evaluate_files(*net, tmp_path / "missing")
+    unlabelled = tmp_path / "x.npz"
+    np.savez(unlabelled, x=np.zeros((2, 1, 1, CLASSES), np.uint8))
+    with pytest.raises(DeepRebirthError, match="no labels"):
+        evaluate_files(*net, unlabelled)
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, x=np.zeros((2, 1, 1, 5), np.uint8), y=np.zeros(2, int))
+    with pytest.raises(DeepRebirthError, match="image size 1x5 does not fit the net's input 1x10"):
+        evaluate_files(*net, wrong)
+
+
+def test_cli(tmp_path: Path, data) -> None:  # type: ignore[no-untyped-def]
+    path, _, _ = data
+    net = pass_through(tmp_path, "net")
+    out = tmp_path / "result.json"
+    done = CliRunner().invoke(main, ["evaluate", *net, "--data", str(path), "--reference", *net, "--json", str(out)])
+    assert done.exit_code == 0, done.output
+    assert "50.00%" in done.output and "100.00%" in done.output
+    assert json.loads(out.read_text())["top1"] == 0.5
+    bad = CliRunner().invoke(main, ["evaluate", *net, "--data", str(tmp_path / "nowhere")])
+    assert bad.exit_code == 2 and bad.output.count("\n") == 1

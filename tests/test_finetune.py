@@ -1,0 +1,283 @@
+"""Layer-wise fine-tuning in real Caffe on a tiny GoogLeNet slimmed by every rule: loss goes down, only the layers
+meant to learn change, --resume after an interruption, bad data refused before any training, the CLI, the example."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from helpers import graph_from_text, save
+from nets import tiny_inception
+
+from deeprebirth import caffe_io
+from deeprebirth.api import rewrite_files
+from deeprebirth.caffe_runtime import forward, open_net
+from deeprebirth.cli import main
+from deeprebirth.data import Transform
+from deeprebirth.errors import DeepRebirthError
+from deeprebirth.finetune import FinetuneOptions, Progress, finetune_files, plan_steps
+from deeprebirth.model import load_model
+from deeprebirth.train import SolverOptions
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Original (random weights), slimmed by all rules, its report, and 96 images labelled by the original."""
+    folder = tmp_path_factory.mktemp("finetune")
+    original = graph_from_text(tiny_inception(SIZE), seed=1)
+    proto, model = save(original, folder, "original")
+    paths = {"original": proto, "original_weights": model, "slim": str(folder / "slim.prototxt"),
+             "slim_weights": str(folder / "slim.caffemodel"), "report": str(folder / "report.json"),
+             "folder": str(folder)}
+    rewrite_files(proto, paths["slim"], model, paths["slim_weights"], paths["report"])
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (96, SIZE, SIZE, 3), dtype=np.uint8)
+    net = open_net(proto, model)
+    inputs = (x.transpose(0, 3, 1, 2).astype(np.float32)) / 255
+    y = forward(net, {"data": inputs}, ["prob"])["prob"].argmax(axis=1)
+    np.savez(folder / "data.npz", x=x, y=y)
+    paths["data"] = str(folder / "data.npz")
+    return paths
+
+
+def options(**changes: object) -> FinetuneOptions:
+    base = FinetuneOptions(iters=12, batch=16, transform=Transform(scale=1 / 255), holdout=0.25,
+                           solver=SolverOptions("adam", lr=1e-3))
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def run(nets: dict[str, str], out: Path, opts: FinetuneOptions, progress=None, data: str | None = None):  # type: ignore[no-untyped-def]
+    return finetune_files(nets["original"], nets["original_weights"], nets["slim"], nets["slim_weights"],
+                          nets["report"], data or nets["data"], out, opts, progress=progress)
+
+
+def weights(path: str | Path) -> dict[str, list[np.ndarray]]:
+    return {name: [np.array(b) for b in blobs] for name, blobs in caffe_io.read_weights(path).items()}
+
+
+def test_steps_follow_network_order_and_group_shared_layers(nets: dict[str, str]) -> None:
+    report = json.loads(Path(nets["report"]).read_text())
+    steps = plan_steps(report, load_model(nets["original"]), load_model(nets["slim"]))
+    assert [s.relearn for s in steps] == [
+        ["conv1_merge"], ["conv2_merge"],
+        *[[f"inception_{i}/3x3_merge", f"inception_{i}/5x5_merge"] for i in (1, 2, 3)]]
+    assert steps[0].rules == ["merge_pooling_into_conv", "merge_lrn_into_conv"]  # one layer, two changes
+    assert [s.reproduces for s in steps[:3]] == ["norm1", "pool2", "inception_1/output"]
+
+
+def test_a_later_change_that_splits_a_new_layer_joins_its_step(nets: dict[str, str], tmp_path: Path) -> None:
+    """decompose_conv_tucker splits conv1_merge: its pieces are learned in conv1's step, with the same blob."""
+    from deeprebirth.api import RewriteOptions
+
+    slim, model, report = tmp_path / "t.prototxt", tmp_path / "t.caffemodel", tmp_path / "t.json"
+    rewrite_files(nets["original"], slim, nets["original_weights"], model, report,
+                  RewriteOptions(rules="all,tucker", rank_method="speedup:2"))
+    changes = json.loads(report.read_text())["changes"]
+    steps = plan_steps({"changes": changes}, load_model(nets["original"]), load_model(slim))
+    assert steps[0].reproduces == "norm1"
+    assert steps[0].rules == ["merge_pooling_into_conv", "merge_lrn_into_conv", "decompose_conv_tucker"]
+    assert steps[0].relearn == [f"conv1_merge_tucker_{p}" for p in ("reduce", "core", "expand")]
+    assert steps[2].reproduces == "inception_1/output"
+    assert len(steps[2].relearn) == 6  # both widened branches of the module, three pieces each
+    assert len({s.reproduces for s in steps}) == len(steps)  # one step per reproduced blob
+    pieces = {n for c in changes if c["rule"] == "decompose_conv_tucker" for n in c["relearn"]}
+    assert pieces == {n for s in steps for n in s.relearn}  # the pieces replaced every merged conv
+
+
+def test_freeze_rest_lowers_loss_and_changes_only_the_new_layers(nets: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "final.caffemodel"
+    result = run(nets, out, options(freeze_rest=True, iters=20, final_iters=10))
+    assert result.complete and [s.index for s in result.steps] == [1, 2, 3, 4, 5, 6]
+    assert result.steps[-1].name == "whole net" and result.steps[-1].reproduces == "classifier"
+    assert np.mean([s.loss_end for s in result.steps]) < np.mean([s.loss_start for s in result.steps])
+    before, after = weights(nets["slim_weights"]), weights(out)
+    assert before.keys() == after.keys()
+    new = {name for s in result.steps for name in s.relearn}
+    for name in before:
+        same = all(np.array_equal(a, b) for a, b in zip(before[name], after[name]))
+        assert same == (name not in new), name
+    report = json.loads(Path(result.report).read_text())  # type: ignore[arg-type]
+    assert report["steps"][0]["name"] == "conv1_merge" and report["final_accuracy"] is not None
+
+
+def test_without_freeze_rest_the_slim_layers_learn_too(nets: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "final.caffemodel"
+    result = run(nets, out, options(max_steps=None))
+    before, after = weights(nets["slim_weights"]), weights(out)
+    changed = {name for name in before if not all(np.array_equal(a, b) for a, b in zip(before[name], after[name]))}
+    assert {"conv1_merge", "conv2_reduce", "inception_1/3x3_reduce", "classifier"} <= changed
+    assert all(s.frozen > 0 for s in result.steps[:-1])  # the original's layers that the rewrite replaced
+
+
+def test_mimic_mode_reproduces_the_original_activation_better(nets: dict[str, str], tmp_path: Path) -> None:
+    result = run(nets, tmp_path / "final.caffemodel", options(mode="mimic", iters=25, final_iters=25,
+                                                               freeze_rest=True))
+    assert result.steps[-1].name == "whole net"  # the closing step: reproduce the original's logits
+    for step in result.steps:
+        assert step.error_after < step.error_before, step  # type: ignore[operator]
+        assert step.loss_end < step.loss_start and step.teacher_cached
+    assert result.final_accuracy is not None  # labels exist, so held-out accuracy is measured too
+
+
+def test_mimic_mode_needs_no_labels(nets: dict[str, str], tmp_path: Path) -> None:
+    unlabelled = tmp_path / "x.npz"
+    np.savez(unlabelled, x=np.load(nets["data"])["x"])
+    result = run(nets, tmp_path / "final.caffemodel", options(mode="mimic", iters=3), data=str(unlabelled))
+    assert result.complete and result.final_accuracy is None
+    with pytest.raises(DeepRebirthError, match="no labels"):
+        run(nets, tmp_path / "label.caffemodel", options(iters=3), data=str(unlabelled))
+
+
+SKIP = """name: "skip"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 16 dim: 16 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 4 kernel_size: 3 pad: 1 weight_filler { type: "xavier" } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "side" type: "Pooling" bottom: "data" top: "side" pooling_param { pool: AVE kernel_size: 2 stride: 2 } }
+layer { name: "join" type: "Concat" bottom: "pool1" bottom: "side" top: "join" }
+layer { name: "fc" type: "InnerProduct" bottom: "join" top: "fc" inner_product_param { num_output: 3 } }
+layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
+"""
+
+
+def test_label_mode_says_before_training_when_it_cannot_splice_the_nets(tmp_path: Path) -> None:
+    """A layer after the step's blob also reads the input: the original's rest cannot follow the slim prefix."""
+    proto, model = save(graph_from_text(SKIP), tmp_path, "skip")
+    paths = {"original": proto, "original_weights": model, "slim": str(tmp_path / "s.prototxt"),
+             "slim_weights": str(tmp_path / "s.caffemodel"), "report": str(tmp_path / "r.json")}
+    rewrite_files(proto, paths["slim"], model, paths["slim_weights"], paths["report"])
+    data = tmp_path / "d.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, x=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8), y=rng.integers(0, 3, 40))
+    with pytest.raises(DeepRebirthError, match="cannot splice the nets there; use --mode mimic"):
+        run(paths, tmp_path / "label.caffemodel", options(), data=str(data))
+    assert not (tmp_path / "label.finetune").exists()
+    result = run(paths, tmp_path / "mimic.caffemodel", options(mode="mimic", iters=20), data=str(data))
+    assert result.steps[0].reproduces == "pool1" and result.steps[0].error_after < result.steps[0].error_before
+    assert result.steps[0].accuracy_after is None  # no net to measure accuracy with, but no failure either
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_redoes_no_finished_step(nets: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "final.caffemodel"
+
+    def stop_at_step_3(event: Progress) -> None:
+        if event.event == "step" and event.step == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run(nets, out, options(), progress=stop_at_step_3)
+    state = json.loads((tmp_path / "final.finetune" / "state.json").read_text())
+    assert [s["index"] for s in state["finished"]] == [1, 2] and not out.exists()
+
+    started: list[int] = []
+    resumed = run(nets, out, options(resume=True),
+                  progress=lambda e: started.append(e.step) if e.event == "step" else None)
+    assert started == [3, 4, 5] and resumed.resumed == 2 and resumed.complete
+    assert resumed.steps[:2] == [r for r in resumed.steps if r.index <= 2]
+    uninterrupted = run(nets, tmp_path / "other.caffemodel", options())
+    assert [s.name for s in resumed.steps] == [s.name for s in uninterrupted.steps] == resumed.planned
+
+
+def test_max_steps_then_resume_and_refusal_of_other_options(nets: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "final.caffemodel"
+    first = run(nets, out, options(max_steps=2))
+    assert not first.complete and len(first.steps) == 2 and first.out is None
+    with pytest.raises(DeepRebirthError, match="other files or options"):
+        run(nets, out, options(resume=True, iters=13))
+    second = run(nets, out, options(resume=True))
+    assert second.complete and [s.index for s in second.steps] == [1, 2, 3, 4, 5] and out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad data: one clear error before any training starts (nothing is written)
+
+
+def image_folder(root: Path, size: int = SIZE, classes: int = 2, per_class: int = 3) -> Path:
+    import cv2
+
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class_{c}").mkdir(parents=True)
+        for i in range(per_class):
+            cv2.imwrite(str(root / f"class_{c}" / f"{i}.png"), rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    return root
+
+
+def refused(nets: dict[str, str], tmp_path: Path, data: Path, match: str) -> None:
+    out = tmp_path / "final.caffemodel"
+    with pytest.raises(DeepRebirthError, match=match):
+        run(nets, out, options(), data=str(data))
+    assert not (tmp_path / "final.finetune").exists() and not out.exists()
+
+
+def test_missing_folder(nets: dict[str, str], tmp_path: Path) -> None:
+    refused(nets, tmp_path, tmp_path / "nowhere", "no such file or folder")
+
+
+def test_unreadable_image(nets: dict[str, str], tmp_path: Path) -> None:
+    folder = image_folder(tmp_path / "images")
+    (folder / "class_1" / "broken.png").write_bytes(b"not an image at all")
+    refused(nets, tmp_path, folder, r"broken\.png: cannot read image")
+
+
+def test_label_out_of_range(nets: dict[str, str], tmp_path: Path) -> None:
+    data = tmp_path / "bad.npz"
+    np.savez(data, x=np.zeros((4, SIZE, SIZE, 3), np.uint8), y=np.array([0, 1, 10, 2]))
+    refused(nets, tmp_path, data, r"label 10 is out of range: the net has 10 classes")
+    image_folder(tmp_path / "images")
+    listing = tmp_path / "list.txt"
+    listing.write_text("images/class_0/0.png 3\nimages/class_1/0.png -1\n")
+    refused(nets, tmp_path, listing, r"class_1/0\.png: label -1 is out of range")
+
+
+def test_image_size_that_does_not_fit(nets: dict[str, str], tmp_path: Path) -> None:
+    refused(nets, tmp_path, image_folder(tmp_path / "small", size=20), r"image size 20x20 does not fit the net's "
+                                                                      r"input 32x32")
+    data = tmp_path / "big.npz"
+    np.savez(data, x=np.zeros((4, 40, 40, 3), np.uint8), y=np.zeros(4, int))
+    refused(nets, tmp_path, data, "image size 40x40 does not fit")
+
+
+def test_lmdb_is_refused_with_a_reason(nets: dict[str, str], tmp_path: Path) -> None:
+    (tmp_path / "train_lmdb").mkdir()
+    (tmp_path / "train_lmdb" / "data.mdb").write_bytes(b"")
+    refused(nets, tmp_path, tmp_path / "train_lmdb", "LMDB/LevelDB data cannot be read")
+
+
+def test_cli_finetune_and_its_errors(nets: dict[str, str], tmp_path: Path) -> None:
+    runner = CliRunner()
+    base = ["finetune", nets["original"], nets["original_weights"], nets["slim"], nets["slim_weights"], "--report",
+            nets["report"], "--out", str(tmp_path / "final.caffemodel"), "--iters", "3", "--batch", "8",
+            "--scale", "0.00390625"]
+    done = runner.invoke(main, [*base, "--data", nets["data"], "--freeze-rest"])
+    assert done.exit_code == 0, done.output
+    assert "inception_3/3x3_merge" in done.output and "wrote" in done.output
+    assert (tmp_path / "final.caffemodel").exists() and (tmp_path / "final.finetune.json").exists()
+    bad = runner.invoke(main, [*base, "--data", str(tmp_path / "nowhere")])
+    assert bad.exit_code == 2 and "error:" in bad.output and "no such file or folder" in bad.output
+
+
+@pytest.mark.slow
+def test_fashion_mnist_example_quick(tmp_path: Path) -> None:
+    """The README's example command, reduced (--quick): real data, training from scratch, both modes, speed."""
+    command = [sys.executable, str(ROOT / "examples" / "fashion_mnist" / "run.py"), "--quick", "--work",
+               str(tmp_path / "work"), "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = (tmp_path / "RESULTS.md").read_text()
+    assert "slim, fine-tuned (label)" in results and "slim, fine-tuned (mimic)" in results
+    assert all((tmp_path / name).is_file() for name in ("accuracy.png", "speed.png", "steps.png"))
