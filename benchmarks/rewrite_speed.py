@@ -79,8 +79,8 @@ def main() -> None:
         rss = statistics.median(r[1] for r in runs)
         rows.append(f"| {name} | {seconds:.2f} | {rss:.0f} | {rss / size_mb:.2f} |")
     table = "\n".join([
-        f"caffemodel: AlexNet, random weights, {size_mb:.0f} MiB; median of {args.rounds} interleaved rounds, "
-        "each in its own process (time includes Python start-up and imports)",
+        (f"caffemodel: AlexNet, random weights, {size_mb:.0f} MiB; median of {args.rounds} interleaved rounds, "
+         "each in its own process (time includes Python start-up and imports)"),
         "",
         "| job | seconds | peak RSS (MiB) | peak RSS / file size |",
         "|---|---|---|---|",

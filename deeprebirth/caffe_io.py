@@ -94,8 +94,7 @@ def parse_prototxt(text: str, source: str = "<text>") -> pb.NetParameter:
         line, column = err.GetLine(), err.GetColumn()
         message = str(err)
         prefix = f"{line}:{column} : "
-        if message.startswith(prefix):
-            message = message[len(prefix):]
+        message = message.removeprefix(prefix)
         where = f"{source}:{line}:{column}" if line is not None else source
         raise DeepRebirthError(f"{where}: {message}") from None
     return net

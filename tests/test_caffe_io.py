@@ -144,7 +144,7 @@ def test_caffemodel_written_by_us_loads_in_caffe_bit_exact(assets: dict[str, str
     from caffe.proto import caffe_pb2 as their_pb
 
     graph = load_model(assets["open_nsfw.prototxt"], assets["open_nsfw.caffemodel"])
-    proto, model = save(graph, tmp_path, "nsfw")
+    _, model = save(graph, tmp_path, "nsfw")
     theirs = their_pb.NetParameter()
     theirs.ParseFromString(Path(model).read_bytes())
     by_name = {layer.name: layer for layer in theirs.layer}

@@ -118,8 +118,8 @@ def test_corrupt_caffemodel(model: tuple[str, str], tmp_path: Path) -> None:
     (GOOD.replace('layer { name: "fc" type: "InnerProduct" bottom: "conv" top: "fc"',
                   'layer { name: "fc" type: "InnerProduct" bottom: "conv" top: "conv2"'),
      ("layer 'prob'", "bottom blob 'fc' is not produced")),
-    (GOOD.replace('top: "fc" inner', 'top: "data" inner'), ("layer 'fc'", "top blob 'data' is already produced by "
-                                                             "layer 'input'")),
+    (GOOD.replace('top: "fc" inner', 'top: "data" inner'),
+     ("layer 'fc'", "top blob 'data' is already produced by layer 'input'")),
     (GOOD.replace('name: "relu"', 'name: "conv"'), ("layer 'conv'", "duplicate layer name")),
     (GOOD.replace("kernel_size: 3", "kernel_size: 30"), ("layer 'conv'", "non-positive")),
     (GOOD.replace('layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" }',

@@ -11,7 +11,6 @@ import struct
 from pathlib import Path
 
 import numpy as np
-import pytest
 from fuzzing import Case, fuzz, run_case
 from helpers import graph_from_text, save
 

@@ -47,7 +47,7 @@ def test_ssd_face_detector_exact_folds(assets: dict[str, str], photos: list[str]
     blob = cv2.dnn.blobFromImage(astronaut, 1.0, (300, 300), (104.0, 177.0, 123.0))
     before = opencv_forward(assets["ssd_face.prototxt"], assets["ssd_face.caffemodel"], {"data": blob})
     after = opencv_forward(out_proto, out_model, {"data": blob})
-    confident = lambda d: d[0, 0][d[0, 0, :, 2] > 0.5]  # noqa: E731
+    confident = lambda d: d[0, 0][d[0, 0, :, 2] > 0.5]
     assert len(confident(before)) == len(confident(after)) == 1
     assert np.max(np.abs(confident(before) - confident(after))) <= 1e-4
 

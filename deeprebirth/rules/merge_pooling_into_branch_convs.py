@@ -25,8 +25,8 @@ from collections.abc import Iterator
 
 from deeprebirth import caffe_pb2 as pb
 from deeprebirth.graph import Graph, Layer
-from deeprebirth.rules.base import Change, Match, Rule, RuleConfig, Skip
 from deeprebirth.rules import merge_pooling_into_conv
+from deeprebirth.rules.base import Change, Match, Rule, RuleConfig, Skip
 from deeprebirth.shapes import Shape, conv_geometry, infer_shapes, pool_geometry
 
 NAME = "merge_pooling_into_branch_convs"

@@ -53,7 +53,7 @@ def test_fold_matches_caffe(case: str, tmp_path: Path) -> None:
     report = rewrite(folded, FOLDS)
     types = folded.layer_types()
     assert "BatchNorm" not in types and "Scale" not in types
-    assert [c.rule for c in report.changes][0] == "fuse_batchnorm_into_conv"
+    assert report.changes[0].rule == "fuse_batchnorm_into_conv"
     assert all(c.exact for c in report.changes)
     proto_b, model_b = save(folded, tmp_path, "folded")
     output = folded.caffe_blob_names()[folded.outputs()[0]]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from helpers import graph_from_text, input_feed, relative_error, run_caffe, save
+from helpers import graph_from_text, input_feed, run_caffe, save
 from nets import tiny_inception
 
 from deeprebirth.model import load_model
