@@ -7,9 +7,11 @@ here, transformed with numpy, and written into the net's ``Input`` blob. Three s
   files count as images by their suffix: .png, .jpg, .jpeg, .bmp, .tif(f), .webp, .pgm, .ppm);
 * a Caffe list file (``path label`` per line, as ImageData reads it; relative paths are relative to the list file);
 * a ``.npz`` file with ``x`` (images: N×H×W, N×H×W×C, or N×C×H×W when axis 1 is 1 or 3 and the last axis is not)
-  and, optionally, ``y`` (integer labels).
+  and, optionally, ``y`` (integer labels);
+* a Caffe LMDB (the folder holding ``data.mdb``) of ``Datum`` records, raw or encoded, read with the ``lmdb``
+  package into memory.
 
-LMDB and LevelDB are refused with a message saying so: they would need readers this project does not ship.
+LevelDB is refused with a message saying so: it would need a reader this project does not ship.
 
 Everything that can be wrong with the data is found by ``open_data`` before any training starts (a missing folder,
 an unreadable image, a label out of range, an image size that does not fit the net's input), each as one
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from deeprebirth import caffe_io
 from deeprebirth import caffe_pb2 as pb
@@ -153,12 +156,13 @@ def open_data(path: PathLike, *, channels: int, input_size: tuple[int, int], tra
     text = str(path)
     if not path.exists():
         raise DeepRebirthError("no such file or folder", file=text)
-    if (path.is_dir() and any((path / name).exists() for name in ("data.mdb", "lock.mdb", "CURRENT"))) \
-            or path.suffix.lower() in (".lmdb", ".mdb", ".leveldb"):
-        raise DeepRebirthError("LMDB/LevelDB data cannot be read: this Caffe build has no LMDB/LevelDB support and "
-                               "deeprebirth does not read them; export the images to a folder (one subfolder per "
-                               "class), a list file (path label) or an .npz (x, y)", file=text)
-    if path.is_dir():
+    if (path.is_dir() and (path / "CURRENT").exists()) or path.suffix.lower() == ".leveldb":
+        raise DeepRebirthError("LevelDB data cannot be read: deeprebirth does not ship a LevelDB reader; export the "
+                               "images to an LMDB, a folder (one subfolder per class), a list file (path label) or "
+                               "an .npz (x, y)", file=text)
+    if path.is_dir() and (path / "data.mdb").exists():
+        data = _open_lmdb(path, channels)
+    elif path.is_dir():
         data = _open_folder(path, channels, transform)
     elif path.suffix.lower() == ".npz":
         data = _open_npz(path, channels)
@@ -285,6 +289,50 @@ def _open_npz(path: Path, channels: int) -> DataSet:
                                    file=str(path))
         labels = y.astype(np.int64)
     return DataSet(str(path), channels, (x.shape[2], x.shape[3]), labels, array=x)
+
+
+def _open_lmdb(path: Path, channels: int) -> DataSet:
+    """Every Datum of a Caffe LMDB, in key order, as an in-memory N×C×H×W array and labels."""
+    import cv2
+    import lmdb
+
+    images, labels = [], []
+    try:
+        env = lmdb.open(str(path), readonly=True, lock=False, readahead=False)
+    except lmdb.Error as err:
+        raise DeepRebirthError(f"cannot open LMDB ({err})", file=str(path)) from None
+    with env, env.begin() as txn:
+        for key, value in txn.cursor():
+            where = f"{path}: record {bytes(key).decode('utf-8', 'replace')}"
+            datum = pb.Datum()
+            try:
+                datum.ParseFromString(value)
+            except DecodeError:
+                raise DeepRebirthError("not a Caffe Datum", file=where) from None
+            if datum.encoded:
+                flag = cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE
+                image = cv2.imdecode(np.frombuffer(datum.data, np.uint8), flag)
+                if image is None:
+                    raise DeepRebirthError("cannot decode the encoded image", file=where)
+                chw = image.transpose(2, 0, 1) if image.ndim == 3 else image[None]
+            else:
+                shape = (datum.channels, datum.height, datum.width)
+                values = np.frombuffer(datum.data, np.uint8) if datum.data else np.asarray(datum.float_data)
+                if values.size != int(np.prod(shape)):
+                    raise DeepRebirthError(f"{values.size} values for a {shape} image", file=where)
+                chw = values.reshape(shape)
+            if chw.shape[0] != channels:
+                raise DeepRebirthError(f"image has {chw.shape[0]} channel(s) but the net's input has {channels}",
+                                       file=where)
+            if images and chw.shape != images[0].shape:
+                raise DeepRebirthError(f"image shape {chw.shape} differs from the first one's {images[0].shape}",
+                                       file=where)
+            images.append(chw)
+            labels.append(datum.label)
+    if not images:
+        raise DeepRebirthError("the LMDB holds no records", file=str(path))
+    array = np.stack(images).astype(np.float32)
+    return DataSet(str(path), channels, (array.shape[2], array.shape[3]), np.asarray(labels, np.int64), array=array)
 
 
 class Batches:

@@ -74,3 +74,27 @@ def test_split_holdout_is_fixed_and_disjoint() -> None:
     train, held = split_holdout(100, 0.2, seed=5)
     assert len(held) == 20 and not set(train) & set(held) and len(train) + len(held) == 100
     assert np.array_equal(held, split_holdout(100, 0.2, seed=5)[1])
+
+
+def test_caffe_lmdb_raw_and_encoded_datums(tmp_path: Path) -> None:
+    import cv2
+    import lmdb
+
+    from deeprebirth import caffe_pb2 as pb
+    from deeprebirth.data import open_data
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (6, 3, 5, 7), dtype=np.uint8)
+    env = lmdb.open(str(tmp_path / "db"), map_size=1 << 22)
+    with env.begin(write=True) as txn:
+        for i, chw in enumerate(images):
+            if i % 2:  # Caffe's convert_imageset --encoded: the image file's bytes (BGR as OpenCV writes it)
+                datum = pb.Datum(channels=3, height=5, width=7, label=i, encoded=True,
+                                 data=cv2.imencode(".png", chw.transpose(1, 2, 0))[1].tobytes())
+            else:
+                datum = pb.Datum(channels=3, height=5, width=7, label=i, data=chw.tobytes())
+            txn.put(f"{i:04d}".encode(), datum.SerializeToString())
+    env.close()
+    data = open_data(tmp_path / "db", channels=3, input_size=(5, 7), classes=6)
+    assert len(data) == 6 and data.labels is not None and list(data.labels) == list(range(6))
+    assert np.array_equal(data.images(range(6)), images.astype(np.float32))

@@ -16,6 +16,7 @@ from helpers import graph_from_text, save
 from nets import tiny_inception
 
 from deeprebirth import caffe_io
+from deeprebirth import caffe_pb2 as pb
 from deeprebirth.api import rewrite_files
 from deeprebirth.caffe_runtime import forward, open_net
 from deeprebirth.cli import main
@@ -252,10 +253,28 @@ def test_image_size_that_does_not_fit(nets: dict[str, str], tmp_path: Path) -> N
     refused(nets, tmp_path, data, "image size 40x40 does not fit")
 
 
-def test_lmdb_is_refused_with_a_reason(nets: dict[str, str], tmp_path: Path) -> None:
+def test_broken_lmdb_and_leveldb_are_refused_with_a_reason(nets: dict[str, str], tmp_path: Path) -> None:
     (tmp_path / "train_lmdb").mkdir()
-    (tmp_path / "train_lmdb" / "data.mdb").write_bytes(b"")
-    refused(nets, tmp_path, tmp_path / "train_lmdb", "LMDB/LevelDB data cannot be read")
+    (tmp_path / "train_lmdb" / "data.mdb").write_bytes(b"not an lmdb")
+    refused(nets, tmp_path, tmp_path / "train_lmdb", "cannot open LMDB")
+    (tmp_path / "train_leveldb").mkdir()
+    (tmp_path / "train_leveldb" / "CURRENT").write_text("MANIFEST-000001\n")
+    refused(nets, tmp_path, tmp_path / "train_leveldb", "LevelDB data cannot be read")
+
+
+def test_finetune_from_a_caffe_lmdb(nets: dict[str, str], tmp_path: Path) -> None:
+    import lmdb
+
+    archive = np.load(nets["data"])
+    env = lmdb.open(str(tmp_path / "train_lmdb"), map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        for i, (image, label) in enumerate(zip(archive["x"], archive["y"])):
+            datum = pb.Datum(channels=3, height=SIZE, width=SIZE, label=int(label),
+                             data=image.transpose(2, 0, 1).tobytes())
+            txn.put(f"{i:08d}".encode(), datum.SerializeToString())
+    env.close()
+    result = run(nets, tmp_path / "final.caffemodel", options(iters=4), data=str(tmp_path / "train_lmdb"))
+    assert (tmp_path / "final.caffemodel").exists() and result.steps
 
 
 def test_cli_finetune_and_its_errors(nets: dict[str, str], tmp_path: Path) -> None:
