@@ -296,7 +296,8 @@ def _open_lmdb(path: Path, channels: int) -> DataSet:
     import cv2
     import lmdb
 
-    images, labels = [], []
+    images: list[np.ndarray] = []
+    labels: list[int] = []
     try:
         env = lmdb.open(str(path), readonly=True, lock=False, readahead=False)
     except lmdb.Error as err:
