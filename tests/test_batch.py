@@ -257,10 +257,12 @@ def test_ctrl_c_leaves_whole_outputs_or_none(tmp_path: Path) -> None:
     for i in range(8):
         generated_model(zoo / f"m{i}", "deploy", seed=10 + i)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    # a shell that runs the suite in the background starts it with SIGINT ignored, and children inherit that
-    child = subprocess.Popen([sys.executable, "-m", "deeprebirth.cli", "batch", str(zoo), str(out), "--jobs", "2"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # a shell that runs the suite in the background starts it with SIGINT ignored, and children inherit that:
+    # the child puts Python's own Ctrl-C handler back before it runs the CLI
+    launcher = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                "sys.argv = ['deeprebirth', *sys.argv[1:]]; runpy.run_module('deeprebirth.cli', run_name='__main__')")
+    child = subprocess.Popen([sys.executable, "-c", launcher, "batch", str(zoo), str(out), "--jobs", "2"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     assert child.stderr is not None
     first = child.stderr.readline()  # the first model finished; others are being written now
     assert first.startswith("[1/8]"), first
