@@ -31,14 +31,14 @@ from types import FrameType
 from typing import Any, Protocol, TypeVar
 
 from click.testing import CliRunner
+from helpers import graph_from_text
 
 from deeprebirth import caffe_io
 from deeprebirth.cli import main
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.graph import Graph
-from deeprebirth.initializers import random_weights
 from deeprebirth.model import load_model, save_model
-from deeprebirth.shapes import conv_output_size, infer_shapes, pool_output_size
+from deeprebirth.shapes import conv_output_size, pool_output_size
 
 T = TypeVar("T")
 
@@ -358,11 +358,7 @@ def random_net_text(choose: Chooser, max_steps: int = 8) -> str:
 
 def net_graph(text: str, seed: int | None = 0) -> Graph:
     """The generated net as a graph, with random weights unless ``seed`` is None."""
-    graph = Graph.from_net(caffe_io.normalize_net(caffe_io.parse_prototxt(text)), source="<generated>")
-    infer_shapes(graph)
-    if seed is not None:
-        random_weights(graph, seed)
-    return graph
+    return graph_from_text(text, seed)
 
 
 def hypothesis_nets(max_steps: int = 8) -> Any:
