@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from deeprebirth.api import RewriteOptions, preset_options, rewrite_files
+from deeprebirth.caffe_io import atomic_write_bytes
 from deeprebirth.initializers import random_weights
 from deeprebirth.model import load_model, save_model
 from deeprebirth.profile import (
@@ -38,7 +39,6 @@ from deeprebirth.profile import (
     plot_by_type,
     profile_net,
     set_batch,
-    write_bytes,
 )
 from deeprebirth.shapes import LayerCost, layer_costs
 
@@ -212,7 +212,7 @@ def main() -> None:
                   "slimmed+Tucker"], type_rows),
         "",
     ])
-    write_bytes(out, text.encode())
+    atomic_write_bytes(out, text)
     print(text)
     log(f"wrote {out} and {plot} in {time.perf_counter() - started:.0f} s")
 

@@ -93,8 +93,7 @@ def rewrite_files(prototxt: PathLike, out_prototxt: PathLike, weights: PathLike 
                                 "lossy": check.lossy,
                                 "predictions_changed": check.predictions_changed,
                                 "blobs": [vars(d) for d in check.diffs]}
-        text = json.dumps(payload, indent=2).encode()
-        caffe_io.atomic_write(report_path, lambda handle: handle.write(text))
+        caffe_io.atomic_write_bytes(report_path, json.dumps(payload, indent=2))
     return RewriteResult(report, check)
 
 

@@ -546,7 +546,7 @@ def _finish(r: _Running, row: ModelResult, zoo: Path, out: Path, options: BatchO
             row.outputs = [(rel / name).as_posix() for name in row.outputs]
             if row.status == "ok":
                 saved = {"fingerprint": _fingerprint(r.task.model, zoo, options), "result": asdict(row)}
-                _write(marker, json.dumps(saved, indent=2))
+                caffe_io.atomic_write_bytes(marker, json.dumps(saved, indent=2))
     except OSError as err:
         row.status, row.error = "failed", f"could not move the outputs into place: {err}"
     finally:
@@ -655,10 +655,5 @@ def write_summary(summary: BatchSummary, out: Path) -> list[str]:
     texts = {"summary.json": json.dumps(summary.to_json(), indent=2), "summary.csv": summary_csv(summary),
              "summary.md": summary_markdown(summary)}
     for name, text in texts.items():
-        _write(out / name, text)
+        caffe_io.atomic_write_bytes(out / name, text)
     return [str(out / name) for name in texts]
-
-
-def _write(path: Path, text: str) -> None:
-    data = text.encode("utf-8")
-    caffe_io.atomic_write(path, lambda handle: handle.write(data))

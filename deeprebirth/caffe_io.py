@@ -75,6 +75,12 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], obje
         raise
 
 
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | str) -> None:
+    """``atomic_write`` of a whole payload (text is written as UTF-8)."""
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    atomic_write(path, lambda handle: handle.write(payload))
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -245,8 +251,7 @@ def format_prototxt(net: pb.NetParameter) -> str:
 
 
 def write_prototxt(path: str | os.PathLike[str], net: pb.NetParameter) -> None:
-    text = format_prototxt(net).encode("utf-8")
-    atomic_write(path, lambda handle: handle.write(text))
+    atomic_write_bytes(path, format_prototxt(net))
 
 
 # ---------------------------------------------------------------------------------------------------------------

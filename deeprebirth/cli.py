@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
-from deeprebirth import api
+from deeprebirth import api, caffe_io
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.graph import GraphError
 from deeprebirth.rewrite import NetSummary, RewriteReport
@@ -255,12 +255,24 @@ def _compare_table(a: Any, b: Any) -> str:
     return table(["type", "layers before", "layers after", "before", "after", "before/after"], rows)
 
 
+def _timing_options(command: F) -> F:
+    """The options of every command that times a net in real Caffe (profile, plan)."""
+    for option in reversed((
+        click.option("--weights", type=click.Path(dir_okay=False), help="the caffemodel (default: random weights)"),
+        click.option("--batch", type=click.IntRange(min=1), help="reshape the inputs to this batch size"),
+        click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="OpenBLAS threads"),
+        click.option("--rounds", type=click.IntRange(min=1), default=10, show_default=True, help="timed rounds"),
+        click.option("--clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
+                     help="wall time, or process CPU time (steadier on a busy machine; with 1 thread only)"),
+        click.option("--seed", type=int, default=0, show_default=True, help="seed for random inputs and weights"),
+    )):
+        command = option(command)
+    return command
+
+
 @main.command("profile")
 @click.argument("prototxt", type=click.Path(dir_okay=False))
-@click.option("--weights", type=click.Path(dir_okay=False), help="the caffemodel (default: random weights)")
-@click.option("--batch", type=click.IntRange(min=1), help="reshape the inputs to this batch size")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="OpenBLAS threads")
-@click.option("--rounds", type=click.IntRange(min=1), default=10, show_default=True, help="timed rounds")
+@_timing_options
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="untimed rounds first")
 @click.option("--compare", "compare_prototxt", type=click.Path(dir_okay=False),
               help="a second net (e.g. the rewritten one) to profile side by side")
@@ -269,9 +281,6 @@ def _compare_table(a: Any, b: Any) -> str:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the measurements as JSON")
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
               help="list the N slowest layers (0: all)")
-@click.option("--clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
-              help="wall time, or process CPU time (steadier on a busy machine; with 1 thread only)")
-@click.option("--seed", type=int, default=0, show_default=True, help="seed for random inputs and weights")
 @_user_errors
 def profile_command(prototxt: str, weights: str | None, batch: int | None, threads: int, rounds: int, warmup: int,
                     compare_prototxt: str | None, compare_weights: str | None, plot_path: str | None,
@@ -279,7 +288,7 @@ def profile_command(prototxt: str, weights: str | None, batch: int | None, threa
     """Time every layer of PROTOTXT in real Caffe: per layer, per type, the non-tensor share, and memory."""
     import json
 
-    from deeprebirth.profile import plot_by_type, profile_net, write_bytes
+    from deeprebirth.profile import plot_by_type, profile_net
 
     if compare_weights and not compare_prototxt:
         raise DeepRebirthError("--compare-weights needs --compare")
@@ -303,22 +312,16 @@ def profile_command(prototxt: str, weights: str | None, batch: int | None, threa
         plot_by_type(profiles, labels, plot_path)
         click.echo(f"wrote {plot_path}")
     if json_path:
-        write_bytes(json_path, json.dumps([p.to_json() for p in profiles], indent=2).encode())
+        caffe_io.atomic_write_bytes(json_path, json.dumps([p.to_json() for p in profiles], indent=2).encode())
         click.echo(f"wrote {json_path}")
 
 
 @main.command("plan")
 @click.argument("prototxt", type=click.Path(dir_okay=False))
-@click.option("--weights", type=click.Path(dir_okay=False), help="the caffemodel (default: random weights)")
-@click.option("--batch", type=click.IntRange(min=1), help="reshape the inputs to this batch size")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="OpenBLAS threads")
-@click.option("--rounds", type=click.IntRange(min=1), default=10, show_default=True, help="timed rounds")
+@_timing_options
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the plan as JSON")
 @click.option("--rules", "rules", default="all", show_default=True,
               help="rule names or groups to plan with, comma-separated (as for rewrite)")
-@click.option("--clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
-              help="wall time, or process CPU time (steadier on a busy machine; with 1 thread only)")
-@click.option("--seed", type=int, default=0, show_default=True, help="seed for random inputs and weights")
 @_user_errors
 def plan_command(prototxt: str, weights: str | None, batch: int | None, threads: int, rounds: int,
                  json_path: str | None, rules: str, clock: str, seed: int) -> None:
@@ -327,7 +330,6 @@ def plan_command(prototxt: str, weights: str | None, batch: int | None, threads:
     import json
 
     from deeprebirth.plan import plan_file
-    from deeprebirth.profile import write_bytes
 
     plan = plan_file(prototxt, weights, rules=rules, batch=batch, threads=threads, rounds=rounds, seed=seed,
                      clock=clock)
@@ -363,7 +365,7 @@ def plan_command(prototxt: str, weights: str | None, batch: int | None, threads:
                    "candidates": [dict(dataclasses.asdict(c), memory_saved_bytes=c.memory_saved_bytes)
                                   for c in plan.candidates],
                    "skips": [{"rule": rule, "layer": s.layer, "reason": s.reason} for rule, s in plan.skips]}
-        write_bytes(json_path, json.dumps(payload, indent=2).encode())
+        caffe_io.atomic_write_bytes(json_path, json.dumps(payload, indent=2).encode())
         click.echo(f"wrote {json_path}")
 
 
@@ -586,7 +588,6 @@ def evaluate_command(prototxt: str, weights: str, data: str, reference: tuple[st
     import json
 
     from deeprebirth.evaluate import evaluate_files
-    from deeprebirth.profile import write_bytes
 
     transform = _transform(transform_from, scale, mean, mean_file, crop, mirror, resize, rgb)
     result = evaluate_files(prototxt, weights, data, reference=tuple(reference) if reference else None,  # type: ignore
@@ -598,7 +599,7 @@ def evaluate_command(prototxt: str, weights: str, data: str, reference: tuple[st
     click.echo(table(["", "top-1", "top-5", "top-1 agrees with reference"], rows))
     click.echo(f"{result.images} images, {result.classes} classes, {result.seconds:.1f} s")
     if json_path:
-        write_bytes(json_path, json.dumps(dataclasses.asdict(result), indent=2).encode())
+        caffe_io.atomic_write_bytes(json_path, json.dumps(dataclasses.asdict(result), indent=2).encode())
         click.echo(f"wrote {json_path}")
 
 

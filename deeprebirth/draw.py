@@ -16,10 +16,11 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+from deeprebirth import caffe_io
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.graph import Graph, Layer
 from deeprebirth.model import PathLike, load_model
-from deeprebirth.profile import type_class, write_bytes
+from deeprebirth.profile import type_class
 from deeprebirth.shapes import Shape, infer_shapes
 
 FILL = {"tensor": "#9ecae1", "non-tensor": "#fdd0a2", "other": "#e0e0e0"}
@@ -128,5 +129,5 @@ def draw_file(prototxt: PathLike, out: PathLike, highlight_from: PathLike | None
     graph = load_model(prototxt, phase=phase)
     original = load_model(highlight_from, phase=phase) if highlight_from is not None else None
     highlighted = merged_layers(graph, original)
-    write_bytes(out, render(dot_source(graph, highlighted), fmt))
+    caffe_io.atomic_write_bytes(out, render(dot_source(graph, highlighted), fmt))
     return DrawResult(str(out), fmt, len(graph), highlighted)

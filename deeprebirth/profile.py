@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
@@ -155,15 +155,6 @@ def random_caffemodel(prototxt: PathLike, out: PathLike, seed: int = 0) -> None:
     graph = load_model(prototxt)
     random_weights(graph, seed)
     caffe_io.write_caffemodel(out, graph.to_net(), graph.weights())
-
-
-def write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (no half-written file on failure)."""
-
-    def write(handle: IO[bytes]) -> None:
-        handle.write(data)
-
-    caffe_io.atomic_write(path, write)
 
 
 def _check_files(prototxt: PathLike, weights: PathLike | None) -> None:
@@ -307,7 +298,7 @@ def plot_by_type(profiles: Sequence[NetProfile], labels: Sequence[str], path: Pa
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format=fmt)
-    write_bytes(path, buffer.getvalue())
+    caffe_io.atomic_write_bytes(path, buffer.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
@@ -120,12 +120,7 @@ def solver_text(net_path: Path, options: SolverOptions, iters: int, seed: int) -
 
 
 def write_text(path: Path, text: str) -> None:
-    data = text.encode()
-
-    def write(handle: IO[bytes]) -> None:
-        handle.write(data)
-
-    caffe_io.atomic_write(path, write)
+    caffe_io.atomic_write_bytes(path, text)
 
 
 def load_params(net: Any, weights: Callable[[str], list[np.ndarray]]) -> None:
