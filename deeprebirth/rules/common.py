@@ -8,6 +8,14 @@ from deeprebirth.fold import fold_affine_into_linear
 from deeprebirth.graph import Graph, Layer
 
 LINEAR_TYPES = ("Convolution", "Deconvolution", "InnerProduct")
+MERGE_SUFFIX = "_merge"
+
+
+def merged(name: str) -> str:
+    """The name of a layer (or blob) rebuilt by a lossy merge: ``<name>_merge``, so Caffe's by-name weight loading
+    never pairs it with the original's weights. A name that already ends so (made earlier in this rewrite, or by an
+    earlier run being slimmed further) stays as it is."""
+    return name if name.endswith(MERGE_SUFFIX) else name + MERGE_SUFFIX
 
 
 def linear_producer(graph: Graph, layer: Layer) -> tuple[Layer | None, str]:

@@ -71,6 +71,7 @@ from deeprebirth.rules.branch_weights import (
     permute_input_channels,
     widen_output_channels,
 )
+from deeprebirth.rules.common import merged
 from deeprebirth.shapes import Shape, conv_geometry, infer_shapes, pool_geometry
 
 NAME = "merge_inception_branches"
@@ -272,14 +273,9 @@ def match(graph: Graph, config: RuleConfig) -> Iterator[Match | Skip]:
             yield found
 
 
-def _merged(name: str) -> str:
-    """``name_merge``; a name that already ends so (a layer merged earlier in this rewrite) stays as it is."""
-    return name if name.endswith("_merge") else name + "_merge"
-
-
 def _widened(graph: Graph, conv: Layer, own: np.ndarray, config: RuleConfig) -> Layer:
-    top = graph.new_blob(_merged(graph.caffe_name(conv.tops[0])))
-    layer = conv.clone(name=graph.fresh_layer_name(_merged(conv.name)), tops=[top])
+    top = graph.new_blob(merged(graph.caffe_name(conv.tops[0])))
+    layer = conv.clone(name=graph.fresh_layer_name(merged(conv.name)), tops=[top])
     layer.proto.convolution_param.num_output = own.size
     if conv.blobs is not None:
         if config.init not in ("inherit", "filler"):
@@ -314,16 +310,16 @@ def apply(graph: Graph, found: Match, config: RuleConfig) -> Change:
     for index, (conv_name, tail, own) in data["widen"].items():
         new = graph.add_layer(_widened(graph, graph.layer(conv_name), own, config), at=conv_name)
         added.append(new.name)
-        intended.append(_merged(conv_name))
+        intended.append(merged(conv_name))
         relearn.append(new.name)
         for name in tail:
             old = graph.layer(name)
             in_place = graph.caffe_name(old.tops[0]) == graph.caffe_name(old.bottoms[0])
-            top = graph.new_blob(graph.caffe_name(new.tops[0]) if in_place else _merged(graph.caffe_name(old.tops[0])))
-            new = graph.add_layer(old.clone(name=graph.fresh_layer_name(_merged(name)), bottoms=[new.tops[0]],
+            top = graph.new_blob(graph.caffe_name(new.tops[0]) if in_place else merged(graph.caffe_name(old.tops[0])))
+            new = graph.add_layer(old.clone(name=graph.fresh_layer_name(merged(name)), bottoms=[new.tops[0]],
                                             tops=[top]), at=new.name)
             added.append(new.name)
-            intended.append(_merged(name))
+            intended.append(merged(name))
         bottoms[index] = new.tops[0]
     graph.replace_layer(concat.name, concat.clone(bottoms=[bottoms[k] for k in data["kept"]]))
     for name in data["remove"]:
@@ -336,7 +332,7 @@ def apply(graph: Graph, found: Match, config: RuleConfig) -> Change:
     removed = [name for name in data["remove"] if name not in added]
     for name, perm, inner in data["permute"]:
         old = graph.layer(name)
-        new = graph.replace_layer(name, old.clone(name=graph.fresh_layer_name(_merged(name)),
+        new = graph.replace_layer(name, old.clone(name=graph.fresh_layer_name(merged(name)),
                                                   blobs=_permuted(old, perm, inner)))
         removed.append(name)
         changed.append(new.name)

@@ -20,9 +20,8 @@ from deeprebirth.errors import DeepRebirthError
 from deeprebirth.graph import Graph, Layer
 from deeprebirth.initializers import fill, layer_fillers
 from deeprebirth.rules.base import RuleConfig
+from deeprebirth.rules.common import merged
 from deeprebirth.shapes import Shape
-
-SUFFIX = "_merge"
 
 
 def conv_chain(graph: Graph, end: Layer, between: tuple[str, ...]) -> tuple[list[Layer], str]:
@@ -52,7 +51,7 @@ def conv_chain(graph: Graph, end: Layer, between: tuple[str, ...]) -> tuple[list
 
 
 def merged_name(graph: Graph, conv: Layer) -> str:
-    return conv.name if conv.name.endswith(SUFFIX) else graph.fresh_layer_name(conv.name + SUFFIX)
+    return conv.name if merged(conv.name) == conv.name else graph.fresh_layer_name(merged(conv.name))
 
 
 def new_weights(conv: Layer, shapes: Sequence[Shape], name: str, config: RuleConfig,
