@@ -173,7 +173,7 @@ def rewrite(prototxt: str, out_prototxt: str, weights: str | None, out_weights: 
         click.echo(f"\n{len(relearn)} layer(s) now need fine-tuning: {', '.join(relearn)}")
         click.echo("next: deeprebirth finetune " + " ".join([prototxt, weights or "ORIGINAL.caffemodel", out_prototxt,
                    out_weights or "SLIM.caffemodel", "--report", report_path or "REPORT.json",
-                   "--data", "DATA", "--out", "FINAL.caffemodel"]))
+                   "--data", "DATA", "--out", "FINAL.caffemodel", "--budget", "10m"]))
 
 
 @main.command()
@@ -316,81 +316,6 @@ def profile_command(prototxt: str, weights: str | None, batch: int | None, threa
         click.echo(f"wrote {json_path}")
 
 
-@main.command("plan")
-@click.argument("prototxt", type=click.Path(dir_okay=False))
-@_timing_options
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the plan as JSON")
-@click.option("--rules", "rules", default="all", show_default=True,
-              help="rule names or groups to plan with, comma-separated (as for rewrite)")
-@_user_errors
-def plan_command(prototxt: str, weights: str | None, batch: int | None, threads: int, rounds: int,
-                 json_path: str | None, rules: str, clock: str, seed: int) -> None:
-    """List every merge the rules could make in PROTOTXT, with measured time, MACs and memory saved, and risk."""
-    import dataclasses
-    import json
-
-    from deeprebirth.plan import plan_file
-
-    plan = plan_file(prototxt, weights, rules=rules, batch=batch, threads=threads, rounds=rounds, seed=seed,
-                     clock=clock)
-    p = plan.profile
-    note = " (no --weights: timed and planned with random weights)" if plan.random_weights else ""
-    click.echo(f"{prototxt}{note}: {p.total_ms:.2f} ms per forward in Caffe (batch {p.batch}, {p.threads} "
-               f"thread(s), {p.clock} clock), {100 * p.non_tensor_share:.1f}% non-tensor; convolution cost "
-               f"{plan.conv_ms_per_mac * 1e9:.3f} ms per GMAC")
-    rows = []
-    for i, c in enumerate(plan.candidates, 1):
-        share = f"{100 * c.time_saved_ms / p.total_ms:.1f}%" if p.total_ms else "-"
-        rows.append([i, c.rule, c.group, c.risk, c.stage, c.layers[0], len(c.removed),
-                     f"{c.time_saved_ms:.3f}{'*' if c.estimated else ''}", share, human(c.macs_saved),
-                     human(c.params_saved), human(c.memory_saved_bytes, "B")])
-    click.echo(table(["#", "rule", "group", "risk", "stage", "at", "removes", "time saved (ms)", "of net",
-                      "MACs saved", "params saved", "memory saved"], rows))
-    if not plan.candidates:
-        click.echo("no rule matches this net")
-    for i, c in enumerate(plan.candidates, 1):
-        extra = f"; re-learn {', '.join(c.relearn)}" if c.relearn else ""
-        click.echo(f"  {i}. {c.summary}{extra}")
-    if any(c.estimated for c in plan.candidates):
-        click.echo("  * includes layers made by an earlier stage, timed from their MACs")
-    if any(c.stage for c in plan.candidates):
-        click.echo("  stage n: matches once the candidates of the earlier stages are applied")
-    if plan.skips:
-        click.echo(f"places where a rule would not fire ({len(plan.skips)}):")
-        for rule, skip in plan.skips:
-            click.echo(f"  {rule}: {skip.layer}: {skip.reason}")
-    if json_path:
-        payload = {"prototxt": plan.prototxt, "random_weights": plan.random_weights, "profile": p.to_json(),
-                   "conv_ms_per_mac": plan.conv_ms_per_mac,
-                   "candidates": [dict(dataclasses.asdict(c), memory_saved_bytes=c.memory_saved_bytes)
-                                  for c in plan.candidates],
-                   "skips": [{"rule": rule, "layer": s.layer, "reason": s.reason} for rule, s in plan.skips]}
-        caffe_io.atomic_write_bytes(json_path, json.dumps(payload, indent=2).encode())
-        click.echo(f"wrote {json_path}")
-
-
-@main.command("draw")
-@click.argument("prototxt", type=click.Path(dir_okay=False))
-@click.argument("out", type=click.Path(dir_okay=False))
-@click.option("--highlight-from", type=click.Path(dir_okay=False),
-              help="the original net: highlight layers it does not have")
-@click.option("--phase", type=click.Choice(["TEST", "TRAIN"]), default="TEST", show_default=True)
-@_user_errors
-def draw_command(prototxt: str, out: str, highlight_from: str | None, phase: str) -> None:
-    """Draw PROTOTXT with graphviz into OUT (.svg, .png, .pdf or .dot); merged layers are highlighted."""
-    from deeprebirth.draw import draw_file
-
-    result = draw_file(prototxt, out, highlight_from, phase)
-    shown = result.highlighted[:8]
-    more = f" and {len(result.highlighted) - len(shown)} more" if len(result.highlighted) > len(shown) else ""
-    merged = f": {', '.join(shown)}{more}" if shown else ""
-    click.echo(f"wrote {result.path} ({result.layers} layers, {len(result.highlighted)} highlighted{merged})")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# finetune, evaluate: library in deeprebirth.finetune / deeprebirth.evaluate / deeprebirth.data
-
-
 def _transform_options(command: F) -> F:
     """The preprocessing options finetune and evaluate share (Caffe's transform_param)."""
     for option in reversed([
@@ -438,8 +363,121 @@ def _transform(transform_from: str | None, scale: float | None, mean: str | None
     return dataclasses.replace(base, **changes)
 
 
+@main.command("plan")
+@click.argument("prototxt", type=click.Path(dir_okay=False))
+@_timing_options
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the plan as JSON")
+@click.option("--rules", "rules", default="all", show_default=True,
+              help="rule names or groups to plan with, comma-separated (as for rewrite)")
+@click.option("--data", type=click.Path(), help="images (no labels needed) to measure each lossy merge's accuracy "
+              "risk with: a short mimic of the net with only that merge (needs --weights)")
+@click.option("--risk-budget", default="30s", show_default=True, help="the short mimic's --budget, per merge")
+@_transform_options
+@_user_errors
+def plan_command(prototxt: str, weights: str | None, batch: int | None, threads: int, rounds: int,
+                 json_path: str | None, rules: str, clock: str, seed: int, data: str | None, risk_budget: str,
+                 transform_from: str | None, scale: float | None, mean: str | None, mean_file: str | None,
+                 crop: int | None, mirror: bool | None, resize: str | None, rgb: bool) -> None:
+    """List every merge the rules could make in PROTOTXT, with measured time, MACs and memory saved, and risk."""
+    import dataclasses
+    import json
+
+    from deeprebirth.plan import plan_file
+
+    if data is not None and weights is None:
+        raise DeepRebirthError("measuring the accuracy risk needs the trained weights (--weights)", file=prototxt)
+    plan = plan_file(prototxt, weights, rules=rules, batch=batch, threads=threads, rounds=rounds, seed=seed,
+                     clock=clock)
+    risks: dict[int, Any] = {}
+    if data is not None:
+        from deeprebirth.finetune import FinetuneOptions
+        from deeprebirth.risk import assess
+
+        if mirror is None and transform_from is None:
+            mirror = True
+        options = FinetuneOptions(budget=risk_budget, seed=seed,
+                                  transform=_transform(transform_from, scale, mean, mean_file, crop, mirror, resize,
+                                                       rgb))
+        assert weights is not None
+
+        def progress(n: int, total: int, candidate: Any) -> None:
+            click.echo(f"risk {n}/{total}: {candidate.summary} (a {risk_budget} mimic)", err=True)
+
+        risks = {r.candidate: r for r in assess(prototxt, weights, plan.candidates, data, options,
+                                                 progress=progress)}
+    p = plan.profile
+    note = " (no --weights: timed and planned with random weights)" if plan.random_weights else ""
+    click.echo(f"{prototxt}{note}: {p.total_ms:.2f} ms per forward in Caffe (batch {p.batch}, {p.threads} "
+               f"thread(s), {p.clock} clock), {100 * p.non_tensor_share:.1f}% non-tensor; convolution cost "
+               f"{plan.conv_ms_per_mac * 1e9:.3f} ms per GMAC")
+    rows = []
+    for i, c in enumerate(plan.candidates, 1):
+        share = f"{100 * c.time_saved_ms / p.total_ms:.1f}%" if p.total_ms else "-"
+        row = [i, c.rule, c.group, c.risk, c.stage, c.layers[0], len(c.removed),
+               f"{c.time_saved_ms:.3f}{'*' if c.estimated else ''}", share, human(c.macs_saved),
+               human(c.params_saved), human(c.memory_saved_bytes, "B")]
+        if risks:
+            r = risks.get(i - 1)
+            row += ["-", "-"] if r is None else [f"{_pct(r.agreement_before)} -> {_pct(r.agreement_after)}",
+                                                 f"{_num(r.output_error_before)} -> {_num(r.output_error_after)}"]
+        rows.append(row)
+    headers = ["#", "rule", "group", "risk", "stage", "at", "removes", "time saved (ms)", "of net", "MACs saved",
+               "params saved", "memory saved"]
+    if risks:
+        headers += ["agrees (short mimic)", "error at output"]
+    click.echo(table(headers, rows))
+    if risks:
+        click.echo(f"agrees: held-out top-1 agreement with the original of the net with only that merge (and those "
+                   f"it builds on), as merged -> after a {risk_budget} mimic; exact merges agree fully")
+    if not plan.candidates:
+        click.echo("no rule matches this net")
+    for i, c in enumerate(plan.candidates, 1):
+        extra = f"; re-learn {', '.join(c.relearn)}" if c.relearn else ""
+        click.echo(f"  {i}. {c.summary}{extra}")
+    if any(c.estimated for c in plan.candidates):
+        click.echo("  * includes layers made by an earlier stage, timed from their MACs")
+    if any(c.stage for c in plan.candidates):
+        click.echo("  stage n: matches once the candidates of the earlier stages are applied")
+    if plan.skips:
+        click.echo(f"places where a rule would not fire ({len(plan.skips)}):")
+        for rule, skip in plan.skips:
+            click.echo(f"  {rule}: {skip.layer}: {skip.reason}")
+    if json_path:
+        payload = {"prototxt": plan.prototxt, "random_weights": plan.random_weights, "profile": p.to_json(),
+                   "conv_ms_per_mac": plan.conv_ms_per_mac,
+                   "candidates": [dict(dataclasses.asdict(c), memory_saved_bytes=c.memory_saved_bytes,
+                                       accuracy_risk=dataclasses.asdict(risks[k]) if k in risks else None)
+                                  for k, c in enumerate(plan.candidates)],
+                   "skips": [{"rule": rule, "layer": s.layer, "reason": s.reason} for rule, s in plan.skips]}
+        caffe_io.atomic_write_bytes(json_path, json.dumps(payload, indent=2).encode())
+        click.echo(f"wrote {json_path}")
+
+
+@main.command("draw")
+@click.argument("prototxt", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--highlight-from", type=click.Path(dir_okay=False),
+              help="the original net: highlight layers it does not have")
+@click.option("--phase", type=click.Choice(["TEST", "TRAIN"]), default="TEST", show_default=True)
+@_user_errors
+def draw_command(prototxt: str, out: str, highlight_from: str | None, phase: str) -> None:
+    """Draw PROTOTXT with graphviz into OUT (.svg, .png, .pdf or .dot); merged layers are highlighted."""
+    from deeprebirth.draw import draw_file
+
+    result = draw_file(prototxt, out, highlight_from, phase)
+    shown = result.highlighted[:8]
+    more = f" and {len(result.highlighted) - len(shown)} more" if len(result.highlighted) > len(shown) else ""
+    merged = f": {', '.join(shown)}{more}" if shown else ""
+    click.echo(f"wrote {result.path} ({result.layers} layers, {len(result.highlighted)} highlighted{merged})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# finetune, evaluate: library in deeprebirth.finetune / deeprebirth.evaluate / deeprebirth.data
+
+
 class _FinetuneProgress:
-    """Renders finetune's progress events: one progress bar per step on stderr, then the step's metrics."""
+    """Renders finetune's progress events on stderr: a bar per phase with the time left, the learning-rate search,
+    the held-out checkpoints."""
 
     def __init__(self) -> None:
         self.last = 0.0
@@ -448,23 +486,29 @@ class _FinetuneProgress:
         import time
 
         if event.event == "baseline":
-            click.echo(f"measuring the original and the slim net on the held-out data ({event.steps} steps planned)",
-                       err=True)
+            click.echo(f"measuring the original and the slim net on the held-out data ({event.steps} phase(s) "
+                       "planned)", err=True)
         elif event.event == "skipped":
-            click.echo(f"step {event.step}/{event.steps} {event.name}: done in an earlier run", err=True)
+            click.echo(f"phase {event.step}/{event.steps} {event.name}: done in an earlier run", err=True)
         elif event.event == "step":
-            click.echo(f"step {event.step}/{event.steps}: {event.name}", err=True)
+            click.echo(f"phase {event.step}/{event.steps}: {event.name}", err=True)
+        elif event.event == "search":
+            click.echo(f"  learning rate {event.lr:.3g}: held-out loss {event.loss:.4g}", err=True)
+        elif event.event == "evaluate" and event.metrics:
+            m = event.metrics
+            parts = [f"{k} {_pct(m[k]) if k in ('accuracy', 'agreement') else _num(m[k])}"
+                     for k in ("accuracy", "agreement", "loss") if k in m]
+            click.echo(f"\r  held-out at iteration {event.iteration}: {', '.join(parts)}" + " " * 20, err=True)
         elif event.event == "iteration":
             now = time.monotonic()
-            if now - self.last < 0.2 and event.iteration < event.iterations:
+            if now - self.last < 0.5 and event.iteration < event.iterations:
                 return
             self.last = now
             width = 30
             filled = width * event.iteration // max(event.iterations, 1)
+            left = "" if event.seconds_left is None else f", {max(event.seconds_left, 0) / 60:.1f} min left"
             click.echo(f"\r  [{'#' * filled}{'-' * (width - filled)}] {event.iteration}/{event.iterations} "
-                       f"loss {event.loss:.4g}   ", nl=event.iteration >= event.iterations, err=True)
-        elif event.event == "evaluate":
-            pass
+                       f"loss {event.loss:.4g}{left}   ", nl=False, err=True)
 
 
 def _pct(value: float | None) -> str:
@@ -483,12 +527,17 @@ def finetune_table(steps: Sequence[Any]) -> str:
     def layers(names: Sequence[str]) -> str:
         return ", ".join(names) if len(names) <= 2 else f"{', '.join(names[:2])} +{len(names) - 2}"
 
-    rows = [[f"{s.index}. {s.name if s.rules == ['final'] else layers(s.relearn)}", "+".join(RULE_LABELS.get(r, r) for r in s.rules), s.reproduces,
-             s.iterations, f"{_num(s.loss_start)} -> {_num(s.loss_end)}",
-             f"{_pct(s.accuracy_before)} -> {_pct(s.accuracy_after)}",
-             f"{_num(s.error_before)} -> {_num(s.error_after)}", f"{s.seconds:.1f}"] for s in steps]
-    return table(["step: new layers", "merged", "reproduces", "iters", "loss", "held-out top-1", "rel. error",
-                  "seconds"], rows)
+    def change(a: float | None, b: float | None, fmt: Callable[[float | None], str]) -> str:
+        return f"{fmt(a)} -> {fmt(b)}"
+
+    rows = [[f"{s.index}. {s.name if s.rules == ['final'] else layers(s.relearn)}",
+             "+".join(RULE_LABELS.get(r, r) for r in s.rules), s.target, f"{s.lr:.3g}",
+             f"{s.best_iteration}/{s.iterations}", change(s.accuracy_before, s.accuracy_after, _pct),
+             change(s.agreement_before, s.agreement_after, _pct),
+             change(s.error_before, s.error_after, _num), change(s.output_error_before, s.output_error_after, _num),
+             f"{s.seconds:.1f}"] for s in steps]
+    return table(["phase: new layers", "merged", "loss on", "lr", "kept/iters", "held-out top-1", "agrees",
+                  "error at blob", "error at output", "seconds"], rows)
 
 
 @main.command("finetune")
@@ -499,26 +548,33 @@ def finetune_table(steps: Sequence[Any]) -> str:
 @click.option("--report", "report_path", required=True, type=click.Path(dir_okay=False),
               help="the JSON report `deeprebirth rewrite --report` wrote")
 @click.option("--data", required=True, type=click.Path(),
-              help="training data: an image folder (a subfolder per class), a list file (path label) or an .npz")
+              help="training data: an image folder (a subfolder per class), a list file, an .npz or a Caffe LMDB")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="where to write the fine-tuned caffemodel")
 @click.option("--mode", type=click.Choice(["label", "mimic"]), default="label", show_default=True,
-              help="label: classification loss on labels; mimic: reproduce the original's activations (no labels)")
-@click.option("--iters", type=click.IntRange(min=1), default=300, show_default=True, help="solver iterations per step")
-@click.option("--final-iters", type=click.IntRange(min=0), default=0, show_default=True,
-              help="then train the whole slim net this long (label: on the labels; mimic: the original's logits)")
-@click.option("--final-lr", type=float, help="base learning rate of that closing step (default: --lr)")
-@click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--lr", type=float, help="base learning rate (default: 1e-4 for adam, 1e-3 for sgd)")
-@click.option("--solver", type=click.Choice(["adam", "sgd", "nesterov", "rmsprop", "adagrad", "adadelta"]),
-              default="adam", show_default=True)
+              help="label: the labels and the original's soft outputs; mimic: the original's outputs only (no labels)")
+@click.option("--budget", default="10m", show_default=True,
+              help="for the whole run: time (90s, 10m, 1.5h), solver iterations (3000it) or epochs (5ep)")
+@click.option("--schedule", type=click.Choice(["whole", "layerwise"]), default="whole", show_default=True,
+              help="whole: distil the whole slim net at once; layerwise: the paper's steps, one merge at a time, "
+                   "then the whole net")
+@click.option("--mimic-at", type=click.Choice(["local", "next", "logits"]), default="logits", show_default=True,
+              help="layer-wise steps in mimic mode: the merged blob, the next merge's blob, or the net's output")
+@click.option("--kd-weight", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="label mode: share of the distillation loss (the labels get the rest)")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
+              help="softmax temperature of the distillation loss")
+@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--lr", type=float, help="base learning rate (default: searched per phase on held-out data)")
+@click.option("--solver", type=click.Choice(["sgd", "nesterov", "adam", "rmsprop", "adagrad", "adadelta"]),
+              default="sgd", show_default=True)
 @click.option("--momentum", type=float, default=0.9, show_default=True)
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
 @click.option("--new-lr-mult", type=float, default=10.0, show_default=True,
-              help="learning-rate multiplier of each step's new layers")
-@click.option("--freeze-rest", is_flag=True, help="only each step's new layers learn (the rest stays bit-identical)")
-@click.option("--resume", is_flag=True, help="continue an interrupted run without redoing finished steps")
-@click.option("--max-steps", type=click.IntRange(min=1), help="stop after this many steps (continue with --resume)")
-@click.option("--val", type=click.Path(), help="held-out data for per-step metrics (default: --holdout of --data)")
+              help="layer-wise steps: learning-rate multiplier of the step's new layers")
+@click.option("--freeze-rest", is_flag=True, help="only the new layers learn (the rest stays bit-identical)")
+@click.option("--resume", is_flag=True, help="continue an interrupted run without redoing finished phases")
+@click.option("--max-steps", type=click.IntRange(min=1), help="stop after this many phases (continue with --resume)")
+@click.option("--val", type=click.Path(), help="held-out data (default: --holdout of --data)")
 @click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
               help="fraction of --data held out when --val is not given")
 @click.option("--val-limit", type=click.IntRange(min=1), default=2000, show_default=True,
@@ -528,43 +584,45 @@ def finetune_table(steps: Sequence[Any]) -> str:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="the report (default: OUT without suffix + .finetune.json)")
 @click.option("--cache-mb", type=float, default=1024, show_default=True,
-              help="memory for cached teacher activations (mimic)")
+              help="memory for the original's held-out outputs")
 @click.option("--seed", type=int, default=0, show_default=True)
 @_transform_options
 @_user_errors
 def finetune_command(original_prototxt: str, original_weights: str, slim_prototxt: str, slim_weights: str,
-                     report_path: str, data: str, out: str, mode: str, iters: int, final_iters: int,
-                     final_lr: float | None, batch: int, lr: float | None,
+                     report_path: str, data: str, out: str, mode: str, budget: str, schedule: str, mimic_at: str,
+                     kd_weight: float, temperature: float, batch: int, lr: float | None,
                      solver: str, momentum: float, weight_decay: float, new_lr_mult: float, freeze_rest: bool,
                      resume: bool, max_steps: int | None, val: str | None, holdout: float, val_limit: int,
                      work_dir: str | None, json_path: str | None, cache_mb: float, seed: int,
                      transform_from: str | None, scale: float | None, mean: str | None, mean_file: str | None,
                      crop: int | None, mirror: bool | None, resize: str | None, rgb: bool) -> None:
-    """Re-learn the new layers of SLIM layer by layer (as the report lists them), from ORIGINAL and --data."""
+    """Re-learn SLIM from ORIGINAL on --data within --budget (distillation; see --schedule)."""
     from deeprebirth.finetune import FinetuneOptions, finetune_files
     from deeprebirth.train import SolverOptions
 
+    if mirror is None and transform_from is None:
+        mirror = True  # Caffe's ImageNet recipes flip training images; --no-mirror for data where that is wrong
     options = FinetuneOptions(
-        mode=mode, iters=iters, final_iters=final_iters, final_lr=final_lr, batch=batch, solver=SolverOptions(solver, lr, momentum, weight_decay),
-        new_lr_mult=new_lr_mult, freeze_rest=freeze_rest, resume=resume,
+        mode=mode, schedule=schedule, mimic_at=mimic_at, budget=budget, kd_weight=kd_weight, temperature=temperature,
+        batch=batch, solver=SolverOptions(solver, lr, momentum, weight_decay), new_lr_mult=new_lr_mult,
+        freeze_rest=freeze_rest, resume=resume,
         transform=_transform(transform_from, scale, mean, mean_file, crop, mirror, resize, rgb), val=val,
         holdout=holdout, val_limit=val_limit, seed=seed, max_steps=max_steps, cache_mb=cache_mb, work_dir=work_dir,
         report=json_path)
     result = finetune_files(original_prototxt, original_weights, slim_prototxt, slim_weights, report_path, data, out,
                             options, progress=_FinetuneProgress())
-    if result.steps:
-        click.echo(finetune_table(result.steps))
-    else:
-        click.echo("the report lists no layers to re-learn")
+    click.echo("", err=True)
+    click.echo(finetune_table(result.steps))
     if result.held_out:
         click.echo(f"held-out top-1 ({result.held_out} images): original {_pct(result.original_accuracy)}, slim "
                    f"before fine-tuning {_pct(result.slim_accuracy)}, after {_pct(result.final_accuracy)}")
     if not result.complete:
-        click.echo(f"stopped after {len(result.steps)} of {len(result.planned)} steps; state in {result.work_dir}; "
+        click.echo(f"stopped after {len(result.steps)} of {len(result.planned)} phases; state in {result.work_dir}; "
                    "continue with --resume")
         return
-    note = f" ({result.resumed} step(s) from an earlier run)" if result.resumed else ""
-    click.echo(f"fine-tuned in {result.seconds:.1f} s{note}; wrote {result.out}, {result.report}")
+    note = f" ({result.resumed} phase(s) from an earlier run)" if result.resumed else ""
+    click.echo(f"fine-tuned in {result.seconds:.1f} s (budget {result.budget}){note}; wrote {result.out}, "
+               f"{result.report}")
 
 
 @main.command("evaluate")

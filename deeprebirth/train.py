@@ -61,7 +61,7 @@ def training_net(deploy: pb.NetParameter, factor: dict[str, float], blobs: dict[
     ``blobs[layer]`` parameter blobs; 0 freezes it), BatchNorm on its global statistics, and a loss layer named
     "loss": with ``loss`` "label", SoftmaxWithLoss on the prediction blob ``target`` (the Softmax that makes it is
     replaced) and an Input "label"; with "mimic", EuclideanLoss between blob ``target`` and an Input
-    "mimic_target" of ``target_shape`` (per image)."""
+    "mimic_target" of ``target_shape`` (per image); with "none", no loss layer (the caller adds its own)."""
     net = pb.NetParameter()
     net.CopyFrom(deploy)
     set_batch(net, batch)
@@ -84,7 +84,7 @@ def training_net(deploy: pb.NetParameter, factor: dict[str, float], blobs: dict[
             logits = last.bottom[0]
             net.layer.remove(last)
         net.layer.add(name="loss", type="SoftmaxWithLoss", bottom=[logits, "label"], top=["loss"])
-    else:
+    elif loss == "mimic":
         teacher = net.layer.add(name="mimic_target", type="Input", top=["mimic_target"])
         teacher.input_param.shape.add(dim=[batch, *target_shape])
         net.layer.add(name="loss", type="EuclideanLoss", bottom=[target, "mimic_target"], top=["loss"],
@@ -137,18 +137,24 @@ def read_params(net: Any, names: Sequence[str]) -> Weights:
             if name in net.params}
 
 
-def run_solver(work: Path, tag: str, train_net: pb.NetParameter, options: SolverOptions, iters: int, seed: int,
-               init: Callable[[str], list[np.ndarray]] | None, feed: Callable[[int], dict[str, np.ndarray]],
-               on_iteration: Callable[[int, float], None]) -> Any:
-    """Write ``<tag>_train.prototxt`` + ``<tag>_solver.prototxt``, create the solver, load ``init`` weights (else
-    the fillers), then ``iters`` times: write ``feed(i)`` into the input blobs and take one solver step."""
+def make_solver(work: Path, tag: str, train_net: pb.NetParameter, options: SolverOptions, iters: int,
+                seed: int) -> Any:
+    """Write ``<tag>_train.prototxt`` + ``<tag>_solver.prototxt`` (shape-checked first) and create the solver."""
     caffe = import_caffe()
     validate_net(train_net, f"{tag} train net")
     net_path, solver_path = work / f"{tag}_train.prototxt", work / f"{tag}_solver.prototxt"
     caffe_io.write_prototxt(net_path, train_net)
     write_text(solver_path, solver_text(net_path, options, iters, seed))
     caffe.set_random_seed(seed)
-    solver = caffe.get_solver(str(solver_path))
+    return caffe.get_solver(str(solver_path))
+
+
+def run_solver(work: Path, tag: str, train_net: pb.NetParameter, options: SolverOptions, iters: int, seed: int,
+               init: Callable[[str], list[np.ndarray]] | None, feed: Callable[[int], dict[str, np.ndarray]],
+               on_iteration: Callable[[int, float], None]) -> Any:
+    """``make_solver``, load ``init`` weights (else the fillers), then ``iters`` times: write ``feed(i)`` into the
+    input blobs and take one solver step."""
+    solver = make_solver(work, tag, train_net, options, iters, seed)
     net = solver.net
     loss_layer = next(p for p in train_net.layer if p.name == "loss")
     scale = loss_layer.loss_weight[0] if loss_layer.loss_weight else 1.0  # Caffe's top holds the unweighted loss

@@ -51,8 +51,8 @@ def nets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def options(**changes: object) -> FinetuneOptions:
-    base = FinetuneOptions(iters=12, batch=16, transform=Transform(scale=1 / 255), holdout=0.25,
-                           solver=SolverOptions("adam", lr=1e-3))
+    base = FinetuneOptions(budget="60it", batch=16, transform=Transform(scale=1 / 255), holdout=0.25,
+                           schedule="layerwise", solver=SolverOptions("adam", lr=1e-3))
     return replace(base, **changes)  # type: ignore[arg-type]
 
 
@@ -96,46 +96,93 @@ def test_a_later_change_that_splits_a_new_layer_joins_its_step(nets: dict[str, s
 
 def test_freeze_rest_lowers_loss_and_changes_only_the_new_layers(nets: dict[str, str], tmp_path: Path) -> None:
     out = tmp_path / "final.caffemodel"
-    result = run(nets, out, options(freeze_rest=True, iters=20, final_iters=10))
+    result = run(nets, out, options(freeze_rest=True, budget="150it", patience=0))
     assert result.complete and [s.index for s in result.steps] == [1, 2, 3, 4, 5, 6]
     assert result.steps[-1].name == "whole net" and result.steps[-1].reproduces == "classifier"
+    assert [s.iterations for s in result.steps] == [15] * 5 + [75]  # the sharing rule: steps 1/2, whole net 1/2
     assert np.mean([s.loss_end for s in result.steps]) < np.mean([s.loss_start for s in result.steps])
     before, after = weights(nets["slim_weights"]), weights(out)
     assert before.keys() == after.keys()
     new = {name for s in result.steps for name in s.relearn}
-    for name in before:
-        same = all(np.array_equal(a, b) for a, b in zip(before[name], after[name]))
-        assert same == (name not in new), name
+    same = {name: all(np.array_equal(a, b) for a, b in zip(before[name], after[name])) for name in before}
+    assert all(same[name] for name in before if name not in new)
+    assert sum(not same[name] for name in new) >= len(new) // 2  # kept checkpoints may be a phase's start
     report = json.loads(Path(result.report).read_text())  # type: ignore[arg-type]
     assert report["steps"][0]["name"] == "conv1_merge" and report["final_accuracy"] is not None
+    assert report["schedule"] == "layerwise" and report["budget"] == "150it"
+
+
+def test_whole_schedule_distils_every_layer_at_once(nets: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "final.caffemodel"
+    result = run(nets, out, options(schedule="whole", budget="80it", patience=0))
+    assert [s.name for s in result.steps] == ["whole net"] and result.steps[0].target == "labels+kd"
+    step = result.steps[0]
+    assert step.iterations == 80 and step.loss_end < step.loss_start
+    assert step.accuracy_after > step.accuracy_before  # type: ignore[operator]
+    assert step.agreement_after > step.agreement_before  # type: ignore[operator]  (labels = the original's top-1)
+    before, after = weights(nets["slim_weights"]), weights(out)
+    changed = {name for name in before if not all(np.array_equal(a, b) for a, b in zip(before[name], after[name]))}
+    assert {"conv1_merge", "conv2_reduce", "inception_1/3x3_reduce", "classifier"} <= changed
 
 
 def test_without_freeze_rest_the_slim_layers_learn_too(nets: dict[str, str], tmp_path: Path) -> None:
     out = tmp_path / "final.caffemodel"
-    result = run(nets, out, options(max_steps=None))
+    result = run(nets, out, options(patience=0))
     before, after = weights(nets["slim_weights"]), weights(out)
     changed = {name for name in before if not all(np.array_equal(a, b) for a, b in zip(before[name], after[name]))}
     assert {"conv1_merge", "conv2_reduce", "inception_1/3x3_reduce", "classifier"} <= changed
-    assert all(s.frozen > 0 for s in result.steps[:-1])  # the original's layers that the rewrite replaced
+    assert all(s.frozen > 0 for s in result.steps[:4])  # the original's layers that later merges replace
+    assert result.steps[4].frozen == 0  # after the last merge only the shared classifier follows: it learns
 
 
-def test_mimic_mode_reproduces_the_original_activation_better(nets: dict[str, str], tmp_path: Path) -> None:
-    result = run(nets, tmp_path / "final.caffemodel", options(mode="mimic", iters=25, final_iters=25,
-                                                               freeze_rest=True))
-    assert result.steps[-1].name == "whole net"  # the closing step: reproduce the original's logits
-    for step in result.steps:
-        assert step.error_after < step.error_before, step  # type: ignore[operator]
-        assert step.loss_end < step.loss_start and step.teacher_cached
+@pytest.mark.parametrize("target", ["local", "next", "logits"])
+def test_mimic_targets(nets: dict[str, str], tmp_path: Path, target: str) -> None:
+    result = run(nets, tmp_path / "final.caffemodel", options(mode="mimic", mimic_at=target, budget="200it",
+                                                               freeze_rest=True, patience=0))
+    assert result.steps[-1].name == "whole net" and result.steps[-1].target == "kd"
+    for step in result.steps[:-1]:
+        expected = {"local": "local", "logits": "kd"}.get(target, "next:")
+        assert step.target.startswith(expected) or (target == "next" and step.target == "kd"), step.target
+        assert step.loss_end < step.loss_start
+        if target == "local":
+            assert step.error_after < step.error_before, step  # type: ignore[operator]
+        if target == "logits":
+            assert step.output_error_after <= step.output_error_before, step  # type: ignore[operator]
+    if target == "next":  # a step looks at the next merge's blob; the last one at the logits
+        assert result.steps[0].target == f"next:{result.steps[1].reproduces}" and result.steps[-2].target == "kd"
     assert result.final_accuracy is not None  # labels exist, so held-out accuracy is measured too
+    assert result.steps[-1].output_error_after < result.steps[0].output_error_before  # type: ignore[operator]
 
 
 def test_mimic_mode_needs_no_labels(nets: dict[str, str], tmp_path: Path) -> None:
     unlabelled = tmp_path / "x.npz"
     np.savez(unlabelled, x=np.load(nets["data"])["x"])
-    result = run(nets, tmp_path / "final.caffemodel", options(mode="mimic", iters=3), data=str(unlabelled))
+    result = run(nets, tmp_path / "final.caffemodel", options(mode="mimic", budget="12it"), data=str(unlabelled))
     assert result.complete and result.final_accuracy is None
+    assert result.steps[-1].agreement_after is not None  # agreement with the original needs no labels
     with pytest.raises(DeepRebirthError, match="no labels"):
-        run(nets, tmp_path / "label.caffemodel", options(iters=3), data=str(unlabelled))
+        run(nets, tmp_path / "label.caffemodel", options(budget="12it"), data=str(unlabelled))
+
+
+def test_the_learning_rate_is_searched_on_held_out_data(nets: dict[str, str], tmp_path: Path) -> None:
+    result = run(nets, tmp_path / "final.caffemodel", options(schedule="whole", budget="120it",
+                                                               solver=SolverOptions("sgd", lr=None)))
+    step = result.steps[0]
+    assert [float(c) for c in step.lr_search] == pytest.approx([1e-3, 3e-3, 1e-2, 3e-2])
+    best = min(step.lr_search, key=lambda c: step.lr_search[c])
+    assert step.lr == pytest.approx(float(best))
+    assert step.iterations == 120 - 4 * 3  # the search's short runs come out of the budget
+
+
+def test_a_time_budget_ends_the_run_on_time(nets: dict[str, str], tmp_path: Path) -> None:
+    seconds = 20.0
+    left: list[float] = []
+    result = run(nets, tmp_path / "final.caffemodel", options(budget=f"{seconds:g}s", patience=0,
+                                                               solver=SolverOptions("sgd", lr=None)),
+                 progress=lambda e: left.append(e.seconds_left) if e.event == "iteration" else None)
+    assert result.complete and abs(result.seconds - seconds) <= 0.05 * seconds, result.seconds
+    assert left[0] > left[-1] >= 0  # progress counts the time down
+    assert all(s.lr_search for s in result.steps)
 
 
 SKIP = """name: "skip"
@@ -160,12 +207,14 @@ def test_label_mode_says_before_training_when_it_cannot_splice_the_nets(tmp_path
     data = tmp_path / "d.npz"
     rng = np.random.default_rng(0)
     np.savez(data, x=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8), y=rng.integers(0, 3, 40))
-    with pytest.raises(DeepRebirthError, match="cannot splice the nets there; use --mode mimic"):
+    with pytest.raises(DeepRebirthError, match="cannot be spliced there"):
         run(paths, tmp_path / "label.caffemodel", options(), data=str(data))
     assert not (tmp_path / "label.finetune").exists()
-    result = run(paths, tmp_path / "mimic.caffemodel", options(mode="mimic", iters=20), data=str(data))
-    assert result.steps[0].reproduces == "pool1" and result.steps[0].error_after < result.steps[0].error_before
-    assert result.steps[0].accuracy_after is None  # no net to measure accuracy with, but no failure either
+    result = run(paths, tmp_path / "mimic.caffemodel", options(mode="mimic", budget="80it", patience=0),
+                 data=str(data))
+    first = result.steps[0]  # mimic falls back to the merged blob itself there
+    assert first.reproduces == "pool1" and first.target == "local" and first.error_after < first.error_before
+    assert first.accuracy_after is None  # no net to measure accuracy with, but no failure either
 
 
 class Interrupt(Exception):
@@ -187,7 +236,7 @@ def test_resume_after_interruption_redoes_no_finished_step(nets: dict[str, str],
     started: list[int] = []
     resumed = run(nets, out, options(resume=True),
                   progress=lambda e: started.append(e.step) if e.event == "step" else None)
-    assert started == [3, 4, 5] and resumed.resumed == 2 and resumed.complete
+    assert started == [3, 4, 5, 6] and resumed.resumed == 2 and resumed.complete
     assert resumed.steps[:2] == [r for r in resumed.steps if r.index <= 2]
     uninterrupted = run(nets, tmp_path / "other.caffemodel", options())
     assert [s.name for s in resumed.steps] == [s.name for s in uninterrupted.steps] == resumed.planned
@@ -198,9 +247,9 @@ def test_max_steps_then_resume_and_refusal_of_other_options(nets: dict[str, str]
     first = run(nets, out, options(max_steps=2))
     assert not first.complete and len(first.steps) == 2 and first.out is None
     with pytest.raises(DeepRebirthError, match="other files or options"):
-        run(nets, out, options(resume=True, iters=13))
+        run(nets, out, options(resume=True, budget="61it"))
     second = run(nets, out, options(resume=True))
-    assert second.complete and [s.index for s in second.steps] == [1, 2, 3, 4, 5] and out.exists()
+    assert second.complete and [s.index for s in second.steps] == [1, 2, 3, 4, 5, 6] and out.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -273,18 +322,18 @@ def test_finetune_from_a_caffe_lmdb(nets: dict[str, str], tmp_path: Path) -> Non
                              data=image.transpose(2, 0, 1).tobytes())
             txn.put(f"{i:08d}".encode(), datum.SerializeToString())
     env.close()
-    result = run(nets, tmp_path / "final.caffemodel", options(iters=4), data=str(tmp_path / "train_lmdb"))
+    result = run(nets, tmp_path / "final.caffemodel", options(budget="8it"), data=str(tmp_path / "train_lmdb"))
     assert (tmp_path / "final.caffemodel").exists() and result.steps
 
 
 def test_cli_finetune_and_its_errors(nets: dict[str, str], tmp_path: Path) -> None:
     runner = CliRunner()
     base = ["finetune", nets["original"], nets["original_weights"], nets["slim"], nets["slim_weights"], "--report",
-            nets["report"], "--out", str(tmp_path / "final.caffemodel"), "--iters", "3", "--batch", "8",
+            nets["report"], "--out", str(tmp_path / "final.caffemodel"), "--budget", "30it", "--batch", "8", "--schedule", "layerwise",
             "--scale", "0.00390625"]
     done = runner.invoke(main, [*base, "--data", nets["data"], "--freeze-rest"])
     assert done.exit_code == 0, done.output
-    assert "inception_3/3x3_merge" in done.output and "wrote" in done.output
+    assert "inception_3/3x3_merge" in done.output and "wrote" in done.output and "learning rate" in done.output
     assert (tmp_path / "final.caffemodel").exists() and (tmp_path / "final.finetune.json").exists()
     bad = runner.invoke(main, [*base, "--data", str(tmp_path / "nowhere")])
     assert bad.exit_code == 2 and "error:" in bad.output and "no such file or folder" in bad.output
@@ -298,5 +347,6 @@ def test_fashion_mnist_example_quick(tmp_path: Path) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     results = (tmp_path / "RESULTS.md").read_text()
-    assert "slim, fine-tuned (label)" in results and "slim, fine-tuned (mimic)" in results
-    assert all((tmp_path / name).is_file() for name in ("accuracy.png", "speed.png", "steps.png"))
+    assert "slim, fine-tuned (label)" in results and "slim, fine-tuned (mimic, no labels)" in results
+    assert "Small data, no labels" in results and "Harder case" in results and "--budget 40it" in results
+    assert all((tmp_path / name).is_file() for name in ("accuracy.png", "speed.png", "curves.png"))

@@ -1,0 +1,238 @@
+"""Planning layer-wise steps from a rewrite report, and building a step's student net (pure IR work, no Caffe).
+
+The rewrite report lists the lossy changes and, for each, the new layers to re-learn (``relearn``) and the blob of
+the ORIGINAL net whose activation they should reproduce (``reproduces``). Changes that share a new layer (GoogLeNet
+conv1: pooling merged, then LRN merged into the same ``conv1_merge``) form one *step*; steps are ordered by the
+position of their blob in the original net, as in the paper: merge one layer or module, fine-tune, go on.
+
+A step's student net is the slim net's layers up to the step's blob B (the "prefix": earlier steps, this step's
+new layers, the layers between) and, optionally, the ORIGINAL net's layers after B (the "suffix", original
+weights): the net with merges 1..k applied and k+1.. not yet. The suffix may stop at a later blob (``until``), so a
+step can be judged a few blocks downstream with the layers in between free to adapt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import networkx as nx
+
+from deeprebirth import caffe_pb2 as pb
+from deeprebirth.errors import DeepRebirthError
+from deeprebirth.evaluate import NetIO
+from deeprebirth.graph import Graph
+from deeprebirth.shapes import infer_shapes
+
+
+@dataclass
+class Step:
+    """One layer-wise step: the changes whose new layers are learned together."""
+
+    index: int  # 1-based, in network order
+    relearn: list[str]  # new layers (slim net)
+    rules: list[str]
+    changes: list[int]  # positions in the report's "changes"
+    reproduces: str  # Caffe blob of the original net
+    blob: str  # Caffe blob of the slim net at the same position
+    final: bool = False  # the closing step over the whole net (``final_iters``): every layer learns at 1x
+
+    @property
+    def name(self) -> str:
+        return "whole net" if self.final else ", ".join(self.relearn)
+
+
+
+
+def plan_steps(report: dict[str, Any], original: Graph, slim: Graph) -> list[Step]:
+    """Group the report's lossy changes into steps and locate each step's blob in both nets.
+
+    Changes join one step when they share a new layer (conv1 + pool1, then + norm1: one ``conv1_merge``), when a
+    later change removed a layer an earlier one made (a merged conv that decompose_conv_tucker split: the merge is
+    learned through the pieces), or when they reproduce the same blob (the branches of one inception module)."""
+    changes = report.get("changes")
+    if not isinstance(changes, list):
+        raise DeepRebirthError("not a rewrite report (no 'changes' list)")
+    lossy = [i for i, c in enumerate(changes) if isinstance(c, dict) and c.get("relearn")]
+    parent = {i: i for i in lossy}
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    def join(a: int, b: int) -> None:
+        parent[root(a)] = root(b)
+
+    made: dict[str, int] = {}  # new layer -> the latest change that made it
+    for i in lossy:
+        change = changes[i]
+        for name in change.get("removed") or []:
+            if name in made:
+                join(made.pop(name), i)
+        for name in change["relearn"]:
+            if name in made:
+                join(made[name], i)
+            made[name] = i
+        if change.get("rule") == "merge_inception_branches" and change.get("changed"):
+            raise DeepRebirthError(f"change {i + 1} ({change.get('summary')}) reorders the channels of "
+                                   f"'{change.get('reproduces')}', which layer-wise fine-tuning compares with the "
+                                   "original's channel by channel; rewrite with a --widen mode that keeps the channel "
+                                   "order (balanced, on GoogLeNet-ordered blocks)")
+    missing = sorted(name for name in made if name not in slim)
+    if missing:
+        raise DeepRebirthError(f"the report's change {made[missing[0]] + 1} re-learns '{missing[0]}', which the slim "
+                               "net does not have: report and nets do not match")
+    by_blob: dict[str, int] = {}
+    for i in lossy:
+        blob = changes[i].get("reproduces")
+        if not blob or final_writer(original, blob) is None:
+            raise DeepRebirthError(f"change {i + 1} ({changes[i].get('rule')}) reproduces blob {blob!r}, which the "
+                                   "original net does not have: report and nets do not match")
+        if blob in by_blob:
+            join(i, by_blob[blob])
+        by_blob[blob] = i
+    order = {layer.name: k for k, layer in enumerate(original.layers())}
+
+    def position(blob: str) -> int:
+        return order[final_writer(original, blob)[1]]  # type: ignore[index]
+
+    groups: dict[int, list[int]] = {}
+    for i in lossy:
+        groups.setdefault(root(i), []).append(i)
+    steps = []
+    for members in groups.values():
+        names = {name for i in members for name in changes[i]["relearn"] if made.get(name) is not None}
+        relearn = [layer.name for layer in slim.layers() if layer.name in names]
+        if not relearn:
+            continue
+        reproduces = max((changes[i]["reproduces"] for i in members), key=position)
+        if final_writer(slim, reproduces) is None:
+            raise DeepRebirthError(f"the slim net has no blob '{reproduces}' (the rules keep the name of the blob a "
+                                   "merge reproduces): report and nets do not match")
+        rules = list(dict.fromkeys(changes[i].get("rule", "?") for i in members))
+        steps.append(Step(0, relearn, rules, members, reproduces, reproduces))
+    steps.sort(key=lambda step: position(step.reproduces))
+    o_shapes, s_shapes = infer_shapes(original), infer_shapes(slim)
+    for k, step in enumerate(steps, 1):
+        step.index = k
+        a = o_shapes[final_writer(original, step.reproduces)[0]]  # type: ignore[index]
+        b = s_shapes[final_writer(slim, step.blob)[0]]  # type: ignore[index]
+        if a != b:
+            raise DeepRebirthError(f"blob '{step.reproduces}' has shape {a} in the original net but {b} in the slim "
+                                   "net: report and nets do not match")
+    return steps
+
+
+def final_step(steps: list[Step], original: Graph, slim: Graph) -> Step:
+    """The closing step: the whole slim net, up to its logits (the input of a final Softmax, else its output).
+    Its ``relearn`` lists every step's new layers (the only ones that learn with ``freeze_rest``)."""
+    output = NetIO.of(slim).output
+    _, last = final_writer(slim, output)  # type: ignore[misc]
+    producer = slim.layer(last)
+    logits = slim.caffe_name(producer.bottoms[0]) if producer.type == "Softmax" else output
+    if final_writer(original, logits) is None:
+        raise DeepRebirthError(f"the original net has no blob '{logits}' (the slim net's logits) to compare with")
+    relearn = [name for step in steps for name in step.relearn]
+    return Step(len(steps) + 1, relearn, ["final"], [], logits, logits, final=True)
+
+
+def final_writer(graph: Graph, blob: str) -> tuple[str, str] | None:
+    """(SSA blob, layer) of the last layer that writes Caffe blob ``blob`` (in-place layers included)."""
+    names = graph.caffe_blob_names()
+    found = None
+    for layer in graph.layers():
+        for top in layer.tops:
+            if names[top] == blob:
+                found = (top, layer.name)
+    return found
+
+
+def prefix(graph: Graph, layer: str) -> set[str]:
+    return set(nx.ancestors(graph.dag(), layer)) | {layer}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# building the nets of a step
+
+
+@dataclass
+class StepNet:
+    """A net for one step: layers in Caffe form, where each layer's weights come from, and how fast it learns."""
+
+    net: pb.NetParameter
+    source: dict[str, tuple[str, str]]  # layer name here -> ("slim" | "original", layer name there)
+    factor: dict[str, float]  # layer name -> lr multiplier (0: frozen)
+    blob: str  # the step's blob, as named in this net
+    output: str | None  # the prediction blob (None for a prefix alone)
+    until: str | None = None  # the original's blob ``until`` as named in this net (a suffix that stops there)
+
+
+def build_step_net(step: Step, slim: Graph, original: Graph, with_suffix: bool, shared: set[str],
+                   new_lr_mult: float, freeze_rest: bool, until: str | None = None) -> StepNet:
+    """The slim prefix up to the step's blob, and (``with_suffix``) the original's layers after it, all of them or
+    (``until``, a blob of the original) only those that blob depends on."""
+    s_blob, s_last = final_writer(slim, step.blob)  # type: ignore[misc]
+    o_blob, o_last = final_writer(original, step.reproduces)  # type: ignore[misc]
+    keep = prefix(slim, s_last)
+    s_names = slim.caffe_blob_names()
+    net = pb.NetParameter(name=f"{slim.name or 'net'}_step{step.index}")
+    source: dict[str, tuple[str, str]] = {}
+    factor: dict[str, float] = {}
+    new = set(step.relearn)
+    for param in slim.to_net().layer:
+        if param.name in keep:
+            net.layer.add().CopyFrom(param)
+            source[param.name] = ("slim", param.name)
+            factor[param.name] = new_lr_mult if param.name in new else (0.0 if freeze_rest else 1.0)
+    output = None
+    if with_suffix:
+        taken_blobs = {s_names[b] for layer in slim.layers() if layer.name in keep for b in layer.tops}
+        taken_layers = set(keep)
+        before = prefix(original, o_last)
+        o_names = original.caffe_blob_names()
+        o_params = {p.name: p for p in original.to_net().layer}
+        needed: set[str] | None = None
+        if until is not None:
+            found = final_writer(original, until)
+            if found is None:
+                raise DeepRebirthError(f"the original net has no blob '{until}'")
+            needed = prefix(original, found[1])
+
+        def rename(blob: str) -> str:
+            name = o_names[blob]
+            return name + "/original" if name in taken_blobs else name
+
+        for layer in original.layers():
+            if layer.name in before or layer.type == "Input" or (needed is not None and layer.name not in needed):
+                continue
+            bottoms = []
+            for blob in layer.bottoms:
+                if original.producer(blob).name in before:
+                    if blob != o_blob:
+                        raise DeepRebirthError(f"layer '{layer.name}' of the original net reads "
+                                               f"'{o_names[blob]}', from before the step's blob "
+                                               f"'{step.reproduces}': the slim and the original net cannot be "
+                                               "spliced there")
+                    bottoms.append(s_names[s_blob])
+                else:
+                    bottoms.append(rename(blob))
+            param = net.layer.add()
+            param.CopyFrom(o_params[layer.name])
+            name = layer.name + "/original" if layer.name in taken_layers else layer.name
+            param.name = name
+            del param.bottom[:]
+            del param.top[:]
+            param.bottom.extend(bottoms)
+            param.top.extend(rename(t) for t in layer.tops)
+            source[name] = ("original", layer.name)
+            factor[name] = (0.0 if freeze_rest else 1.0) if layer.name in shared else 0.0
+        hybrid = Graph.from_net(net, source="<step net>")
+        if until is None:
+            outputs = hybrid.outputs()
+            output = hybrid.caffe_name(outputs[0]) if outputs else None
+        else:
+            until_here = rename(final_writer(original, until)[0])  # type: ignore[index]
+            return StepNet(net, source, factor, s_names[s_blob], None, until_here)
+    return StepNet(net, source, factor, s_names[s_blob], output)
+
