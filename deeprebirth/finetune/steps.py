@@ -35,7 +35,7 @@ class Step:
     changes: list[int]  # positions in the report's "changes"
     reproduces: str  # Caffe blob of the original net
     blob: str  # Caffe blob of the slim net at the same position
-    final: bool = False  # the closing step over the whole net (``final_iters``): every layer learns at 1x
+    final: bool = False  # the whole-net phase: every layer learns at 1x
 
     @property
     def name(self) -> str:

@@ -74,7 +74,7 @@ class Config:
 FULL = Config("full", 55000, 5000, 10000, train_iters=8000, train_lr=0.05, budget="2ep", latency_rounds=60,
               compare=True, small_images=500, small_budget="30ep", hard_images=5000, hard_budget="6ep")
 QUICK = Config("quick", 3000, 500, 1000, train_iters=150, train_lr=0.05, budget="40it", latency_rounds=10,
-               compare=False, small_images=200, small_budget="20it", hard_images=500, hard_budget="20it")
+               compare=True, small_images=200, small_budget="20it", hard_images=500, hard_budget="20it")
 
 
 def log(message: str) -> None:
@@ -260,6 +260,7 @@ class Run:
     mode: str = "label"
     schedule: str = "whole"  # the default
     mimic_at: str = "logits"  # the default
+    init: str = "inherit"  # the default; "fit": merged convs start from a least-squares fit
     train: str = "train"  # the training data: "train", "small" (unlabelled subset) or "hard" (labelled subset)
     budget: str = ""  # "" : the config's
 
@@ -268,6 +269,8 @@ class Run:
         parts = [self.net, self.mode, self.schedule]
         if self.mode == "mimic" and self.schedule == "layerwise":
             parts.append(self.mimic_at)
+        if self.init != "inherit":
+            parts.append(self.init)
         if self.train != "train":
             parts.append(self.train)
         return "_".join(parts)
@@ -283,7 +286,7 @@ def finetune(folder: Path, data: dict[str, Path], config: Config, run_: Run, fre
                                    f"{net}.report.json")]
     out = folder / f"{run_.name}.caffemodel"
     stage = f"finetune_{run_.name}"
-    options = FinetuneOptions(mode=run_.mode, schedule=run_.schedule, mimic_at=run_.mimic_at,
+    options = FinetuneOptions(mode=run_.mode, schedule=run_.schedule, mimic_at=run_.mimic_at, init=run_.init,
                               budget=run_.budget or config.budget, transform=replace(TRANSFORM, mirror=True),
                               val=data["val"] if run_.train == "train" else None)  # subsets hold out their own
     key = {"inputs": file_key(*inputs, data[run_.train], data["val"]), "options": asdict(options),
@@ -374,14 +377,14 @@ def num(value: float | None) -> str:
 
 MAIN_RUNS = {"slim, fine-tuned (label)": Run(), "slim, fine-tuned (mimic, no labels)": Run(mode="mimic")}
 TUCKER_RUN = ("slim+Tucker, fine-tuned (label)", Run(net="tucker"))
-COMPARE_RUNS = [Run(schedule="layerwise"), Run(mode="mimic", schedule="layerwise", mimic_at="local"),
+COMPARE_RUNS = [Run(schedule="layerwise"), Run(init="fit"), Run(mode="mimic", schedule="layerwise", mimic_at="local"),
                 Run(mode="mimic", schedule="layerwise", mimic_at="next"),
-                Run(mode="mimic", schedule="layerwise", mimic_at="logits")]
+                Run(mode="mimic", schedule="layerwise", mimic_at="logits"), Run(mode="mimic", init="fit")]
 
 
 def describe(run_: Run) -> str:
     if run_.schedule == "whole":
-        return "whole net, distilled (default)"
+        return "fitted start (--init fit) + whole net" if run_.init == "fit" else "whole net, distilled (default)"
     what = {"local": "the merged blob", "next": "the next merge's blob", "logits": "the logits"}[run_.mimic_at]
     return "layer-wise (paper) + whole net" + (f", steps mimic {what}" if run_.mode == "mimic" else "")
 
