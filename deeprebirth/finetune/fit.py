@@ -41,7 +41,7 @@ def patches(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int], pad
 def fit_conv(x: np.ndarray, y: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int], pad: tuple[int, int],
              ridge: float = 1e-3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(W, b) of the conv that best maps ``x`` (N × C_in × H × W) to ``y`` (N × C_out × oh × ow), see above."""
-    n, c_out, oh, ow = y.shape
+    _, c_out, oh, ow = y.shape
     rows = patches(x, kernel, stride, pad, (oh, ow))
     targets = y.astype(np.float64).transpose(0, 2, 3, 1).reshape(-1, c_out)
     if len(rows) > MAX_ROWS:
