@@ -193,19 +193,21 @@ def train_original(folder: Path, data: dict[str, Path], config: Config, fresh: b
 
 def train_control(folder: Path, data: dict[str, Path], config: Config, fresh: bool,
                   label_run: dict[str, Any]) -> dict[str, Any]:
-    """A fair baseline: the original trained on with the labels for as many iterations, at the learning rate, as
-    the slim net's label-mode fine-tuning, so that a gain that extra training alone would give is not credited to
+    """A fair baseline: the original trained on with the labels for as many iterations of the same batch size, at
+    the learning rate, as the slim net's label-mode fine-tuning, so that a gain that extra training alone would give is not credited to
     slimming."""
+    from deeprebirth.finetune import FinetuneOptions
     from deeprebirth.train import SolverOptions, train_classifier
 
     original = folder / "original.prototxt", folder / "original.caffemodel"
     weights = folder / "original_control.caffemodel"
+    batch = FinetuneOptions().batch
     iters = sum(step["iterations"] for step in label_run["steps"])
     lr = label_run["steps"][-1]["lr"]
-    key = {"inputs": file_key(*original, data["train"]), "iters": iters, "lr": lr, "mirror": True}
+    key = {"inputs": file_key(*original, data["train"]), "iters": iters, "lr": lr, "mirror": True, "batch": batch}
 
     def run() -> dict[str, Any]:
-        result = train_classifier(original[0], data["train"], weights, iters=iters, batch=64,
+        result = train_classifier(original[0], data["train"], weights, iters=iters, batch=batch,
                                   solver=SolverOptions("sgd", lr=lr, momentum=0.9, weight_decay=5e-4),
                                   transform=replace(TRANSFORM, mirror=True), weights=original[1], val=data["val"],
                                   work_dir=folder / "original_control.train")
