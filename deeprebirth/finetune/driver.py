@@ -58,6 +58,8 @@ MODES = ("label", "mimic")
 SCHEDULES = ("whole", "layerwise")
 MIMIC_TARGETS = ("local", "next", "logits")
 INITS = ("inherit", "fit")
+EVAL_COST = 0.01  # share of a time budget one held-out evaluation may cost
+MIN_HELD_OUT = 64
 FIT_IMAGES = 256
 STATE_VERSION = 2
 Weights = dict[str, list[np.ndarray]]
@@ -233,6 +235,8 @@ def finetune_files(original_prototxt: PathLike, original_weights: PathLike, slim
     ctx, store, state, fingerprint = _prepare(original_prototxt, original_weights, slim_prototxt, slim_weights,
                                               report_path, data, out, options)
     teacher = Teacher(ctx.original, ctx.original_proto, original_weights, NetIO.of(ctx.original).input)
+    if budget.timed:
+        ctx.val_indices = _affordable_held_out(ctx, teacher, budget.amount, options.batch)
     finished = {r["index"]: StepResult(**r) for r in state.get("finished", [])}
     resumed = len(finished)
     clock.start -= float(state.get("seconds", 0.0))  # what earlier runs of a resumed one spent
@@ -285,6 +289,22 @@ def finetune_files(original_prototxt: PathLike, original_weights: PathLike, slim
         write_text(Path(report), json.dumps(payload, indent=2))
     notify(Progress("finished", len(finished), len(ctx.steps)))
     return result
+
+
+def _affordable_held_out(ctx: _Context, teacher: Teacher, seconds: float, batch: int) -> np.ndarray:
+    """The held-out images one evaluation can afford under a time budget: at most ``EVAL_COST`` of it (a phase
+    evaluates up to 8 times, plus the measurements before and after), at least ``MIN_HELD_OUT`` images. The cost
+    per image is timed on one batch of the original (the slim net is cheaper)."""
+    if ctx.val is None or not len(ctx.val_indices):
+        return ctx.val_indices
+    chunk = ctx.val_indices[:batch]
+    x = ctx.val.batch(chunk)
+    teacher.outputs(x, [ctx.logits])  # warm-up: the first pass allocates
+    started = time.monotonic()
+    teacher.outputs(x, [ctx.logits])
+    per_image = 2 * (time.monotonic() - started) / len(chunk)  # the student's pass and the original's
+    affordable = int(EVAL_COST * seconds / max(per_image, 1e-9))
+    return ctx.val_indices[:max(min(MIN_HELD_OUT, len(ctx.val_indices)), affordable)]
 
 
 def _check_options(options: FinetuneOptions) -> Budget:
