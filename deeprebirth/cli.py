@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -653,6 +653,56 @@ def batch_command(zoo_dir: str, out_dir: str, jobs: int | None, rules: str, chec
     if strict and summary.failed:
         click.echo(f"{len(summary.failed)} model(s) failed (--strict)", err=True)
         sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# export: library in deeprebirth.export
+
+
+@main.command("export")
+@click.argument("prototxt", type=click.Path(dir_okay=False))
+@click.argument("caffemodel", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--to", "to", type=click.Choice(["onnx", "mnn", "ncnn"]),
+              help="output format  [default: from OUT's suffix: .onnx, .mnn, .param]")
+@click.option("--opset", type=click.IntRange(min=1), default=13, show_default=True, help="ONNX opset")
+@click.option("--batch", type=click.IntRange(min=1), help="batch size of the inputs  [default: the net's]")
+@click.option("--outputs", multiple=True, help="blob names to export up to (comma-separated)  [default: the net's "
+                                               "outputs]")
+@click.option("--check", type=click.IntRange(min=0), default=0,
+              help="run Caffe and the exported model on N random inputs and compare")
+@click.option("--images", multiple=True, type=click.Path(), help="real photos (files or folders) to compare on too")
+@click.option("--tolerance", type=float, help="largest allowed max|a-b|/max|a| per output  [default: onnxruntime "
+                                              "1e-4, ncnn 1e-4, mnn 1e-3]")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed for the random inputs")
+@click.option("--phase", type=click.Choice(["TEST", "TRAIN"]), default="TEST", show_default=True)
+@_user_errors
+def export_command(prototxt: str, caffemodel: str, out: str, to: str | None, opset: int, batch: int | None,
+                   outputs: tuple[str, ...], check: int, images: tuple[str, ...], tolerance: float | None, seed: int,
+                   phase: str) -> None:
+    """Export PROTOTXT + CAFFEMODEL to OUT as ONNX, MNN or ncnn (OUT.param + OUT.bin), optionally checked against
+    real Caffe in the format's runtime (ONNX Runtime, MNN, ncnn; one thread, fp32)."""
+    from deeprebirth.export.api import ExportOptions, export_files
+
+    options = ExportOptions(to=to, opset=opset, batch=batch, outputs=_split(outputs), check=check,
+                            images=_image_files(images), tolerance=tolerance, seed=seed, phase=phase)
+    result = export_files(prototxt, caffemodel, out, options)
+
+    def shapes(found: Mapping[str, tuple[int, ...] | None]) -> str:
+        return ", ".join(f"{name} {'x'.join(map(str, shape)) if shape else '?'}" for name, shape in found.items())
+
+    nodes = f", {result.nodes} ONNX nodes" if result.nodes is not None else ""
+    click.echo(f"wrote {', '.join(result.files)} ({result.format}{nodes}): {shapes(result.inputs)} -> "
+               f"{shapes(result.outputs)}")
+    c = result.check
+    if c is not None:
+        click.echo(table(["output", "max |a-b|", "max |a-b| / max |a|"],
+                         [[d.blob, f"{d.max_abs:.3g}", f"{d.max_rel:.3g}"] for d in c.diffs]))
+        verdict = "PASSED" if c.passed else "FAILED"
+        click.echo(f"check {verdict} on {c.inputs} inputs, Caffe vs {c.runtime}: worst relative error "
+                   f"{c.worst.max_rel:.3g} (tolerance {c.tolerance:g}), predictions changed: {c.predictions_changed}")
+        if not c.passed:
+            sys.exit(1)
 
 
 if __name__ == "__main__":
