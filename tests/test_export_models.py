@@ -104,3 +104,18 @@ def _needs(graph: Graph, blob: str, types: set[str]) -> bool:
     from deeprebirth.export.subgraph import needed_layers, output_blobs
 
     return any(graph.layer(name).type in types for name in needed_layers(graph, output_blobs(graph, [blob])))
+
+
+@pytest.mark.parametrize("to", ["mnn", "ncnn"])
+def test_slimmed_googlenet_in_mnn_and_ncnn_agrees_with_caffe(to: str, model_zoo: Path, photos: list[str],
+                                                             tmp_path: Path) -> None:
+    graph = copy.deepcopy(original(model_zoo, "bvlc_googlenet", tmp_path)[0])
+    set_batch(graph, 1)
+    rewrite(graph, select_rules("all"))
+    proto, weights = save(graph, tmp_path, "slim")
+    result = export_files(proto, weights, tmp_path / f"slim.{to}", ExportOptions(
+        to=to, outputs=["loss3/classifier", "prob"], check=1, images=photos))
+    check = result.check
+    assert check is not None and check.inputs == 1 + len(photos)
+    assert check.passed and check.predictions_changed == 0, check
+    assert check.worst.max_rel <= (1e-4 if to == "mnn" else 1e-5)

@@ -80,7 +80,8 @@ def _onnxruntime(path: str, outputs: Mapping[str, Shape | None], threads: int) -
 def _mnn(path: str, outputs: Mapping[str, Shape | None], threads: int) -> Session:
     mnn = require("MNN")
     interpreter = mnn.Interpreter(path)
-    session = interpreter.createSession({"numThread": threads, "precision": "high"})
+    # saveTensors keeps intermediate outputs (e.g. the logits under a Softmax) readable after the run
+    session = interpreter.createSession({"numThread": threads, "precision": "high", "saveTensors": tuple(outputs)})
     if session is None:
         raise DeepRebirthError("MNN could not create a session for the model", file=path)
     shapes: dict[str, Shape] = {}
@@ -97,7 +98,10 @@ def _mnn(path: str, outputs: Mapping[str, Shape | None], threads: int) -> Sessio
         interpreter.runSession(session)
         found = {}
         for name in outputs:
-            out = interpreter.getSessionOutput(session, name)
+            try:
+                out = interpreter.getSessionOutput(session, name)
+            except Exception as err:  # noqa: BLE001 - pymnn raises a bare Exception
+                raise DeepRebirthError(f"MNN has no output {name!r} ({err})", file=path) from None
             shape = tuple(out.getShape())
             host = mnn.Tensor(shape, mnn.Halide_Type_Float, np.zeros(shape, np.float32),
                               mnn.Tensor_DimensionType_Caffe)
