@@ -281,11 +281,15 @@ def _timing_options(command: F) -> F:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the measurements as JSON")
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
               help="list the N slowest layers (0: all)")
+@click.option("--runtime", type=click.Choice(["caffe", "opencv", "onnxruntime", "mnn", "ncnn"]), default="caffe",
+              show_default=True, help="where to time: real Caffe per layer, or whole forward passes in OpenCV dnn "
+                                      "or in the exported model (ONNX Runtime, MNN, ncnn)")
 @_user_errors
 def profile_command(prototxt: str, weights: str | None, batch: int | None, threads: int, rounds: int, warmup: int,
                     compare_prototxt: str | None, compare_weights: str | None, plot_path: str | None,
-                    json_path: str | None, top: int, clock: str, seed: int) -> None:
-    """Time every layer of PROTOTXT in real Caffe: per layer, per type, the non-tensor share, and memory."""
+                    json_path: str | None, top: int, clock: str, seed: int, runtime: str) -> None:
+    """Time every layer of PROTOTXT in real Caffe: per layer, per type, the non-tensor share, and memory; or, with
+    --runtime, whole forward passes in another runtime (interleaved with --compare's net)."""
     import json
 
     from deeprebirth.profile import plot_by_type, profile_net
@@ -293,6 +297,10 @@ def profile_command(prototxt: str, weights: str | None, batch: int | None, threa
     if compare_weights and not compare_prototxt:
         raise DeepRebirthError("--compare-weights needs --compare")
     nets = [(prototxt, weights)] + ([(compare_prototxt, compare_weights)] if compare_prototxt else [])
+    if runtime != "caffe":
+        _runtime_latency(nets, runtime, batch=batch, threads=threads, rounds=rounds, warmup=warmup, seed=seed,
+                         clock=clock, plot_path=plot_path, json_path=json_path)
+        return
     profiles = [profile_net(path, model, batch=batch, threads=threads, rounds=rounds, warmup=warmup, seed=seed,
                             clock=clock) for path, model in nets]
     first = profiles[0]
@@ -313,6 +321,33 @@ def profile_command(prototxt: str, weights: str | None, batch: int | None, threa
         click.echo(f"wrote {plot_path}")
     if json_path:
         caffe_io.atomic_write_bytes(json_path, json.dumps([p.to_json() for p in profiles], indent=2).encode())
+        click.echo(f"wrote {json_path}")
+
+
+def _runtime_latency(nets: Sequence[tuple[str, str | None]], runtime: str, *, plot_path: str | None,
+                     json_path: str | None, **timing: Any) -> None:
+    import json
+    import statistics
+
+    from deeprebirth.export.latency import latency
+
+    if plot_path:
+        raise DeepRebirthError("--plot needs --runtime caffe (the per-layer profile)")
+    times = latency(nets, runtime, **timing)
+    medians = [statistics.median(t) for t in times]
+    click.echo(f"{runtime}: whole forward passes, {timing['threads']} thread(s), median of {timing['rounds']} "
+               f"interleaved rounds after {timing['warmup']} warm-up, {timing['clock']} clock"
+               f"{'' if nets[0][1] else ', random weights'}")
+    labels = ["before", "after"] if len(nets) == 2 else ["net"]
+    click.echo(table(["", "net", "median ms", "min ms"],
+                     [[label, path, f"{m:.2f}", f"{min(t):.2f}"] for label, (path, _), m, t in
+                      zip(labels, nets, medians, times)]))
+    if len(nets) == 2 and medians[1] > 0:
+        click.echo(f"speed-up before/after in {runtime}: {medians[0] / medians[1]:.2f}x")
+    if json_path:
+        payload = {"runtime": runtime, **timing, "nets": [{"prototxt": p, "weights": w, "times_ms": t, "median_ms": m}
+                                                          for (p, w), t, m in zip(nets, times, medians)]}
+        caffe_io.atomic_write_bytes(json_path, json.dumps(payload, indent=2).encode())
         click.echo(f"wrote {json_path}")
 
 

@@ -4,6 +4,7 @@ exit codes (0 ok, 1 check failed, 2 bad input or a runtime package missing), one
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,25 @@ def test_bad_requests(model: tuple[str, str], tmp_path: Path) -> None:
     code, _, err = run("export", model[0], model[0], str(tmp_path / "x.onnx"))
     assert code == 2 and "Traceback" not in err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "mnn", "ncnn", "opencv"])
+def test_profile_in_a_runtime_interleaved(runtime: str, model: tuple[str, str], tmp_path: Path) -> None:
+    proto, weights = model
+    report = tmp_path / "times.json"
+    code, out, err = run("profile", proto, "--weights", weights, "--compare", proto, "--runtime", runtime,
+                         "--rounds", "3", "--warmup", "1", "--json", str(report))
+    assert code == 0, err
+    assert f"speed-up before/after in {runtime}" in out
+    payload = json.loads(report.read_text())
+    assert payload["runtime"] == runtime and payload["threads"] == 1
+    assert [len(net["times_ms"]) for net in payload["nets"]] == [3, 3]
+    assert all(t > 0 for net in payload["nets"] for t in net["times_ms"])
+
+
+def test_profile_runtime_without_weights_and_refusals(model: tuple[str, str], tmp_path: Path) -> None:
+    code, out, err = run("profile", model[0], "--runtime", "onnxruntime", "--rounds", "1", "--warmup", "0")
+    assert code == 0, err
+    assert "random weights" in out
+    code, _, err = run("profile", model[0], "--runtime", "mnn", "--plot", str(tmp_path / "p.png"))
+    assert_one_line_error(code, err, "--plot needs --runtime caffe")
