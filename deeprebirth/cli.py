@@ -138,15 +138,21 @@ def main() -> None:
 @click.option("--rank-method", default=None,
               help="Tucker ranks per conv (rule decompose_conv_tucker): vbmf, energy:F, speedup:X, ranks:R1,R2 or "
                    "full  [default: vbmf]")
+@click.option("--runtime", type=click.Choice(["onnxruntime", "mnn", "ncnn"]),
+              help="time every candidate merge on this runtime first and apply only the lossy ones that save at "
+                   "least --min-gain there (exact folds always apply)")
+@click.option("--min-gain", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="with --runtime: the percent of the net's time on it a lossy merge must save")
 @_user_errors
 def rewrite(prototxt: str, out_prototxt: str, weights: str | None, out_weights: str | None, rules: str,
             skip: tuple[str, ...], only: tuple[str, ...], exclude: tuple[str, ...], phase: str,
             report_path: str | None, check: int, images: tuple[str, ...], tolerance: float, init: str, widen: str,
-            seed: int, preset: str | None, rank_method: str | None) -> None:
+            seed: int, preset: str | None, rank_method: str | None, runtime: str | None, min_gain: float) -> None:
     """Rewrite PROTOTXT (and --weights) into OUT_PROTOTXT (and --out-weights)."""
     options = api.preset_options(preset or "deeprebirth", rules=rules, skip=_split(skip), only=_split(only),
                                  exclude=_split(exclude), phase=phase, check=check, images=_image_files(images),
-                                 tolerance=tolerance, init=init, widen=widen, seed=seed, rank_method=rank_method)
+                                 tolerance=tolerance, init=init, widen=widen, seed=seed, rank_method=rank_method,
+                                 runtime=runtime, min_gain=min_gain)
     result = api.rewrite_files(prototxt, out_prototxt, weights, out_weights, report_path, options)
     click.echo(render_report(result.report))
     for warning in result.report.warnings:
@@ -351,20 +357,55 @@ def _runtime_latency(nets: Sequence[tuple[str, str | None]], runtime: str, *, pl
         click.echo(f"wrote {json_path}")
 
 
+def _runtime_plan(prototxt: str, weights: str | None, runtime: str, *, json_path: str | None, **timing: Any) -> None:
+    import dataclasses
+    import json
+
+    from deeprebirth.export.runtime_plan import plan_on_runtime
+
+    plan = plan_on_runtime(prototxt, weights, runtime, **timing)
+    click.echo(f"{prototxt}{'' if weights else ' (random weights)'}: {plan.original_ms:.2f} ms per forward in "
+               f"{runtime} (batch {plan.batch}, {plan.threads} thread(s), median of {plan.rounds} interleaved rounds "
+               f"of every variant); each merge applied alone and timed there")
+    rows = []
+    for i, c in enumerate(plan.candidates, 1):
+        share = 100 * plan.share(c)
+        verdict = "pays" if c.risk == "exact" or share >= 1.0 else "does not pay"
+        rows.append([i, c.rule, c.risk, c.stage, c.layers[0], f"{c.saved_ms:.2f}", f"{share:.1f}%", verdict])
+    click.echo(table(["#", "rule", "risk", "stage", "at", f"saved on {runtime} (ms)", "of net", ""], rows))
+    losers = [c for c in plan.candidates if c.risk == "lossy" and plan.share(c) < 0.01]
+    if losers:
+        click.echo(f"{len(losers)} lossy merge(s) save under 1% on {runtime}: re-learning them spends accuracy for "
+                   f"nothing there (rewrite --runtime {runtime} --min-gain 1 leaves them out)")
+    if json_path:
+        payload = {**dataclasses.asdict(plan), "candidates": [dict(dataclasses.asdict(c), saved_ms=c.saved_ms,
+                                                                   share=plan.share(c)) for c in plan.candidates]}
+        caffe_io.atomic_write_bytes(json_path, json.dumps(payload, indent=2).encode())
+        click.echo(f"wrote {json_path}")
+
+
 @main.command("plan")
 @click.argument("prototxt", type=click.Path(dir_okay=False))
 @_timing_options
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the plan as JSON")
 @click.option("--rules", "rules", default="all", show_default=True,
               help="rule names or groups to plan with, comma-separated (as for rewrite)")
+@click.option("--runtime", type=click.Choice(["caffe", "onnxruntime", "mnn", "ncnn"]), default="caffe",
+              show_default=True, help="price merges in Caffe's per-layer profile, or measure each merge alone on an "
+                                      "exported runtime (batch 1 unless --batch)")
 @_user_errors
 def plan_command(prototxt: str, weights: str | None, batch: int | None, threads: int, rounds: int,
-                 json_path: str | None, rules: str, clock: str, seed: int) -> None:
+                 json_path: str | None, rules: str, clock: str, seed: int, runtime: str) -> None:
     """List every merge the rules could make in PROTOTXT, with measured time, MACs and memory saved, and risk."""
     import dataclasses
     import json
 
     from deeprebirth.plan import plan_file
+
+    if runtime != "caffe":
+        _runtime_plan(prototxt, weights, runtime, rules=rules, batch=batch or 1, threads=threads, rounds=rounds,
+                      seed=seed, clock=clock, json_path=json_path)
+        return
 
     plan = plan_file(prototxt, weights, rules=rules, batch=batch, threads=threads, rounds=rounds, seed=seed,
                      clock=clock)

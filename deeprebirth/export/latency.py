@@ -54,11 +54,11 @@ def latency(nets: Sequence[tuple[PathLike, PathLike | None]], runtime: str, *, b
         if runtime in ("caffe", "opencv"):
             return interleaved_latency(pairs, runtime=runtime, batch=batch, threads=threads, rounds=rounds,
                                        warmup=warmup, seed=seed, clock=clock, fusion=fusion)
-        return _exported_latency(pairs, runtime, Path(tmp), batch=batch, threads=threads, rounds=rounds,
+        return exported_latency(pairs, runtime, Path(tmp), batch=batch, threads=threads, rounds=rounds,
                                  warmup=warmup, seed=seed, clock=clock)
 
 
-def _exported_latency(pairs: Sequence[tuple[PathLike, PathLike]], runtime: str, folder: Path, *, batch: int | None,
+def exported_latency(pairs: Sequence[tuple[PathLike, PathLike]], runtime: str, folder: Path, *, batch: int | None,
                       threads: int, rounds: int, warmup: int, seed: int, clock: str) -> list[list[float]]:
     from deeprebirth.export.api import ExportOptions, export_files
 
