@@ -13,7 +13,8 @@ $(STAMP): setup.py setup.cfg proto/caffe.proto scripts/build_caffe.sh
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "numpy>=2,<3" "protobuf>=3.20" six
 	scripts/build_caffe.sh $(PY)
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,runtimes]"
+	$(PY) -m pip install --quiet --no-deps pnnx  # ONNX -> ncnn converter binary (its Python side wants torch)
 	$(PY) scripts/fetch_assets.py > /dev/null
 	touch $(STAMP)
 

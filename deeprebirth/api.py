@@ -35,6 +35,9 @@ class RewriteOptions:
     init: str = "inherit"  # how lossy rules start new layers: "inherit" or "filler"
     widen: str = "balanced"  # where merge_inception_branches puts freed channels: "3x3", "5x5", "balanced"
     rank_method: str = "vbmf"  # decompose_conv_tucker's ranks: "vbmf", "energy:F", "speedup:X", "ranks:R1,R2", "full"
+    runtime: str | None = None  # onnxruntime, mnn, ncnn: apply only the lossy merges that pay there (--min-gain)
+    min_gain: float = 1.0  # percent of the original net's time on ``runtime`` a lossy merge must save
+    runtime_rounds: int = 10  # interleaved timing rounds of the runtime plan
 
 
 # Named pipelines (``rewrite --preset``): settings of RewriteOptions. DeepRebirth's default is slimming alone; its
@@ -76,7 +79,11 @@ def rewrite_files(prototxt: PathLike, out_prototxt: PathLike, weights: PathLike 
         raise DeepRebirthError(str(err)) from None
     graph = load_model(prototxt, weights, phase=options.phase)
     config = RuleConfig(init=options.init, widen=options.widen, seed=options.seed, rank_method=options.rank_method)
-    report = rewrite(graph, rules, only=options.only, exclude=options.exclude, config=config)
+    exclude, notes = list(options.exclude), list[str]()
+    if options.runtime:
+        exclude, notes = _runtime_exclusions(prototxt, weights, options, config, exclude)
+    report = rewrite(graph, rules, only=options.only, exclude=exclude, config=config)
+    report.warnings += notes
     save_model(graph, out_prototxt, out_weights)
     if out_weights is not None:
         report.warnings += caffemodel_size_warnings(os.path.getsize(out_weights))
@@ -95,6 +102,21 @@ def rewrite_files(prototxt: PathLike, out_prototxt: PathLike, weights: PathLike 
                                 "blobs": [vars(d) for d in check.diffs]}
         caffe_io.atomic_write_bytes(report_path, json.dumps(payload, indent=2))
     return RewriteResult(report, check)
+
+
+def _runtime_exclusions(prototxt: PathLike, weights: PathLike | None, options: RewriteOptions, config: RuleConfig,
+                        exclude: list[str]) -> tuple[list[str], list[str]]:
+    """``rewrite --runtime R --min-gain PCT``: measure every candidate merge on R (export.runtime_plan) and leave
+    out the lossy ones that save less than PCT percent there; returns (exclude list, report lines)."""
+    from deeprebirth.export.runtime_plan import exclusions, plan_on_runtime
+
+    plan = plan_on_runtime(prototxt, weights, options.runtime or "", rules=options.rules, seed=options.seed,
+                           rounds=options.runtime_rounds, clock="cpu", config=config)
+    names, dropped = exclusions(plan, options.min_gain)
+    notes = [f"not applied: {c.rule} at '{c.layers[0]}' saves {100 * plan.share(c):.1f}% of the net's time on "
+             f"{plan.runtime} (< {options.min_gain:g}%): a lossy merge that does not pay there is accuracy spent "
+             "for nothing" for c in dropped]
+    return exclude + [n for n in names if n not in exclude], notes
 
 
 def caffemodel_size_warnings(size: int) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -138,15 +138,21 @@ def main() -> None:
 @click.option("--rank-method", default=None,
               help="Tucker ranks per conv (rule decompose_conv_tucker): vbmf, energy:F, speedup:X, ranks:R1,R2 or "
                    "full  [default: vbmf]")
+@click.option("--runtime", type=click.Choice(["onnxruntime", "mnn", "ncnn"]),
+              help="time every candidate merge on this runtime first and apply only the lossy ones that save at "
+                   "least --min-gain there (exact folds always apply)")
+@click.option("--min-gain", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="with --runtime: the percent of the net's time on it a lossy merge must save")
 @_user_errors
 def rewrite(prototxt: str, out_prototxt: str, weights: str | None, out_weights: str | None, rules: str,
             skip: tuple[str, ...], only: tuple[str, ...], exclude: tuple[str, ...], phase: str,
             report_path: str | None, check: int, images: tuple[str, ...], tolerance: float, init: str, widen: str,
-            seed: int, preset: str | None, rank_method: str | None) -> None:
+            seed: int, preset: str | None, rank_method: str | None, runtime: str | None, min_gain: float) -> None:
     """Rewrite PROTOTXT (and --weights) into OUT_PROTOTXT (and --out-weights)."""
     options = api.preset_options(preset or "deeprebirth", rules=rules, skip=_split(skip), only=_split(only),
                                  exclude=_split(exclude), phase=phase, check=check, images=_image_files(images),
-                                 tolerance=tolerance, init=init, widen=widen, seed=seed, rank_method=rank_method)
+                                 tolerance=tolerance, init=init, widen=widen, seed=seed, rank_method=rank_method,
+                                 runtime=runtime, min_gain=min_gain)
     result = api.rewrite_files(prototxt, out_prototxt, weights, out_weights, report_path, options)
     click.echo(render_report(result.report))
     for warning in result.report.warnings:
@@ -281,11 +287,15 @@ def _timing_options(command: F) -> F:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the measurements as JSON")
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
               help="list the N slowest layers (0: all)")
+@click.option("--runtime", type=click.Choice(["caffe", "opencv", "onnxruntime", "mnn", "ncnn"]), default="caffe",
+              show_default=True, help="where to time: real Caffe per layer, or whole forward passes in OpenCV dnn "
+                                      "or in the exported model (ONNX Runtime, MNN, ncnn)")
 @_user_errors
 def profile_command(prototxt: str, weights: str | None, batch: int | None, threads: int, rounds: int, warmup: int,
                     compare_prototxt: str | None, compare_weights: str | None, plot_path: str | None,
-                    json_path: str | None, top: int, clock: str, seed: int) -> None:
-    """Time every layer of PROTOTXT in real Caffe: per layer, per type, the non-tensor share, and memory."""
+                    json_path: str | None, top: int, clock: str, seed: int, runtime: str) -> None:
+    """Time every layer of PROTOTXT in real Caffe: per layer, per type, the non-tensor share, and memory; or, with
+    --runtime, whole forward passes in another runtime (interleaved with --compare's net)."""
     import json
 
     from deeprebirth.profile import plot_by_type, profile_net
@@ -293,6 +303,10 @@ def profile_command(prototxt: str, weights: str | None, batch: int | None, threa
     if compare_weights and not compare_prototxt:
         raise DeepRebirthError("--compare-weights needs --compare")
     nets = [(prototxt, weights)] + ([(compare_prototxt, compare_weights)] if compare_prototxt else [])
+    if runtime != "caffe":
+        _runtime_latency(nets, runtime, batch=batch, threads=threads, rounds=rounds, warmup=warmup, seed=seed,
+                         clock=clock, plot_path=plot_path, json_path=json_path)
+        return
     profiles = [profile_net(path, model, batch=batch, threads=threads, rounds=rounds, warmup=warmup, seed=seed,
                             clock=clock) for path, model in nets]
     first = profiles[0]
@@ -313,6 +327,60 @@ def profile_command(prototxt: str, weights: str | None, batch: int | None, threa
         click.echo(f"wrote {plot_path}")
     if json_path:
         caffe_io.atomic_write_bytes(json_path, json.dumps([p.to_json() for p in profiles], indent=2).encode())
+        click.echo(f"wrote {json_path}")
+
+
+def _runtime_latency(nets: Sequence[tuple[str, str | None]], runtime: str, *, plot_path: str | None,
+                     json_path: str | None, **timing: Any) -> None:
+    import json
+    import statistics
+
+    from deeprebirth.export.latency import latency
+
+    if plot_path:
+        raise DeepRebirthError("--plot needs --runtime caffe (the per-layer profile)")
+    times = latency(nets, runtime, **timing)
+    medians = [statistics.median(t) for t in times]
+    click.echo(f"{runtime}: whole forward passes, {timing['threads']} thread(s), median of {timing['rounds']} "
+               f"interleaved rounds after {timing['warmup']} warm-up, {timing['clock']} clock"
+               f"{'' if nets[0][1] else ', random weights'}")
+    labels = ["before", "after"] if len(nets) == 2 else ["net"]
+    click.echo(table(["", "net", "median ms", "min ms"],
+                     [[label, path, f"{m:.2f}", f"{min(t):.2f}"] for label, (path, _), m, t in
+                      zip(labels, nets, medians, times)]))
+    if len(nets) == 2 and medians[1] > 0:
+        click.echo(f"speed-up before/after in {runtime}: {medians[0] / medians[1]:.2f}x")
+    if json_path:
+        payload = {"runtime": runtime, **timing, "nets": [{"prototxt": p, "weights": w, "times_ms": t, "median_ms": m}
+                                                          for (p, w), t, m in zip(nets, times, medians)]}
+        caffe_io.atomic_write_bytes(json_path, json.dumps(payload, indent=2).encode())
+        click.echo(f"wrote {json_path}")
+
+
+def _runtime_plan(prototxt: str, weights: str | None, runtime: str, *, json_path: str | None, **timing: Any) -> None:
+    import dataclasses
+    import json
+
+    from deeprebirth.export.runtime_plan import plan_on_runtime
+
+    plan = plan_on_runtime(prototxt, weights, runtime, **timing)
+    click.echo(f"{prototxt}{'' if weights else ' (random weights)'}: {plan.original_ms:.2f} ms per forward in "
+               f"{runtime} (batch {plan.batch}, {plan.threads} thread(s), median of {plan.rounds} interleaved rounds "
+               f"of every variant); each merge applied alone and timed there")
+    rows = []
+    for i, c in enumerate(plan.candidates, 1):
+        share = 100 * plan.share(c)
+        verdict = "pays" if c.risk == "exact" or share >= 1.0 else "does not pay"
+        rows.append([i, c.rule, c.risk, c.stage, c.layers[0], f"{c.saved_ms:.2f}", f"{share:.1f}%", verdict])
+    click.echo(table(["#", "rule", "risk", "stage", "at", f"saved on {runtime} (ms)", "of net", ""], rows))
+    losers = [c for c in plan.candidates if c.risk == "lossy" and plan.share(c) < 0.01]
+    if losers:
+        click.echo(f"{len(losers)} lossy merge(s) save under 1% on {runtime}: re-learning them spends accuracy for "
+                   f"nothing there (rewrite --runtime {runtime} --min-gain 1 leaves them out)")
+    if json_path:
+        payload = {**dataclasses.asdict(plan), "candidates": [dict(dataclasses.asdict(c), saved_ms=c.saved_ms,
+                                                                   share=plan.share(c)) for c in plan.candidates]}
+        caffe_io.atomic_write_bytes(json_path, json.dumps(payload, indent=2).encode())
         click.echo(f"wrote {json_path}")
 
 
@@ -372,10 +440,14 @@ def _transform(transform_from: str | None, scale: float | None, mean: str | None
 @click.option("--data", type=click.Path(), help="images (no labels needed) to measure each lossy merge's accuracy "
               "risk with: a short mimic of the net with only that merge (needs --weights)")
 @click.option("--risk-budget", default="30s", show_default=True, help="the short mimic's --budget, per merge")
+@click.option("--runtime", type=click.Choice(["caffe", "onnxruntime", "mnn", "ncnn"]), default="caffe",
+              show_default=True, help="price merges in Caffe's per-layer profile, or measure each merge alone on an "
+                                      "exported runtime (batch 1 unless --batch)")
 @_transform_options
 @_user_errors
 def plan_command(prototxt: str, weights: str | None, batch: int | None, threads: int, rounds: int,
                  json_path: str | None, rules: str, clock: str, seed: int, data: str | None, risk_budget: str,
+                 runtime: str,
                  transform_from: str | None, scale: float | None, mean: str | None, mean_file: str | None,
                  crop: int | None, mirror: bool | None, resize: str | None, rgb: bool) -> None:
     """List every merge the rules could make in PROTOTXT, with measured time, MACs and memory saved, and risk."""
@@ -386,6 +458,12 @@ def plan_command(prototxt: str, weights: str | None, batch: int | None, threads:
 
     if data is not None and weights is None:
         raise DeepRebirthError("measuring the accuracy risk needs the trained weights (--weights)", file=prototxt)
+    if runtime != "caffe":
+        if data is not None:
+            raise DeepRebirthError("--data (accuracy risk) goes with the Caffe plan; leave out --runtime")
+        _runtime_plan(prototxt, weights, runtime, rules=rules, batch=batch or 1, threads=threads, rounds=rounds,
+                      seed=seed, clock=clock, json_path=json_path)
+        return
     plan = plan_file(prototxt, weights, rules=rules, batch=batch, threads=threads, rounds=rounds, seed=seed,
                      clock=clock)
     risks: dict[int, Any] = {}
@@ -714,6 +792,56 @@ def batch_command(zoo_dir: str, out_dir: str, jobs: int | None, rules: str, chec
     if strict and summary.failed:
         click.echo(f"{len(summary.failed)} model(s) failed (--strict)", err=True)
         sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# export: library in deeprebirth.export
+
+
+@main.command("export")
+@click.argument("prototxt", type=click.Path(dir_okay=False))
+@click.argument("caffemodel", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--to", "to", type=click.Choice(["onnx", "mnn", "ncnn"]),
+              help="output format  [default: from OUT's suffix: .onnx, .mnn, .param]")
+@click.option("--opset", type=click.IntRange(min=1), default=13, show_default=True, help="ONNX opset")
+@click.option("--batch", type=click.IntRange(min=1), help="batch size of the inputs  [default: the net's]")
+@click.option("--outputs", multiple=True, help="blob names to export up to (comma-separated)  [default: the net's "
+                                               "outputs]")
+@click.option("--check", type=click.IntRange(min=0), default=0,
+              help="run Caffe and the exported model on N random inputs and compare")
+@click.option("--images", multiple=True, type=click.Path(), help="real photos (files or folders) to compare on too")
+@click.option("--tolerance", type=float, help="largest allowed max|a-b|/max|a| per output  [default: onnxruntime "
+                                              "1e-4, ncnn 1e-4, mnn 1e-3]")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed for the random inputs")
+@click.option("--phase", type=click.Choice(["TEST", "TRAIN"]), default="TEST", show_default=True)
+@_user_errors
+def export_command(prototxt: str, caffemodel: str, out: str, to: str | None, opset: int, batch: int | None,
+                   outputs: tuple[str, ...], check: int, images: tuple[str, ...], tolerance: float | None, seed: int,
+                   phase: str) -> None:
+    """Export PROTOTXT + CAFFEMODEL to OUT as ONNX, MNN or ncnn (OUT.param + OUT.bin), optionally checked against
+    real Caffe in the format's runtime (ONNX Runtime, MNN, ncnn; one thread, fp32)."""
+    from deeprebirth.export.api import ExportOptions, export_files
+
+    options = ExportOptions(to=to, opset=opset, batch=batch, outputs=_split(outputs), check=check,
+                            images=_image_files(images), tolerance=tolerance, seed=seed, phase=phase)
+    result = export_files(prototxt, caffemodel, out, options)
+
+    def shapes(found: Mapping[str, tuple[int, ...] | None]) -> str:
+        return ", ".join(f"{name} {'x'.join(map(str, shape)) if shape else '?'}" for name, shape in found.items())
+
+    nodes = f", {result.nodes} ONNX nodes" if result.nodes is not None else ""
+    click.echo(f"wrote {', '.join(result.files)} ({result.format}{nodes}): {shapes(result.inputs)} -> "
+               f"{shapes(result.outputs)}")
+    c = result.check
+    if c is not None:
+        click.echo(table(["output", "max |a-b|", "max |a-b| / max |a|"],
+                         [[d.blob, f"{d.max_abs:.3g}", f"{d.max_rel:.3g}"] for d in c.diffs]))
+        verdict = "PASSED" if c.passed else "FAILED"
+        click.echo(f"check {verdict} on {c.inputs} inputs, Caffe vs {c.runtime}: worst relative error "
+                   f"{c.worst.max_rel:.3g} (tolerance {c.tolerance:g}), predictions changed: {c.predictions_changed}")
+        if not c.passed:
+            sys.exit(1)
 
 
 if __name__ == "__main__":

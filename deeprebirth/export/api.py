@@ -1,0 +1,155 @@
+"""``deeprebirth export``: load, export to one format, write atomically, optionally check against real Caffe."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from deeprebirth import caffe_io
+from deeprebirth.caffe_runtime import Feed, image_feeds, random_feeds
+from deeprebirth.errors import DeepRebirthError
+from deeprebirth.export.check import RuntimeCheck, check_export
+from deeprebirth.export.runtimes import Shape, model_files, require, require_installed
+from deeprebirth.export.subgraph import output_blobs, prune
+from deeprebirth.graph import Graph
+from deeprebirth.model import PathLike, load_model, same_file, save_model
+from deeprebirth.shapes import infer_shapes
+
+FORMATS = ("onnx", "mnn", "ncnn")
+RUNTIME_OF = {"onnx": "onnxruntime", "mnn": "mnn", "ncnn": "ncnn"}
+SUFFIXES = {".onnx": "onnx", ".mnn": "mnn", ".param": "ncnn"}
+
+
+@dataclass
+class ExportOptions:
+    to: str | None = None  # onnx, mnn, ncnn; None: from OUT's suffix
+    opset: int = 13
+    batch: int | None = None  # None: the net's own batch
+    outputs: Sequence[str] = ()  # Caffe blob names to export up to (default: the net's outputs)
+    check: int = 0  # random inputs to compare on
+    images: Sequence[PathLike] = ()
+    tolerance: float | None = None  # None: the runtime's default (check.TOLERANCES)
+    seed: int = 0
+    phase: str = "TEST"
+
+
+@dataclass
+class ExportResult:
+    format: str
+    files: list[str]
+    inputs: dict[str, Shape]
+    outputs: dict[str, Shape | None]  # None: unknown to shape inference (a layer only MNN knows)
+    nodes: int | None  # ONNX nodes (None for MNN)
+    check: RuntimeCheck | None
+
+
+def export_format(out: PathLike, to: str | None) -> str:
+    """The format asked for: ``to``, else from OUT's suffix."""
+    if to is not None:
+        if to not in FORMATS:
+            raise DeepRebirthError(f"unknown format {to!r} ({', '.join(FORMATS)})")
+        return to
+    suffix = Path(out).suffix.lower()
+    if suffix not in SUFFIXES:
+        raise DeepRebirthError(f"cannot tell the format from the suffix {suffix or '(none)'!r}: use --to "
+                               f"({', '.join(FORMATS)}) or .onnx, .mnn, .param", file=str(out))
+    return SUFFIXES[suffix]
+
+
+def _check_packages(fmt: str, check: bool) -> None:
+    """Fail before any work when a package the job needs is missing."""
+    if fmt in ("onnx", "ncnn"):
+        require_installed("onnx")
+    if fmt == "mnn":
+        require_installed("_tools", "MNN")
+    if fmt == "ncnn":
+        from deeprebirth.export.ncnn import pnnx_binary
+
+        pnnx_binary()
+    if check:
+        require_installed({"onnx": "onnxruntime", "mnn": "MNN", "ncnn": "ncnn"}[fmt])
+
+
+def export_files(prototxt: PathLike, caffemodel: PathLike, out: PathLike,
+                 options: ExportOptions | None = None) -> ExportResult:
+    """Export (prototxt, caffemodel) to ``out`` in one format; with ``check``/``images`` compare with Caffe."""
+    from deeprebirth.profile import set_batch
+
+    options = options or ExportOptions()
+    fmt = export_format(out, options.to)
+    files = model_files(RUNTIME_OF[fmt], out)
+    for target in files:
+        for source in (prototxt, caffemodel):
+            if same_file(source, target):
+                raise DeepRebirthError("the output would overwrite an input", file=str(target))
+    _check_packages(fmt, bool(options.check or options.images))
+    if options.batch is not None and options.batch < 1:
+        raise DeepRebirthError(f"batch must be at least 1, got {options.batch}")
+    graph = load_model(prototxt, caffemodel, phase=options.phase)
+    if options.batch is not None:
+        set_batch(graph, options.batch)
+    if options.outputs:
+        graph = prune(graph, options.outputs)
+    shapes = infer_shapes(graph)
+    inputs: dict[str, Shape] = {}
+    for blob in graph.inputs():
+        shape = shapes[blob]
+        if shape is None:
+            raise DeepRebirthError("an input of unknown shape", file=str(prototxt))
+        inputs[graph.caffe_name(blob)] = shape
+    if not inputs:
+        raise DeepRebirthError("the net has no Input layer (or net-level inputs)", file=str(prototxt))
+    out_blobs = output_blobs(graph, options.outputs)
+    outputs = {graph.caffe_name(b): shapes[b] for b in out_blobs}
+    nodes = None
+    if fmt in ("onnx", "ncnn"):
+        nodes = _write_onnx_or_ncnn(graph, fmt, out, options.opset, options.outputs, inputs, outputs)
+    else:
+        from deeprebirth.export.mnn import caffe_to_mnn
+
+        with tempfile.TemporaryDirectory(prefix="deeprebirth-export-") as tmp:
+            proto, weights = Path(tmp) / "net.prototxt", Path(tmp) / "net.caffemodel"
+            save_model(graph, proto, weights)
+            caffe_to_mnn(proto, weights, out)
+    check = None
+    if options.check or options.images:
+        feeds = export_feeds(inputs, options.check, options.images, options.seed)
+        check = check_export(prototxt, caffemodel, RUNTIME_OF[fmt], out, outputs,
+                             feeds, options.tolerance)
+    return ExportResult(fmt, files, inputs, outputs, nodes, check)
+
+
+def _write_onnx_or_ncnn(graph: Graph, fmt: str, out: PathLike, opset: int, names: Sequence[str],
+                        inputs: dict[str, Shape], outputs: Mapping[str, Shape | None]) -> int:
+    """Export to ONNX (refusing unsupported layers by name), check it with onnx.checker, write it or convert it to
+    ncnn; returns the number of ONNX nodes."""
+    from deeprebirth.export.onnx import to_onnx
+
+    onnx = require("onnx")
+    model = to_onnx(graph, opset=opset, outputs=names or None)
+    payload = model.SerializeToString()
+    try:
+        onnx.checker.check_model(payload, full_check=True)
+    except Exception as err:  # a checker failure here is a bug in the exporter, not bad input
+        raise RuntimeError(f"the exported ONNX model fails onnx.checker: {err}") from err
+    if fmt == "onnx":
+        caffe_io.atomic_write_bytes(out, payload)
+    else:
+        from deeprebirth.export.ncnn import onnx_to_ncnn
+
+        onnx_to_ncnn(payload, out, inputs, list(outputs))
+    return len(model.graph.node)
+
+
+def export_feeds(inputs: dict[str, Shape], count: int, images: Sequence[PathLike], seed: int = 0) -> list[Feed]:
+    """``count`` N(0, 1) feeds, then one feed per photo (single-input nets only)."""
+    feeds = random_feeds(inputs, count, seed)
+    if images:
+        if len(inputs) != 1:
+            raise DeepRebirthError("--images needs a net with exactly one input")
+        (name, shape), = inputs.items()
+        feeds += image_feeds([os.fspath(p) for p in images], name, shape)
+    return feeds

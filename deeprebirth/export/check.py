@@ -1,0 +1,89 @@
+"""Does the exported model compute what Caffe computes? Run both on the same inputs and compare each output.
+
+The original (prototxt, caffemodel) runs in real Caffe in a spawned worker (a Caffe abort becomes an error, not a
+dead caller); the export runs in its runtime, one thread, fp32. Per output: max |a - b| / max |a| (``a`` Caffe's),
+plus the number of inputs whose argmax over axis 1 changed.
+
+Default tolerances (relative, as above), from what each runtime's fp32 path does differently from Caffe:
+
+* onnxruntime 1e-4: the same operators in fp32; only summation order differs (measured ~1e-6 on GoogLeNet logits).
+* ncnn 1e-4: fp32 with fp16 storage/arithmetic turned off (see runtimes.py) and fp32 weights (pnnx ``fp16=0``).
+* mnn 1e-3: MNN converts 3x3 convolutions to Winograd and re-associates sums even at ``precision: high``
+  (measured up to ~3e-4 on deep nets' logits).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+
+import numpy as np
+
+from deeprebirth.caffe_runtime import BlobDiff, Feed, forward, open_net
+from deeprebirth.errors import DeepRebirthError
+from deeprebirth.export.runtimes import Shape, open_session
+
+TOLERANCES = {"onnxruntime": 1e-4, "ncnn": 1e-4, "mnn": 1e-3}
+
+
+@dataclass
+class RuntimeCheck:
+    runtime: str
+    inputs: int
+    tolerance: float
+    diffs: list[BlobDiff] = field(default_factory=list)
+    predictions_changed: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return all(d.max_rel <= self.tolerance for d in self.diffs) and self.predictions_changed == 0
+
+    @property
+    def worst(self) -> BlobDiff:
+        return max(self.diffs, key=lambda d: d.max_rel)
+
+
+def _caffe_outputs(prototxt: str, caffemodel: str, feeds: list[Feed], blobs: list[str]) -> list[dict[str, np.ndarray]]:
+    net = open_net(prototxt, caffemodel)
+    return [forward(net, feed, blobs) for feed in feeds]
+
+
+def caffe_outputs(prototxt: str | os.PathLike[str], caffemodel: str | os.PathLike[str], feeds: list[Feed],
+                  blobs: Sequence[str]) -> list[dict[str, np.ndarray]]:
+    """The named blobs after a forward pass of real Caffe on each feed (in a spawned worker)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        try:
+            return pool.submit(_caffe_outputs, str(prototxt), str(caffemodel), feeds, list(blobs)).result()
+        except BrokenProcessPool:
+            raise DeepRebirthError("Caffe aborted while running the original net (see its message above)",
+                                   file=str(prototxt)) from None
+
+
+def check_export(prototxt: str | os.PathLike[str], caffemodel: str | os.PathLike[str], runtime: str,
+                 model: str | os.PathLike[str], outputs: Mapping[str, Shape | None], feeds: list[Feed],
+                 tolerance: float | None = None) -> RuntimeCheck:
+    """Compare Caffe and ``runtime`` running ``model`` on every feed, output by output (Caffe names)."""
+    if not feeds:
+        raise DeepRebirthError("nothing to check on: give --check N or --images")
+    expected = caffe_outputs(prototxt, caffemodel, feeds, list(outputs))
+    session = open_session(runtime, model, outputs)
+    result = RuntimeCheck(runtime, len(feeds), TOLERANCES[runtime] if tolerance is None else tolerance)
+    worst = {name: [0.0, 0.0] for name in outputs}  # max |a - b|, max |a|
+    for feed, want in zip(feeds, expected):
+        got = session.run(feed)
+        for name in outputs:
+            a, b = want[name], got[name]
+            if a.shape != b.shape:
+                raise DeepRebirthError(f"output '{name}' has shape {a.shape} in Caffe and {b.shape} in {runtime}")
+            worst[name][0] = max(worst[name][0], float(np.max(np.abs(a - b), initial=0.0)))
+            worst[name][1] = max(worst[name][1], float(np.max(np.abs(a), initial=0.0)))
+        first = next(iter(outputs))
+        if want[first].ndim >= 2 and want[first].shape[1] > 1:
+            result.predictions_changed += int(np.sum(want[first].argmax(axis=1) != got[first].argmax(axis=1)))
+    for name, (max_abs, scale) in worst.items():
+        result.diffs.append(BlobDiff(name, max_abs, max_abs / scale if scale > 0 else max_abs))
+    return result

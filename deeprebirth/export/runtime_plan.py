@@ -1,0 +1,141 @@
+"""Runtime-aware planning: what each candidate merge saves *on the target runtime*, measured, not estimated.
+
+A lossy merge costs fine-tuning and some accuracy; it is worth it only where it makes the target faster. Caffe's
+pooling and LRN are slow, so in Caffe nearly every merge pays; MNN, ncnn and ONNX Runtime run pooling fast, so a
+merge that trades a pooling for a strided conv may save nothing there.
+
+Candidates come in stages as in ``deeprebirth.plan``: stage 0 matches the net as given; stage n matches once every
+earlier candidate is applied. Each candidate is applied alone to its stage's graph; every stage graph and every
+trial is exported to the runtime and all of them are timed in one worker, interleaved (base, trial 1, trial 2, ...
+each round), so machine drift hits all alike. Time saved = median(stage graph) - median(trial).
+
+``exclusions`` turns a plan into what ``rewrite --runtime R --min-gain PCT`` leaves out: the lossy candidates
+that save less than PCT percent of the original net's time on R (exact folds always apply: they cost nothing).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from deeprebirth.errors import DeepRebirthError
+from deeprebirth.export.latency import EXPORTED, exported_latency
+from deeprebirth.graph import Graph
+from deeprebirth.initializers import random_weights
+from deeprebirth.model import PathLike, load_model, save_model
+from deeprebirth.profile import TENSOR_TYPES, set_batch
+from deeprebirth.rewrite import select_rules
+from deeprebirth.rules import Change, Match, Rule, RuleConfig
+
+MAX_STAGES = 20
+ELIMINATED_TYPES = frozenset({"Pooling", "LRN"})  # what lossy merges exist to remove
+
+
+@dataclass
+class RuntimeCandidate:
+    rule: str
+    group: str
+    risk: str  # "exact" or "lossy"
+    stage: int
+    layers: tuple[str, ...]
+    summary: str
+    removed: list[str]
+    eliminated: list[str]  # the pooling/LRN layers it removes (else its other non-tensor ones): what it exists for
+    relearn: list[str]
+    base_ms: float  # median of the stage's graph
+    after_ms: float  # median with this merge alone applied to it
+
+    @property
+    def saved_ms(self) -> float:
+        return self.base_ms - self.after_ms
+
+
+@dataclass
+class RuntimePlan:
+    prototxt: str
+    runtime: str
+    threads: int
+    batch: int
+    rounds: int
+    original_ms: float
+    candidates: list[RuntimeCandidate]
+
+    def share(self, candidate: RuntimeCandidate) -> float:
+        """Time saved as a fraction of the original net's time on the runtime."""
+        return candidate.saved_ms / self.original_ms if self.original_ms > 0 else 0.0
+
+
+def _matches(graph: Graph, rules: Sequence[Rule], config: RuleConfig) -> list[tuple[Rule, Match]]:
+    return [(rule, m) for rule in rules for m in rule.match(graph, config) if isinstance(m, Match)]
+
+
+def plan_on_runtime(prototxt: PathLike, weights: PathLike | None, runtime: str, *, rules: str | Sequence[str] = "all",
+                    batch: int = 1, threads: int = 1, rounds: int = 10, warmup: int = 2, seed: int = 0,
+                    clock: str = "wall", config: RuleConfig | None = None) -> RuntimePlan:
+    """Measure every candidate merge of ``prototxt`` on ``runtime`` (onnxruntime, mnn, ncnn)."""
+    if runtime not in EXPORTED:
+        raise DeepRebirthError(f"plan --runtime takes {', '.join(EXPORTED)} (Caffe is the default plan)")
+    chosen = select_rules(rules)
+    config = config or RuleConfig()
+    graph = load_model(prototxt, weights)
+    if weights is None:
+        random_weights(graph, seed)
+    set_batch(graph, batch)
+    stages: list[Graph] = []
+    found: list[tuple[int, Rule, Match, Graph, Change]] = []
+    state = copy.deepcopy(graph)
+    seen: set[tuple[str, str]] = set()
+    for stage in range(MAX_STAGES):
+        new = [(rule, m) for rule, m in _matches(state, chosen, config) if (rule.name, m.layers[0]) not in seen]
+        if not new:
+            break
+        stages.append(copy.deepcopy(state))
+        for rule, match in new:
+            trial = copy.deepcopy(state)
+            change = rule.apply(trial, match, config)
+            trial.check()
+            found.append((stage, rule, match, trial, change))
+            seen.add((rule.name, match.layers[0]))
+        for rule, match in new:  # advance as the rewrite driver would
+            current = next((m for m in rule.match(state, config)
+                            if isinstance(m, Match) and m.layers[0] == match.layers[0]), None)
+            if current is not None:
+                rule.apply(state, current, config)
+                state.check()
+    if not stages:
+        stages.append(graph)
+    with tempfile.TemporaryDirectory(prefix="deeprebirth-runtime-plan-") as tmp:
+        pairs = []
+        for i, variant in enumerate([*stages, *(f[3] for f in found)]):
+            proto, model = Path(tmp) / f"v{i}.prototxt", Path(tmp) / f"v{i}.caffemodel"
+            save_model(variant, proto, model)
+            pairs.append((str(proto), str(model)))
+        times = exported_latency(pairs, runtime, Path(tmp), batch=batch, threads=threads, rounds=rounds,
+                                  warmup=warmup, seed=seed, clock=clock)
+    medians = [statistics.median(t) for t in times]
+    candidates = []
+    for k, (stage, rule, match, _, change) in enumerate(found):
+        types = {layer.name: layer.type for layer in stages[stage].layers()}
+        eliminated = [n for n in change.removed if types.get(n) in ELIMINATED_TYPES] or \
+            [n for n in change.removed if types.get(n) not in TENSOR_TYPES]
+        candidates.append(RuntimeCandidate(rule.name, rule.group, "exact" if change.exact else "lossy", stage,
+                                           match.layers, change.summary, list(change.removed), eliminated,
+                                           list(change.relearn), medians[stage], medians[len(stages) + k]))
+    return RuntimePlan(str(prototxt), runtime, threads, batch, rounds, medians[0], candidates)
+
+
+
+def exclusions(plan: RuntimePlan, min_gain_pct: float) -> tuple[list[str], list[RuntimeCandidate]]:
+    """(layer names for ``rewrite --exclude``, the lossy candidates left out): every lossy candidate saving less
+    than ``min_gain_pct`` percent of the original time on the runtime is excluded by the non-tensor layers it would
+    remove (its pooling or LRN; all it removes if none), never by a layer an exact fold needs."""
+    dropped = [c for c in plan.candidates if c.risk == "lossy" and 100 * plan.share(c) < min_gain_pct]
+    exact = {name for c in plan.candidates if c.risk == "exact" for name in c.layers}
+    names: list[str] = []
+    for candidate in dropped:
+        names += [n for n in candidate.eliminated or candidate.removed if n not in names and n not in exact]
+    return names, dropped

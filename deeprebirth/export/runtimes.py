@@ -1,0 +1,167 @@
+"""Running an exported model in a deployment runtime (ONNX Runtime, MNN, ncnn), one thread, fp32.
+
+The runtime packages are optional extras (``pip install 'deeprebirth[runtimes]'`` and ``pip install --no-deps pnnx``);
+a missing one is a one-line error naming the package. Every session here takes feeds keyed by the Caffe input names
+and returns outputs keyed by the Caffe output names, shaped as in Caffe.
+
+Settings that matter for agreement with Caffe: MNN sessions run with ``precision: high`` (fp32); ncnn's defaults
+store and compute in fp16 where the CPU supports it (x86 with F16C included), which costs about 1e-3 relative on
+logits, so the ncnn session turns ``use_fp16_storage/packed/arithmetic`` and ``use_bf16_storage`` off.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from deeprebirth.errors import DeepRebirthError
+
+Shape = tuple[int, ...]
+Feed = dict[str, np.ndarray]
+RUNTIMES = ("onnxruntime", "mnn", "ncnn")
+FORMAT_OF = {"onnxruntime": "onnx", "mnn": "mnn", "ncnn": "ncnn"}
+INSTALL_HINT = "pip install 'deeprebirth[runtimes]'"
+
+
+def require(module: str, package: str | None = None) -> ModuleType:
+    """Import an optional runtime package, or a one-line error that says how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise DeepRebirthError(f"the {package or module} package is not installed ({err}): {INSTALL_HINT}") from None
+
+
+def require_installed(module: str, package: str | None = None) -> None:
+    """Like ``require`` without importing (cheap up-front check before any work is done)."""
+    if importlib.util.find_spec(module) is None:
+        raise DeepRebirthError(f"the {package or module} package is not installed: {INSTALL_HINT}")
+
+
+class Session:
+    """One loaded model; ``run`` takes Caffe-named feeds and returns Caffe-named outputs."""
+
+    def __init__(self, run: Callable[[Feed], dict[str, np.ndarray]]) -> None:
+        self.run = run
+
+
+def open_session(runtime: str, path: str | os.PathLike[str], outputs: Mapping[str, Shape | None], threads: int = 1) -> Session:
+    """Load ``path`` (a .onnx, a .mnn, or the prefix of an ncnn .param/.bin pair) in ``runtime``."""
+    opener = {"onnxruntime": _onnxruntime, "mnn": _mnn, "ncnn": _ncnn}.get(runtime)
+    if opener is None:
+        raise DeepRebirthError(f"unknown runtime {runtime!r} ({', '.join(RUNTIMES)})")
+    return opener(str(path), outputs, threads)
+
+
+def _onnxruntime(path: str, outputs: Mapping[str, Shape | None], threads: int) -> Session:
+    ort = require("onnxruntime")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - ORT raises its own exception types for models it refuses
+        raise DeepRebirthError(f"ONNX Runtime refused the model: {_first_line(err)}", file=path) from None
+    names = list(outputs)
+
+    def run(feed: Feed) -> dict[str, np.ndarray]:
+        return dict(zip(names, session.run(names, feed)))
+
+    return Session(run)
+
+
+def _mnn(path: str, outputs: Mapping[str, Shape | None], threads: int) -> Session:
+    mnn = require("MNN")
+    interpreter = mnn.Interpreter(path)
+    # saveTensors keeps intermediate outputs (e.g. the logits under a Softmax) readable after the run
+    session = interpreter.createSession({"numThread": threads, "precision": "high", "saveTensors": tuple(outputs)})
+    if session is None:
+        raise DeepRebirthError("MNN could not create a session for the model", file=path)
+    shapes: dict[str, Shape] = {}
+
+    def run(feed: Feed) -> dict[str, np.ndarray]:
+        for name, array in feed.items():
+            tensor = interpreter.getSessionInput(session, name)
+            if shapes.get(name) != array.shape:
+                interpreter.resizeTensor(tensor, array.shape)
+                interpreter.resizeSession(session)
+                shapes[name] = array.shape
+            data = np.ascontiguousarray(array, dtype=np.float32)
+            tensor.copyFrom(mnn.Tensor(array.shape, mnn.Halide_Type_Float, data, mnn.Tensor_DimensionType_Caffe))
+        interpreter.runSession(session)
+        found = {}
+        for name in outputs:
+            try:
+                out = interpreter.getSessionOutput(session, name)
+            except Exception as err:  # noqa: BLE001 - pymnn raises a bare Exception
+                raise DeepRebirthError(f"MNN has no output {name!r} ({err})", file=path) from None
+            shape = tuple(out.getShape())
+            host = mnn.Tensor(shape, mnn.Halide_Type_Float, np.zeros(shape, np.float32),
+                              mnn.Tensor_DimensionType_Caffe)
+            out.copyToHostTensor(host)
+            found[name] = np.array(host.getNumpyData(), dtype=np.float32).reshape(shape)
+        return found
+
+    return Session(run)
+
+
+def _ncnn(path: str, outputs: Mapping[str, Shape | None], threads: int) -> Session:
+    ncnn = require("ncnn")
+    net = ncnn.Net()
+    net.opt.num_threads = threads
+    for flag in ("use_fp16_storage", "use_fp16_packed", "use_fp16_arithmetic", "use_bf16_storage"):
+        setattr(net.opt, flag, False)
+    param, weights = ncnn_files(path)
+    if net.load_param(param) != 0 or net.load_model(weights) != 0:
+        raise DeepRebirthError("ncnn could not load the model", file=param)
+
+    def run(feed: Feed) -> dict[str, np.ndarray]:
+        extractor = net.create_extractor()
+        for name, array in feed.items():
+            if array.shape[0] != 1:
+                raise DeepRebirthError(f"ncnn runs one image at a time; input {name!r} has batch {array.shape[0]}")
+            extractor.input(name, ncnn.Mat(np.ascontiguousarray(array[0], dtype=np.float32)).clone())
+        found = {}
+        for name, shape in outputs.items():
+            status, mat = extractor.extract(name)
+            if status != 0:
+                raise DeepRebirthError(f"ncnn could not compute output {name!r}", file=param)
+            array = np.array(mat, dtype=np.float32)
+            found[name] = array.reshape(shape) if shape is not None else array[None]
+        return found
+
+    return Session(run)
+
+
+def ncnn_files(prefix: str | os.PathLike[str]) -> tuple[str, str]:
+    """The .param/.bin pair of an ncnn model given its prefix (or either file)."""
+    text = str(prefix)
+    for suffix in (".param", ".bin"):
+        text = text.removesuffix(suffix)
+    return f"{text}.param", f"{text}.bin"
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def model_files(runtime: str, path: str | os.PathLike[str]) -> list[str]:
+    """The files that make up a model of ``runtime``'s format at ``path``."""
+    return list(ncnn_files(path)) if runtime == "ncnn" else [str(Path(path))]
+
+
+def describe_runtime(runtime: str) -> dict[str, Any]:
+    """Version of a runtime package, for reports."""
+    module = {"onnxruntime": "onnxruntime", "mnn": "MNN", "ncnn": "ncnn"}[runtime]
+    try:
+        return {"runtime": runtime, "version": str(getattr(require(module), "__version__", "?"))}
+    except DeepRebirthError:
+        return {"runtime": runtime, "version": None}
