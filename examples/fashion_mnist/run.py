@@ -62,19 +62,22 @@ class Config:
     test_images: int
     train_iters: int  # from-scratch training of the original, batch 64
     train_lr: float
-    budget: str  # every fine-tuning run's --budget (the only setting it gets besides data and transform)
+    budget: str  # the main runs' --budget (the only setting they get besides data and transform)
     latency_rounds: int
-    compare: bool  # the schedule table (layer-wise vs whole net, mimic targets)
+    compare: bool  # the schedule table (layer-wise vs whole net, mimic targets, fitted start)
+    compare_budget: str  # every run of the schedule table gets this --budget
     small_images: int  # the small-data case: this many unlabelled training images, mimic mode
     small_budget: str
     hard_images: int  # the harder case: this many labelled training images, label mode
     hard_budget: str
 
 
-FULL = Config("full", 55000, 5000, 10000, train_iters=8000, train_lr=0.05, budget="2ep", latency_rounds=60,
-              compare=True, small_images=500, small_budget="30ep", hard_images=5000, hard_budget="6ep")
+FULL = Config("full", 55000, 5000, 10000, train_iters=8000, train_lr=0.05, budget="6ep", latency_rounds=60,
+              compare=True, compare_budget="2ep", small_images=500, small_budget="30ep", hard_images=5000,
+              hard_budget="6ep")
 QUICK = Config("quick", 3000, 500, 1000, train_iters=150, train_lr=0.05, budget="40it", latency_rounds=10,
-               compare=True, small_images=200, small_budget="20it", hard_images=500, hard_budget="20it")
+               compare=True, compare_budget="30it", small_images=200, small_budget="20it", hard_images=500,
+               hard_budget="20it")
 
 
 def log(message: str) -> None:
@@ -264,7 +267,7 @@ class Run:
     mimic_at: str = "logits"  # the default
     init: str = "inherit"  # the default; "fit": merged convs start from a least-squares fit
     train: str = "train"  # the training data: "train", "small" (unlabelled subset) or "hard" (labelled subset)
-    budget: str = ""  # "" : the config's
+    budget: str = "2ep"
 
     @property
     def name(self) -> str:
@@ -275,6 +278,7 @@ class Run:
             parts.append(self.init)
         if self.train != "train":
             parts.append(self.train)
+        parts.append(self.budget)
         return "_".join(parts)
 
 
@@ -289,7 +293,7 @@ def finetune(folder: Path, data: dict[str, Path], config: Config, run_: Run, fre
     out = folder / f"{run_.name}.caffemodel"
     stage = f"finetune_{run_.name}"
     options = FinetuneOptions(mode=run_.mode, schedule=run_.schedule, mimic_at=run_.mimic_at, init=run_.init,
-                              budget=run_.budget or config.budget, transform=replace(TRANSFORM, mirror=True),
+                              budget=run_.budget, transform=replace(TRANSFORM, mirror=True),
                               val=data["val"] if run_.train == "train" else None)  # subsets hold out their own
     key = {"inputs": file_key(*inputs, data[run_.train], data["val"]), "options": asdict(options),
            "code": file_key(*sorted((HERE.parents[1] / "deeprebirth" / "finetune").glob("*.py")))}
@@ -377,11 +381,23 @@ def num(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
-MAIN_RUNS = {"slim, fine-tuned (label)": Run(), "slim, fine-tuned (mimic, no labels)": Run(mode="mimic")}
-TUCKER_RUN = ("slim+Tucker, fine-tuned (label)", Run(net="tucker"))
-COMPARE_RUNS = [Run(schedule="layerwise"), Run(init="fit"), Run(mode="mimic", schedule="layerwise", mimic_at="local"),
-                Run(mode="mimic", schedule="layerwise", mimic_at="next"),
-                Run(mode="mimic", schedule="layerwise", mimic_at="logits"), Run(mode="mimic", init="fit")]
+LABEL, MIMIC, TUCKER = ("slim, fine-tuned (label)", "slim, fine-tuned (mimic, no labels)",
+                        "slim+Tucker, fine-tuned (label)")
+
+
+def main_runs(config: Config) -> dict[str, Run]:
+    return {LABEL: Run(budget=config.budget), MIMIC: Run(mode="mimic", budget=config.budget),
+            TUCKER: Run(net="tucker", budget=config.budget)}
+
+
+def compare_runs(config: Config) -> list[Run]:
+    """The schedule table: every choice at ``compare_budget``, the defaults first."""
+    b = config.compare_budget
+    return [Run(budget=b), Run(schedule="layerwise", budget=b), Run(init="fit", budget=b),
+            Run(mode="mimic", budget=b), Run(mode="mimic", schedule="layerwise", mimic_at="local", budget=b),
+            Run(mode="mimic", schedule="layerwise", mimic_at="next", budget=b),
+            Run(mode="mimic", schedule="layerwise", mimic_at="logits", budget=b),
+            Run(mode="mimic", init="fit", budget=b)]
 
 
 def describe(run_: Run) -> str:
@@ -391,11 +407,12 @@ def describe(run_: Run) -> str:
     return "layer-wise (paper) + whole net" + (f", steps mimic {what}" if run_.mode == "mimic" else "")
 
 
-def write_results(out: Path, config: Config, trained: dict[str, Any], control: dict[str, Any],
+def write_results(out: Path, config: Config, trained: dict[str, Any], control: dict[str, Any] | None,
                   slimmed: dict[str, Any], tuckered: dict[str, Any] | None, runs: dict[Run, dict[str, Any]],
                   evaluation: dict[str, Any], measured: dict[str, Any]) -> Path:
     original_top1 = evaluation["original"]["top1"]
-    label = runs[Run()]
+    mains = main_runs(config)
+    label = runs[mains[LABEL]]
 
     def gap(name: str) -> float:
         return 100 * (evaluation[name]["top1"] - original_top1)
@@ -410,18 +427,21 @@ def write_results(out: Path, config: Config, trained: dict[str, Any], control: d
               f"({trained['wall_seconds'] / 60:.1f} min). Slimmed with every rule ({', '.join(slimmed['rules'])}): "
               f"{slimmed['before']['layers']} -> {slimmed['after']['layers']} layers, "
               f"{slimmed['before']['macs'] / 1e6:.2f} -> {slimmed['after']['macs'] / 1e6:.2f} MMACs."), "",
-             (f"Every fine-tuning run is `deeprebirth finetune` with its defaults and `--budget {config.budget}` "
-              f"(the original's training took {trained['wall_seconds'] / 60:.1f} min); the only other inputs are the "
-              "data and the transform (pixels / 255; the default random mirror). Held-out data: the 5,000 "
-              "held-out images (the small-data and harder cases hold out 10% of their own images instead).")]
+             (f"Every fine-tuning run is `deeprebirth finetune` with its defaults and a `--budget` ({config.budget} "
+              f"for the table below, {config.compare_budget} for the schedule table; the original's training was "
+              f"{config.train_iters * 64 / config.train_images:.1f} epochs, {trained['wall_seconds'] / 60:.1f} min); "
+              "the only other inputs are the data and the transform (pixels / 255; the default random mirror). "
+              "Held-out data: the 5,000 held-out images (the small-data and harder cases hold out 10% of their own "
+              "images instead).")]
     if tuckered is not None:
         lines += ["", (f"slim+Tucker: the `deeprebirth+tucker` preset (every rule above, then `decompose_conv_tucker`, "
                        f"rank method `{tuckered['rank_method']}`): {tuckered['before']['layers']} -> "
                        f"{tuckered['after']['layers']} layers, {tuckered['after']['macs'] / 1e6:.2f} MMACs.")]
     lines += ["", ("| net | test top-1 | gap to original | top-1 agrees with original | fine-tuning wall time | "
               "Caffe speed-up (batch 1, 1 thread) |"), "|---|---|---|---|---|---|"]
-    walls = {name: runs[r]["wall_seconds"] for name, r in [*MAIN_RUNS.items(), TUCKER_RUN] if r in runs}
-    walls["original, trained on as long (control)"] = control["wall_seconds"]
+    walls = {name: runs[r]["wall_seconds"] for name, r in mains.items() if r in runs}
+    if control is not None:
+        walls["original, trained on as long (control)"] = control["wall_seconds"]
     speeds = {"original": 1.0, "slim": measured["slim"]["speedup"],
               "slim+Tucker": measured["tucker"]["speedup"] if "tucker" in measured else None}
     for name, result in evaluation.items():
@@ -432,43 +452,39 @@ def write_results(out: Path, config: Config, trained: dict[str, Any], control: d
         speed_text = f"{speeds[family]:.2f}x" if speeds.get(family) else "-"
         lines.append(f"| {name} | {pct(result['top1'])} | {gap(name):+.2f} points | {pct(result['agreement'])} | "
                      f"{wall} | {speed_text} |")
-    goals = [("slim, fine-tuned (label)", 0.3, 2.0, "slim"), ("slim, fine-tuned (mimic, no labels)", 0.7, 2.0, "slim")]
+    goals = [(LABEL, 0.3, 2.0, "slim"), (MIMIC, 0.7, 2.0, "slim")]
     if tuckered is not None:
-        goals.append((TUCKER_RUN[0], 1.0, 6.0, "slim+Tucker"))
+        goals.append((TUCKER, 1.0, 6.0, "slim+Tucker"))
     lines += ["", "Goals (issue 9): within the points below the original, at the speed-up:", ""]
     for name, points, speedup, family in goals:
         ok = gap(name) >= -points and (speeds[family] or 0) >= speedup
         lines.append(f"- {name}: {gap(name):+.2f} points (goal >= -{points}) at {speeds[family]:.2f}x (goal >= "
                      f"{speedup:g}x): {'met' if ok else 'NOT met'}.")
-    control_gap = 100 * (evaluation["slim, fine-tuned (label)"]["top1"]
-                         - evaluation["original, trained on as long (control)"]["top1"])
-    lines += [(f"- Against the fair control (the original trained on with the labels for the same "
-              f"{control['iterations']} iterations at the same rate): label mode {control_gap:+.2f} points.")]
-    compare = [r for r in COMPARE_RUNS if r in runs]
+    if control is not None:
+        control_gap = 100 * (evaluation[LABEL]["top1"] - evaluation["original, trained on as long (control)"]["top1"])
+        lines += [(f"- Against the fair control (the original trained on with the labels for the same "
+                  f"{control['iterations']} iterations at the same rate): label mode {control_gap:+.2f} points.")]
+    compare = [r for r in compare_runs(config) if r in runs]
     if compare:
-        lines += ["", (f"Schedules at the same budget ({config.budget}; test top-1; error at the output: held-out "
-                  "relative squared error of the logits against the original's after the last phase):"), "",
+        lines += ["", (f"Schedules at the same budget ({config.compare_budget}; test top-1; error at the output: "
+                  "held-out relative squared error of the logits against the original's after the last phase):"), "",
                   "| mode | schedule | test top-1 | gap | agrees with original | error at the output | wall time |",
                   "|---|---|---|---|---|---|---|"]
+        for r in compare:
+            name = f"compare:{r.name}"
+            last = runs[r]["steps"][-1]
+            lines.append(f"| {r.mode} | {describe(r)} | {pct(evaluation[name]['top1'])} | {gap(name):+.2f} | "
+                         f"{pct(evaluation[name]['agreement'])} | {num(last['output_error_after'])} | "
+                         f"{runs[r]['wall_seconds'] / 60:.1f} min |")
         for mode in ("label", "mimic"):
-            for r in [Run(mode=mode)] + [c for c in compare if c.mode == mode]:
-                name = f"compare:{r.name}" if r in compare else ("slim, fine-tuned (label)" if mode == "label"
-                                                                 else "slim, fine-tuned (mimic, no labels)")
-                last = runs[r]["steps"][-1]
-                lines.append(f"| {mode} | {describe(r)} | {pct(evaluation[name]['top1'])} | {gap(name):+.2f} | "
-                             f"{pct(evaluation[name]['agreement'])} | {num(last['output_error_after'])} | "
-                             f"{runs[r]['wall_seconds'] / 60:.1f} min |")
-        best = max(compare + [Run(), Run(mode="mimic")],
-                   key=lambda r: evaluation[f"compare:{r.name}" if r in compare else
-                                            ("slim, fine-tuned (label)" if r.mode == "label"
-                                             else "slim, fine-tuned (mimic, no labels)")]["top1"])
-        lines += ["", f"Best here: {best.mode} mode, {describe(best)}."]
+            best = max((r for r in compare if r.mode == mode), key=lambda r: evaluation[f"compare:{r.name}"]["top1"])
+            lines.append(f"\nBest {mode}-mode schedule here: {describe(best)}.")
     small, hard = Run(mode="mimic", train="small", budget=config.small_budget), Run(train="hard",
                                                                                       budget=config.hard_budget)
     if small in runs:
         before = evaluation["slim, before fine-tuning"]["agreement"]
         after = evaluation["case:small"]["agreement"]
-        reference = evaluation["slim, fine-tuned (label)"]["agreement"]
+        reference = evaluation[LABEL]["agreement"]
         lines += ["", (f"Small data, no labels: {config.small_images} unlabelled training images, mimic mode, "
                        f"`--budget {config.small_budget}`: top-1 agreement with the original {pct(before)} -> "
                        f"{pct(after)} ({100 * after / reference:.1f}% of the label-mode run's {pct(reference)}; "
@@ -574,6 +590,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="ignore cached stages")
     parser.add_argument("--no-tucker", action="store_true", help="skip the slim+Tucker stage")
     parser.add_argument("--no-compare", action="store_true", help="skip the schedule comparison")
+    parser.add_argument("--runs", choices=["all", "main", "compare"], default="all",
+                        help="main: only the main fine-tuning runs; compare: only the schedule table and the two "
+                             "cases (two processes can share the cached stages); all: everything, then the results")
+    parser.add_argument("--control", action="store_true",
+                        help="also train the original on for as long as the label-mode fine-tuning (a fair control)")
     parser.add_argument("--tucker-ranks", default=TUCKER_RANKS, metavar="METHOD",
                         help=f"the slim+Tucker stage's rank method: vbmf, energy:F, speedup:X, ranks:R1,R2 "
                              f"(default: {TUCKER_RANKS})")
@@ -591,35 +612,43 @@ def main(argv: list[str] | None = None) -> int:
     log(f"  slim: {slimmed['before']['layers']} -> {slimmed['after']['layers']} layers; re-learn "
         f"{', '.join(slimmed['relearn'])}")
     nets = {"original": ("original.prototxt", "original.caffemodel"),
-            "original, trained on as long (control)": ("original.prototxt", "original_control.caffemodel"),
             "slim, before fine-tuning": ("slim.prototxt", "slim.caffemodel")}
     runs: dict[Run, dict[str, Any]] = {}
-    for name, r in MAIN_RUNS.items():
-        runs[r] = finetune(folder, data, config, r, args.fresh)
-        nets[name] = ("slim.prototxt", f"{r.name}.caffemodel")
     tuckered = None
-    if not args.no_tucker:
-        tuckered = tucker(folder, args.fresh, args.tucker_ranks)
-        log(f"  slim+Tucker ({tuckered['rank_method']}): {tuckered['before']['layers']} -> "
-            f"{tuckered['after']['layers']} layers, {tuckered['after']['macs'] / 1e6:.2f} MMACs")
-        runs[TUCKER_RUN[1]] = finetune(folder, data, config, TUCKER_RUN[1], args.fresh)
-        nets["slim+Tucker, before fine-tuning"] = ("tucker.prototxt", "tucker.caffemodel")
-        nets[TUCKER_RUN[0]] = ("tucker.prototxt", f"{TUCKER_RUN[1].name}.caffemodel")
-    control = train_control(folder, data, config, args.fresh, runs[Run()])
+    for name, r in main_runs(config).items():
+        if args.runs == "compare":
+            break
+        if r.net == "tucker":
+            if args.no_tucker:
+                continue
+            tuckered = tucker(folder, args.fresh, args.tucker_ranks)
+            log(f"  slim+Tucker ({tuckered['rank_method']}): {tuckered['before']['layers']} -> "
+                f"{tuckered['after']['layers']} layers, {tuckered['after']['macs'] / 1e6:.2f} MMACs")
+            nets["slim+Tucker, before fine-tuning"] = ("tucker.prototxt", "tucker.caffemodel")
+        runs[r] = finetune(folder, data, config, r, args.fresh)
+        nets[name] = (f"{r.net}.prototxt", f"{r.name}.caffemodel")
+    if args.runs == "main":
+        return 0
+    control = None
+    if args.control:
+        nets["original, trained on as long (control)"] = ("original.prototxt", "original_control.caffemodel")
+        control = train_control(folder, data, config, args.fresh, runs[main_runs(config)[LABEL]])
     cases = {"small": Run(mode="mimic", train="small", budget=config.small_budget),
              "hard": Run(train="hard", budget=config.hard_budget)}
     for case, r in cases.items():
         runs[r] = finetune(folder, data, config, r, args.fresh)
         nets[f"case:{case}"] = ("slim.prototxt", f"{r.name}.caffemodel")
     if config.compare and not args.no_compare:
-        for r in COMPARE_RUNS:
+        for r in compare_runs(config):
             runs[r] = finetune(folder, data, config, r, args.fresh)
             nets[f"compare:{r.name}"] = ("slim.prototxt", f"{r.name}.caffemodel")
+    if args.runs == "compare":
+        return 0
     evaluation = evaluate(folder, data, args.fresh, nets)["nets"]
     timed = {"original": (folder / "original.prototxt", folder / "original.caffemodel"),
-             "slim": (folder / "slim.prototxt", folder / f"{Run().name}.caffemodel")}
+             "slim": (folder / "slim.prototxt", folder / f"{main_runs(config)[LABEL].name}.caffemodel")}
     if tuckered is not None:
-        timed["tucker"] = (folder / "tucker.prototxt", folder / f"{TUCKER_RUN[1].name}.caffemodel")
+        timed["tucker"] = (folder / "tucker.prototxt", folder / f"{main_runs(config)[TUCKER].name}.caffemodel")
     measured = speed(folder, config, args.fresh, timed)
     path = write_results(out, config, trained, control, slimmed, tuckered, runs, evaluation, measured)
     log(path.read_text())
