@@ -6,7 +6,7 @@ allotment of seconds or iterations, and:
 1. **searches the learning rate** unless one is given: from the phase's starting weights, each candidate
    (``LR_FACTORS`` x the solver's reference rate) trains a few iterations at a constant rate; the one with the
    lowest held-out loss afterwards wins (at most ``SEARCH_SHARE`` of the allotment; where that buys fewer than
-   ``MIN_PROBE`` iterations per candidate, or there is no held-out data, 0.3x the reference rate is used);
+   ``MIN_PROBE`` iterations per candidate, or there is no held-out data, the gentlest candidate is used);
 2. **trains** with the winner, decaying linearly to 0 over the iterations that fit in what is left (Caffe's "poly",
    power 1), on augmented batches (the transform's random crop and mirror);
 3. **evaluates on held-out data** a few times (about ``EVAL_SHARE`` of the allotment) and keeps the best
@@ -39,7 +39,7 @@ from deeprebirth.train import SolverOptions, load_params, make_solver
 
 LR_FACTORS = (0.1, 0.3, 1.0, 3.0)
 REFERENCE_LR = {"sgd": 1e-2, "nesterov": 1e-2, "adam": 3e-4, "rmsprop": 3e-4, "adagrad": 1e-2, "adadelta": 1.0}
-FALLBACK = 1  # the candidate used without a search (0.3x the reference: gentle on pretrained layers)
+FALLBACK = 0  # the candidate used without a search: the gentlest (a big pretrained net blew up at 0.3x)
 MIN_PROBE = 3  # fewer iterations per candidate than this say nothing: then no search
 PATIENCE = 3
 MAX_EVALUATIONS = 8
