@@ -571,7 +571,7 @@ class _FinetuneProgress:
         elif event.event == "step":
             click.echo(f"phase {event.step}/{event.steps}: {event.name}", err=True)
         elif event.event == "search":
-            click.echo(f"  learning rate {event.lr:.3g}: held-out loss {event.loss:.4g}", err=True)
+            click.echo(f"  learning rate {event.lr:.3g} ({event.solver}): held-out loss {event.loss:.4g}", err=True)
         elif event.event == "evaluate" and event.metrics:
             m = event.metrics
             parts = [f"{k} {_pct(m[k]) if k in ('accuracy', 'agreement') else _num(m[k])}"
@@ -609,7 +609,7 @@ def finetune_table(steps: Sequence[Any]) -> str:
         return f"{fmt(a)} -> {fmt(b)}"
 
     rows = [[f"{s.index}. {s.name if s.rules == ['final'] else layers(s.relearn)}",
-             "+".join(RULE_LABELS.get(r, r) for r in s.rules), s.target, f"{s.lr:.3g}",
+             "+".join(RULE_LABELS.get(r, r) for r in s.rules), s.target, f"{s.lr:.3g} {s.solver}",
              f"{s.best_iteration}/{s.iterations}", change(s.accuracy_before, s.accuracy_after, _pct),
              change(s.agreement_before, s.agreement_after, _pct),
              change(s.error_before, s.error_after, _num), change(s.output_error_before, s.output_error_after, _num),

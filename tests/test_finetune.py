@@ -182,7 +182,8 @@ def test_a_time_budget_ends_the_run_on_time(nets: dict[str, str], tmp_path: Path
                  progress=lambda e: left.append(e.seconds_left) if e.event == "iteration" else None)
     assert result.complete and abs(result.seconds - seconds) <= 0.05 * seconds, result.seconds
     assert left[0] > left[-1] >= 0  # progress counts the time down
-    assert all(s.lr_search for s in result.steps)
+    # searched when the machine is fast enough for it, else Adam (the rescue for SGD's users without a search)
+    assert all(s.lr_search or (s.solver, s.lr) == ("adam", 1e-4) for s in result.steps)
 
 
 SKIP = """name: "skip"
@@ -360,3 +361,11 @@ def test_fit_init_starts_the_merged_stem_convs_from_a_least_squares_fit(nets: di
     assert result.fitted["conv1_merge"]["blob"] == "norm1"
     with pytest.raises(DeepRebirthError, match="unknown init"):
         run(nets, tmp_path / "x.caffemodel", options(init="zeros"))
+
+
+def test_without_held_out_data_sgd_users_get_adam(nets: dict[str, str], tmp_path: Path) -> None:
+    result = run(nets, tmp_path / "final.caffemodel", options(schedule="whole", budget="20it", holdout=0.0,
+                                                               solver=SolverOptions("sgd", lr=None)))
+    step = result.steps[0]
+    assert (step.solver, step.lr, step.lr_search) == ("adam", 1e-4, {})
+    assert result.held_out == 0 and step.iterations == 20

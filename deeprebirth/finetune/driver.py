@@ -110,6 +110,7 @@ class StepResult:
     stopped_early: bool
     lr: float
     lr_search: dict[str, float]  # candidate rate -> held-out loss after a short run
+    solver: str
     loss_start: float  # mean of the first tenth of the iterations
     loss_end: float  # mean of the last tenth
     accuracy_before: float | None  # held-out top-1 of the net with steps 1..k merged, before / after this step
@@ -139,6 +140,7 @@ class Progress:
     result: StepResult | None = None
     seconds_left: float | None = None  # of the whole run's time budget
     lr: float | None = None  # "search": the candidate rate, with its held-out ``loss``
+    solver: str | None = None  # "search": the candidate's solver
     metrics: dict[str, float] | None = None  # "evaluate"
 
 
@@ -688,7 +690,8 @@ def _run_step(ctx: _Context, step: Step, store: Weights, teacher: Teacher, optio
             notify(Progress("iteration", step.index, total, step.name, fields["iteration"], fields["iterations"],
                             fields["loss"], seconds_left=clock.left()))
         elif event == "search":
-            notify(Progress("search", step.index, total, step.name, loss=fields["loss"], lr=fields["lr"]))
+            notify(Progress("search", step.index, total, step.name, loss=fields["loss"], lr=fields["lr"],
+                            solver=fields["solver"]))
         elif event == "evaluate":
             notify(Progress("evaluate", step.index, total, step.name, fields["iteration"],
                             metrics=fields["metrics"]))
@@ -703,6 +706,6 @@ def _run_step(ctx: _Context, step: Step, store: Weights, teacher: Teacher, optio
     b, a = outcome.before, outcome.after
     return StepResult(step.index, step.name, step.rules, step.relearn, step.reproduces, target, learned, frozen,
                       outcome.iterations, outcome.best_iteration, outcome.stopped_early, outcome.lr,
-                      outcome.lr_search, outcome.loss_start, outcome.loss_end, b.get("accuracy"), a.get("accuracy"),
+                      outcome.lr_search, outcome.solver, outcome.loss_start, outcome.loss_end, b.get("accuracy"), a.get("accuracy"),
                       b.get("blob_error"), a.get("blob_error"), b.get("output_error"), a.get("output_error"),
                       b.get("agreement"), a.get("agreement"), outcome.seconds, outcome.evaluations)

@@ -6,7 +6,10 @@ allotment of seconds or iterations, and:
 1. **searches the learning rate** unless one is given: from the phase's starting weights, each candidate
    (``LR_FACTORS`` x the solver's reference rate) trains a few iterations at a constant rate; the one with the
    lowest held-out loss afterwards wins (at most ``SEARCH_SHARE`` of the allotment; where that buys fewer than
-   ``MIN_PROBE`` iterations per candidate, or there is no held-out data, the gentlest candidate is used);
+   ``MIN_PROBE`` iterations per candidate, or there is no held-out data, the lowest rate is used). With
+   SGD (the default) there is a rescue: when every rate leaves the held-out loss worse than at the start (seen on
+   a BatchNorm-folded ResNet-50 whose merged first conv, reading raw pixels, has gradients 40,000x its weights:
+   SGD diverged at every rate, Adam did not), or when there is no search, Adam at 1e-4 is used instead;
 2. **trains** with the winner, decaying linearly to 0 over the iterations that fit in what is left (Caffe's "poly",
    power 1), on augmented batches (the transform's random crop and mirror);
 3. **evaluates on held-out data** a few times (about ``EVAL_SHARE`` of the allotment) and keeps the best
@@ -39,7 +42,8 @@ from deeprebirth.train import SolverOptions, load_params, make_solver
 
 LR_FACTORS = (0.1, 0.3, 1.0, 3.0)
 REFERENCE_LR = {"sgd": 1e-2, "nesterov": 1e-2, "adam": 3e-4, "rmsprop": 3e-4, "adagrad": 1e-2, "adadelta": 1.0}
-FALLBACK = 0  # the candidate used without a search: the gentlest (a big pretrained net blew up at 0.3x)
+MOMENTUM_SOLVERS = ("sgd", "nesterov")
+RESCUE = ("adam", 1e-4)  # for SGD's users: without a search, or when every SGD rate diverges
 MIN_PROBE = 3  # fewer iterations per candidate than this say nothing: then no search
 PATIENCE = 3
 MAX_EVALUATIONS = 8
@@ -81,6 +85,7 @@ class PhaseOutcome:
     lr: float
     lr_search: dict[str, float]  # candidate rate -> held-out loss after the short run
     iterations: int
+    solver: str  # the solver that trained (SGD's users may get the Adam rescue)
     best_iteration: int
     stopped_early: bool
     loss_start: float
@@ -241,19 +246,24 @@ def run_phase(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: A
         eval_seconds = time.monotonic() - t0
         notify("evaluate", {"iteration": 0, "metrics": before})
 
-    # the learning rate
+    # the learning rate (and, for plain SGD, whether it trains at all)
     search: dict[str, float] = {}
     lr = options.lr
     seconds_per_iter: float | None = None
     budget_iters = allot.iterations
     if lr is None:
-        candidates = [REFERENCE_LR.get(options.solver, 1e-3) * f for f in LR_FACTORS]
-        lr = candidates[FALLBACK]  # when there is no held-out data, or no time, to search
+        rescue = options.solver in MOMENTUM_SOLVERS
+        candidates = [(options.solver, REFERENCE_LR.get(options.solver, 1e-3) * f) for f in LR_FACTORS]
+        # without a search: Adam's per-parameter steps are the safe choice for SGD's users
+        options, lr = (replace(options, solver=RESCUE[0]), RESCUE[1]) if rescue else (options, candidates[0][1])
         if probe_eval is not None:
-            results: dict[float, float] = {}
+            results: dict[tuple[str, float], float] = {}
             probe = 0
-            for k, candidate in enumerate(candidates):
-                trainer = _Trainer(spec, data, replace(options, lr=candidate, lr_policy="fixed"), 10**6,
+
+            def try_candidate(k: int, solver: str, rate: float) -> bool:
+                """Probe one (solver, rate); False when iterations are too slow for a search at all."""
+                nonlocal probe, seconds_per_iter
+                trainer = _Trainer(spec, data, replace(options, solver=solver, lr=rate, lr_policy="fixed"), 10**6,
                                    f"{tag}_lr{k}", k)
                 if budget_iters is not None:
                     probe = int(np.clip(SEARCH_SHARE * budget_iters / len(candidates), 3, 50))
@@ -264,20 +274,31 @@ def run_phase(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: A
                     seconds_per_iter = (time.monotonic() - t0) / 2
                     assert allot.seconds is not None
                     probe = int(min(SEARCH_SHARE * allot.seconds / (len(candidates) * seconds_per_iter), 50))
-                    if probe < MIN_PROBE:  # iterations too slow for this budget: no search
-                        break
+                    if probe < MIN_PROBE:
+                        return False
                 while trainer.done < probe:
                     if not np.isfinite(trainer.step()):
                         break
                 metrics = probe_eval(_eval_net(spec, data.work, f"{tag}_lr{k}", trainer))
-                results[candidate] = metrics["loss"] if np.isfinite(metrics["loss"]) else float("inf")
-                notify("search", {"lr": candidate, "loss": results[candidate]})
-                del trainer
+                results[(solver, rate)] = metrics["loss"] if np.isfinite(metrics["loss"]) else float("inf")
+                notify("search", {"lr": rate, "solver": solver, "loss": results[(solver, rate)]})
+                return True
+
+            for k, (solver, rate) in enumerate(candidates):
+                if not try_candidate(k, solver, rate):
+                    break
+            if results and rescue:
+                # every SGD rate made the held-out loss worse than at the start (a raw-pixel first layer with
+                # large gradients diverges at any of them): try Adam
+                start = probe_eval(_eval_net(spec, data.work, f"{tag}_start", None))["loss"]
+                if min(results.values()) >= start:
+                    try_candidate(len(candidates), *RESCUE)
             if results:
-                lr = min(results, key=lambda c: results[c])
-                search = {f"{c:g}": v for c, v in results.items()}
+                chosen = min(results, key=lambda c: results[c])
+                options, lr = replace(options, solver=chosen[0]), chosen[1]
+                search = {(f"{r:g}" if s == candidates[0][0] else f"{s} {r:g}"): v for (s, r), v in results.items()}
                 if budget_iters is not None:
-                    budget_iters = max(1, budget_iters - probe * len(candidates))
+                    budget_iters = max(1, budget_iters - probe * len(results))
 
     # how many iterations fit
     evaluations = 0 if evaluate is None else MAX_EVALUATIONS
@@ -338,7 +359,8 @@ def run_phase(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: A
     else:
         weights, best_iteration, after = trainer.read(), trainer.done, {}
     tenth = max(1, len(losses) // 10)
-    return PhaseOutcome(weights, before, after, float(lr), search, trainer.done, best_iteration, stopped_early,
+    return PhaseOutcome(weights, before, after, float(lr), search, trainer.done, options.solver, best_iteration,
+                        stopped_early,
                         float(np.mean(losses[:tenth])) if losses else float("nan"),
                         float(np.mean(losses[-tenth:])) if losses else float("nan"),
                         time.monotonic() - started, history)
