@@ -637,8 +637,6 @@ def finetune_table(steps: Sequence[Any]) -> str:
                    "then the whole net")
 @click.option("--mimic-at", type=click.Choice(["local", "next", "logits"]), default="logits", show_default=True,
               help="layer-wise steps in mimic mode: the merged blob, the next merge's blob, or the net's output")
-@click.option("--init", "init", type=click.Choice(["inherit", "fit"]), default="inherit", show_default=True,
-              help="fit: start each merged conv from a least-squares fit to the original's blob (see README)")
 @click.option("--kd-weight", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="label mode: share of the distillation loss (the labels get the rest)")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
@@ -670,7 +668,7 @@ def finetune_table(steps: Sequence[Any]) -> str:
 @_user_errors
 def finetune_command(original_prototxt: str, original_weights: str, slim_prototxt: str, slim_weights: str,
                      report_path: str, data: str, out: str, mode: str, budget: str, schedule: str, mimic_at: str,
-                     init: str, kd_weight: float, temperature: float, batch: int, lr: float | None,
+                     kd_weight: float, temperature: float, batch: int, lr: float | None,
                      solver: str, momentum: float, weight_decay: float, new_lr_mult: float, freeze_rest: bool,
                      resume: bool, max_steps: int | None, val: str | None, holdout: float, val_limit: int,
                      work_dir: str | None, json_path: str | None, cache_mb: float, seed: int,
@@ -683,7 +681,7 @@ def finetune_command(original_prototxt: str, original_weights: str, slim_prototx
     if mirror is None and transform_from is None:
         mirror = True  # Caffe's ImageNet recipes flip training images; --no-mirror for data where that is wrong
     options = FinetuneOptions(
-        mode=mode, schedule=schedule, mimic_at=mimic_at, init=init, budget=budget, kd_weight=kd_weight,
+        mode=mode, schedule=schedule, mimic_at=mimic_at, budget=budget, kd_weight=kd_weight,
         temperature=temperature,
         batch=batch, solver=SolverOptions(solver, lr, momentum, weight_decay), new_lr_mult=new_lr_mult,
         freeze_rest=freeze_rest, resume=resume,

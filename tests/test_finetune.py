@@ -353,16 +353,6 @@ def test_fashion_mnist_example_quick(tmp_path: Path) -> None:
     assert all((tmp_path / name).is_file() for name in ("accuracy.png", "speed.png", "curves.png"))
 
 
-def test_fit_init_starts_the_merged_stem_convs_from_a_least_squares_fit(nets: dict[str, str], tmp_path: Path) -> None:
-    result = run(nets, tmp_path / "final.caffemodel", options(schedule="whole", init="fit", budget="6it"))
-    assert set(result.fitted) == {"conv1_merge", "conv2_merge"}  # the branch merges have two new convs: not fitted
-    for fit in result.fitted.values():
-        assert fit["error_after"] < fit["error_before"]  # type: ignore[operator]
-    assert result.fitted["conv1_merge"]["blob"] == "norm1"
-    with pytest.raises(DeepRebirthError, match="unknown init"):
-        run(nets, tmp_path / "x.caffemodel", options(init="zeros"))
-
-
 def test_without_held_out_data_sgd_users_get_adam(nets: dict[str, str], tmp_path: Path) -> None:
     result = run(nets, tmp_path / "final.caffemodel", options(schedule="whole", budget="20it", holdout=0.0,
                                                                solver=SolverOptions("sgd", lr=None)))

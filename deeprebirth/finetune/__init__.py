@@ -3,7 +3,6 @@
 pycaffe (``phase``) and the budget (``budget``)."""
 
 from deeprebirth.finetune.driver import (
-    INITS,
     MIMIC_TARGETS,
     MODES,
     SCHEDULES,
@@ -18,6 +17,6 @@ from deeprebirth.finetune.driver import (
 )
 from deeprebirth.finetune.steps import Step, build_step_net, final_step, plan_steps
 
-__all__ = ["INITS", "MIMIC_TARGETS", "MODES", "SCHEDULES", "FinetuneOptions", "FinetuneResult", "Progress",
+__all__ = ["MIMIC_TARGETS", "MODES", "SCHEDULES", "FinetuneOptions", "FinetuneResult", "Progress",
            "ProgressCallback", "Step", "StepResult", "Teacher", "build_step_net", "default_work_dir", "final_step",
            "finetune_files", "plan_steps"]

@@ -57,10 +57,8 @@ from deeprebirth.train import SOLVER_TYPES, SolverOptions, training_net, write_t
 MODES = ("label", "mimic")
 SCHEDULES = ("whole", "layerwise")
 MIMIC_TARGETS = ("local", "next", "logits")
-INITS = ("inherit", "fit")
 EVAL_COST = 0.01  # share of a time budget one held-out evaluation may cost
 MIN_HELD_OUT = 64
-FIT_IMAGES = 256
 STATE_VERSION = 2
 Weights = dict[str, list[np.ndarray]]
 
@@ -86,7 +84,6 @@ class FinetuneOptions:
     val: PathLike | None = None  # held-out data; default: ``holdout`` of --data
     holdout: float = 0.1  # fraction of --data held out when ``val`` is not given (0: no held-out metrics)
     val_limit: int | None = 2000  # held-out images per evaluation
-    init: str = "inherit"  # "fit": start merged convs from a least-squares fit to the original's blob (fit.py)
     seed: int = 0
     patience: int = 3  # stop a phase when this many held-out checkpoints in a row did not improve (0: never)
     max_steps: int | None = None  # stop after this many phases in this run (resume later)
@@ -164,7 +161,6 @@ class FinetuneResult:
     report: str | None
     work_dir: str
     seconds: float  # this run's wall time
-    fitted: dict[str, dict[str, float | str]] = field(default_factory=dict)  # --init fit: layer -> blob, errors
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -213,7 +209,6 @@ class _Context:
     original_proto: Path  # the original, normalised, as Caffe reads it
     original_weights: Weights
     steps: list[Step]  # the phases: layer-wise steps (if any), then the whole net
-    merges: list[Step]  # the report's lossy steps, whatever the schedule
     logits: str  # the original's (and slim net's) logits blob
     shared: set[str]
     io: NetIO
@@ -248,8 +243,6 @@ def finetune_files(original_prototxt: PathLike, original_weights: PathLike, slim
         state["baseline"] = _baseline(ctx, teacher, slim_weights)
         state["final_eval_seconds"] = time.monotonic() - t0  # about what the closing measurement costs
         _save_state(ctx.work, state)
-    if options.init == "fit" and not finished:
-        state["fitted"] = _fit_merged_convs(ctx, teacher, store, options)
     weights = phase_weights(len(ctx.steps) - 1, options.schedule == "layerwise")
     epoch = max(1, len(ctx.train_indices) // options.batch)
     iterations = None if budget.timed else share_iterations(budget.iterations(epoch), weights)
@@ -282,8 +275,7 @@ def finetune_files(original_prototxt: PathLike, original_weights: PathLike, slim
     result = FinetuneResult(options.mode, options.schedule, str(budget), [finished[i] for i in sorted(finished)],
                             [s.name for s in ctx.steps], complete, resumed, len(ctx.val_indices),
                             state["baseline"].get("original"), state["baseline"].get("slim"), final_accuracy,
-                            str(out) if complete else None, report, str(ctx.work), time.perf_counter() - started,
-                            state.get("fitted", {}))
+                            str(out) if complete else None, report, str(ctx.work), time.perf_counter() - started)
     if report is not None:
         payload = result.to_json()
         payload["options"] = _options_json(options)
@@ -314,8 +306,6 @@ def _check_options(options: FinetuneOptions) -> Budget:
         raise DeepRebirthError(f"unknown mode {options.mode!r} ({', '.join(MODES)})")
     if options.schedule not in SCHEDULES:
         raise DeepRebirthError(f"unknown schedule {options.schedule!r} ({', '.join(SCHEDULES)})")
-    if options.init not in INITS:
-        raise DeepRebirthError(f"unknown init {options.init!r} ({', '.join(INITS)})")
     if options.mimic_at not in MIMIC_TARGETS:
         raise DeepRebirthError(f"unknown mimic target {options.mimic_at!r} ({', '.join(MIMIC_TARGETS)})")
     if options.batch < 1:
@@ -429,8 +419,8 @@ def _prepare(original_prototxt: PathLike, original_weights: PathLike, slim_proto
         for old in work.glob("snapshot_step*.caffemodel"):
             old.unlink()
         _save_state(work, state)
-    ctx = _Context(original, slim, original_proto, original.weights(), phases, steps, whole.reproduces, shared, io,
-                   train, train_indices, val, val_indices, work)
+    ctx = _Context(original, slim, original_proto, original.weights(), phases, whole.reproduces, shared, io, train,
+                   train_indices, val, val_indices, work)
     return ctx, store, state, fingerprint
 
 
@@ -505,57 +495,6 @@ def _baseline(ctx: _Context, teacher: Teacher, slim_weights: PathLike) -> dict[s
     original = _accuracy(teacher.net, NetIO.of(ctx.original), ctx.val, ctx.val_indices)
     slim = _accuracy(_slim_net(ctx, slim_weights), ctx.io, ctx.val, ctx.val_indices)
     return {"original": original, "slim": slim}
-
-
-def _fit_merged_convs(ctx: _Context, teacher: Teacher, store: Weights,
-                      options: FinetuneOptions) -> dict[str, dict[str, float | str]]:
-    """--init fit: each merge step whose one new layer is a convolution making the step's blob (through an in-place
-    ReLU at most) starts from a least-squares fit to the original's blob (``deeprebirth.finetune.fit``), in
-    network order, each on the slim net with the earlier fits in place. Returns {layer: blob, errors}."""
-    from deeprebirth.finetune.fit import fit_conv
-    from deeprebirth.shapes import conv_geometry
-    from deeprebirth.train import load_params
-
-    caffe = import_caffe()
-    path = ctx.work / "fit.prototxt"
-    caffe_io.write_prototxt(path, ctx.slim.to_net())
-    sample = ctx.train_indices[:FIT_IMAGES]
-    x_in = ctx.train.batch(sample)
-    fitted: dict[str, dict[str, float | str]] = {}
-    for step in ctx.merges:
-        convs = [ctx.slim.layer(name) for name in step.relearn if ctx.slim.layer(name).type == "Convolution"]
-        writer = final_writer(ctx.slim, step.blob)
-        if len(step.relearn) != 1 or len(convs) != 1 or writer is None:
-            continue
-        conv = convs[0]
-        last = ctx.slim.layer(writer[1])
-        if last.name != conv.name and not (last.type == "ReLU" and last.bottoms[0] == conv.tops[0]):
-            continue
-        geometry = conv_geometry(conv.proto.convolution_param)
-        if conv.proto.convolution_param.group != 1 or geometry.dilation != (1, 1):
-            continue
-        net = caffe.Net(str(path), caffe.TEST)
-        load_params(net, lambda name: store[name])
-        set_input(net, ctx.io.input, x_in)
-        bottom = ctx.slim.caffe_name(conv.bottoms[0])
-        found = final_writer(ctx.slim, bottom)
-        if found is not None:
-            net.forward(end=found[1])
-        x = np.array(net.blobs[bottom].data, dtype=np.float64)
-        y = teacher.outputs(x_in, [step.reproduces])[step.reproduces].astype(np.float64)
-        weight, bias = fit_conv(x, y, geometry.kernel, geometry.stride, geometry.pad, seed=options.seed)
-        blobs = store[conv.name]
-        net.forward()
-        before = np.array(net.blobs[step.blob].data, dtype=np.float64)
-        store[conv.name] = [weight.reshape(blobs[0].shape)] + ([bias.reshape(blobs[1].shape)] if len(blobs) > 1
-                                                                else [])
-        load_params(net, lambda name: store[name])
-        net.forward()
-        after = np.array(net.blobs[step.blob].data, dtype=np.float64)
-        variance = max(float(np.var(y)), 1e-12)
-        fitted[conv.name] = {"blob": step.reproduces, "error_before": float(np.mean((before - y) ** 2) / variance),
-                             "error_after": float(np.mean((after - y) ** 2) / variance)}
-    return fitted
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ class Config:
     train_lr: float
     budget: str  # the main runs' --budget (the only setting they get besides data and transform)
     latency_rounds: int
-    compare: bool  # the schedule table (layer-wise vs whole net, mimic targets, fitted start)
+    compare: bool  # the schedule table (layer-wise vs whole net, mimic targets)
     compare_budget: str  # every run of the schedule table gets this --budget
     small_images: int  # the small-data case: this many unlabelled training images, mimic mode
     small_budget: str
@@ -265,7 +265,6 @@ class Run:
     mode: str = "label"
     schedule: str = "whole"  # the default
     mimic_at: str = "logits"  # the default
-    init: str = "inherit"  # the default; "fit": merged convs start from a least-squares fit
     train: str = "train"  # the training data: "train", "small" (unlabelled subset) or "hard" (labelled subset)
     budget: str = "2ep"
 
@@ -274,8 +273,6 @@ class Run:
         parts = [self.net, self.mode, self.schedule]
         if self.mode == "mimic" and self.schedule == "layerwise":
             parts.append(self.mimic_at)
-        if self.init != "inherit":
-            parts.append(self.init)
         if self.train != "train":
             parts.append(self.train)
         parts.append(self.budget)
@@ -292,7 +289,7 @@ def finetune(folder: Path, data: dict[str, Path], config: Config, run_: Run, fre
                                    f"{net}.report.json")]
     out = folder / f"{run_.name}.caffemodel"
     stage = f"finetune_{run_.name}"
-    options = FinetuneOptions(mode=run_.mode, schedule=run_.schedule, mimic_at=run_.mimic_at, init=run_.init,
+    options = FinetuneOptions(mode=run_.mode, schedule=run_.schedule, mimic_at=run_.mimic_at,
                               budget=run_.budget, transform=replace(TRANSFORM, mirror=True),
                               val=data["val"] if run_.train == "train" else None)  # subsets hold out their own
     key = {"inputs": file_key(*inputs, data[run_.train], data["val"]), "options": asdict(options),
@@ -393,16 +390,15 @@ def main_runs(config: Config) -> dict[str, Run]:
 def compare_runs(config: Config) -> list[Run]:
     """The schedule table: every choice at ``compare_budget``, the defaults first."""
     b = config.compare_budget
-    return [Run(budget=b), Run(schedule="layerwise", budget=b), Run(init="fit", budget=b),
+    return [Run(budget=b), Run(schedule="layerwise", budget=b),
             Run(mode="mimic", budget=b), Run(mode="mimic", schedule="layerwise", mimic_at="local", budget=b),
             Run(mode="mimic", schedule="layerwise", mimic_at="next", budget=b),
-            Run(mode="mimic", schedule="layerwise", mimic_at="logits", budget=b),
-            Run(mode="mimic", init="fit", budget=b)]
+            Run(mode="mimic", schedule="layerwise", mimic_at="logits", budget=b)]
 
 
 def describe(run_: Run) -> str:
     if run_.schedule == "whole":
-        return "fitted start (--init fit) + whole net" if run_.init == "fit" else "whole net, distilled (default)"
+        return "whole net, distilled (default)"
     what = {"local": "the merged blob", "next": "the next merge's blob", "logits": "the logits"}[run_.mimic_at]
     return "layer-wise (paper) + whole net" + (f", steps mimic {what}" if run_.mode == "mimic" else "")
 
