@@ -567,7 +567,9 @@ def plot(out: Path, evaluation: dict[str, Any], measured: dict[str, Any], runs: 
                     ys.append(100 * point["agreement"])
             offset += step["iterations"]
         if xs:
-            ax.plot(xs, ys, "-", label=f"{r.mode}: {describe(r)}" + ("" if r.train == "train" else f" ({r.train})"))
+            net = "slim+Tucker" if r.net == "tucker" else "slim"
+            data = "" if r.train == "train" else f", {r.train} data"
+            ax.plot(xs, ys, "-", label=f"{net}, {r.mode}, {r.budget}{data}: {describe(r)}")
     ax.set_xlabel("iteration (over all phases)")
     ax.set_ylabel("held-out top-1 agreement (%)")
     ax.legend(fontsize=6)
@@ -586,9 +588,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="ignore cached stages")
     parser.add_argument("--no-tucker", action="store_true", help="skip the slim+Tucker stage")
     parser.add_argument("--no-compare", action="store_true", help="skip the schedule comparison")
-    parser.add_argument("--runs", choices=["all", "main", "compare"], default="all",
-                        help="main: only the main fine-tuning runs; compare: only the schedule table and the two "
-                             "cases (two processes can share the cached stages); all: everything, then the results")
+    parser.add_argument("--runs", choices=["all", "main", "compare", "label", "mimic", "tucker"], default="all",
+                        help="main: only the main fine-tuning runs (label, mimic, tucker: only that one); compare: "
+                             "only the schedule table and the two cases (processes can share the cached stages); "
+                             "all: everything, then the results")
+    parser.add_argument("--budget", help="the main runs' --budget (default: the configuration's)")
     parser.add_argument("--control", action="store_true",
                         help="also train the original on for as long as the label-mode fine-tuning (a fair control)")
     parser.add_argument("--tucker-ranks", default=TUCKER_RANKS, metavar="METHOD",
@@ -596,6 +600,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"(default: {TUCKER_RANKS})")
     args = parser.parse_args(argv)
     config = QUICK if args.quick else FULL
+    if args.budget:
+        config = replace(config, budget=args.budget)
     folder = args.work or args.cache / config.name
     folder.mkdir(parents=True, exist_ok=True)
     out = args.out or (folder if args.quick else HERE)
@@ -611,9 +617,12 @@ def main(argv: list[str] | None = None) -> int:
             "slim, before fine-tuning": ("slim.prototxt", "slim.caffemodel")}
     runs: dict[Run, dict[str, Any]] = {}
     tuckered = None
+    only = {"label": LABEL, "mimic": MIMIC, "tucker": TUCKER}.get(args.runs)
     for name, r in main_runs(config).items():
         if args.runs == "compare":
             break
+        if only is not None and name != only:
+            continue
         if r.net == "tucker":
             if args.no_tucker:
                 continue
@@ -623,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
             nets["slim+Tucker, before fine-tuning"] = ("tucker.prototxt", "tucker.caffemodel")
         runs[r] = finetune(folder, data, config, r, args.fresh)
         nets[name] = (f"{r.net}.prototxt", f"{r.name}.caffemodel")
-    if args.runs == "main":
+    if args.runs in ("main", "label", "mimic", "tucker"):
         return 0
     control = None
     if args.control:
