@@ -625,9 +625,10 @@ def _run_step(ctx: _Context, step: Step, store: Weights, teacher: Teacher, optio
                      options.batch, options.seed, options.cache_mb * 2**20, options.patience)
 
     def relay(event: str, fields: dict[str, Any]) -> None:
+        left = clock.left()
         if event == "iteration":
             notify(Progress("iteration", step.index, total, step.name, fields["iteration"], fields["iterations"],
-                            fields["loss"], seconds_left=clock.left()))
+                            fields["loss"], seconds_left=None if left is None else max(0.0, left)))
         elif event == "search":
             notify(Progress("search", step.index, total, step.name, loss=fields["loss"], lr=fields["lr"],
                             solver=fields["solver"]))
