@@ -43,6 +43,10 @@ def _split(values: Sequence[str]) -> list[str]:
     return [part.strip() for value in values for part in value.split(",") if part.strip()]
 
 
+def _input_shapes(values: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    return dict(caffe_io.parse_input_shape(value) for value in values)
+
+
 def _image_files(paths: Sequence[str]) -> list[str]:
     files: list[str] = []
     for path in paths:
@@ -122,7 +126,10 @@ def main() -> None:
 @click.option("--only", multiple=True, help="apply rules only where they involve these layers")
 @click.option("--exclude", multiple=True, help="never apply rules that involve these layers")
 @click.option("--phase", type=click.Choice(["TEST", "TRAIN"]), default="TEST", show_default=True,
-              help="which phase's layers to keep from a train_val prototxt")
+              help="the phase of a train_val prototxt the rules see (the other phase's layers are kept as they are)")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="BLOB:N,C,H,W",
+              help="shape of a data layer's top (repeatable); default: from transform_param.crop_size and the "
+                   "first record of its LMDB")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="write a JSON report here")
 @click.option("--check", type=click.IntRange(min=0), default=0,
               help="compare both nets in real Caffe on N random inputs")
@@ -142,10 +149,12 @@ def main() -> None:
 def rewrite(prototxt: str, out_prototxt: str, weights: str | None, out_weights: str | None, rules: str,
             skip: tuple[str, ...], only: tuple[str, ...], exclude: tuple[str, ...], phase: str,
             report_path: str | None, check: int, images: tuple[str, ...], tolerance: float, init: str, widen: str,
-            seed: int, preset: str | None, rank_method: str | None) -> None:
-    """Rewrite PROTOTXT (and --weights) into OUT_PROTOTXT (and --out-weights)."""
+            seed: int, preset: str | None, rank_method: str | None, input_shapes: tuple[str, ...]) -> None:
+    """Rewrite PROTOTXT (and --weights) into OUT_PROTOTXT (and --out-weights). A train_val PROTOTXT gives a
+    train_val OUT_PROTOTXT: both phases' layers are kept."""
     options = api.preset_options(preset or "deeprebirth", rules=rules, skip=_split(skip), only=_split(only),
                                  exclude=_split(exclude), phase=phase, check=check, images=_image_files(images),
+                                 input_shapes=_input_shapes(input_shapes),
                                  tolerance=tolerance, init=init, widen=widen, seed=seed, rank_method=rank_method)
     result = api.rewrite_files(prototxt, out_prototxt, weights, out_weights, report_path, options)
     click.echo(render_report(result.report))
@@ -180,10 +189,14 @@ def rewrite(prototxt: str, out_prototxt: str, weights: str | None, out_weights: 
 @click.argument("prototxt", type=click.Path(dir_okay=False))
 @click.option("--weights", type=click.Path(dir_okay=False), help="the caffemodel (lets exact folds be judged)")
 @click.option("--phase", type=click.Choice(["TEST", "TRAIN"]), default="TEST", show_default=True)
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="BLOB:N,C,H,W",
+              help="shape of a data layer's top (repeatable)")
 @_user_errors
-def inspect(prototxt: str, weights: str | None, phase: str) -> None:
+def inspect(prototxt: str, weights: str | None, phase: str, input_shapes: tuple[str, ...]) -> None:
     """Per-layer table (type, output shape, params, MACs, memory) and where each rule would or would not fire."""
-    found = api.inspect_file(prototxt, weights, phase)
+    found = api.inspect_file(prototxt, weights, phase, _input_shapes(input_shapes))
+    for warning in found.graph.warnings:
+        click.echo(f"warning: {warning}", err=True)
     rows = []
     for cost in found.costs:
         shapes = "?" if cost.top_shapes is None else " ".join("x".join(map(str, s)) for s in cost.top_shapes)

@@ -104,8 +104,8 @@ def squeezenet_v10(size: int = 227, classes: int = 1000, fires: Sequence[Sequenc
         if name in ("fire4", "fire8"):
             text += _pool(f"pool{i + 2}", bottom, 3, 2)
             bottom = f"pool{i + 2}"
-    text += ('layer { name: "drop9" type: "Dropout" bottom: "%s" top: "%s" dropout_param { dropout_ratio: 0.5 } }\n'
-             % (bottom, bottom))
+    text += (f'layer {{ name: "drop9" type: "Dropout" bottom: "{bottom}" top: "{bottom}" '
+             'dropout_param { dropout_ratio: 0.5 } }\n')
     text += _conv("conv10", bottom, classes, 1)
     text += ('layer { name: "pool10" type: "Pooling" bottom: "conv10" top: "pool10" '
              'pooling_param { pool: AVE global_pooling: true } }\n')
