@@ -294,10 +294,12 @@ def _timing_options(command: F) -> F:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the measurements as JSON")
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
               help="list the N slowest layers (0: all)")
+@click.option("--gpu", type=int, default=None, metavar="ID",
+              help="run on this GPU (needs Caffe built with DEEPREBIRTH_CUDA=1)  [default: CPU]")
 @_user_errors
 def profile_command(prototxt: str, weights: str | None, batch: int | None, threads: int, rounds: int, warmup: int,
                     compare_prototxt: str | None, compare_weights: str | None, plot_path: str | None,
-                    json_path: str | None, top: int, clock: str, seed: int) -> None:
+                    json_path: str | None, top: int, clock: str, seed: int, gpu: int | None) -> None:
     """Time every layer of PROTOTXT in real Caffe: per layer, per type, the non-tensor share, and memory."""
     import json
 
@@ -307,7 +309,7 @@ def profile_command(prototxt: str, weights: str | None, batch: int | None, threa
         raise DeepRebirthError("--compare-weights needs --compare")
     nets = [(prototxt, weights)] + ([(compare_prototxt, compare_weights)] if compare_prototxt else [])
     profiles = [profile_net(path, model, batch=batch, threads=threads, rounds=rounds, warmup=warmup, seed=seed,
-                            clock=clock) for path, model in nets]
+                            clock=clock, gpu=gpu) for path, model in nets]
     first = profiles[0]
     if len(profiles) == 1:
         click.echo("\n".join(_profile_header(first)))
@@ -590,12 +592,14 @@ def finetune_command(original_prototxt: str, original_weights: str, slim_prototx
 @click.option("--batch", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), help="evaluate only the first N images")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the result as JSON")
+@click.option("--gpu", type=int, default=None, metavar="ID",
+              help="run on this GPU (needs Caffe built with DEEPREBIRTH_CUDA=1)  [default: CPU]")
 @_transform_options
 @_user_errors
 def evaluate_command(prototxt: str, weights: str, data: str, reference: tuple[str, str] | None, batch: int,
                      limit: int | None, json_path: str | None, transform_from: str | None, scale: float | None,
                      mean: str | None, mean_file: str | None, crop: int | None, mirror: bool | None,
-                     resize: str | None, rgb: bool) -> None:
+                     resize: str | None, rgb: bool, gpu: int | None) -> None:
     """Top-1 / top-5 accuracy of PROTOTXT + WEIGHTS on --data in real Caffe."""
     import dataclasses
     import json
@@ -604,7 +608,7 @@ def evaluate_command(prototxt: str, weights: str, data: str, reference: tuple[st
 
     transform = _transform(transform_from, scale, mean, mean_file, crop, mirror, resize, rgb)
     result = evaluate_files(prototxt, weights, data, reference=tuple(reference) if reference else None,  # type: ignore
-                            transform=transform, batch=batch, limit=limit)
+                            transform=transform, batch=batch, limit=limit, gpu=gpu)
     rows = [["net", _pct(result.top1), _pct(result.top5), "-"]]
     if reference:
         rows.append(["reference", _pct(result.reference_top1), _pct(result.reference_top5), ""])
