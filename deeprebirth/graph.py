@@ -161,7 +161,7 @@ class Graph:
             earliest = 0
             for item in sorted(self.aside, key=lambda a: a.rank):
                 param = self._aside_param(item, names)
-                at = next((i for i, r in enumerate(ranks) if r is not None and r > item.rank), len(params))
+                at = next((i for i, r in enumerate(ranks) if r > item.rank), len(params))
                 at = max([at, earliest] + [made_at[b] + 1 for b in item.reads if b is not None])
                 params.insert(at, param)
                 ranks.insert(at, item.rank)
