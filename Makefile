@@ -3,20 +3,29 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# CPU Caffe unless DEEPREBIRTH_CUDA=1 (or =auto and a GPU is listed by nvidia-smi); switching re-runs the install.
+CAFFE_FLAVOUR := $(if $(filter 1 yes on,$(DEEPREBIRTH_CUDA)),cuda,$(if $(filter auto,$(DEEPREBIRTH_CUDA)),$(shell \
+	command -v nvcc >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU' && echo cuda || echo cpu),cpu))
+FLAVOUR_STAMP := $(VENV)/.caffe-$(CAFFE_FLAVOUR)
 
 .PHONY: install example test test-fast lint bench clean
 
 install: $(STAMP)
 
-$(STAMP): setup.py setup.cfg proto/caffe.proto scripts/build_caffe.sh
+$(STAMP): setup.py setup.cfg proto/caffe.proto scripts/build_caffe.sh $(FLAVOUR_STAMP)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "numpy>=2,<3" "protobuf>=3.20" six
-	scripts/build_caffe.sh $(PY)
+	DEEPREBIRTH_CUDA=$(if $(filter cuda,$(CAFFE_FLAVOUR)),1,0) scripts/build_caffe.sh $(PY)
 	$(PY) -m pip install --quiet -e ".[test,runtimes]"
 	$(PY) -m pip install --quiet --no-deps pnnx  # ONNX -> ncnn converter binary (its Python side wants torch)
 	$(PY) scripts/fetch_assets.py > /dev/null
 	touch $(STAMP)
+
+$(FLAVOUR_STAMP):
+	mkdir -p $(VENV)
+	rm -f $(VENV)/.caffe-*
+	touch $@
 
 # The main job end to end on a bundled example: exact folds on the real open_nsfw ResNet-50, checked in real Caffe.
 example: install

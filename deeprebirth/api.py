@@ -6,17 +6,18 @@ import json
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from deeprebirth import caffe_io
+from deeprebirth.caffe_io import DATA_LAYER_TYPES
 from deeprebirth.caffe_runtime import CheckResult, compare_nets, image_feeds, random_feeds
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.graph import Graph
 from deeprebirth.model import PathLike, load_model, same_file, save_model
 from deeprebirth.rewrite import RewriteReport, rewrite, select_rules
-from deeprebirth.rules import RULES, RuleConfig, Skip
+from deeprebirth.rules import RULES, Rule, RuleConfig, Skip
 from deeprebirth.shapes import LayerCost, infer_shapes, layer_costs
 from deeprebirth.tucker import parse_rank_method
 
@@ -27,7 +28,8 @@ class RewriteOptions:
     skip: Sequence[str] = ()
     only: Sequence[str] = ()
     exclude: Sequence[str] = ()
-    phase: str = "TEST"
+    phase: str = "TEST"  # the phase of a train_val net the rules see; the other phase's layers are kept
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # data layer top -> shape
     check: int = 0  # random inputs to compare on in real Caffe (needs weights)
     images: Sequence[PathLike] = ()  # real photos to compare on as well
     tolerance: float = 1e-4  # max |a - b| / max |a| per compared blob
@@ -77,19 +79,20 @@ def rewrite_files(prototxt: PathLike, out_prototxt: PathLike, weights: PathLike 
         parse_rank_method(options.rank_method)
     except ValueError as err:
         raise DeepRebirthError(str(err)) from None
-    graph = load_model(prototxt, weights, phase=options.phase)
+    graph = load_model(prototxt, weights, phase=options.phase, input_shapes=options.input_shapes)
+    rules, kept_dropout = training_rules(graph, rules, options.rules)
     config = RuleConfig(init=options.init, widen=options.widen, seed=options.seed, rank_method=options.rank_method)
     exclude, notes = list(options.exclude), list[str]()
     if options.runtime:
         exclude, notes = _runtime_exclusions(prototxt, weights, options, config, exclude)
     report = rewrite(graph, rules, only=options.only, exclude=exclude, config=config)
-    report.warnings += notes
+    report.warnings += kept_dropout + notes
     save_model(graph, out_prototxt, out_weights)
     if out_weights is not None:
         report.warnings += caffemodel_size_warnings(os.path.getsize(out_weights))
     check = None
     if options.check or options.images:
-        original = load_model(prototxt, weights, phase=options.phase)
+        original = load_model(prototxt, weights, phase=options.phase, input_shapes=options.input_shapes)
         lossy = any(not change.exact for change in report.changes)
         check = check_rewrite(original, graph, prototxt, weights, out_prototxt, out_weights, options,  # type: ignore
                               lossy=lossy)
@@ -117,6 +120,20 @@ def _runtime_exclusions(prototxt: PathLike, weights: PathLike | None, options: R
              f"{plan.runtime} (< {options.min_gain:g}%): a lossy merge that does not pay there is accuracy spent "
              "for nothing" for c in dropped]
     return exclude + [n for n in names if n not in exclude], notes
+
+
+def training_rules(graph: Graph, rules: tuple[Rule, ...], asked: str | Sequence[str]) -> tuple[tuple[Rule, ...],
+                                                                                          list[str]]:
+    """A train_val net (data layers, or layers of another phase) is written back for training, where Dropout is
+    not the identity it is at inference: eliminate_dropout runs on it only when named explicitly."""
+    named = {n.strip() for n in (asked.split(",") if isinstance(asked, str) else asked)}
+    training = bool(graph.aside) or any(layer.type in DATA_LAYER_TYPES for layer in graph.layers())
+    if not training or "eliminate_dropout" in named or not any(r.name == "eliminate_dropout" for r in rules):
+        return rules, []
+    dropouts = [layer.name for layer in graph.layers() if layer.type == "Dropout"]
+    listed = ", ".join(dropouts[:3]) + (", ..." if len(dropouts) > 3 else "")
+    note = [f"train_val net: Dropout kept for training ({listed}); name eliminate_dropout in --rules to remove it"]
+    return tuple(r for r in rules if r.name != "eliminate_dropout"), note if dropouts else []
 
 
 def caffemodel_size_warnings(size: int) -> list[str]:
@@ -188,8 +205,9 @@ class Inspection:
     skips: list[tuple[str, Skip]]  # (rule, skip) where it would not, and why
 
 
-def inspect_file(prototxt: PathLike, weights: PathLike | None = None, phase: str = "TEST") -> Inspection:
-    graph = load_model(prototxt, weights, phase=phase)
+def inspect_file(prototxt: PathLike, weights: PathLike | None = None, phase: str = "TEST",
+                 input_shapes: dict[str, tuple[int, ...]] | None = None) -> Inspection:
+    graph = load_model(prototxt, weights, phase=phase, input_shapes=input_shapes)
     costs = layer_costs(graph)
     fires, skips = [], []
     for rule in RULES:

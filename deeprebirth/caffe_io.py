@@ -19,6 +19,7 @@ import mmap
 import os
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -46,6 +47,8 @@ V1_LAYER_TYPES = {
 }
 
 PHASES = {"TRAIN": pb.TRAIN, "TEST": pb.TEST}
+# layers whose output shapes live in files (databases, image lists), not in the prototxt
+DATA_LAYER_TYPES = ("Data", "ImageData", "HDF5Data", "WindowData", "VideoData", "AnnotatedData")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,6 +129,19 @@ def load_net(path: str | os.PathLike[str], phase: str = "TEST") -> pb.NetParamet
 
 def normalize_net(net: pb.NetParameter, phase: str = "TEST", source: str | None = None) -> pb.NetParameter:
     """Return a modern copy of ``net``: only ``layer`` entries, inputs as an Input layer, one phase's layers."""
+    return normalize_net_phases(net, phase, source)[0]
+
+
+def load_net_phases(path: str | os.PathLike[str],
+                    phase: str = "TEST") -> tuple[pb.NetParameter, list[FilteredLayer]]:
+    """``load_net``, and the layers the phase filter set aside (see ``normalize_net_phases``)."""
+    return normalize_net_phases(read_prototxt(path), phase=phase, source=str(path))
+
+
+def normalize_net_phases(net: pb.NetParameter, phase: str = "TEST",
+                         source: str | None = None) -> tuple[pb.NetParameter, list[FilteredLayer]]:
+    """``normalize_net``, and the layers the phase filter set aside, each with its slot: the number of kept
+    layers before it. A train_val net is rewritten in one phase's view and written back with these re-attached."""
     if phase not in PHASES:
         raise DeepRebirthError(f"unknown phase {phase!r} (TRAIN or TEST)", file=source)
     out = pb.NetParameter()
@@ -137,10 +153,10 @@ def normalize_net(net: pb.NetParameter, phase: str = "TEST", source: str | None 
         del out.layers[:]
         out.layer.extend(upgraded)
     _net_inputs_to_input_layer(out, source)
-    _filter_by_state(out, phase)
+    aside = _filter_by_state(out, phase)
     if not out.layer:  # nothing to rewrite, and a caffemodel without layers is not one Caffe (or we) can read
         raise DeepRebirthError(f"the net has no layers (in phase {phase})", file=source)
-    return out
+    return out, aside
 
 
 def upgrade_v1_layer(v1: pb.V1LayerParameter, source: str | None = None) -> pb.LayerParameter:
@@ -229,11 +245,20 @@ def _state_meets_rule(state: pb.NetState, rule: pb.NetStateRule) -> bool:
     return not any(stage in state.stage for stage in rule.not_stage)
 
 
-def _filter_by_state(net: pb.NetParameter, phase: str) -> None:
+@dataclass
+class FilteredLayer:
+    """A layer the phase filter left out (e.g. the TRAIN data layer when the TEST view is rewritten)."""
+
+    slot: int  # how many kept layers come before it
+    param: pb.LayerParameter
+
+
+def _filter_by_state(net: pb.NetParameter, phase: str) -> list[FilteredLayer]:
     state = pb.NetState()
     state.CopyFrom(net.state)
     state.phase = PHASES[phase]
-    kept = []
+    kept: list[pb.LayerParameter] = []
+    aside: list[FilteredLayer] = []
     for layer in net.layer:
         if layer.include:
             keep = any(_state_meets_rule(state, rule) for rule in layer.include)
@@ -241,9 +266,109 @@ def _filter_by_state(net: pb.NetParameter, phase: str) -> None:
             keep = not any(_state_meets_rule(state, rule) for rule in layer.exclude)
         if keep:
             kept.append(layer)
+        else:
+            param = pb.LayerParameter()
+            param.CopyFrom(layer)
+            aside.append(FilteredLayer(len(kept), param))
     if len(kept) != len(net.layer):
         del net.layer[:]
         net.layer.extend(kept)
+    return aside
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data layers: the shape of what they produce lives in their database, not in the prototxt
+
+
+def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """``NAME:N,C,H,W`` (any number of dims) -> (NAME, shape)."""
+    name, sep, dims = text.rpartition(":")
+    try:
+        shape = tuple(int(d) for d in dims.split(","))
+    except ValueError:
+        shape = ()
+    if not sep or not name or not shape or any(d <= 0 for d in shape):
+        raise DeepRebirthError(f"--input-shape {text!r}: expected BLOB:N,C,H,W with positive sizes")
+    return name, shape
+
+
+def data_layer_shapes(param: pb.LayerParameter, given: dict[str, tuple[int, ...]],
+                      folder: Path | None = None) -> tuple[list[tuple[int, ...]] | None, str]:
+    """Top shapes of a data layer (Data, ImageData, HDF5Data, ...), or None and why they are unknown.
+
+    A top named in ``given`` (``--input-shape``) takes that shape. Otherwise a ``Data`` layer's image top is
+    (batch_size, channels, crop_size or height, crop_size or width) from the first record of its LMDB
+    (``data_param.source``, as written or relative to ``folder``), and a second top (the label) is (batch_size,).
+    """
+    tops = list(param.top)
+    if tops and all(top in given for top in tops):
+        return [given[top] for top in tops], ""
+    first: tuple[int, ...] | None = given.get(tops[0]) if tops else None
+    reason = ""
+    if first is None and param.type == "Data":
+        first, reason = _lmdb_data_shape(param, folder)
+    elif first is None:
+        reason = f"a {param.type} layer's shape is not read from its files"
+    if first is None:
+        return None, reason
+    shapes = [first]
+    for top in tops[1:]:
+        if top in given:
+            shapes.append(given[top])
+        elif param.type in ("Data", "ImageData", "WindowData") and len(tops) == 2:
+            shapes.append((first[0],))
+        else:
+            return None, f"no shape for its top '{top}'"
+    return shapes, ""
+
+
+def _lmdb_data_shape(param: pb.LayerParameter, folder: Path | None) -> tuple[tuple[int, ...] | None, str]:
+    data = param.data_param
+    if not data.source:
+        return None, "its data_param has no source"
+    if not data.batch_size:
+        return None, "its data_param has no batch_size"
+    if data.backend != pb.DataParameter.LMDB:
+        return None, f"its source '{data.source}' is a LevelDB, which this tool does not read"
+    candidates = [Path(data.source)] + ([folder / data.source] if folder is not None else [])
+    source = next((c for c in candidates if (c / "data.mdb").is_file()), None)
+    if source is None:
+        return None, f"its LMDB '{data.source}' does not exist here"
+    import lmdb
+
+    try:
+        env = lmdb.open(str(source), readonly=True, lock=False, readahead=False, subdir=True)
+        with env.begin() as txn:
+            record = next(iter(txn.cursor()), None)
+        env.close()
+    except lmdb.Error as err:
+        return None, f"cannot read its LMDB '{data.source}': {err}"
+    if record is None:
+        return None, f"its LMDB '{data.source}' is empty"
+    datum = pb.Datum()
+    try:
+        datum.ParseFromString(record[1])
+    except DecodeError:
+        return None, f"the first record of its LMDB '{data.source}' is not a Caffe Datum"
+    channels, height, width = datum.channels, datum.height, datum.width
+    if datum.encoded:
+        import cv2
+
+        image = cv2.imdecode(np.frombuffer(datum.data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        if image is None:
+            return None, f"the first image of its LMDB '{data.source}' does not decode"
+        height, width = image.shape[:2]
+        channels = 1 if image.ndim == 2 else image.shape[2]
+        if param.transform_param.force_color:
+            channels = 3
+        elif param.transform_param.force_gray:
+            channels = 1
+    crop = param.transform_param.crop_size
+    if crop:
+        if crop > height or crop > width:
+            return None, f"crop_size {crop} is larger than its images ({height}x{width})"
+        height = width = crop
+    return (data.batch_size, channels, height, width), ""
 
 
 def format_prototxt(net: pb.NetParameter) -> str:

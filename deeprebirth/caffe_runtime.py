@@ -7,6 +7,7 @@ process: a net Caffe refuses becomes a one-line error here instead of a dead int
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -24,19 +25,59 @@ Feed = dict[str, np.ndarray]
 IMAGENET_MEAN_BGR = (104.0, 117.0, 123.0)
 
 
-def import_caffe() -> ModuleType:
-    """pycaffe, quiet and in CPU mode; a clear error when it is not installed."""
+def import_caffe(gpu: int | None = None) -> ModuleType:
+    """pycaffe, quiet, in CPU mode or (``gpu``: a device id) in GPU mode on that device; a clear error when it is
+    not installed, or when a GPU is asked of a CPU-only build or of a machine without that GPU (Caffe itself would
+    abort the process)."""
     os.environ.setdefault("GLOG_minloglevel", "2")
     try:
         import caffe
     except ImportError as err:
         raise DeepRebirthError(f"pycaffe is not importable ({err}): run `make install`") from None
-    caffe.set_mode_cpu()
+    if gpu is None:
+        caffe.set_mode_cpu()
+        return caffe
+    problem = gpu_problem(gpu)
+    if problem:
+        raise DeepRebirthError(f"--gpu {gpu}: {problem}")
+    caffe.set_device(gpu)
+    caffe.set_mode_gpu()
     return caffe
 
 
-def open_net(prototxt: str | os.PathLike[str], caffemodel: str | os.PathLike[str] | None = None) -> Any:
-    caffe = import_caffe()
+def caffe_has_cuda() -> bool:
+    """Whether the pycaffe loaded in this process was built with CUDA (it then links the CUDA runtime)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    return "libcudart" in maps
+
+
+def gpu_count() -> int:
+    """GPUs that ``nvidia-smi -L`` lists (0 without a driver)."""
+    try:
+        done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.startswith("GPU ") for line in done.stdout.splitlines()) if done.returncode == 0 else 0
+
+
+def gpu_problem(gpu: int) -> str:
+    """Why Caffe cannot run on GPU ``gpu`` here ('' if it can); pycaffe must be imported first."""
+    if gpu < 0:
+        return "a device id is 0 or more"
+    if not caffe_has_cuda():
+        return "this Caffe was built without CUDA (rebuild it with `DEEPREBIRTH_CUDA=1 make install`)"
+    count = gpu_count()
+    if gpu >= count:
+        return f"nvidia-smi lists {count} GPU(s)"
+    return ""
+
+
+def open_net(prototxt: str | os.PathLike[str], caffemodel: str | os.PathLike[str] | None = None,
+             gpu: int | None = None) -> Any:
+    caffe = import_caffe(gpu)
     if caffemodel is None:
         return caffe.Net(str(prototxt), caffe.TEST)
     return caffe.Net(str(prototxt), caffe.TEST, weights=str(caffemodel))

@@ -43,6 +43,10 @@ def _split(values: Sequence[str]) -> list[str]:
     return [part.strip() for value in values for part in value.split(",") if part.strip()]
 
 
+def _input_shapes(values: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    return dict(caffe_io.parse_input_shape(value) for value in values)
+
+
 def _image_files(paths: Sequence[str]) -> list[str]:
     files: list[str] = []
     for path in paths:
@@ -122,7 +126,10 @@ def main() -> None:
 @click.option("--only", multiple=True, help="apply rules only where they involve these layers")
 @click.option("--exclude", multiple=True, help="never apply rules that involve these layers")
 @click.option("--phase", type=click.Choice(["TEST", "TRAIN"]), default="TEST", show_default=True,
-              help="which phase's layers to keep from a train_val prototxt")
+              help="the phase of a train_val prototxt the rules see (the other phase's layers are kept as they are)")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="BLOB:N,C,H,W",
+              help="shape of a data layer's top (repeatable); default: from transform_param.crop_size and the "
+                   "first record of its LMDB")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="write a JSON report here")
 @click.option("--check", type=click.IntRange(min=0), default=0,
               help="compare both nets in real Caffe on N random inputs")
@@ -147,10 +154,13 @@ def main() -> None:
 def rewrite(prototxt: str, out_prototxt: str, weights: str | None, out_weights: str | None, rules: str,
             skip: tuple[str, ...], only: tuple[str, ...], exclude: tuple[str, ...], phase: str,
             report_path: str | None, check: int, images: tuple[str, ...], tolerance: float, init: str, widen: str,
-            seed: int, preset: str | None, rank_method: str | None, runtime: str | None, min_gain: float) -> None:
-    """Rewrite PROTOTXT (and --weights) into OUT_PROTOTXT (and --out-weights)."""
+            seed: int, preset: str | None, rank_method: str | None, runtime: str | None, min_gain: float,
+            input_shapes: tuple[str, ...]) -> None:
+    """Rewrite PROTOTXT (and --weights) into OUT_PROTOTXT (and --out-weights). A train_val PROTOTXT gives a
+    train_val OUT_PROTOTXT: both phases' layers are kept."""
     options = api.preset_options(preset or "deeprebirth", rules=rules, skip=_split(skip), only=_split(only),
                                  exclude=_split(exclude), phase=phase, check=check, images=_image_files(images),
+                                 input_shapes=_input_shapes(input_shapes),
                                  tolerance=tolerance, init=init, widen=widen, seed=seed, rank_method=rank_method,
                                  runtime=runtime, min_gain=min_gain)
     result = api.rewrite_files(prototxt, out_prototxt, weights, out_weights, report_path, options)
@@ -186,10 +196,14 @@ def rewrite(prototxt: str, out_prototxt: str, weights: str | None, out_weights: 
 @click.argument("prototxt", type=click.Path(dir_okay=False))
 @click.option("--weights", type=click.Path(dir_okay=False), help="the caffemodel (lets exact folds be judged)")
 @click.option("--phase", type=click.Choice(["TEST", "TRAIN"]), default="TEST", show_default=True)
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="BLOB:N,C,H,W",
+              help="shape of a data layer's top (repeatable)")
 @_user_errors
-def inspect(prototxt: str, weights: str | None, phase: str) -> None:
+def inspect(prototxt: str, weights: str | None, phase: str, input_shapes: tuple[str, ...]) -> None:
     """Per-layer table (type, output shape, params, MACs, memory) and where each rule would or would not fire."""
-    found = api.inspect_file(prototxt, weights, phase)
+    found = api.inspect_file(prototxt, weights, phase, _input_shapes(input_shapes))
+    for warning in found.graph.warnings:
+        click.echo(f"warning: {warning}", err=True)
     rows = []
     for cost in found.costs:
         shapes = "?" if cost.top_shapes is None else " ".join("x".join(map(str, s)) for s in cost.top_shapes)
@@ -290,10 +304,12 @@ def _timing_options(command: F) -> F:
 @click.option("--runtime", type=click.Choice(["caffe", "opencv", "onnxruntime", "mnn", "ncnn"]), default="caffe",
               show_default=True, help="where to time: real Caffe per layer, or whole forward passes in OpenCV dnn "
                                       "or in the exported model (ONNX Runtime, MNN, ncnn)")
+@click.option("--gpu", type=int, default=None, metavar="ID",
+              help="run on this GPU (needs Caffe built with DEEPREBIRTH_CUDA=1)  [default: CPU]")
 @_user_errors
 def profile_command(prototxt: str, weights: str | None, batch: int | None, threads: int, rounds: int, warmup: int,
                     compare_prototxt: str | None, compare_weights: str | None, plot_path: str | None,
-                    json_path: str | None, top: int, clock: str, seed: int, runtime: str) -> None:
+                    json_path: str | None, top: int, clock: str, seed: int, runtime: str, gpu: int | None) -> None:
     """Time every layer of PROTOTXT in real Caffe: per layer, per type, the non-tensor share, and memory; or, with
     --runtime, whole forward passes in another runtime (interleaved with --compare's net)."""
     import json
@@ -308,7 +324,7 @@ def profile_command(prototxt: str, weights: str | None, batch: int | None, threa
                          clock=clock, plot_path=plot_path, json_path=json_path)
         return
     profiles = [profile_net(path, model, batch=batch, threads=threads, rounds=rounds, warmup=warmup, seed=seed,
-                            clock=clock) for path, model in nets]
+                            clock=clock, gpu=gpu) for path, model in nets]
     first = profiles[0]
     if len(profiles) == 1:
         click.echo("\n".join(_profile_header(first)))
@@ -714,12 +730,14 @@ def finetune_command(original_prototxt: str, original_weights: str, slim_prototx
 @click.option("--batch", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), help="evaluate only the first N images")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the result as JSON")
+@click.option("--gpu", type=int, default=None, metavar="ID",
+              help="run on this GPU (needs Caffe built with DEEPREBIRTH_CUDA=1)  [default: CPU]")
 @_transform_options
 @_user_errors
 def evaluate_command(prototxt: str, weights: str, data: str, reference: tuple[str, str] | None, batch: int,
                      limit: int | None, json_path: str | None, transform_from: str | None, scale: float | None,
                      mean: str | None, mean_file: str | None, crop: int | None, mirror: bool | None,
-                     resize: str | None, rgb: bool) -> None:
+                     resize: str | None, rgb: bool, gpu: int | None) -> None:
     """Top-1 / top-5 accuracy of PROTOTXT + WEIGHTS on --data in real Caffe."""
     import dataclasses
     import json
@@ -728,7 +746,7 @@ def evaluate_command(prototxt: str, weights: str, data: str, reference: tuple[st
 
     transform = _transform(transform_from, scale, mean, mean_file, crop, mirror, resize, rgb)
     result = evaluate_files(prototxt, weights, data, reference=tuple(reference) if reference else None,  # type: ignore
-                            transform=transform, batch=batch, limit=limit)
+                            transform=transform, batch=batch, limit=limit, gpu=gpu)
     rows = [["net", _pct(result.top1), _pct(result.top5), "-"]]
     if reference:
         rows.append(["reference", _pct(result.reference_top1), _pct(result.reference_top5), ""])

@@ -97,8 +97,9 @@ class Evaluation:
 
 def evaluate_files(prototxt: PathLike, caffemodel: PathLike, data: PathLike | DataSet, *,
                    reference: tuple[PathLike, PathLike] | None = None, transform: Transform | None = None,
-                   batch: int = 100, limit: int | None = None) -> Evaluation:
-    """Top-1/top-5 of the net on ``data`` (validated before any forward pass), and agreement with ``reference``."""
+                   batch: int = 100, limit: int | None = None, gpu: int | None = None) -> Evaluation:
+    """Top-1/top-5 of the net on ``data`` (validated before any forward pass), and agreement with ``reference``;
+    on GPU ``gpu`` when given (a CUDA build of Caffe), else on the CPU."""
     start = time.perf_counter()
     graph = load_model(prototxt, caffemodel)
     io = NetIO.of(graph, str(prototxt))
@@ -118,12 +119,12 @@ def evaluate_files(prototxt: PathLike, caffemodel: PathLike, data: PathLike | Da
     indices = np.arange(len(dataset) if limit is None else min(limit, len(dataset)))
     batches = Batches(dataset, transform, io.size)
     labels = dataset.labels[indices]
-    scores = predict(open_net(prototxt, caffemodel), io, batches, indices, batch)
+    scores = predict(open_net(prototxt, caffemodel, gpu), io, batches, indices, batch)
     five = io.classes > 5
     result = Evaluation(len(indices), top_k(scores, labels, 1), top_k(scores, labels, 5) if five else None,
                         io.classes)
     if reference is not None and ref_io is not None:
-        ref_scores = predict(open_net(*reference), ref_io, batches, indices, batch)
+        ref_scores = predict(open_net(*reference, gpu=gpu), ref_io, batches, indices, batch)
         result.agreement = float(np.mean(scores.argmax(axis=1) == ref_scores.argmax(axis=1)))
         result.reference_top1 = top_k(ref_scores, labels, 1)
         result.reference_top5 = top_k(ref_scores, labels, 5) if five else None

@@ -8,16 +8,23 @@ in-place layers stay in place.
 
 Edges run producer -> consumer, keyed by ``(blob, bottom index)``. Layer order is kept stable: layers sort
 topologically with their original position as tie-break, and a new layer takes the position of the layer it replaces.
+
+A train_val net is seen in one phase: the layers of the other phase (its data layer, a TRAIN-only loss ...) are held
+aside, outside the DAG, so rules never see them. Each remembers its place and the blobs it reads; a blob read by one
+has an extra reader (``only_consumer`` says so, and ``replace_uses`` moves the read), and ``to_net(all_phases=True)``
+writes them back where they were.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import networkx as nx
 import numpy as np
 
+from deeprebirth import caffe_io
 from deeprebirth import caffe_pb2 as pb
 from deeprebirth.caffe_io import Weights, blob_to_array
 from deeprebirth.errors import DeepRebirthError
@@ -37,13 +44,23 @@ class Layer:
     tops: list[str]
     proto: pb.LayerParameter = field(default_factory=pb.LayerParameter)
     blobs: list[np.ndarray] | None = None  # None: no weights known (prototxt only)
+    top_shapes: list[tuple[int, ...]] | None = None  # a data layer's output shapes, found when the net was loaded
 
     def clone(self, **changes: object) -> Layer:
         layer = Layer(self.name, self.type, list(self.bottoms), list(self.tops), copy.deepcopy(self.proto),
-                      None if self.blobs is None else list(self.blobs))
+                      None if self.blobs is None else list(self.blobs), self.top_shapes)
         for key, value in changes.items():
             setattr(layer, key, value)
         return layer
+
+
+@dataclass
+class AsideLayer:
+    """A layer of another phase than the one rewritten, as written in the prototxt, with where it goes back."""
+
+    param: pb.LayerParameter
+    rank: float  # its place among the layers' ranks
+    reads: list[str | None]  # per bottom: the blob of this graph it reads (None: one only other-phase layers make)
 
 
 class Graph:
@@ -57,17 +74,32 @@ class Graph:
         self._producer: dict[str, str] = {}
         self._caffe_name: dict[str, str] = {}
         self._rank: dict[str, float] = {}
+        self.aside: list[AsideLayer] = []  # the other phase's layers (train_val nets)
+        self.warnings: list[str] = []  # what loading found worth saying (e.g. a data layer of unknown shape)
 
     # ------------------------------------------------------------------ building
 
     @classmethod
-    def from_net(cls, net: pb.NetParameter, source: str | None = None) -> Graph:
-        """Build from a normalised NetParameter (see ``caffe_io.normalize_net``); prototxt blobs become weights."""
+    def from_net(cls, net: pb.NetParameter, source: str | None = None,
+                 aside: Sequence[caffe_io.FilteredLayer] = ()) -> Graph:
+        """Build from a normalised NetParameter (see ``caffe_io.normalize_net``); prototxt blobs become weights.
+        ``aside``: the layers the phase filter left out (``caffe_io.normalize_net_phases``), kept for writing."""
         graph = cls(net.name, source)
         graph.net_settings.CopyFrom(net)
         del graph.net_settings.layer[:]
         current: dict[str, str] = {}  # Caffe blob name -> its latest SSA version
+        by_slot: dict[int, list[pb.LayerParameter]] = {}
+        for item in aside:
+            by_slot.setdefault(item.slot, []).append(item.param)
+
+        def set_aside(slot: int) -> None:
+            params = by_slot.get(slot, [])
+            for j, param in enumerate(params):
+                reads = [current.get(blob) for blob in param.bottom]
+                graph.aside.append(AsideLayer(param, slot - 1 + (j + 1) / (len(params) + 1), reads))
+
         for index, param in enumerate(net.layer):
+            set_aside(index)
             if not param.name:
                 raise DeepRebirthError(f"layer #{index} has no name", file=source)
             if param.name in graph._rank:
@@ -102,22 +134,58 @@ class Graph:
             del proto.blobs[:]
             layer = Layer(param.name, param.type, bottoms, tops, proto, blobs)
             graph._insert(layer, float(index))
+        set_aside(len(net.layer))
         return graph
 
-    def to_net(self) -> pb.NetParameter:
-        """Back to a NetParameter (no weights) with Caffe blob names restored, in place where it is safe."""
+    def to_net(self, all_phases: bool = False) -> pb.NetParameter:
+        """Back to a NetParameter (no weights) with Caffe blob names restored, in place where it is safe; with
+        ``all_phases`` the other phase's layers go back where they were (after the layers making what they read)."""
         net = pb.NetParameter()
         net.CopyFrom(self.net_settings)
         net.name = self.name
         names = self.caffe_blob_names()
+        params: list[pb.LayerParameter] = []
+        ranks: list[float] = []
+        made_at: dict[str, int] = {}  # blob -> index in params of its producer
         for layer in self.layers():
-            param = net.layer.add()
+            param = pb.LayerParameter()
             param.CopyFrom(layer.proto)
             param.name = layer.name
             param.type = layer.type
             param.bottom.extend(names[b] for b in layer.bottoms)
             param.top.extend(names[t] for t in layer.tops)
+            made_at.update((t, len(params)) for t in layer.tops)
+            params.append(param)
+            ranks.append(self._rank[layer.name])
+        if all_phases:
+            earliest = 0
+            for item in sorted(self.aside, key=lambda a: a.rank):
+                param = self._aside_param(item, names)
+                at = next((i for i, r in enumerate(ranks) if r > item.rank), len(params))
+                at = max([at, earliest] + [made_at[b] + 1 for b in item.reads if b is not None])
+                params.insert(at, param)
+                ranks.insert(at, item.rank)
+                made_at = {b: i + (i >= at) for b, i in made_at.items()}
+                earliest = at + 1
+        net.layer.extend(params)
         return net
+
+    def _aside_param(self, item: AsideLayer, names: dict[str, str]) -> pb.LayerParameter:
+        param = pb.LayerParameter()
+        param.CopyFrom(item.param)
+        renamed = {}
+        for i, blob in enumerate(item.reads):
+            if blob is None:
+                continue
+            if blob not in self._producer:
+                raise DeepRebirthError(f"the rewrite removed blob '{item.param.bottom[i]}', which this layer of the "
+                                       "other phase reads", file=self.source, layer=item.param.name)
+            renamed[item.param.bottom[i]] = names[blob]
+            param.bottom[i] = names[blob]
+        for i, top in enumerate(param.top):  # in place on a blob that got another name: follow it
+            if i < len(item.param.bottom) and item.param.bottom[i] == top and top in renamed:
+                param.top[i] = renamed[top]
+        return param
 
     def weights(self) -> Weights:
         return {layer.name: list(layer.blobs) for layer in self.layers() if layer.blobs}
@@ -176,9 +244,12 @@ class Graph:
         return sorted((self.layer(n) for n in names), key=lambda layer: self._rank[layer.name])
 
     def only_consumer(self, blob: str) -> Layer | None:
-        """The single layer reading ``blob`` exactly once, if that is the case and ``blob`` is not a net output."""
+        """The single layer reading ``blob`` exactly once, if that is the case and ``blob`` is not a net output
+        (nor read by a layer of the other phase)."""
         readers = self.consumers(blob)
         if len(readers) != 1 or readers[0].bottoms.count(blob) != 1:
+            return None
+        if any(blob in item.reads for item in self.aside):
             return None
         return readers[0]
 
@@ -287,6 +358,8 @@ class Graph:
                     self._dag.remove_edge(self._producer[old], reader.name, key=(old, index))
                     reader.bottoms[index] = new
                     self._dag.add_edge(self._producer[new], reader.name, key=(new, index))
+        for item in self.aside:
+            item.reads = [new if blob == old else blob for blob in item.reads]
 
     def replace_layer(self, old_name: str, new: Layer) -> Layer:
         """Put ``new`` where ``old_name`` was: same position; ``new`` must produce the same tops (or a subset that
@@ -327,6 +400,10 @@ class Graph:
                 produced[blob] = name
         if produced != self._producer:
             raise GraphError("producer map out of step with the layers")
+        for item in self.aside:
+            lost = [b for b in item.reads if b is not None and b not in produced]
+            if lost:
+                raise GraphError(f"blob {lost[0]!r}, read by the other phase's layer {item.param.name!r}, is gone")
         expected = sorted((self._producer[b], name, (b, i)) for name, data in self._dag.nodes(data=True)
                           for i, b in enumerate(data["layer"].bottoms))
         actual = sorted(self._dag.edges(keys=True))

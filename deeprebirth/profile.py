@@ -196,8 +196,10 @@ def _fatal_line(output: str) -> str:
 
 
 def profile_net(prototxt: PathLike, weights: PathLike | None = None, *, batch: int | None = None,
-                threads: int = 1, rounds: int = 10, warmup: int = 2, seed: int = 0, clock: str = "wall") -> NetProfile:
-    """Time every layer of ``prototxt`` in real Caffe (see the module docstring); ``batch`` reshapes the inputs."""
+                threads: int = 1, rounds: int = 10, warmup: int = 2, seed: int = 0, clock: str = "wall",
+                gpu: int | None = None) -> NetProfile:
+    """Time every layer of ``prototxt`` in real Caffe (see the module docstring); ``batch`` reshapes the inputs;
+    ``gpu``: run on that GPU (a CUDA build; per-layer times then include waiting for the GPU to finish)."""
     _check_files(prototxt, weights)
     if rounds < 1 or warmup < 0:
         raise DeepRebirthError("rounds must be at least 1 and warm-up rounds at least 0")
@@ -211,7 +213,7 @@ def profile_net(prototxt: PathLike, weights: PathLike | None = None, *, batch: i
             random_weights(graph, seed)
             caffe_io.write_caffemodel(model, graph.to_net(), graph.weights())
         request = {"job": "profile", "nets": [[str(prototxt), model]], "batch": batch, "rounds": rounds,
-                   "warmup": warmup, "seed": seed, "clock": clock}
+                   "warmup": warmup, "seed": seed, "clock": clock, "gpu": gpu}
         result = run_worker(request, threads)
     result.update(prototxt=str(prototxt), weights=None if weights is None else str(weights), threads=threads)
     return NetProfile.from_json(result)
@@ -219,7 +221,8 @@ def profile_net(prototxt: PathLike, weights: PathLike | None = None, *, batch: i
 
 def interleaved_latency(nets: Sequence[tuple[PathLike, PathLike]], *, runtime: str = "caffe",
                         batch: int | None = None, threads: int = 1, rounds: int = 10, warmup: int = 2,
-                        seed: int = 0, fusion: bool = True, clock: str = "wall") -> list[list[float]]:
+                        seed: int = 0, fusion: bool = True, clock: str = "wall",
+                        gpu: int | None = None) -> list[list[float]]:
     """Whole-forward times (ms) of several (prototxt, caffemodel) nets loaded in one worker and run in turn
     (A B A B ...), so slow drift of a shared machine hits every net alike. ``runtime``: "caffe" or "opencv"
     (OpenCV dnn, with ``fusion`` passed to ``enableFusion``). Returns one list of ``rounds`` times per net."""
@@ -230,7 +233,7 @@ def interleaved_latency(nets: Sequence[tuple[PathLike, PathLike]], *, runtime: s
         raise DeepRebirthError(f"unknown runtime {runtime!r} (caffe, opencv)")
     request: dict[str, Any] = {"job": "latency", "runtime": runtime, "nets": [[str(p), str(w)] for p, w in nets],
                                "batch": batch, "rounds": rounds, "warmup": warmup, "seed": seed, "fusion": fusion,
-                               "threads": threads, "clock": clock}
+                               "threads": threads, "clock": clock, "gpu": gpu}
     if runtime == "opencv":
         request["inputs"] = [_input_shapes(p, batch) for p, _ in nets]
     times: list[list[float]] = run_worker(request, threads)["times_ms"]
@@ -363,7 +366,9 @@ def _distinct_bytes(arrays: Sequence[np.ndarray]) -> int:
 def _work_profile(request: dict[str, Any]) -> dict[str, Any]:
     base_rss = _peak_rss()
     prototxt, model = request["nets"][0]
-    net = open_net(prototxt, model)
+    gpu = request.get("gpu")
+    net = open_net(prototxt, model, gpu)
+    sync = _gpu_sync() if gpu is not None else _nothing
     rng = np.random.default_rng(request["seed"])
     shapes = _feed_caffe(net, request["batch"], rng)
     count = len(net.layers)
@@ -375,11 +380,13 @@ def _work_profile(request: dict[str, Any]) -> dict[str, Any]:
         for i in range(count):
             start = clock()
             net._forward(i, i)
+            sync()
             elapsed = clock() - start
             if timed:
                 per_layer[i].append(elapsed * 1e3)
         start = clock()
         net._forward(0, count - 1)
+        sync()
         if timed:
             forward.append((clock() - start) * 1e3)
     layers = [{"name": name, "type": layer.type, "ms": statistics.median(per_layer[i])}
@@ -398,11 +405,12 @@ def _work_latency(request: dict[str, Any]) -> dict[str, Any]:
     clock = CLOCKS[request["clock"]]
     runs: list[Callable[[], Any]] = []
     if request["runtime"] == "caffe":
+        gpu = request.get("gpu")
         for prototxt, model in request["nets"]:
-            net = open_net(prototxt, model)
+            net = open_net(prototxt, model, gpu)
             _feed_caffe(net, request["batch"], np.random.default_rng(request["seed"]))
             last = len(net.layers) - 1
-            runs.append(functools.partial(net._forward, 0, last))
+            runs.append(_synced(functools.partial(net._forward, 0, last), _gpu_sync() if gpu is not None else _nothing))
     else:
         import cv2
 
@@ -424,6 +432,29 @@ def _work_latency(request: dict[str, Any]) -> dict[str, Any]:
             run()
             times[k].append((clock() - start) * 1e3)
     return {"times_ms": times, "blas_threads": _blas_threads()}
+
+
+def _nothing() -> None:
+    pass
+
+
+def _gpu_sync() -> Callable[[], None]:
+    """cudaDeviceSynchronize of the CUDA runtime Caffe loaded: Caffe's GPU layers return before their kernels end."""
+    path = next(line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libcudart" in line)
+    runtime = ctypes.CDLL(path)
+
+    def sync() -> None:
+        runtime.cudaDeviceSynchronize()
+
+    return sync
+
+
+def _synced(run: Callable[[], Any], sync: Callable[[], None]) -> Callable[[], None]:
+    def both() -> None:
+        run()
+        sync()
+
+    return both
 
 
 def _worker_main(argv: Sequence[str]) -> int:

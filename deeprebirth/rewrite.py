@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from deeprebirth.caffe_io import DATA_LAYER_TYPES
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.graph import Graph, GraphError
 from deeprebirth.rules import RULES, Change, Rule, RuleConfig, Skip
@@ -67,7 +68,6 @@ class RewriteReport:
         }
 
 
-DATA_LAYER_TYPES = ("Data", "ImageData", "HDF5Data", "WindowData")  # known to Caffe; their shapes live in files
 
 
 def unknown_type_warnings(graph: Graph) -> list[str]:
@@ -136,7 +136,8 @@ def rewrite(graph: Graph, rules: Sequence[Rule] | None = None, only: Iterable[st
     rules = select_rules("all") if rules is None else rules
     only, exclude = set(only), set(exclude)
     config = config or RuleConfig()
-    report = RewriteReport([r.name for r in rules], NetSummary.of(graph), warnings=unknown_type_warnings(graph))
+    report = RewriteReport([r.name for r in rules], NetSummary.of(graph),
+                           warnings=graph.warnings + unknown_type_warnings(graph))
 
     def allowed(layers: tuple[str, ...]) -> bool:
         if only and not only.intersection(layers):

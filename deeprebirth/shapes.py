@@ -379,6 +379,9 @@ def infer_shapes(graph: Graph) -> dict[str, Shape | None]:
     shapes: dict[str, Shape | None] = {}
     for layer in graph.layers():
         bottoms = [shapes[b] for b in layer.bottoms]
+        if layer.top_shapes is not None:  # a data layer whose shapes were found at load time
+            shapes.update(zip(layer.tops, layer.top_shapes))
+            continue
         fn = SHAPE_FUNCTIONS.get(layer.type)
         if fn is None or any(b is None for b in bottoms):
             for top in layer.tops:

@@ -64,3 +64,57 @@ def tiny_inception(size: int = 32, blocks: Sequence[Sequence[int]] = TINY_INCEPT
             + f'layer {{ name: "classifier" type: "InnerProduct" bottom: "gap" top: "classifier" '
               f'inner_product_param {{ num_output: {classes} weight_filler {{ type: "xavier" }} }} }}\n'
             + 'layer { name: "prob" type: "Softmax" bottom: "classifier" top: "prob" }\n')
+
+
+# SqueezeNet v1.0 (Iandola et al. 2016): (squeeze, expand) channels of fire2 ... fire9
+SQUEEZENET_V10_FIRES = ((16, 64), (16, 64), (32, 128), (32, 128), (48, 192), (48, 192), (64, 256), (64, 256))
+
+
+def fire_module(name: str, bottom: str, squeeze: int, expand: int) -> str:
+    """A SqueezeNet fire module ``<name>/squeeze1x1 … <name>/concat``: 1x1 squeeze, then 1x1 and 3x3 expands."""
+    return (_conv(f"{name}/squeeze1x1", bottom, squeeze, 1)
+            + _conv(f"{name}/expand1x1", f"{name}/squeeze1x1", expand, 1)
+            + _conv(f"{name}/expand3x3", f"{name}/squeeze1x1", expand, 3, pad=1)
+            + f'layer {{ name: "{name}/concat" type: "Concat" bottom: "{name}/expand1x1" '
+              f'bottom: "{name}/expand3x3" top: "{name}/concat" }}\n')
+
+
+def squeezenet_v10(size: int = 227, classes: int = 1000, fires: Sequence[Sequence[int]] = SQUEEZENET_V10_FIRES,
+                   conv1: int = 96, batch: int = 1, train_val: str | None = None) -> str:
+    """SqueezeNet v1.0's layout (conv1 7x7/2, pool1, fire2-4, pool4, fire5-8, pool8, fire9, conv10, global
+    average pooling), with Input of ``batch`` images; ``train_val``: the LMDB folder prefix of a train_val net
+    instead (TRAIN and TEST Data layers reading ``<prefix>_train`` / ``<prefix>_val`` with crop_size = ``size``,
+    a TRAIN-only SoftmaxWithLoss, TEST-only top-1 and top-5 Accuracy), as SqueezeNet's own train_val.prototxt."""
+    if train_val is None:
+        text = (f'name: "squeezenet_v1.0"\nlayer {{ name: "data" type: "Input" top: "data" '
+                f'input_param {{ shape {{ dim: {batch} dim: 3 dim: {size} dim: {size} }} }} }}\n')
+    else:
+        text = 'name: "squeezenet_v1.0"\n'
+        for phase, suffix, mirror, batch_size in (("TRAIN", "train", "true", 4), ("TEST", "val", "false", 2)):
+            text += (f'layer {{ name: "data" type: "Data" top: "data" top: "label" include {{ phase: {phase} }}\n'
+                     f'  transform_param {{ crop_size: {size} mirror: {mirror} mean_value: 104 mean_value: 117 '
+                     f'mean_value: 123 }}\n'
+                     f'  data_param {{ source: "{train_val}_{suffix}" batch_size: {batch_size} backend: LMDB }} }}\n')
+    text += _conv("conv1", "data", conv1, 7, stride=2) + _pool("pool1", "conv1", 3, 2)
+    bottom = "pool1"
+    for i, (squeeze, expand) in enumerate(fires):
+        name = f"fire{i + 2}"
+        text += fire_module(name, bottom, squeeze, expand)
+        bottom = f"{name}/concat"
+        if name in ("fire4", "fire8"):
+            text += _pool(f"pool{i + 2}", bottom, 3, 2)
+            bottom = f"pool{i + 2}"
+    text += (f'layer {{ name: "drop9" type: "Dropout" bottom: "{bottom}" top: "{bottom}" '
+             'dropout_param { dropout_ratio: 0.5 } }\n')
+    text += _conv("conv10", bottom, classes, 1)
+    text += ('layer { name: "pool10" type: "Pooling" bottom: "conv10" top: "pool10" '
+             'pooling_param { pool: AVE global_pooling: true } }\n')
+    if train_val is None:
+        return text + 'layer { name: "prob" type: "Softmax" bottom: "pool10" top: "prob" }\n'
+    return text + (
+        'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "pool10" bottom: "label" top: "loss" '
+        'include { phase: TRAIN } }\n'
+        'layer { name: "accuracy" type: "Accuracy" bottom: "pool10" bottom: "label" top: "accuracy" '
+        'include { phase: TEST } }\n'
+        'layer { name: "accuracy_top5" type: "Accuracy" bottom: "pool10" bottom: "label" top: "accuracy_top5" '
+        'include { phase: TEST } accuracy_param { top_k: 5 } }\n')

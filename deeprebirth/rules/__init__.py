@@ -11,6 +11,7 @@ from deeprebirth.rules import (
     merge_lrn_into_conv,
     merge_pooling_into_branch_convs,
     merge_pooling_into_conv,
+    merge_pooling_into_widened_branch_convs,
 )
 from deeprebirth.rules.base import Change, Match, Rule, RuleConfig, Skip
 
@@ -20,6 +21,7 @@ RULES: tuple[Rule, ...] = (
     fuse_scale_into_conv.RULE,
     merge_pooling_into_conv.RULE,
     merge_pooling_into_branch_convs.RULE,
+    merge_pooling_into_widened_branch_convs.RULE,
     merge_lrn_into_conv.RULE,
     merge_inception_branches.RULE,
     decompose_conv_tucker.RULE,  # opt-in (group "tucker"): not part of "all"

@@ -32,9 +32,11 @@ from deeprebirth.shapes import Shape, conv_geometry, infer_shapes, pool_geometry
 NAME = "merge_pooling_into_branch_convs"
 
 
-def _branch_reason(graph: Graph, shapes: dict[str, Shape | None], concat: Layer, pool: Layer, blob: str) -> str:
+def _branch_reason(graph: Graph, shapes: dict[str, Shape | None], concat: Layer, pool: Layer, blob: str,
+                   widen: bool = False) -> str:
     """Why the Concat input ``blob`` is not a conv [-> ReLU] branch, read only by the Concat, whose conv could take
-    the pooling as a stride with its own kernel ('' if it is)."""
+    the pooling as a stride with its own kernel ('' if it is). With ``widen``, a 1x1 conv may instead grow to the
+    pooling's window (merge_pooling_into_widened_branch_convs)."""
     if graph.only_consumer(blob) is not concat:
         return f"its input '{graph.caffe_name(blob)}' is also read elsewhere"
     producer = graph.producer(blob)
@@ -50,14 +52,31 @@ def _branch_reason(graph: Graph, shapes: dict[str, Shape | None], concat: Layer,
     conv = conv_geometry(producer.proto.convolution_param)
     window = pool_geometry(pool.proto.pooling_param, (c[2], c[3]))
     for i in range(2):
-        solved = merge_pooling_into_conv.solve_axis(x[2 + i], conv.kernel[i], conv.stride[i], conv.pad[i], window.kernel[i],
-                            window.stride[i], window.pad[i], y[2 + i])
-        if conv.dilation[i] != 1 or solved is None or solved[0] != conv.kernel[i]:
+        solved = merge_pooling_into_conv.solve_axis(x[2 + i], conv.kernel[i], conv.stride[i], conv.pad[i],
+                                                    window.kernel[i], window.stride[i], window.pad[i], y[2 + i])
+        if conv.dilation[i] != 1 or solved is None:
+            return f"'{producer.name}' could not take the pooling as a stride"
+        if solved[0] == conv.kernel[i]:
+            continue
+        if not widen:
             return f"'{producer.name}' could not take the pooling as a stride without a larger kernel"
+        if conv.kernel != (1, 1) or window.stride[i] < 2 or solved[0] > window.kernel[i]:
+            return (f"'{producer.name}' (kernel {conv.kernel[0]}x{conv.kernel[1]}) would have to grow to take the "
+                    f"pooling as a stride; only a 1x1 conv grows, to at most the pooling's window, at stride 2 or more")
     return ""
 
 
+def _needs_widening(graph: Graph, shapes: dict[str, Shape | None], concat: Layer, pool: Layer) -> bool:
+    return any(_branch_reason(graph, shapes, concat, pool, blob) for blob in concat.bottoms)
+
+
 def match(graph: Graph, config: RuleConfig) -> Iterator[Match | Skip]:
+    yield from find(graph, widen=False)
+
+
+def find(graph: Graph, widen: bool) -> Iterator[Match | Skip]:
+    """Matches of this rule (``widen`` False) or of merge_pooling_into_widened_branch_convs (True: only the places
+    where some 1x1 branch conv must grow, so the two rules never claim the same pooling)."""
     for pool in graph.layers():
         if pool.type != "Pooling" or graph.producer(pool.bottoms[0]).type != "Concat":
             continue
@@ -74,10 +93,12 @@ def match(graph: Graph, config: RuleConfig) -> Iterator[Match | Skip]:
             yield Skip(pool.name, f"Concat '{concat.name}' joins along axis {axis}, not channels")
             continue
         shapes = infer_shapes(graph)
-        reasons = [r for r in (_branch_reason(graph, shapes, concat, pool, b) for b in concat.bottoms) if r]
+        reasons = [r for r in (_branch_reason(graph, shapes, concat, pool, b, widen) for b in concat.bottoms) if r]
         if reasons:
             yield Skip(pool.name, reasons[0])
             continue
+        if widen and not _needs_widening(graph, shapes, concat, pool):
+            continue  # merge_pooling_into_branch_convs' own place
         yield Match((pool.name, concat.name))
 
 
@@ -101,6 +122,11 @@ def distribute(graph: Graph, pool: Layer, concat: Layer) -> list[Layer]:
 
 
 def apply(graph: Graph, found: Match, config: RuleConfig) -> Change:
+    return merge(graph, found, config, NAME)
+
+
+def merge(graph: Graph, found: Match, config: RuleConfig, rule: str) -> Change:
+    """Distribute the pooling over the branches, then merge it into each branch conv (one change of ``rule``)."""
     pool, concat = graph.layer(found.layers[0]), graph.layer(found.layers[1])
     output = graph.caffe_name(pool.tops[0])
     pooled = {p.name for p in distribute(graph, pool, concat)}
@@ -112,7 +138,7 @@ def apply(graph: Graph, found: Match, config: RuleConfig) -> Change:
         added += change.added
         relearn += change.relearn
     assert len(merges) == len(pooled), "match() checked that every branch conv can take the stride"
-    return Change(NAME, False, removed=removed, added=added, changed=[concat.name], relearn=relearn,
+    return Change(rule, False, removed=removed, added=added, changed=[concat.name], relearn=relearn,
                   reproduces=output,
                   summary=f"merged Pooling '{pool.name}' into the {len(pooled)} branch convs of Concat "
                           f"'{concat.name}' as {', '.join(relearn)}")
