@@ -239,9 +239,7 @@ def finetune_files(original_prototxt: PathLike, original_weights: PathLike, slim
     clock.start -= float(state.get("seconds", 0.0))  # what earlier runs of a resumed one spent
     if "baseline" not in state:
         notify(Progress("baseline", steps=len(ctx.steps)))
-        t0 = time.monotonic()
-        state["baseline"] = _baseline(ctx, teacher, slim_weights)
-        state["final_eval_seconds"] = time.monotonic() - t0  # about what the closing measurement costs
+        state["baseline"], state["final_eval_seconds"] = _baseline(ctx, teacher, slim_weights)
         _save_state(ctx.work, state)
     weights = phase_weights(len(ctx.steps) - 1, options.schedule == "layerwise")
     epoch = max(1, len(ctx.train_indices) // options.batch)
@@ -257,7 +255,7 @@ def finetune_files(original_prototxt: PathLike, original_weights: PathLike, slim
             allot = Allotment(iterations=iterations[k])
         else:
             left = (clock.left() or 0.0) - float(state.get("final_eval_seconds", 0.0))
-            allot = Allotment(seconds=share_time(left, weights, k))
+            allot = Allotment(seconds=share_time(left, weights, k), last=k == len(ctx.steps) - 1)
         phase_started = time.monotonic()
         step_result = _run_step(ctx, step, store, teacher, options, allot, clock, notify)
         finished[step.index] = step_result
@@ -488,13 +486,15 @@ def _slim_net(ctx: _Context, caffemodel: PathLike) -> Any:
     return caffe.Net(str(path), caffe.TEST, weights=str(caffemodel))
 
 
-def _baseline(ctx: _Context, teacher: Teacher, slim_weights: PathLike) -> dict[str, Any]:
-    """Held-out top-1 of the original and of the slim net as rewritten (before any fine-tuning)."""
+def _baseline(ctx: _Context, teacher: Teacher, slim_weights: PathLike) -> tuple[dict[str, Any], float]:
+    """Held-out top-1 of the original and of the slim net as rewritten (before any fine-tuning), and the seconds
+    the slim net's measurement took (what the closing one will cost)."""
     if ctx.val is None:
-        return {"original": None, "slim": None}
+        return {"original": None, "slim": None}, 0.0
     original = _accuracy(teacher.net, NetIO.of(ctx.original), ctx.val, ctx.val_indices)
+    started = time.monotonic()
     slim = _accuracy(_slim_net(ctx, slim_weights), ctx.io, ctx.val, ctx.val_indices)
-    return {"original": original, "slim": slim}
+    return {"original": original, "slim": slim}, time.monotonic() - started
 
 
 # ---------------------------------------------------------------------------------------------------------------

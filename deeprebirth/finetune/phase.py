@@ -46,6 +46,7 @@ MOMENTUM_SOLVERS = ("sgd", "nesterov")
 RESCUE = ("adam", 1e-4)  # for SGD's users: without a search, or when every SGD rate diverges
 MIN_PROBE = 3  # fewer iterations per candidate than this say nothing: then no search
 PATIENCE = 3
+LAST_PHASE_PACE = 0.9  # the last phase plans ~11% more iterations than fit: its deadline, not its plan, ends the run
 MAX_EVALUATIONS = 8
 SEARCH_IMAGES = 256  # held-out images that judge the learning-rate candidates
 Weights = dict[str, list[np.ndarray]]
@@ -75,6 +76,7 @@ class PhaseSpec:
 class Allotment:
     seconds: float | None = None  # a time budget's share (then iterations is None)
     iterations: int | None = None
+    last: bool = False  # the run's last phase: time it leaves over is lost, so it plans to run into its deadline
 
 
 @dataclass
@@ -123,11 +125,14 @@ class Evaluator:
         self.chunks = [indices[i:i + data.batch] for i in range(0, len(indices), data.batch)]
         self.cached: list[dict[str, np.ndarray]] | None = None
         self.cache_ok = True
+        self.teacher_seconds = 0.0  # spent running the original (once, while its outputs fit the cache)
 
     def _teacher(self, k: int, x: np.ndarray) -> dict[str, np.ndarray]:
         if self.cached is not None and k < len(self.cached):
             return self.cached[k]
+        started = time.monotonic()
         out = self.data.teacher.outputs(x, self.teacher_blobs)
+        self.teacher_seconds += time.monotonic() - started
         if self.cache_ok:
             self.cached = self.cached or []
             self.cached.append(out)
@@ -257,6 +262,8 @@ def run_phase(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: A
         t0 = time.monotonic()
         before = evaluate(_eval_net(spec, data.work, tag, None))
         eval_seconds = time.monotonic() - t0
+        if evaluate.cached is not None:  # later evaluations reuse the original's outputs
+            eval_seconds -= evaluate.teacher_seconds
         notify("evaluate", {"iteration": 0, "metrics": before})
 
     # the learning rate (and, for plain SGD, whether it trains at all)
@@ -321,7 +328,8 @@ def run_phase(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: A
             left = deadline - time.monotonic()
         if evaluate is not None:
             evaluations = int(np.clip(EVAL_SHARE * left / max(eval_seconds, 1e-3), 1, MAX_EVALUATIONS))
-        iterations = max(1, int((left - evaluations * eval_seconds) / seconds_per_iter))
+        planned = (left - evaluations * eval_seconds) / seconds_per_iter
+        iterations = max(1, int(planned / LAST_PHASE_PACE if allot.last else planned))
     else:
         assert budget_iters is not None
         iterations = budget_iters
