@@ -9,7 +9,8 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import relative_error, save
+from helpers import graph_from_text, relative_error, save
+from nets import squeezenet_v10
 from streamline_zoo import ZOO, original
 
 from deeprebirth.api import RewriteOptions, rewrite_files
@@ -66,6 +67,19 @@ def test_model_zoo_export_matches_caffe(net: str, slim: bool, model_zoo: Path, p
         report = rewrite(graph, select_rules("all"))
         assert report.relearn
     proto, weights = save(graph, tmp_path, net)
+    assert_matches_caffe(proto, weights, tmp_path, photos[:1])
+
+
+@pytest.mark.parametrize("slim", [False, True], ids=["original", "slimmed"])
+def test_squeezenet_fire_modules_export_matches_caffe(slim: bool, photos: list[str], tmp_path: Path) -> None:
+    """SqueezeNet v1.0's layout (fire modules: a 1x1 squeeze, then 1x1 and 3x3 expands concatenated), at 99x99 to
+    keep it quick; slimmed, pool4 and pool8 go into the widened expand convs."""
+    graph = graph_from_text(squeezenet_v10(size=99, classes=20), seed=3)
+    if slim:
+        report = rewrite(graph, select_rules("all"))
+        assert "merge_pooling_into_widened_branch_convs" in report.rules and report.relearn
+        assert "pool4" not in graph and "pool8" not in graph
+    proto, weights = save(graph, tmp_path, "squeezenet")
     assert_matches_caffe(proto, weights, tmp_path, photos[:1])
 
 
