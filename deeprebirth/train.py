@@ -56,12 +56,11 @@ def set_batch(net: pb.NetParameter, batch: int) -> None:
 
 
 def training_net(deploy: pb.NetParameter, factor: dict[str, float], blobs: dict[str, int], batch: int, loss: str,
-                 target: str, target_shape: Sequence[int] = (), loss_weight: float = 1.0) -> pb.NetParameter:
+                 target: str) -> pb.NetParameter:
     """The train prototxt of a deploy net: batch size set, lr_mult = ``factor[layer]`` x the layer's own (for its
     ``blobs[layer]`` parameter blobs; 0 freezes it), BatchNorm on its global statistics, and a loss layer named
     "loss": with ``loss`` "label", SoftmaxWithLoss on the prediction blob ``target`` (the Softmax that makes it is
-    replaced) and an Input "label"; with "mimic", EuclideanLoss between blob ``target`` and an Input
-    "mimic_target" of ``target_shape`` (per image); with "none", no loss layer (the caller adds its own)."""
+    replaced) and an Input "label"; with "none", no loss layer (fine-tuning adds its own: finetune/losses.py)."""
     net = pb.NetParameter()
     net.CopyFrom(deploy)
     set_batch(net, batch)
@@ -84,11 +83,6 @@ def training_net(deploy: pb.NetParameter, factor: dict[str, float], blobs: dict[
             logits = last.bottom[0]
             net.layer.remove(last)
         net.layer.add(name="loss", type="SoftmaxWithLoss", bottom=[logits, "label"], top=["loss"])
-    elif loss == "mimic":
-        teacher = net.layer.add(name="mimic_target", type="Input", top=["mimic_target"])
-        teacher.input_param.shape.add(dim=[batch, *target_shape])
-        net.layer.add(name="loss", type="EuclideanLoss", bottom=[target, "mimic_target"], top=["loss"],
-                      loss_weight=[loss_weight])
     return net
 
 
