@@ -177,10 +177,14 @@ def test_the_learning_rate_is_searched_on_held_out_data(nets: dict[str, str], tm
 def test_a_time_budget_ends_the_run_on_time(nets: dict[str, str], tmp_path: Path) -> None:
     seconds = 20.0
     left: list[float] = []
-    result = run(nets, tmp_path / "final.caffemodel", options(budget=f"{seconds:g}s", patience=0,
+    result = run(nets, tmp_path / "final.caffemodel", options(budget=f"{seconds:g}s", patience=0, schedule="whole",
                                                                solver=SolverOptions("sgd", lr=None)),
                  progress=lambda e: left.append(e.seconds_left) if e.event == "iteration" else None)
-    assert result.complete and abs(result.seconds - seconds) <= 0.05 * seconds, result.seconds
+    # never more than 5% late (on a budget this short it may end early: the plan's reserve for evaluations is
+    # measured on the first, costliest one)
+    assert result.complete and result.seconds <= 1.05 * seconds and result.steps[0].iterations > 0, result.seconds
+    layerwise = run(nets, tmp_path / "layerwise.caffemodel", options(budget=f"{seconds:g}s", patience=0))
+    assert layerwise.complete and layerwise.seconds <= 1.05 * seconds, layerwise.seconds
     assert left[0] > left[-1] >= 0  # progress counts the time down
     # searched when the machine is fast enough for it, else Adam (the rescue for SGD's users without a search)
     assert all(s.lr_search or (s.solver, s.lr) == ("adam", 1e-4) for s in result.steps)
