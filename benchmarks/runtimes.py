@@ -90,14 +90,9 @@ def nsfw_variants(folder: Path) -> dict[str, tuple[str, str]]:
 
 
 def logits(prototxt: str) -> list[str]:
-    graph = load_model(prototxt)
-    names = []
-    for blob in graph.outputs():
-        producer = graph.producer(blob)
-        if producer.type == "Softmax":
-            names.append(graph.caffe_name(producer.bottoms[0]))
-        names.append(graph.caffe_name(blob))
-    return names
+    from deeprebirth.export.check import logits_and_outputs
+
+    return logits_and_outputs(load_model(prototxt))
 
 
 def agreement(nets: dict[str, tuple[str, str]], images: list[str], folder: Path) -> dict[str, dict[str, str]]:

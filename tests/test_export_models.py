@@ -17,21 +17,11 @@ from deeprebirth.api import RewriteOptions, rewrite_files
 from deeprebirth.caffe_runtime import forward, image_feeds, open_net, random_feeds
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.export.api import ExportOptions, export_files
+from deeprebirth.export.check import logits_and_outputs
 from deeprebirth.graph import Graph
 from deeprebirth.model import load_model
 from deeprebirth.profile import set_batch
 from deeprebirth.rewrite import rewrite, select_rules
-
-
-def logits_and_outputs(graph: Graph) -> list[str]:
-    """The net's outputs, each Softmax output preceded by the logits it reads."""
-    names = []
-    for blob in graph.outputs():
-        producer = graph.producer(blob)
-        if producer.type == "Softmax":
-            names.append(graph.caffe_name(producer.bottoms[0]))
-        names.append(graph.caffe_name(blob))
-    return names
 
 
 def assert_matches_caffe(proto: str, weights: str, folder: Path, photos: list[str], tolerance: float = 1e-4,

@@ -26,6 +26,7 @@ import numpy as np
 from deeprebirth.caffe_runtime import BlobDiff, Feed, forward, open_net
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.export.runtimes import Shape, open_session
+from deeprebirth.graph import Graph
 
 TOLERANCES = {"onnxruntime": 1e-4, "ncnn": 1e-4, "mnn": 1e-3}
 
@@ -45,6 +46,17 @@ class RuntimeCheck:
     @property
     def worst(self) -> BlobDiff:
         return max(self.diffs, key=lambda d: d.max_rel)
+
+
+def logits_and_outputs(graph: Graph) -> list[str]:
+    """The net's outputs, each Softmax output preceded by the logits it reads: what an export is compared on."""
+    names = []
+    for blob in graph.outputs():
+        producer = graph.producer(blob)
+        if producer.type == "Softmax":
+            names.append(graph.caffe_name(producer.bottoms[0]))
+        names.append(graph.caffe_name(blob))
+    return names
 
 
 def _caffe_outputs(prototxt: str, caffemodel: str, feeds: list[Feed], blobs: list[str]) -> list[dict[str, np.ndarray]]:
