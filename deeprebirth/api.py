@@ -13,33 +13,78 @@ from typing import Any
 from deeprebirth import caffe_io
 from deeprebirth.caffe_io import DATA_LAYER_TYPES
 from deeprebirth.caffe_runtime import CheckResult, compare_nets, image_feeds, random_feeds
+from deeprebirth.data import image_files
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.graph import Graph
+from deeprebirth.export.runtimes import RUNTIMES
 from deeprebirth.model import PathLike, load_model, same_file, save_model
-from deeprebirth.rewrite import RewriteReport, rewrite, select_rules
-from deeprebirth.rules import RULES, Rule, RuleConfig, Skip
+from deeprebirth.rewrite import OPT_IN_GROUPS, RewriteReport, rewrite, rule_groups, select_rules
+from deeprebirth.rules import RULE_OPTIONS, RULES, Option, Rule, RuleConfig, Skip
 from deeprebirth.shapes import LayerCost, infer_shapes, layer_costs
-from deeprebirth.tucker import parse_rank_method
+
+
+PHASES = ("TEST", "TRAIN")
+
+# The options of a rewrite (``rewrite`` and ``batch``), each declared once: RewriteOptions takes its defaults from
+# here, ``validate_options`` checks a value against it, and the CLI builds its flags from it.
+REWRITE_OPTIONS: tuple[Option, ...] = (
+    Option("rules", str, "all", metavar="RULES",
+           help=f"rule names or groups ({', '.join(rule_groups())}, all), comma-separated; all leaves out the "
+                f"opt-in group(s) {', '.join(OPT_IN_GROUPS)}"),
+    Option("skip", str, (), multiple=True, help="rule names or groups not to apply"),
+    Option("only", str, (), multiple=True, help="apply rules only where they involve these layers"),
+    Option("exclude", str, (), multiple=True, help="never apply rules that involve these layers"),
+    Option("phase", str, "TEST", choices=PHASES,
+           help="the phase of a train_val prototxt the rules see (the other phase's layers are kept as they are)"),
+    Option("input_shapes", str, (), multiple=True, flag="input-shape", metavar="BLOB:N,C,H,W",
+           help="shape of a data layer's top (repeatable); default: from transform_param.crop_size and the first "
+                "record of its LMDB"),
+    Option("check", int, 0, minimum=0, concept="number of check inputs",
+           help="compare both nets in real Caffe on N random inputs (needs weights)"),
+    Option("images", str, (), multiple=True,
+           help="real photos (files or a folder of them; repeatable) to compare on too"),
+    Option("tolerance", float, 1e-4, help="largest allowed max|a-b|/max|a| on each compared blob"),
+    *RULE_OPTIONS,
+    Option("runtime", str, None, choices=RUNTIMES,
+           help="time every candidate merge on this runtime first and apply only the lossy ones that save at "
+                "least the minimum gain there (exact folds always apply)"),
+    Option("min_gain", float, 1.0, minimum=0.0, concept="minimum gain",
+           help="with a runtime: the percent of the net's time on it a lossy merge must save"),
+)
+OPTION: dict[str, Option] = {option.name: option for option in REWRITE_OPTIONS}
+DEFAULT: dict[str, Any] = {option.name: option.default for option in REWRITE_OPTIONS}
 
 
 @dataclass
 class RewriteOptions:
-    rules: str | Sequence[str] = "all"
-    skip: Sequence[str] = ()
-    only: Sequence[str] = ()
-    exclude: Sequence[str] = ()
-    phase: str = "TEST"  # the phase of a train_val net the rules see; the other phase's layers are kept
+    """A rewrite's settings; each field's meaning, default and allowed values are declared in REWRITE_OPTIONS."""
+
+    rules: str | Sequence[str] = DEFAULT["rules"]
+    skip: Sequence[str] = DEFAULT["skip"]
+    only: Sequence[str] = DEFAULT["only"]
+    exclude: Sequence[str] = DEFAULT["exclude"]
+    phase: str = DEFAULT["phase"]
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # data layer top -> shape
-    check: int = 0  # random inputs to compare on in real Caffe (needs weights)
-    images: Sequence[PathLike] = ()  # real photos to compare on as well
-    tolerance: float = 1e-4  # max |a - b| / max |a| per compared blob
-    seed: int = 0
-    init: str = "inherit"  # how lossy rules start new layers: "inherit" or "filler"
-    widen: str = "balanced"  # where merge_inception_branches puts freed channels: "3x3", "5x5", "balanced"
-    rank_method: str = "vbmf"  # decompose_conv_tucker's ranks: "vbmf", "energy:F", "speedup:X", "ranks:R1,R2", "full"
-    runtime: str | None = None  # onnxruntime, mnn, ncnn: apply only the lossy merges that pay there (--min-gain)
-    min_gain: float = 1.0  # percent of the original net's time on ``runtime`` a lossy merge must save
-    runtime_rounds: int = 10  # interleaved timing rounds of the runtime plan
+    check: int = DEFAULT["check"]
+    images: Sequence[PathLike] = DEFAULT["images"]
+    tolerance: float = DEFAULT["tolerance"]
+    seed: int = DEFAULT["seed"]
+    init: str = DEFAULT["init"]
+    widen: str = DEFAULT["widen"]
+    rank_method: str = DEFAULT["rank_method"]
+    runtime: str | None = DEFAULT["runtime"]
+    min_gain: float = DEFAULT["min_gain"]
+    runtime_rounds: int = 10  # interleaved timing rounds of the runtime plan (not a command-line option)
+
+    def rule_config(self) -> RuleConfig:
+        return RuleConfig(**{option.name: getattr(self, option.name) for option in RULE_OPTIONS})
+
+    def validate(self) -> RewriteOptions:
+        """Every value checked against its declaration, and the rule names known: one place, before any work."""
+        for option in REWRITE_OPTIONS:
+            option.validate(getattr(self, option.name))
+        select_rules(self.rules, self.skip)
+        return self
 
 
 # Named pipelines (``rewrite --preset``): settings of RewriteOptions. DeepRebirth's default is slimming alone; its
@@ -48,14 +93,31 @@ PRESETS: dict[str, dict[str, str]] = {
     "deeprebirth": {"rules": "all"},
     "deeprebirth+tucker": {"rules": "all,tucker", "rank_method": "vbmf"},
 }
+DEFAULT_PRESET = "deeprebirth"
 
 
-def preset_options(preset: str, **settings: Any) -> RewriteOptions:
-    """RewriteOptions from a preset; ``settings`` that are not None override the preset's and the defaults."""
+def parse_input_shapes(texts: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """``BLOB:N,C,H,W`` texts -> {blob: shape}."""
+    return dict(caffe_io.parse_input_shape(text) for text in texts)
+
+
+def preset_options(preset: str | None = None, options_type: type[RewriteOptions] | None = None,
+                   **settings: Any) -> RewriteOptions:
+    """Options from a preset (default: DEFAULT_PRESET); ``settings`` that are not None (nor empty lists) override
+    the preset's and the defaults. Text as a command line gives it is accepted: comma-separated names, input shapes
+    as ``BLOB:N,C,H,W``, image folders (their photos). ``options_type``: RewriteOptions or a subclass."""
+    preset = preset or DEFAULT_PRESET
     if preset not in PRESETS:
         raise DeepRebirthError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
-    given = {key: value for key, value in settings.items() if value is not None}
-    return RewriteOptions(**{**PRESETS[preset], **given})
+    given = {key: value for key, value in settings.items() if value is not None and value != ()}
+    for key in ("skip", "only", "exclude"):
+        if key in given and not isinstance(given[key], str):
+            given[key] = [part.strip() for value in given[key] for part in value.split(",") if part.strip()]
+    if "input_shapes" in given and not isinstance(given["input_shapes"], dict):
+        given["input_shapes"] = parse_input_shapes(given["input_shapes"])
+    if "images" in given:
+        given["images"] = image_files(given["images"])
+    return (options_type or RewriteOptions)(**{**PRESETS[preset], **given})
 
 
 @dataclass
@@ -74,14 +136,10 @@ def rewrite_files(prototxt: PathLike, out_prototxt: PathLike, weights: PathLike 
         raise DeepRebirthError("--out-weights needs --weights")
     if (options.check or options.images) and (weights is None or out_weights is None):
         raise DeepRebirthError("--check and --images need --weights and --out-weights")
-    rules = select_rules(options.rules, options.skip)
-    try:
-        parse_rank_method(options.rank_method)
-    except ValueError as err:
-        raise DeepRebirthError(str(err)) from None
+    rules = select_rules(options.validate().rules, options.skip)
     graph = load_model(prototxt, weights, phase=options.phase, input_shapes=options.input_shapes)
     rules, kept_dropout = training_rules(graph, rules, options.rules)
-    config = RuleConfig(init=options.init, widen=options.widen, seed=options.seed, rank_method=options.rank_method)
+    config = options.rule_config()
     exclude, notes = list(options.exclude), list[str]()
     if options.runtime:
         exclude, notes = _runtime_exclusions(prototxt, weights, options, config, exclude)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -61,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from deeprebirth import caffe_io
+from deeprebirth.api import RewriteOptions
 from deeprebirth.errors import DeepRebirthError
 
 PROTOTXT_SUFFIXES = (".prototxt.txt", ".prototxt")
@@ -81,11 +83,9 @@ _TRAINING = re.compile(r"\bphase\s*:\s*TRAIN\b"
 
 
 @dataclass
-class BatchOptions:
-    rules: str = "all"
-    check: int = 0  # random inputs to compare original and rewrite on in real Caffe (models with weights)
-    tolerance: float = 1e-4
-    seed: int = 0
+class BatchOptions(RewriteOptions):
+    """Every rewrite option (applied to each model; ``check`` only to models with weights), and the batch's own."""
+
     jobs: int | None = None  # worker processes; None: one per CPU
     timeout: float = 600.0  # seconds per model, rewrite and check together
     force: bool = False  # redo models that a previous run finished
@@ -244,7 +244,7 @@ class ModelTask:
 
 def rewrite_model(task: ModelTask) -> ModelResult:
     """Rewrite one model into ``task.staging`` and, if asked and possible, check it in real Caffe."""
-    from deeprebirth.api import RewriteOptions, check_rewrite, rewrite_files
+    from deeprebirth.api import check_rewrite, rewrite_files
     from deeprebirth.model import load_model
 
     m, zoo, staging = task.model, Path(task.zoo_dir), Path(task.staging)
@@ -253,10 +253,10 @@ def rewrite_model(task: ModelTask) -> ModelResult:
     out_proto = staging / prototxt.name
     out_weights = staging / weights.name if weights else None
     stem = _stem(prototxt.name)
-    options = RewriteOptions(rules=task.options.rules, seed=task.options.seed, tolerance=task.options.tolerance,
-                             check=task.options.check)
+    options = rewrite_options(task.options)
+    # the check runs below, where a model Caffe cannot feed is skipped rather than failed
     result = rewrite_files(prototxt, out_proto, weights, out_weights, staging / f"{stem}.report.json",
-                           RewriteOptions(rules=options.rules, seed=options.seed))
+                           dataclasses.replace(options, check=0, images=()))
     report = result.report
     assert report.after is not None
     row = ModelResult(m.prototxt, m.weights, m.kind, "ok")
@@ -270,7 +270,7 @@ def rewrite_model(task: ModelTask) -> ModelResult:
     row.relearn = report.relearn
     row.warnings = list(report.warnings)
     row.outputs = sorted(p.name for p in staging.iterdir())
-    if task.options.check:
+    if options.check or options.images:
         if weights is None or out_weights is None:
             row.check = "skipped: no caffemodel"
             return row
@@ -295,6 +295,11 @@ def rewrite_model(task: ModelTask) -> ModelResult:
             row.check = (f"FAILED: worst relative error {check.worst.max_rel:.3g} (tolerance {check.tolerance:g}), "
                          f"{check.predictions_changed} predictions changed")
     return row
+
+
+def rewrite_options(options: BatchOptions) -> RewriteOptions:
+    """The rewrite part of batch options."""
+    return RewriteOptions(**{f.name: getattr(options, f.name) for f in fields(RewriteOptions)})
 
 
 def _cannot_check(graph: Any) -> str:
@@ -358,10 +363,8 @@ def run_batch(zoo_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
     ``worker`` runs in the worker process (tests pass one that crashes or hangs). Ctrl-C stops the workers,
     removes their unfinished outputs, writes the summary of what finished, and re-raises KeyboardInterrupt.
     """
-    from deeprebirth.rewrite import select_rules
-
     options = options or BatchOptions()
-    select_rules(options.rules)  # an unknown rule is the caller's error, before any work
+    options.validate()  # an unknown rule or option value is the caller's error, before any work
     zoo, out = Path(zoo_dir).resolve(), Path(out_dir).resolve()
     if not zoo.is_dir():
         raise DeepRebirthError("not a folder", file=str(zoo_dir))
@@ -567,8 +570,10 @@ def _fingerprint(model: FoundModel, zoo: Path, options: BatchOptions) -> dict[st
         if rel:
             stat = (zoo / rel).stat()
             files[rel] = [stat.st_size, stat.st_mtime_ns]
-    return {"files": files, "rules": options.rules, "check": options.check, "tolerance": options.tolerance,
-            "seed": options.seed, "version": __version__}
+    rewrite = asdict(rewrite_options(options))
+    rewrite["images"] = [str(p) for p in rewrite["images"]]
+    # as it reads back from the marker (tuples become lists)
+    return json.loads(json.dumps({"files": files, "options": rewrite, "version": __version__}))
 
 
 def _cached(model: FoundModel, zoo: Path, out: Path, options: BatchOptions) -> ModelResult | None:

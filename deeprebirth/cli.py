@@ -43,19 +43,21 @@ def _split(values: Sequence[str]) -> list[str]:
     return [part.strip() for value in values for part in value.split(",") if part.strip()]
 
 
-def _input_shapes(values: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    return dict(caffe_io.parse_input_shape(value) for value in values)
-
-
-def _image_files(paths: Sequence[str]) -> list[str]:
-    files: list[str] = []
-    for path in paths:
-        if os.path.isdir(path):
-            files += sorted(os.path.join(path, f) for f in os.listdir(path)
-                            if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")))
-        else:
-            files.append(path)
-    return files
+def _click_option(option: Any, use_default: bool = False) -> Callable[[F], F]:
+    """A click option built from a library declaration (``deeprebirth.rules.Option``). Without ``use_default`` the
+    flag defaults to None, so that a preset's settings apply where the user gave none; help shows the default."""
+    kind: Any = option.type
+    if option.choices:
+        kind = click.Choice(option.choices)
+    elif option.minimum is not None:
+        kind = (click.IntRange if option.type is int else click.FloatRange)(min=option.minimum)
+    help_text = option.help
+    if option.default not in (None, ()) and not (use_default and option.show_default):
+        help_text += f"  [default: {option.default}]"
+    return click.option(f"--{option.flag or option.name.replace('_', '-')}", option.name, type=kind,
+                        multiple=option.multiple, metavar=option.metavar, help=help_text,
+                        default=option.default if use_default else None,
+                        show_default=use_default and option.show_default)
 
 
 def human(value: float, unit: str = "") -> str:
@@ -111,58 +113,32 @@ def main() -> None:
     """Slim trained Caffe networks for mobile CPUs (DeepRebirth)."""
 
 
+def _rewrite_options(command: F) -> F:
+    """The options of every command that rewrites (rewrite, batch): each rewrite option, and --preset."""
+    presets = "; ".join(f"{name} = " + " ".join(f"--{key.replace('_', '-')} {value}" for key, value in settings.items())
+                        for name, settings in api.PRESETS.items())
+    options = [click.option("--preset", type=click.Choice(sorted(api.PRESETS)),
+                            help=f"a named pipeline: {presets} (options given explicitly override it)  "
+                                 f"[default: {api.DEFAULT_PRESET}]")]
+    options += [_click_option(option) for option in api.REWRITE_OPTIONS]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("prototxt", type=click.Path(dir_okay=False))
 @click.argument("out_prototxt", type=click.Path(dir_okay=False))
 @click.option("--weights", type=click.Path(dir_okay=False), help="the input caffemodel")
 @click.option("--out-weights", type=click.Path(dir_okay=False), help="where to write the rewritten caffemodel")
-@click.option("--rules", "rules", default=None,
-              help="rule names or groups (exact, streamline, branch, tucker, all), comma-separated  [default: all; "
-                   "all leaves out the opt-in group tucker]")
-@click.option("--preset", type=click.Choice(sorted(api.PRESETS)),
-              help="a named pipeline: deeprebirth = --rules all; deeprebirth+tucker = --rules all,tucker "
-                   "--rank-method vbmf (options given explicitly override it)")
-@click.option("--skip", multiple=True, help="rule names or groups not to apply")
-@click.option("--only", multiple=True, help="apply rules only where they involve these layers")
-@click.option("--exclude", multiple=True, help="never apply rules that involve these layers")
-@click.option("--phase", type=click.Choice(["TEST", "TRAIN"]), default="TEST", show_default=True,
-              help="the phase of a train_val prototxt the rules see (the other phase's layers are kept as they are)")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="BLOB:N,C,H,W",
-              help="shape of a data layer's top (repeatable); default: from transform_param.crop_size and the "
-                   "first record of its LMDB")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="write a JSON report here")
-@click.option("--check", type=click.IntRange(min=0), default=0,
-              help="compare both nets in real Caffe on N random inputs")
-@click.option("--images", multiple=True, type=click.Path(),
-              help="real photos (files or a folder of them; repeatable) to compare on too")
-@click.option("--tolerance", type=float, default=1e-4, show_default=True,
-              help="largest allowed max|a-b|/max|a| on each compared blob")
-@click.option("--init", type=click.Choice(["inherit", "filler"]), default="inherit", show_default=True,
-              help="start merged layers from the original weights where shapes allow, or from fillers")
-@click.option("--widen", type=click.Choice(["3x3", "5x5", "balanced"]), default="balanced", show_default=True,
-              help="which inception branch receives the channels of the removed branches")
-@click.option("--seed", type=int, default=0, show_default=True, help="seed for random inputs and new weights")
-@click.option("--rank-method", default=None,
-              help="Tucker ranks per conv (rule decompose_conv_tucker): vbmf, energy:F, speedup:X, ranks:R1,R2 or "
-                   "full  [default: vbmf]")
-@click.option("--runtime", type=click.Choice(["onnxruntime", "mnn", "ncnn"]),
-              help="time every candidate merge on this runtime first and apply only the lossy ones that save at "
-                   "least --min-gain there (exact folds always apply)")
-@click.option("--min-gain", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="with --runtime: the percent of the net's time on it a lossy merge must save")
+@_rewrite_options
 @_user_errors
-def rewrite(prototxt: str, out_prototxt: str, weights: str | None, out_weights: str | None, rules: str,
-            skip: tuple[str, ...], only: tuple[str, ...], exclude: tuple[str, ...], phase: str,
-            report_path: str | None, check: int, images: tuple[str, ...], tolerance: float, init: str, widen: str,
-            seed: int, preset: str | None, rank_method: str | None, runtime: str | None, min_gain: float,
-            input_shapes: tuple[str, ...]) -> None:
+def rewrite(prototxt: str, out_prototxt: str, weights: str | None, out_weights: str | None,
+            report_path: str | None, preset: str | None, **settings: Any) -> None:
     """Rewrite PROTOTXT (and --weights) into OUT_PROTOTXT (and --out-weights). A train_val PROTOTXT gives a
     train_val OUT_PROTOTXT: both phases' layers are kept."""
-    options = api.preset_options(preset or "deeprebirth", rules=rules, skip=_split(skip), only=_split(only),
-                                 exclude=_split(exclude), phase=phase, check=check, images=_image_files(images),
-                                 input_shapes=_input_shapes(input_shapes),
-                                 tolerance=tolerance, init=init, widen=widen, seed=seed, rank_method=rank_method,
-                                 runtime=runtime, min_gain=min_gain)
+    options = api.preset_options(preset, **settings)
     result = api.rewrite_files(prototxt, out_prototxt, weights, out_weights, report_path, options)
     click.echo(render_report(result.report))
     for warning in result.report.warnings:
@@ -195,13 +171,13 @@ def rewrite(prototxt: str, out_prototxt: str, weights: str | None, out_weights: 
 @main.command()
 @click.argument("prototxt", type=click.Path(dir_okay=False))
 @click.option("--weights", type=click.Path(dir_okay=False), help="the caffemodel (lets exact folds be judged)")
-@click.option("--phase", type=click.Choice(["TEST", "TRAIN"]), default="TEST", show_default=True)
+@_click_option(api.OPTION["phase"], use_default=True)
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="BLOB:N,C,H,W",
               help="shape of a data layer's top (repeatable)")
 @_user_errors
 def inspect(prototxt: str, weights: str | None, phase: str, input_shapes: tuple[str, ...]) -> None:
     """Per-layer table (type, output shape, params, MACs, memory) and where each rule would or would not fire."""
-    found = api.inspect_file(prototxt, weights, phase, _input_shapes(input_shapes))
+    found = api.inspect_file(prototxt, weights, phase, api.parse_input_shapes(input_shapes))
     for warning in found.graph.warnings:
         click.echo(f"warning: {warning}", err=True)
     rows = []
@@ -451,8 +427,7 @@ def _transform(transform_from: str | None, scale: float | None, mean: str | None
 @click.argument("prototxt", type=click.Path(dir_okay=False))
 @_timing_options
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the plan as JSON")
-@click.option("--rules", "rules", default="all", show_default=True,
-              help="rule names or groups to plan with, comma-separated (as for rewrite)")
+@_click_option(api.OPTION["rules"], use_default=True)
 @click.option("--data", type=click.Path(), help="images (no labels needed) to measure each lossy merge's accuracy "
               "risk with: a short mimic of the net with only that merge (needs --weights)")
 @click.option("--risk-budget", default="30s", show_default=True, help="the short mimic's --budget, per merge")
@@ -552,7 +527,7 @@ def plan_command(prototxt: str, weights: str | None, batch: int | None, threads:
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--highlight-from", type=click.Path(dir_okay=False),
               help="the original net: highlight layers it does not have")
-@click.option("--phase", type=click.Choice(["TEST", "TRAIN"]), default="TEST", show_default=True)
+@_click_option(api.OPTION["phase"], use_default=True)
 @_user_errors
 def draw_command(prototxt: str, out: str, highlight_from: str | None, phase: str) -> None:
     """Draw PROTOTXT with graphviz into OUT (.svg, .png, .pdf or .dot); merged layers are highlighted."""
@@ -766,22 +741,17 @@ def evaluate_command(prototxt: str, weights: str, data: str, reference: tuple[st
 @click.argument("zoo_dir", type=click.Path(file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--jobs", type=click.IntRange(min=1), help="worker processes, one model each  [default: one per CPU]")
-@click.option("--rules", default="all", show_default=True,
-              help="rule names or groups (exact, streamline, branch, all), comma-separated")
-@click.option("--check", type=click.IntRange(min=0), default=0,
-              help="compare each rewrite with its original in real Caffe on N random inputs (models with weights)")
-@click.option("--tolerance", type=float, default=1e-4, show_default=True,
-              help="largest allowed max|a-b|/max|a| for exact rewrites")
 @click.option("--timeout", type=click.FloatRange(min=1), default=600, show_default=True,
               help="seconds per model before its worker is stopped")
-@click.option("--seed", type=int, default=0, show_default=True, help="seed for random inputs and new weights")
 @click.option("--force", is_flag=True, help="redo models a previous run finished (same inputs and options)")
 @click.option("--strict", is_flag=True, help="exit with 1 when any model failed")
+@_rewrite_options
 @_user_errors
-def batch_command(zoo_dir: str, out_dir: str, jobs: int | None, rules: str, check: int, tolerance: float,
-                  timeout: float, seed: int, force: bool, strict: bool) -> None:
+def batch_command(zoo_dir: str, out_dir: str, jobs: int | None, timeout: float, force: bool, strict: bool,
+                  preset: str | None, **settings: Any) -> None:
     """Rewrite every model under ZOO_DIR into OUT_DIR (same relative paths), with summary.{csv,md,json}.
 
+    Every rewrite option applies to each model (--check and --images to the models with weights).
     Deploy prototxts are paired with the caffemodel of the same stem or the folder's only one; solvers, and
     train_val files beside a deploy net, are listed and skipped. A model that fails (or crashes Caffe, or runs
     past --timeout) is recorded and the batch goes on; a second run skips the models already done."""
@@ -795,8 +765,8 @@ def batch_command(zoo_dir: str, out_dir: str, jobs: int | None, rules: str, chec
         cached = " (done earlier)" if row.cached else ""
         click.echo(f"[{done}/{total}] {row.status}{cached} {row.prototxt} ({row.seconds:.1f} s): {detail}", err=True)
 
-    options = BatchOptions(rules=rules, check=check, tolerance=tolerance, seed=seed, jobs=jobs, timeout=timeout,
-                           force=force)
+    options = api.preset_options(preset, BatchOptions, jobs=jobs, timeout=timeout, force=force, **settings)
+    assert isinstance(options, BatchOptions)
     summary = run_batch(zoo_dir, out_dir, options, on_result=progress)
     rows = [[r.prototxt, r.status + (" (earlier)" if r.cached else ""),
              "" if r.layers_before is None else f"{r.layers_before} -> {r.layers_after}",
@@ -830,7 +800,7 @@ def batch_command(zoo_dir: str, out_dir: str, jobs: int | None, rules: str, chec
 @click.option("--tolerance", type=float, help="largest allowed max|a-b|/max|a| per output  [default: onnxruntime "
                                               "1e-4, ncnn 1e-4, mnn 1e-3]")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed for the random inputs")
-@click.option("--phase", type=click.Choice(["TEST", "TRAIN"]), default="TEST", show_default=True)
+@_click_option(api.OPTION["phase"], use_default=True)
 @_user_errors
 def export_command(prototxt: str, caffemodel: str, out: str, to: str | None, opset: int, batch: int | None,
                    outputs: tuple[str, ...], check: int, images: tuple[str, ...], tolerance: float | None, seed: int,
@@ -840,7 +810,7 @@ def export_command(prototxt: str, caffemodel: str, out: str, to: str | None, ops
     from deeprebirth.export.api import ExportOptions, export_files
 
     options = ExportOptions(to=to, opset=opset, batch=batch, outputs=_split(outputs), check=check,
-                            images=_image_files(images), tolerance=tolerance, seed=seed, phase=phase)
+                            images=api.image_files(images), tolerance=tolerance, seed=seed, phase=phase)
     result = export_files(prototxt, caffemodel, out, options)
 
     def shapes(found: Mapping[str, tuple[int, ...] | None]) -> str:

@@ -41,6 +41,18 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".p
 DATA_LAYERS = ("Data", "ImageData", "WindowData", "MemoryData")
 
 
+def image_files(paths: Sequence[PathLike]) -> list[str]:
+    """Image files named directly, or found (by IMAGE_SUFFIXES, sorted) in the folders named."""
+    files: list[str] = []
+    for path in paths:
+        if os.path.isdir(path):
+            files += sorted(os.path.join(path, f) for f in os.listdir(path)
+                            if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith("."))
+        else:
+            files.append(os.fspath(path))
+    return files
+
+
 @dataclass(frozen=True)
 class Transform:
     """Caffe's transform_param, plus the resize ImageData does (``new_height``/``new_width``)."""

@@ -108,6 +108,11 @@ def _inherit_reproduces(change: Change, pending: dict[str, str], original_blobs:
             pending[name] = change.reproduces
 
 
+def rule_groups() -> list[str]:
+    """The rule groups, in rule order."""
+    return list(dict.fromkeys(rule.group for rule in RULES))
+
+
 def select_rules(names: Sequence[str] | str = "all", skip: Iterable[str] = ()) -> tuple[Rule, ...]:
     """Rules by name or group ("exact", "streamline", "branch", "tucker", "all"), kept in the canonical order.
 

@@ -26,6 +26,7 @@ from deeprebirth.batch import (
     run_batch,
 )
 from deeprebirth.cli import main
+from deeprebirth.errors import DeepRebirthError
 from deeprebirth.model import load_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -286,3 +287,37 @@ def test_ctrl_c_leaves_whole_outputs_or_none(tmp_path: Path) -> None:
     rows = run_batch(zoo, out, BatchOptions(jobs=2)).results
     assert all(r.status == "ok" for r in rows)
     assert sum(r.cached for r in rows) == sum(s == "ok" for s in statuses.values()) >= 1
+
+
+def test_cli_batch_takes_every_rewrite_option_and_preset(tmp_path: Path) -> None:
+    """batch passes every rewrite option to each model: --widen and the Tucker preset change what is written, the
+    same as rewrite with those options writes."""
+    from nets import tiny_inception
+
+    from deeprebirth.api import preset_options, rewrite_files
+
+    zoo = tmp_path / "zoo"
+    with_weights(zoo / "inception", tiny_inception())
+    runner = CliRunner()
+    outs = {}
+    for label, args in (("default", []), ("3x3", ["--widen", "3x3", "--preset", "deeprebirth+tucker"])):
+        outs[label] = tmp_path / label
+        result = runner.invoke(main, ["batch", str(zoo), str(outs[label]), "--jobs", "1", *args])
+        assert result.exit_code == 0 and "1 ok" in result.stdout, result.output
+    report = json.loads((outs["3x3"] / "inception" / "deploy.report.json").read_text())
+    assert "decompose_conv_tucker" in report["rules"]
+    assert any("widen=3x3" in change["summary"] for change in report["changes"])
+    summary = json.loads((outs["3x3"] / "summary.json").read_text())
+    assert summary["options"]["widen"] == "3x3" and summary["options"]["rules"] == "all,tucker"
+    direct = tmp_path / "direct"
+    direct.mkdir()
+    rewrite_files(zoo / "inception" / "deploy.prototxt", direct / "deploy.prototxt",
+                  zoo / "inception" / "deploy.caffemodel", direct / "deploy.caffemodel",
+                  options=preset_options("deeprebirth+tucker", widen="3x3"))
+    for name in ("deploy.prototxt", "deploy.caffemodel"):
+        assert (direct / name).read_bytes() == (outs["3x3"] / "inception" / name).read_bytes()
+        assert (direct / name).read_bytes() != (outs["default"] / "inception" / name).read_bytes()
+    result = runner.invoke(main, ["batch", str(zoo), str(tmp_path / "bad"), "--widen", "4x4"])
+    assert result.exit_code == 2 and "'4x4' is not one of" in result.stderr
+    with pytest.raises(DeepRebirthError, match="unknown widen mode '4x4' .known: 3x3, 5x5, balanced"):
+        run_batch(zoo, tmp_path / "bad", BatchOptions(widen="4x4"))

@@ -13,7 +13,7 @@ from deeprebirth.rules import (
     merge_pooling_into_conv,
     merge_pooling_into_widened_branch_convs,
 )
-from deeprebirth.rules.base import Change, Match, Rule, RuleConfig, Skip
+from deeprebirth.rules.base import RULE_OPTIONS, Change, Match, Option, Rule, RuleConfig, Skip
 
 RULES: tuple[Rule, ...] = (
     eliminate_dropout.RULE,
@@ -27,4 +27,4 @@ RULES: tuple[Rule, ...] = (
     decompose_conv_tucker.RULE,  # opt-in (group "tucker"): not part of "all"
 )
 
-__all__ = ["RULES", "Change", "Match", "Rule", "RuleConfig", "Skip"]
+__all__ = ["RULES", "RULE_OPTIONS", "Change", "Match", "Option", "Rule", "RuleConfig", "Skip"]

@@ -57,12 +57,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from deeprebirth.errors import DeepRebirthError
 from deeprebirth.graph import Graph, Layer
 from deeprebirth.initializers import fill, layer_fillers
-from deeprebirth.rules.base import Change, Match, Rule, RuleConfig, Skip
+from deeprebirth.rules.base import RULE_OPTION, Change, Match, Rule, RuleConfig, Skip
 from deeprebirth.rules.branch_weights import (
-    WIDEN_MODES,
     assign_freed,
     channel_layout,
     embed_permutation,
@@ -261,8 +259,7 @@ def _plan(graph: Graph, shapes: Shapes, concat: Layer, origin: str, branches: li
 
 
 def match(graph: Graph, config: RuleConfig) -> Iterator[Match | Skip]:
-    if config.widen not in WIDEN_MODES:
-        raise DeepRebirthError(f"unknown widen mode {config.widen!r} (known: {', '.join(WIDEN_MODES)})")
+    RULE_OPTION["widen"].validate(config.widen)
     shapes = infer_shapes(graph)
     for concat in graph.layers():
         if concat.type != "Concat":
@@ -278,8 +275,7 @@ def _widened(graph: Graph, conv: Layer, own: np.ndarray, config: RuleConfig) -> 
     layer = conv.clone(name=graph.fresh_layer_name(merged(conv.name)), tops=[top])
     layer.proto.convolution_param.num_output = own.size
     if conv.blobs is not None:
-        if config.init not in ("inherit", "filler"):
-            raise DeepRebirthError(f"unknown init {config.init!r} (known: inherit, filler)")
+        RULE_OPTION["init"].validate(config.init)
         rng = np.random.default_rng([config.seed, zlib.crc32(conv.name.encode())])
         fillers = layer_fillers(conv)
         fresh = [fill(fillers[min(i, 1)], (own.size, *b.shape[1:]), rng) for i, b in enumerate(conv.blobs)]
