@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -18,7 +19,7 @@ from deeprebirth.errors import DeepRebirthError
 from deeprebirth.graph import Graph
 from deeprebirth.export.runtimes import RUNTIMES
 from deeprebirth.model import PathLike, load_model, same_file, save_model
-from deeprebirth.rewrite import OPT_IN_GROUPS, RewriteReport, rewrite, rule_groups, select_rules
+from deeprebirth.rewrite import OPT_IN_GROUPS, RewriteReport, candidates, rewrite, rule_groups, select_rules, skips
 from deeprebirth.rules import RULE_OPTIONS, RULES, Option, Rule, RuleConfig, Skip
 from deeprebirth.shapes import LayerCost, infer_shapes, layer_costs
 
@@ -124,12 +125,15 @@ def preset_options(preset: str | None = None, options_type: type[RewriteOptions]
 class RewriteResult:
     report: RewriteReport
     check: CheckResult | None
+    original: Graph | None = None  # the net as read (with ``keep_original``, or when checked)
+    graph: Graph | None = None  # the rewritten net
 
 
 def rewrite_files(prototxt: PathLike, out_prototxt: PathLike, weights: PathLike | None = None,
                   out_weights: PathLike | None = None, report_path: PathLike | None = None,
-                  options: RewriteOptions | None = None) -> RewriteResult:
-    """Load, rewrite, save (atomically), then optionally compare both nets in real Caffe."""
+                  options: RewriteOptions | None = None, keep_original: bool = False) -> RewriteResult:
+    """Load (once), rewrite, save (atomically), then optionally compare both nets in real Caffe. The result holds
+    the rewritten graph, and the original one when checked or ``keep_original``."""
     options = options or RewriteOptions()
     _refuse_overwrite(prototxt, weights, out_prototxt, out_weights, report_path)
     if out_weights is not None and weights is None:
@@ -138,6 +142,8 @@ def rewrite_files(prototxt: PathLike, out_prototxt: PathLike, weights: PathLike 
         raise DeepRebirthError("--check and --images need --weights and --out-weights")
     rules = select_rules(options.validate().rules, options.skip)
     graph = load_model(prototxt, weights, phase=options.phase, input_shapes=options.input_shapes)
+    # the check compares with the net as read: a copy, rather than reading the files a second time
+    original = copy.deepcopy(graph) if options.check or options.images or keep_original else None
     rules, kept_dropout = training_rules(graph, rules, options.rules)
     config = options.rule_config()
     exclude, notes = list(options.exclude), list[str]()
@@ -150,7 +156,7 @@ def rewrite_files(prototxt: PathLike, out_prototxt: PathLike, weights: PathLike 
         report.warnings += caffemodel_size_warnings(os.path.getsize(out_weights))
     check = None
     if options.check or options.images:
-        original = load_model(prototxt, weights, phase=options.phase, input_shapes=options.input_shapes)
+        assert original is not None
         lossy = any(not change.exact for change in report.changes)
         check = check_rewrite(original, graph, prototxt, weights, out_prototxt, out_weights, options,  # type: ignore
                               lossy=lossy)
@@ -162,7 +168,7 @@ def rewrite_files(prototxt: PathLike, out_prototxt: PathLike, weights: PathLike 
                                 "predictions_changed": check.predictions_changed,
                                 "blobs": [vars(d) for d in check.diffs]}
         caffe_io.atomic_write_bytes(report_path, json.dumps(payload, indent=2))
-    return RewriteResult(report, check)
+    return RewriteResult(report, check, original, graph)
 
 
 def _runtime_exclusions(prototxt: PathLike, weights: PathLike | None, options: RewriteOptions, config: RuleConfig,
@@ -267,14 +273,8 @@ def inspect_file(prototxt: PathLike, weights: PathLike | None = None, phase: str
                  input_shapes: dict[str, tuple[int, ...]] | None = None) -> Inspection:
     graph = load_model(prototxt, weights, phase=phase, input_shapes=input_shapes)
     costs = layer_costs(graph)
-    fires, skips = [], []
-    for rule in RULES:
-        for found in rule.match(graph, RuleConfig()):
-            if isinstance(found, Skip):
-                skips.append((rule.name, found))
-            else:
-                fires.append((rule.name, found.layers))
-    return Inspection(graph, costs, fires, skips)
+    fires = [(rule.name, found.layers) for rule, found in candidates(graph, RULES, RuleConfig())]
+    return Inspection(graph, costs, fires, skips(graph, RULES, RuleConfig()))
 
 
 def _refuse_overwrite(prototxt: PathLike, weights: PathLike | None, *outputs: PathLike | None) -> None:

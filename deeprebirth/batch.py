@@ -245,7 +245,6 @@ class ModelTask:
 def rewrite_model(task: ModelTask) -> ModelResult:
     """Rewrite one model into ``task.staging`` and, if asked and possible, check it in real Caffe."""
     from deeprebirth.api import check_rewrite, rewrite_files
-    from deeprebirth.model import load_model
 
     m, zoo, staging = task.model, Path(task.zoo_dir), Path(task.staging)
     prototxt = zoo / m.prototxt
@@ -255,8 +254,9 @@ def rewrite_model(task: ModelTask) -> ModelResult:
     stem = _stem(prototxt.name)
     options = rewrite_options(task.options)
     # the check runs below, where a model Caffe cannot feed is skipped rather than failed
+    checking = bool(options.check or options.images)
     result = rewrite_files(prototxt, out_proto, weights, out_weights, staging / f"{stem}.report.json",
-                           dataclasses.replace(options, check=0, images=()))
+                           dataclasses.replace(options, check=0, images=()), keep_original=checking)
     report = result.report
     assert report.after is not None
     row = ModelResult(m.prototxt, m.weights, m.kind, "ok")
@@ -270,16 +270,16 @@ def rewrite_model(task: ModelTask) -> ModelResult:
     row.relearn = report.relearn
     row.warnings = list(report.warnings)
     row.outputs = sorted(p.name for p in staging.iterdir())
-    if options.check or options.images:
+    if checking:
         if weights is None or out_weights is None:
             row.check = "skipped: no caffemodel"
             return row
-        original = load_model(prototxt, weights)
+        original, rewritten = result.original, result.graph
+        assert original is not None and rewritten is not None
         why = _cannot_check(original)
         if why:
             row.check = f"skipped: {why}"
             return row
-        rewritten = load_model(out_proto, out_weights)
         try:
             check = check_rewrite(original, rewritten, prototxt, weights, out_proto, out_weights, options,
                                   lossy=row.lossy)

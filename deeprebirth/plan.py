@@ -34,11 +34,9 @@ from deeprebirth.profile import (
     random_caffemodel,
     set_batch,
 )
-from deeprebirth.rewrite import select_rules
+from deeprebirth.rewrite import apply_one, select_rules, skips, stages
 from deeprebirth.rules import Match, Rule, RuleConfig, Skip
 from deeprebirth.shapes import LayerCost, layer_costs
-
-MAX_STAGES = 100  # a guard against rules that keep producing new matches
 
 
 @dataclass
@@ -93,8 +91,7 @@ def _evaluate(graph: Graph, rule: Rule, found: Match, config: RuleConfig, stage:
               rate: float) -> Candidate:
     before = {c.name: c for c in layer_costs(graph)}
     trial = copy.deepcopy(graph)
-    change = rule.apply(trial, found, config)
-    trial.check()
+    change = apply_one(trial, rule, found, config)
     after = {c.name: c for c in layer_costs(trial)}
 
     def tensor_macs(costs: dict[str, LayerCost], names: list[str]) -> int:
@@ -122,10 +119,6 @@ def _evaluate(graph: Graph, rule: Rule, found: Match, config: RuleConfig, stage:
         estimated=estimated)
 
 
-def _matches(graph: Graph, rules: Sequence[Rule], config: RuleConfig) -> list[tuple[Rule, Match]]:
-    return [(rule, m) for rule in rules for m in rule.match(graph, config) if isinstance(m, Match)]
-
-
 def plan_graph(graph: Graph, profile: NetProfile, rules: Sequence[Rule] | None = None,
                config: RuleConfig | None = None, random_weights: bool = False) -> Plan:
     """Price every candidate merge of ``graph`` (left unchanged) with ``profile``, measured on the same net;
@@ -135,23 +128,9 @@ def plan_graph(graph: Graph, profile: NetProfile, rules: Sequence[Rule] | None =
     times = profile.times()
     rate = conv_ms_per_mac(profile, layer_costs(graph))
     state = copy.deepcopy(graph)
-    seen: set[tuple[str, str]] = set()  # (rule, anchor layer): one candidate per place
-    candidates: list[Candidate] = []
-    for stage in range(MAX_STAGES):
-        new = [(rule, m) for rule, m in _matches(state, rules, config) if (rule.name, m.layers[0]) not in seen]
-        if not new:
-            break
-        for rule, found in new:
-            candidates.append(_evaluate(state, rule, found, config, stage, times, rate))
-            seen.add((rule.name, found.layers[0]))
-        for rule, found in new:  # advance: apply this stage's merges that still match after the earlier ones
-            current = next((m for m in rule.match(state, config)
-                            if isinstance(m, Match) and m.layers[0] == found.layers[0]), None)
-            if current is not None:
-                rule.apply(state, current, config)
-                state.check()
-    skips = [(rule.name, s) for rule in rules for s in rule.match(state, config) if isinstance(s, Skip)]
-    return Plan(graph.source or "", random_weights, profile, rate, candidates, skips)
+    found = [_evaluate(state, rule, match, config, stage, times, rate)
+             for stage, new in stages(state, rules, config) for rule, match in new]
+    return Plan(graph.source or "", random_weights, profile, rate, found, skips(state, rules, config))
 
 
 def plan_file(prototxt: PathLike, weights: PathLike | None = None, *, rules: str | Sequence[str] = "all",

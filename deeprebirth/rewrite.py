@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
 from deeprebirth.caffe_io import DATA_LAYER_TYPES
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.graph import Graph, GraphError
-from deeprebirth.rules import RULES, Change, Rule, RuleConfig, Skip
+from deeprebirth.rules import RULES, Change, Match, Rule, RuleConfig, Skip
 from deeprebirth.shapes import SHAPE_FUNCTIONS, infer_shapes, layer_costs
 
 MAX_CHANGES = 100_000  # a guard against a rule pair that undoes each other
+MAX_STAGES = 100  # a guard against rules that keep producing new matches (``stages``)
 OPT_IN_GROUPS = ("tucker",)  # groups that "all" leaves out: applied only when named
 
 
@@ -66,6 +68,22 @@ class RewriteReport:
             "relearn": self.relearn,
             "warnings": self.warnings,
         }
+
+    @classmethod
+    def from_json(cls, data: Any) -> RewriteReport:
+        """The report ``to_json`` wrote (``relearn`` is derived from the changes; keys added beside it, such as the
+        check, are ignored); DeepRebirthError saying what is wrong when ``data`` is not one."""
+        if not isinstance(data, dict) or not isinstance(data.get("changes"), list):
+            raise DeepRebirthError("not a rewrite report (no 'changes' list)")
+        try:
+            return cls(rules=list(data["rules"]), before=NetSummary(**data["before"]),
+                       after=NetSummary(**data["after"]) if data.get("after") else None,
+                       changes=[Change(**change) for change in data["changes"]],
+                       skipped={rule: [Skip(**skip) for skip in found]
+                                for rule, found in (data.get("skipped") or {}).items()},
+                       warnings=list(data.get("warnings") or []))
+        except (KeyError, TypeError, AttributeError) as err:
+            raise DeepRebirthError(f"not a rewrite report ({type(err).__name__}: {err})") from None
 
 
 
@@ -134,6 +152,58 @@ def select_rules(names: Sequence[str] | str = "all", skip: Iterable[str] = ()) -
     return tuple(r for r in RULES if r.name in wanted and r.name not in skip and r.group not in skip)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# the driver: every path that applies rules (rewrite, plan, inspect, the runtime plan, risk) goes through these
+
+
+def candidates(graph: Graph, rules: Sequence[Rule], config: RuleConfig,
+               allowed: Callable[[tuple[str, ...]], bool] | None = None) -> Iterator[tuple[Rule, Match]]:
+    """Where each rule can fire now, in rule order (lazily: a rule's matches are computed when reached)."""
+    for rule in rules:
+        for found in rule.match(graph, config):
+            if isinstance(found, Match) and (allowed is None or allowed(found.layers)):
+                yield rule, found
+
+
+def skips(graph: Graph, rules: Sequence[Rule], config: RuleConfig) -> list[tuple[str, Skip]]:
+    """Where each rule would not fire, and why: (rule name, skip)."""
+    return [(rule.name, found) for rule in rules for found in rule.match(graph, config) if isinstance(found, Skip)]
+
+
+def find_again(graph: Graph, rule: Rule, anchor: str, config: RuleConfig) -> Match | None:
+    """``rule``'s match anchored at ``anchor`` in ``graph`` as it is now (None: an earlier change took its place)."""
+    return next((m for _, m in candidates(graph, (rule,), config) if m.layers[0] == anchor), None)
+
+
+def apply_one(graph: Graph, rule: Rule, found: Match, config: RuleConfig) -> Change:
+    """Apply one match in place, then check what every path checks: the IR's invariants and finite weights."""
+    try:
+        with np.errstate(all="ignore"):  # an overflow is reported by _check_finite, not as a warning
+            change = rule.apply(graph, found, config)
+        graph.check()
+    except GraphError as err:
+        raise GraphError(f"rule {rule.name} at {found.layers[0]!r}: {err}") from err
+    _check_finite(graph, change)
+    return change
+
+
+def stages(state: Graph, rules: Sequence[Rule], config: RuleConfig) -> Iterator[tuple[int, list[tuple[Rule, Match]]]]:
+    """Every merge that could be made, stage by stage, on ``state`` (changed in place). Stage 0 is what matches
+    the net as given; stage n is what newly matches (rule, anchor not seen before) once every earlier candidate is
+    applied in rule order, as ``rewrite`` would. Each stage is yielded before ``state`` advances past it."""
+    seen: set[tuple[str, str]] = set()  # (rule, anchor layer): one candidate per place
+    for stage in range(MAX_STAGES):
+        new = [(rule, m) for rule, m in candidates(state, rules, config) if (rule.name, m.layers[0]) not in seen]
+        if not new:
+            return
+        seen |= {(rule.name, m.layers[0]) for rule, m in new}
+        yield stage, new
+        for rule, found in new:  # advance: apply this stage's merges that still match after the earlier ones
+            current = find_again(state, rule, found.layers[0], config)
+            if current is not None:
+                apply_one(state, rule, current, config)
+
+
 def rewrite(graph: Graph, rules: Sequence[Rule] | None = None, only: Iterable[str] = (),
             exclude: Iterable[str] = (), config: RuleConfig | None = None) -> RewriteReport:
     """Rewrite ``graph`` in place with ``rules`` (default: ``select_rules("all")``). ``only``/``exclude`` restrict
@@ -160,24 +230,16 @@ def rewrite(graph: Graph, rules: Sequence[Rule] | None = None, only: Iterable[st
             if progress and rule.group in OPT_IN_GROUPS:
                 break
             while True:
-                found = next((m for m in rule.match(graph, config) if not isinstance(m, Skip) and allowed(m.layers)), None)
+                found = next(candidates(graph, (rule,), config, allowed), None)
                 if found is None:
                     break
-                try:
-                    with np.errstate(all="ignore"):  # an overflow is reported by _check_finite, not as a warning
-                        change = rule.apply(graph, found, config)
-                    graph.check()
-                except GraphError as err:
-                    raise GraphError(f"rule {rule.name} at {found.layers[0]!r}: {err}") from err
-                _check_finite(graph, change)
+                change = apply_one(graph, rule, found[1], config)
                 _inherit_reproduces(change, pending, original_blobs)
                 report.changes.append(change)
                 progress = True
                 if len(report.changes) > MAX_CHANGES:
                     raise GraphError("rules did not reach a fixed point")
-    for rule in rules:
-        skips = [m for m in rule.match(graph, config) if isinstance(m, Skip)]
-        if skips:
-            report.skipped[rule.name] = skips
+    for name, skip in skips(graph, rules, config):
+        report.skipped.setdefault(name, []).append(skip)
     report.after = NetSummary.of(graph)
     return report

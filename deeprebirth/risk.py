@@ -18,7 +18,7 @@ import copy
 import json
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from deeprebirth import caffe_io
@@ -27,7 +27,8 @@ from deeprebirth.finetune import FinetuneOptions, finetune_files
 from deeprebirth.graph import Graph
 from deeprebirth.model import load_model
 from deeprebirth.plan import Candidate
-from deeprebirth.rules import RULES, Change, Match, RuleConfig
+from deeprebirth.rewrite import NetSummary, RewriteReport, apply_one, find_again
+from deeprebirth.rules import RULES, Change, RuleConfig
 
 DEFAULT_BUDGET = "30s"
 
@@ -64,11 +65,10 @@ def merged_graph(graph: Graph, candidates: Sequence[Candidate], chain: Sequence[
     changes = []
     for k in chain:
         rule, anchor = rules[candidates[k].rule], candidates[k].layers[0]
-        found = next((m for m in rule.match(trial, config) if isinstance(m, Match) and m.layers[0] == anchor), None)
+        found = find_again(trial, rule, anchor, config)
         if found is None:  # an earlier merge of the chain took its place
             continue
-        changes.append(rule.apply(trial, found, config))
-        trial.check()
+        changes.append(apply_one(trial, rule, found, config))
     return trial, changes
 
 
@@ -96,7 +96,9 @@ def assess(prototxt: PathLike, weights: PathLike, candidates: Sequence[Candidate
             report = folder / f"merge{k}.json"
             caffe_io.write_prototxt(slim_proto, net)
             caffe_io.write_caffemodel(slim_model, net, trial.weights())
-            report.write_text(json.dumps({"changes": [asdict(c) for c in changes]}))
+            rules = list(dict.fromkeys(change.rule for change in changes))
+            typed = RewriteReport(rules, NetSummary.of(graph), NetSummary.of(trial), changes)
+            report.write_text(json.dumps(typed.to_json()))
             result = finetune_files(prototxt, weights, slim_proto, slim_model, report, data,
                                     folder / f"merge{k}_tuned.caffemodel",
                                     replace(short, work_dir=folder / f"merge{k}.work"))

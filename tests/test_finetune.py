@@ -24,6 +24,7 @@ from deeprebirth.data import Transform
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.finetune import FinetuneOptions, Progress, finetune_files, plan_steps
 from deeprebirth.model import load_model
+from deeprebirth.rewrite import RewriteReport
 from deeprebirth.train import SolverOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +67,7 @@ def weights(path: str | Path) -> dict[str, list[np.ndarray]]:
 
 
 def test_steps_follow_network_order_and_group_shared_layers(nets: dict[str, str]) -> None:
-    report = json.loads(Path(nets["report"]).read_text())
+    report = RewriteReport.from_json(json.loads(Path(nets["report"]).read_text()))
     steps = plan_steps(report, load_model(nets["original"]), load_model(nets["slim"]))
     assert [s.relearn for s in steps] == [
         ["conv1_merge"], ["conv2_merge"],
@@ -83,7 +84,8 @@ def test_a_later_change_that_splits_a_new_layer_joins_its_step(nets: dict[str, s
     rewrite_files(nets["original"], slim, nets["original_weights"], model, report,
                   RewriteOptions(rules="all,tucker", rank_method="speedup:2"))
     changes = json.loads(report.read_text())["changes"]
-    steps = plan_steps({"changes": changes}, load_model(nets["original"]), load_model(slim))
+    steps = plan_steps(RewriteReport.from_json(json.loads(report.read_text())), load_model(nets["original"]),
+                       load_model(slim))
     assert steps[0].reproduces == "norm1"
     assert steps[0].rules == ["merge_pooling_into_conv", "merge_lrn_into_conv", "decompose_conv_tucker"]
     assert steps[0].relearn == [f"conv1_merge_tucker_{p}" for p in ("reduce", "core", "expand")]

@@ -28,10 +28,10 @@ from deeprebirth.graph import Graph
 from deeprebirth.initializers import random_weights
 from deeprebirth.model import PathLike, load_model, save_model
 from deeprebirth.profile import TENSOR_TYPES, set_batch
-from deeprebirth.rewrite import select_rules
+from deeprebirth.rewrite import apply_one, select_rules
+from deeprebirth.rewrite import stages as staged
 from deeprebirth.rules import Change, Match, Rule, RuleConfig
 
-MAX_STAGES = 20
 ELIMINATED_TYPES = frozenset({"Pooling", "LRN"})  # what lossy merges exist to remove
 
 
@@ -69,10 +69,6 @@ class RuntimePlan:
         return candidate.saved_ms / self.original_ms if self.original_ms > 0 else 0.0
 
 
-def _matches(graph: Graph, rules: Sequence[Rule], config: RuleConfig) -> list[tuple[Rule, Match]]:
-    return [(rule, m) for rule in rules for m in rule.match(graph, config) if isinstance(m, Match)]
-
-
 def plan_on_runtime(prototxt: PathLike, weights: PathLike | None, runtime: str, *, rules: str | Sequence[str] = "all",
                     batch: int = 1, threads: int = 1, rounds: int = 10, warmup: int = 2, seed: int = 0,
                     clock: str = "wall", config: RuleConfig | None = None) -> RuntimePlan:
@@ -88,24 +84,12 @@ def plan_on_runtime(prototxt: PathLike, weights: PathLike | None, runtime: str, 
     stages: list[Graph] = []
     found: list[tuple[int, Rule, Match, Graph, Change]] = []
     state = copy.deepcopy(graph)
-    seen: set[tuple[str, str]] = set()
-    for stage in range(MAX_STAGES):
-        new = [(rule, m) for rule, m in _matches(state, chosen, config) if (rule.name, m.layers[0]) not in seen]
-        if not new:
-            break
+    for stage, new in staged(state, chosen, config):
         stages.append(copy.deepcopy(state))
         for rule, match in new:
             trial = copy.deepcopy(state)
-            change = rule.apply(trial, match, config)
-            trial.check()
+            change = apply_one(trial, rule, match, config)
             found.append((stage, rule, match, trial, change))
-            seen.add((rule.name, match.layers[0]))
-        for rule, match in new:  # advance as the rewrite driver would
-            current = next((m for m in rule.match(state, config)
-                            if isinstance(m, Match) and m.layers[0] == match.layers[0]), None)
-            if current is not None:
-                rule.apply(state, current, config)
-                state.check()
     if not stages:
         stages.append(graph)
     with tempfile.TemporaryDirectory(prefix="deeprebirth-runtime-plan-") as tmp:

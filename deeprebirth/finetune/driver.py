@@ -52,6 +52,7 @@ from deeprebirth.finetune.phase import Allotment, PhaseData, PhaseOutcome, Phase
 from deeprebirth.finetune.steps import Step, StepNet, build_step_net, final_step, final_writer, plan_steps
 from deeprebirth.graph import Graph, GraphError
 from deeprebirth.model import load_model, same_file
+from deeprebirth.rewrite import RewriteReport
 from deeprebirth.train import SOLVER_TYPES, SolverOptions, training_net, write_text
 
 MODES = ("label", "mimic")
@@ -350,11 +351,11 @@ def _prepare(original_prototxt: PathLike, original_weights: PathLike, slim_proto
     original = load_model(original_prototxt, original_weights)
     slim = load_model(slim_prototxt, slim_weights)
     try:
-        report = json.loads(Path(report_path).read_text())
+        report = RewriteReport.from_json(json.loads(Path(report_path).read_text()))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DeepRebirthError(f"not a JSON report ({type(err).__name__})", file=str(report_path)) from None
-    if not isinstance(report, dict):
-        raise DeepRebirthError("not a rewrite report", file=str(report_path))
+    except DeepRebirthError as err:
+        raise DeepRebirthError(err.message, file=str(report_path)) from None
     try:
         steps = plan_steps(report, original, slim)
     except DeepRebirthError as err:

@@ -14,7 +14,7 @@ step can be judged a few blocks downstream with the layers in between free to ad
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import networkx as nx
 
@@ -23,6 +23,9 @@ from deeprebirth.errors import DeepRebirthError
 from deeprebirth.evaluate import NetIO
 from deeprebirth.graph import Graph
 from deeprebirth.shapes import infer_shapes
+
+if TYPE_CHECKING:
+    from deeprebirth.rewrite import RewriteReport
 
 
 @dataclass
@@ -44,16 +47,14 @@ class Step:
 
 
 
-def plan_steps(report: dict[str, Any], original: Graph, slim: Graph) -> list[Step]:
+def plan_steps(report: RewriteReport, original: Graph, slim: Graph) -> list[Step]:
     """Group the report's lossy changes into steps and locate each step's blob in both nets.
 
     Changes join one step when they share a new layer (conv1 + pool1, then + norm1: one ``conv1_merge``), when a
     later change removed a layer an earlier one made (a merged conv that decompose_conv_tucker split: the merge is
     learned through the pieces), or when they reproduce the same blob (the branches of one inception module)."""
-    changes = report.get("changes")
-    if not isinstance(changes, list):
-        raise DeepRebirthError("not a rewrite report (no 'changes' list)")
-    lossy = [i for i, c in enumerate(changes) if isinstance(c, dict) and c.get("relearn")]
+    changes = report.changes
+    lossy = [i for i, c in enumerate(changes) if c.relearn]
     parent = {i: i for i in lossy}
 
     def root(i: int) -> int:
@@ -67,27 +68,28 @@ def plan_steps(report: dict[str, Any], original: Graph, slim: Graph) -> list[Ste
     made: dict[str, int] = {}  # new layer -> the latest change that made it
     for i in lossy:
         change = changes[i]
-        for name in change.get("removed") or []:
+        for name in change.removed:
             if name in made:
                 join(made.pop(name), i)
-        for name in change["relearn"]:
+        for name in change.relearn:
             if name in made:
                 join(made[name], i)
             made[name] = i
-        if change.get("rule") == "merge_inception_branches" and change.get("changed"):
-            raise DeepRebirthError(f"change {i + 1} ({change.get('summary')}) reorders the channels of "
-                                   f"'{change.get('reproduces')}', which layer-wise fine-tuning compares with the "
+        if change.rule == "merge_inception_branches" and change.changed:
+            raise DeepRebirthError(f"change {i + 1} ({change.summary}) reorders the channels of "
+                                   f"'{change.reproduces}', which layer-wise fine-tuning compares with the "
                                    "original's channel by channel; rewrite with a --widen mode that keeps the channel "
                                    "order (balanced, on GoogLeNet-ordered blocks)")
-    missing = sorted(name for name in made if name not in slim)
+    still = set(report.relearn)  # the new layers no later change removed (each one in ``made``)
+    missing = sorted(name for name in still if name not in slim)
     if missing:
         raise DeepRebirthError(f"the report's change {made[missing[0]] + 1} re-learns '{missing[0]}', which the slim "
                                "net does not have: report and nets do not match")
     by_blob: dict[str, int] = {}
     for i in lossy:
-        blob = changes[i].get("reproduces")
+        blob = changes[i].reproduces
         if not blob or final_writer(original, blob) is None:
-            raise DeepRebirthError(f"change {i + 1} ({changes[i].get('rule')}) reproduces blob {blob!r}, which the "
+            raise DeepRebirthError(f"change {i + 1} ({changes[i].rule}) reproduces blob {blob!r}, which the "
                                    "original net does not have: report and nets do not match")
         if blob in by_blob:
             join(i, by_blob[blob])
@@ -102,15 +104,15 @@ def plan_steps(report: dict[str, Any], original: Graph, slim: Graph) -> list[Ste
         groups.setdefault(root(i), []).append(i)
     steps = []
     for members in groups.values():
-        names = {name for i in members for name in changes[i]["relearn"] if made.get(name) is not None}
+        names = {name for i in members for name in changes[i].relearn if name in still}
         relearn = [layer.name for layer in slim.layers() if layer.name in names]
         if not relearn:
             continue
-        reproduces = max((changes[i]["reproduces"] for i in members), key=position)
+        reproduces = max((changes[i].reproduces or "" for i in members), key=position)
         if final_writer(slim, reproduces) is None:
             raise DeepRebirthError(f"the slim net has no blob '{reproduces}' (the rules keep the name of the blob a "
                                    "merge reproduces): report and nets do not match")
-        rules = list(dict.fromkeys(changes[i].get("rule", "?") for i in members))
+        rules = list(dict.fromkeys(changes[i].rule for i in members))
         steps.append(Step(0, relearn, rules, members, reproduces, reproduces))
     steps.sort(key=lambda step: position(step.reproduces))
     o_shapes, s_shapes = infer_shapes(original), infer_shapes(slim)
