@@ -13,16 +13,28 @@ from typing import Any
 
 from deeprebirth import caffe_io
 from deeprebirth.caffe_io import DATA_LAYER_TYPES
-from deeprebirth.caffe_runtime import CheckResult, compare_nets, image_feeds, random_feeds
+from deeprebirth.caffe_runtime import (
+    CheckResult,
+    compare_nets,
+    image_feeds,
+    random_feeds,
+)
 from deeprebirth.data import image_files
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.graph import Graph
 from deeprebirth.export.runtimes import RUNTIMES
+from deeprebirth.graph import Graph
 from deeprebirth.model import PathLike, load_model, same_file, save_model
-from deeprebirth.rewrite import OPT_IN_GROUPS, RewriteReport, candidates, rewrite, rule_groups, select_rules, skips
+from deeprebirth.rewrite import (
+    OPT_IN_GROUPS,
+    RewriteReport,
+    candidates,
+    rewrite,
+    rule_groups,
+    select_rules,
+    skips,
+)
 from deeprebirth.rules import RULE_OPTIONS, RULES, Option, Rule, RuleConfig, Skip
 from deeprebirth.shapes import LayerCost, infer_shapes, layer_costs
-
 
 PHASES = ("TEST", "TRAIN")
 
@@ -212,7 +224,7 @@ def caffemodel_size_warnings(size: int) -> list[str]:
     return []
 
 
-CALLS_OUT_TYPES = ("Data", "ImageData", "HDF5Data", "WindowData", "HDF5Output", "Python")
+CALLS_OUT_TYPES = (*DATA_LAYER_TYPES, "HDF5Output", "Python")
 
 
 def check_rewrite(original: Graph, rewritten: Graph, prototxt: PathLike, weights: PathLike,

@@ -33,7 +33,7 @@ Outputs
     ``summary.csv`` and ``summary.md`` in OUT_DIR list every model found (also after Ctrl-C, for what finished).
 
 Second runs
-    A model whose ``<stem>.batch.json`` says it succeeded with the same inputs (size and mtime) and the same options
+    A model whose ``<stem>.batch.json`` says it succeeded with the same inputs (their sha256) and the same options
     is not redone (``force`` redoes it). Failed models are always retried: a timeout or an out-of-memory kill may
     not happen again, and a fixed file should be picked up.
 """
@@ -55,15 +55,15 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
-from multiprocessing import get_context
-from multiprocessing.connection import Connection, wait
-from multiprocessing.process import BaseProcess
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
 from deeprebirth import caffe_io
 from deeprebirth.api import RewriteOptions
 from deeprebirth.errors import DeepRebirthError
+from deeprebirth.fingerprint import fingerprint
+from deeprebirth.isolation import Child
 
 PROTOTXT_SUFFIXES = (".prototxt.txt", ".prototxt")
 CAFFEMODEL_SUFFIX = ".caffemodel"
@@ -73,8 +73,10 @@ SNIFF_BYTES = 1 << 20
 
 _SOLVER = re.compile(r"^\s*(base_lr|lr_policy|max_iter|solver_mode|snapshot_prefix|train_net|test_iter|net)\s*:",
                      re.MULTILINE)
+_DATA_TYPE_NAMES = (*caffe_io.DATA_LAYER_TYPES, *(v1 for v1, t in caffe_io.V1_LAYER_TYPES.items()
+                                                   if t in caffe_io.DATA_LAYER_TYPES))
 _TRAINING = re.compile(r"\bphase\s*:\s*TRAIN\b"
-                       r"|\btype\s*:\s*\"?(Data|ImageData|HDF5Data|WindowData|DATA|IMAGE_DATA|HDF5_DATA|WINDOW_DATA)\b"
+                       rf"|\btype\s*:\s*\"?({'|'.join(_DATA_TYPE_NAMES)})\b"
                        r"|\btype\s*:\s*\"?(SoftmaxWithLoss|SOFTMAX_LOSS|EuclideanLoss|EUCLIDEAN_LOSS)\b")
 
 
@@ -303,7 +305,6 @@ def rewrite_options(options: BatchOptions) -> RewriteOptions:
 
 
 def _cannot_check(graph: Any) -> str:
-    from deeprebirth.rewrite import DATA_LAYER_TYPES
     from deeprebirth.shapes import SHAPE_FUNCTIONS, infer_shapes
 
     shapes = infer_shapes(graph)
@@ -311,22 +312,15 @@ def _cannot_check(graph: Any) -> str:
     if not inputs or any(shapes[b] is None for b in inputs):
         return "no Input layers of known shape to feed"
     odd = sorted({layer.type for layer in graph.layers()
-                  if layer.type in DATA_LAYER_TYPES or layer.type not in SHAPE_FUNCTIONS})
+                  if layer.type in caffe_io.DATA_LAYER_TYPES or layer.type not in SHAPE_FUNCTIONS})
     if odd:
         return f"layers Caffe would have to read files or run code for: {', '.join(odd)}"
     return ""
 
 
-def _worker_main(worker: Callable[[ModelTask], ModelResult], task: ModelTask, conn: Connection,
-                 log_path: str) -> None:
-    """Entry point of a worker process: own process group (so the parent can stop it together with the Caffe
-    process a check starts), Ctrl-C left to the parent, stdout/stderr into a log the parent reads if it dies."""
-    os.setpgrp()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.environ.setdefault("GLOG_minloglevel", "2")
+def _run_model(worker: Callable[[ModelTask], ModelResult], task: ModelTask) -> ModelResult:
+    """A worker's body (in an isolated child, ``deeprebirth.isolation``): a user error or a bug becomes the row of
+    a failed model, and the batch goes on."""
     start = time.perf_counter()
     try:
         row = worker(task)
@@ -336,8 +330,7 @@ def _worker_main(worker: Callable[[ModelTask], ModelResult], task: ModelTask, co
         row = ModelResult(task.model.prototxt, task.model.weights, task.model.kind, "failed",
                           error=f"internal error (please report): {type(err).__name__}: {err}")
     row.seconds = time.perf_counter() - start
-    conn.send(row)
-    conn.close()
+    return row
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,11 +341,7 @@ def _worker_main(worker: Callable[[ModelTask], ModelResult], task: ModelTask, co
 class _Running:
     index: int
     task: ModelTask
-    process: BaseProcess
-    conn: Connection
-    log: str
-    started: float
-    deadline: float
+    child: Child
 
 
 def run_batch(zoo_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], options: BatchOptions | None = None,
@@ -399,21 +388,20 @@ def run_batch(zoo_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
             todo.append(i)
 
     jobs = max(1, options.jobs or os.cpu_count() or 1)
-    context = get_context("spawn")
     running: list[_Running] = []
     interrupted = False
-    with tempfile.TemporaryDirectory(prefix="deeprebirth-batch-") as logs, _DeferredInterrupt() as irq:
+    with _DeferredInterrupt() as irq:
         try:
             while todo or running:
                 while todo and len(running) < jobs:
                     i = todo.popleft()
-                    running.append(_start(context, i, found[i], zoo, out, options, worker, logs))
+                    running.append(_start(i, found[i], zoo, out, options, worker))
                 now = time.monotonic()
                 with irq.allowed():
-                    wait([r.conn for r in running] + [r.process.sentinel for r in running],
-                         timeout=max(0.0, min(r.deadline for r in running) - now))
+                    wait([w for r in running for w in r.child.waitables],
+                         timeout=max(0.0, min(r.child.deadline for r in running) - now))
                 for r in list(running):
-                    row = _poll(r, options.timeout)
+                    row = _poll(r)
                     if row is not None:
                         running.remove(r)
                         record(r.index, _finish(r, row, zoo, out, options))
@@ -422,7 +410,7 @@ def run_batch(zoo_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
             raise
         finally:
             for r in running:
-                _kill(r)
+                r.child.kill()
                 shutil.rmtree(r.task.staging, ignore_errors=True)
             results = [row if row is not None else
                        ModelResult(m.prototxt, m.weights, m.kind, "interrupted", error="not finished: interrupted")
@@ -470,75 +458,34 @@ class _DeferredInterrupt:
             self.armed = False
 
 
-def _start(context: Any, index: int, model: FoundModel, zoo: Path, out: Path, options: BatchOptions,
-           worker: Callable[[ModelTask], ModelResult], logs: str) -> _Running:
+def _start(index: int, model: FoundModel, zoo: Path, out: Path, options: BatchOptions,
+           worker: Callable[[ModelTask], ModelResult]) -> _Running:
     out_folder = out / Path(model.prototxt).parent
     out_folder.mkdir(parents=True, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{_stem(Path(model.prototxt).name)}-", dir=out_folder)
     task = ModelTask(model, str(zoo), str(out_folder), staging, options)
-    log = os.path.join(logs, f"{index}.log")
-    parent_end, child_end = context.Pipe(duplex=False)
-    process = context.Process(target=_worker_main, args=(worker, task, child_end, log),
-                              name=f"deeprebirth-batch-{index}")
-    process.start()
-    child_end.close()
-    now = time.monotonic()
-    return _Running(index, task, process, parent_end, log, now, now + options.timeout)
+    child = Child(_run_model, worker, task, timeout=options.timeout, name=f"deeprebirth-batch-{index}")
+    return _Running(index, task, child)
 
 
-def _poll(r: _Running, timeout: float) -> ModelResult | None:
+def _poll(r: _Running) -> ModelResult | None:
     """The worker's row if it ended (a row of its own, or one saying how it died), None while it still runs."""
+    ended = r.child.poll()
+    if ended is None:
+        return None
     m = r.task.model
-    if r.conn.poll():
-        try:
-            row: ModelResult = r.conn.recv()
-        except (EOFError, OSError):
-            r.process.join(timeout=10)  # it died before sending: judged below from its exit code
-        else:
-            r.process.join(timeout=30)
-            _kill(r)  # a check's Caffe process that outlived it
-            return row
-    if not r.process.is_alive():
-        r.process.join()
-        code = r.process.exitcode or 0
-        how = f"signal {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() else \
-            f"exit code {code}"
-        last = _last_words(r.log)
-        return ModelResult(m.prototxt, m.weights, m.kind, "crashed",
-                           error=f"the worker process died ({how}){': ' + last if last else ''}")
-    if time.monotonic() > r.deadline:
-        _kill(r)
-        return ModelResult(m.prototxt, m.weights, m.kind, "timeout",
-                           error=f"not finished after {timeout:g} s (the worker was stopped)")
-    return None
-
-
-def _kill(r: _Running) -> None:
-    """Stop the worker and everything it started (its process group)."""
-    try:
-        os.killpg(r.process.pid, signal.SIGKILL)  # type: ignore[arg-type]
-    except (ProcessLookupError, PermissionError):
-        pass
-    r.process.join(timeout=10)
-    r.conn.close()
-
-
-def _last_words(log: str) -> str:
-    """The reason a worker died, from what it wrote: glog's fatal line (``F1125 ... ] Check failed: ...``) or the
-    last line."""
-    try:
-        lines = [line.strip() for line in Path(log).read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return ""
-    fatal = [line for line in lines if re.match(r"^F\d{4} ", line)]
-    line = fatal[-1].split("] ", 1)[-1] if fatal else (lines[-1] if lines else "")
-    return line[:300]
+    if ended.timed_out:
+        return ModelResult(m.prototxt, m.weights, m.kind, "timeout", error=f"{ended.died} (the worker was stopped)")
+    if ended.died or ended.error is not None:
+        return ModelResult(m.prototxt, m.weights, m.kind, "crashed", error=ended.died or str(ended.error))
+    row: ModelResult = ended.value
+    return row
 
 
 def _finish(r: _Running, row: ModelResult, zoo: Path, out: Path, options: BatchOptions) -> ModelResult:
     """Move a finished rewrite's files into place (each by rename) and mark it done; drop anything unfinished."""
     staging, out_folder = Path(r.task.staging), Path(r.task.out_folder)
-    row.seconds = time.monotonic() - r.started
+    row.seconds = time.monotonic() - r.child.started
     try:
         if row.status in ("ok", "check_failed"):
             marker = out_folder / _marker_name(row.prototxt)
@@ -561,19 +508,13 @@ def _marker_name(prototxt: str) -> str:
     return f"{_stem(Path(prototxt).name)}.batch.json"
 
 
-def _fingerprint(model: FoundModel, zoo: Path, options: BatchOptions) -> dict[str, Any]:
-    """What a finished result depends on: the input files (size, mtime) and the options that change outputs."""
+def _fingerprint(model: FoundModel, zoo: Path, options: BatchOptions) -> str:
+    """What a finished result depends on (``deeprebirth.fingerprint``): the input files' bytes, the rewrite
+    options, the tool's version."""
     from deeprebirth import __version__
 
-    files = {}
-    for rel in (model.prototxt, model.weights):
-        if rel:
-            stat = (zoo / rel).stat()
-            files[rel] = [stat.st_size, stat.st_mtime_ns]
-    rewrite = asdict(rewrite_options(options))
-    rewrite["images"] = [str(p) for p in rewrite["images"]]
-    # as it reads back from the marker (tuples become lists)
-    return json.loads(json.dumps({"files": files, "options": rewrite, "version": __version__}))
+    files = [zoo / rel for rel in (model.prototxt, model.weights) if rel]
+    return fingerprint(files, {"options": asdict(rewrite_options(options)), "version": __version__})
 
 
 def _cached(model: FoundModel, zoo: Path, out: Path, options: BatchOptions) -> ModelResult | None:

@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 from google.protobuf import text_format
@@ -278,6 +278,17 @@ def _filter_by_state(net: pb.NetParameter, phase: str) -> list[FilteredLayer]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # data layers: the shape of what they produce lives in their database, not in the prototxt
+
+
+def set_batch(net: Any, batch: int) -> None:
+    """Give every Input layer batch size ``batch``: of a NetParameter, or of a Graph (so shapes.layer_costs match
+    a run at that batch)."""
+    layers = net.layer if isinstance(net, pb.NetParameter) else [layer.proto for layer in net.layers()]
+    for param in layers:
+        if param.type == "Input":
+            for shape in param.input_param.shape:
+                if shape.dim:
+                    shape.dim[0] = batch
 
 
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:

@@ -1,7 +1,7 @@
 """Everything that runs a net in real Caffe (pycaffe) or OpenCV dnn: forward passes, equivalence checks.
 
-Caffe aborts the whole process on a fatal check (glog ``LOG(FATAL)``), so comparisons run in a spawned worker
-process: a net Caffe refuses becomes a one-line error here instead of a dead interpreter.
+Caffe aborts the whole process on a fatal check (glog ``LOG(FATAL)``), so comparisons run isolated
+(``deeprebirth.isolation``): a net Caffe refuses becomes a one-line error here instead of a dead interpreter.
 """
 
 from __future__ import annotations
@@ -9,10 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from deeprebirth.errors import DeepRebirthError
+from deeprebirth.isolation import quiet_glog, run_isolated
 
 Feed = dict[str, np.ndarray]
 IMAGENET_MEAN_BGR = (104.0, 117.0, 123.0)
@@ -29,7 +27,7 @@ def import_caffe(gpu: int | None = None) -> ModuleType:
     """pycaffe, quiet, in CPU mode or (``gpu``: a device id) in GPU mode on that device; a clear error when it is
     not installed, or when a GPU is asked of a CPU-only build or of a machine without that GPU (Caffe itself would
     abort the process)."""
-    os.environ.setdefault("GLOG_minloglevel", "2")
+    quiet_glog()
     try:
         import caffe
     except ImportError as err:
@@ -102,17 +100,14 @@ def random_feeds(input_shapes: dict[str, tuple[int, ...]], count: int, seed: int
 
 def image_feeds(paths: Sequence[str | os.PathLike[str]], input_name: str, shape: tuple[int, ...],
                 mean: Sequence[float] = IMAGENET_MEAN_BGR, scale: float = 1.0) -> list[Feed]:
-    """Real photos as Caffe's classic preprocessing does it: resize, BGR, 0-255 minus mean, times scale."""
-    import cv2
+    """Real photos read as everywhere else (``data.read_image``: BGR, resized as Caffe's ImageData layer does),
+    0-255 minus ``mean``, times ``scale``."""
+    from deeprebirth.data import read_image
 
     n, c, h, w = shape
     feeds = []
     for path in paths:
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR if c == 3 else cv2.IMREAD_GRAYSCALE)
-        if image is None:
-            raise DeepRebirthError("cannot read image", file=str(path))
-        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32)
-        chw = image.transpose(2, 0, 1) if image.ndim == 3 else image[None]
+        chw = read_image(os.fspath(path), c, (h, w), rgb=False)
         chw = (chw - np.asarray(mean[:c], dtype=np.float32).reshape(c, 1, 1)) * scale
         feeds.append({input_name: np.repeat(chw[None], n, axis=0)})
     return feeds
@@ -170,14 +165,12 @@ def compare_nets(original: tuple[str, str], rewritten: tuple[str, str], feeds: l
     """Run both (prototxt, caffemodel) pairs in real Caffe on every feed and compare the named blobs (values for
     an exact rewrite; shapes only for a lossy one, whose new layers are not learned yet).
 
-    Runs in a spawned worker so a Caffe abort cannot take the caller down.
+    Runs isolated (``deeprebirth.isolation``) so a Caffe abort cannot take the caller down.
     """
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        try:
-            return pool.submit(_compare_in_process, original, rewritten, feeds, blobs, tolerance, lossy).result()
-        except BrokenProcessPool:
-            raise DeepRebirthError(f"Caffe aborted while running {Path(original[0]).name} or "
-                                   f"{Path(rewritten[0]).name} (see Caffe's message above)") from None
+    what = f"{Path(original[0]).name} or {Path(rewritten[0]).name}"
+    result: CheckResult = run_isolated(_compare_in_process, original, rewritten, feeds, blobs, tolerance, lossy,
+                                       what=what)
+    return result
 
 
 def opencv_forward(prototxt: str | os.PathLike[str], caffemodel: str | os.PathLike[str], feed: Feed,

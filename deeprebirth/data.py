@@ -38,7 +38,6 @@ from deeprebirth.errors import DeepRebirthError
 
 PathLike = str | os.PathLike[str]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".jpe")
-DATA_LAYERS = ("Data", "ImageData", "WindowData", "MemoryData")
 
 
 def image_files(paths: Sequence[PathLike]) -> list[str]:
@@ -74,7 +73,7 @@ def transform_from_prototxt(path: PathLike, phase: str = "TRAIN") -> Transform:
     net = caffe_io.read_prototxt(path)
     if net.layers:
         net = caffe_io.normalize_net(net, phase=phase, source=str(path))
-    layers = [layer for layer in net.layer if layer.type in DATA_LAYERS or layer.HasField("transform_param")]
+    layers = [layer for layer in net.layer if layer.type in caffe_io.DATA_LAYER_TYPES or layer.HasField("transform_param")]
     if not layers:
         raise DeepRebirthError("no data layer with a transform_param", file=str(path))
     wanted = pb.TRAIN if phase == "TRAIN" else pb.TEST
@@ -134,7 +133,7 @@ class DataSet:
             return np.asarray(self.array[indices], dtype=np.float32)
         out = np.empty((len(indices), self.channels, *self.size), dtype=np.float32)
         for k, i in enumerate(indices):
-            out[k] = _read_image(self.paths[i], self.channels, self.resize, self.rgb)
+            out[k] = read_image(self.paths[i], self.channels, self.resize, self.rgb)
         return out
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> DataSet:
@@ -144,7 +143,11 @@ class DataSet:
                        paths=[self.paths[i] for i in indices] if self.paths else [])
 
 
-def _read_image(path: str, channels: int, resize: tuple[int, int] | None, rgb: bool) -> np.ndarray:
+def read_image(path: str, channels: int, resize: tuple[int, int] | None, rgb: bool) -> np.ndarray:
+    """An image file as float32 C×H×W: BGR (``rgb``: RGB) or grayscale for one channel, resized to ``resize``
+    (height, width) with bilinear interpolation, as Caffe's ImageData layer does (``ReadImageToCVMat``:
+    ``cv::resize`` with its default INTER_LINEAR). The one image loader: fine-tuning, evaluation and the
+    equivalence check on photos all read images here."""
     import cv2
 
     image = cv2.imread(path, cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR)

@@ -12,6 +12,10 @@ class DeepRebirthError(Exception):
         self.file = file
         self.layer = layer
 
+    def __reduce__(self) -> tuple[object, ...]:
+        """Pickled with its file and layer (an isolated Caffe run raises it in a child process)."""
+        return (self.__class__, (self.message,), self.__dict__)
+
     def __str__(self) -> str:
         parts = []
         if self.file:

@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from deeprebirth.caffe_runtime import open_net
 from deeprebirth.data import Batches, DataSet, PathLike, Transform, open_data
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.graph import Graph
+from deeprebirth.isolation import run_isolated
 from deeprebirth.model import load_model
 from deeprebirth.shapes import infer_shapes
 
@@ -95,6 +97,19 @@ class Evaluation:
     seconds: float = 0.0
 
 
+def _predict_files(prototxt: PathLike, caffemodel: PathLike, gpu: int | None, io: NetIO, batches: Batches,
+                   indices: np.ndarray, batch: int) -> np.ndarray:
+    return predict(open_net(prototxt, caffemodel, gpu), io, batches, indices, batch)
+
+
+def _isolated_predict(prototxt: PathLike, caffemodel: PathLike, gpu: int | None, io: NetIO, batches: Batches,
+                      indices: np.ndarray, batch: int) -> np.ndarray:
+    """``predict`` in an isolated child (``deeprebirth.isolation``): a net Caffe refuses is a one-line error."""
+    scores: np.ndarray = run_isolated(_predict_files, prototxt, caffemodel, gpu, io, batches, indices, batch,
+                                      what=Path(prototxt).name)
+    return scores
+
+
 def evaluate_files(prototxt: PathLike, caffemodel: PathLike, data: PathLike | DataSet, *,
                    reference: tuple[PathLike, PathLike] | None = None, transform: Transform | None = None,
                    batch: int = 100, limit: int | None = None, gpu: int | None = None) -> Evaluation:
@@ -119,12 +134,12 @@ def evaluate_files(prototxt: PathLike, caffemodel: PathLike, data: PathLike | Da
     indices = np.arange(len(dataset) if limit is None else min(limit, len(dataset)))
     batches = Batches(dataset, transform, io.size)
     labels = dataset.labels[indices]
-    scores = predict(open_net(prototxt, caffemodel, gpu), io, batches, indices, batch)
+    scores = _isolated_predict(prototxt, caffemodel, gpu, io, batches, indices, batch)
     five = io.classes > 5
     result = Evaluation(len(indices), top_k(scores, labels, 1), top_k(scores, labels, 5) if five else None,
                         io.classes)
     if reference is not None and ref_io is not None:
-        ref_scores = predict(open_net(*reference, gpu=gpu), ref_io, batches, indices, batch)
+        ref_scores = _isolated_predict(*reference, gpu, ref_io, batches, indices, batch)
         result.agreement = float(np.mean(scores.argmax(axis=1) == ref_scores.argmax(axis=1)))
         result.reference_top1 = top_k(ref_scores, labels, 1)
         result.reference_top5 = top_k(ref_scores, labels, 5) if five else None

@@ -1,6 +1,6 @@
 """Where the time goes: run a net in real Caffe and time every layer (the paper's Table 1), plus its memory.
 
-Each measurement runs in a fresh Python process (``python -m deeprebirth.profile REQUEST RESULT``) because
+Each measurement runs in a fresh Python process (``deeprebirth.isolation``: a spawned child) because
 OpenBLAS reads ``OPENBLAS_NUM_THREADS`` once, when Caffe loads it: a thread count can only be chosen before the
 process starts. The worker also gives a clean peak RSS per net, and a Caffe abort (glog ``LOG(FATAL)``) kills only
 the worker, never the caller. The worker reports the thread count OpenBLAS actually uses (it caps it at the cores).
@@ -21,12 +21,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import io
-import json
-import os
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -37,10 +33,11 @@ from typing import Any
 import numpy as np
 
 from deeprebirth import caffe_io
+from deeprebirth.caffe_io import set_batch
 from deeprebirth.caffe_runtime import open_net
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.graph import Graph
 from deeprebirth.initializers import random_weights
+from deeprebirth.isolation import run_isolated
 from deeprebirth.model import PathLike, load_model
 from deeprebirth.shapes import infer_shapes
 
@@ -141,15 +138,6 @@ class NetProfile:
 # the caller's side
 
 
-def set_batch(graph: Graph, batch: int) -> None:
-    """Give every Input layer of ``graph`` batch size ``batch`` (so shapes.layer_costs match a profiled run)."""
-    for layer in graph.layers():
-        if layer.type == "Input":
-            for shape in layer.proto.input_param.shape:
-                if shape.dim:
-                    shape.dim[0] = batch
-
-
 def random_caffemodel(prototxt: PathLike, out: PathLike, seed: int = 0) -> None:
     """Write a caffemodel of plausible random weights for ``prototxt`` (validating the prototxt on the way)."""
     graph = load_model(prototxt)
@@ -164,35 +152,14 @@ def _check_files(prototxt: PathLike, weights: PathLike | None) -> None:
 
 
 def run_worker(request: dict[str, Any], threads: int) -> dict[str, Any]:
-    """Run ``request`` in a fresh ``python -m deeprebirth.profile`` with OpenBLAS limited to ``threads``."""
+    """Run ``request`` in a fresh isolated process (``deeprebirth.isolation``) with OpenBLAS limited to
+    ``threads``."""
     if threads < 1:
         raise DeepRebirthError(f"threads must be at least 1, got {threads}")
-    env = dict(os.environ)
-    env.update(OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               GLOG_minloglevel=env.get("GLOG_minloglevel", "2"))
-    package_root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
-    with tempfile.TemporaryDirectory(prefix="deeprebirth-profile-") as tmp:
-        request_path, result_path = Path(tmp) / "request.json", Path(tmp) / "result.json"
-        request_path.write_text(json.dumps(request))
-        done = subprocess.run([sys.executable, "-m", "deeprebirth.profile", str(request_path), str(result_path)],
-                              env=env, capture_output=True, text=True, check=False)
-        if result_path.exists():
-            result: dict[str, Any] = json.loads(result_path.read_text())
-            if "error" in result:
-                raise DeepRebirthError(result["error"], file=result.get("file"))
-            return result
+    env = {name: str(threads) for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     what = ", ".join(Path(net[0]).name for net in request["nets"])
-    raise DeepRebirthError(f"Caffe aborted while running {what}: {_fatal_line(done.stderr + done.stdout)}")
-
-
-def _fatal_line(output: str) -> str:
-    """The line that says why: glog's fatal line (``F1119 12:00:00 ... msg``) if any, else the last line."""
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    fatal = [line for line in lines if len(line) > 1 and line[0] == "F" and line[1:5].isdigit()]
-    if fatal:
-        return fatal[0].split("] ", 1)[-1]
-    return lines[-1] if lines else "no message (killed?)"
+    result: dict[str, Any] = run_isolated(_work, request, what=what, env=env)
+    return result
 
 
 def profile_net(prototxt: PathLike, weights: PathLike | None = None, *, batch: int | None = None,
@@ -457,19 +424,11 @@ def _synced(run: Callable[[], Any], sync: Callable[[], None]) -> Callable[[], No
     return both
 
 
-def _worker_main(argv: Sequence[str]) -> int:
-    """Entry point of the spawned process: read the request, do it, write the result (or the error) as JSON."""
-    request_path, result_path = argv
-    request = json.loads(Path(request_path).read_text())
+def _work(request: dict[str, Any]) -> dict[str, Any]:
+    """The child's side: do the request; any failure but a user error becomes one line naming the net."""
     try:
-        result = _work_profile(request) if request["job"] == "profile" else _work_latency(request)
-    except DeepRebirthError as err:
-        result = {"error": err.message, "file": err.file}
+        return _work_profile(request) if request["job"] == "profile" else _work_latency(request)
+    except DeepRebirthError:
+        raise
     except Exception as err:  # noqa: BLE001 - any failure becomes one line for the caller
-        result = {"error": f"{type(err).__name__}: {err}", "file": request["nets"][0][0]}
-    Path(result_path).write_text(json.dumps(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv[1:]))
+        raise DeepRebirthError(f"{type(err).__name__}: {err}", file=request["nets"][0][0]) from None

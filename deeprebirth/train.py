@@ -18,6 +18,7 @@ import numpy as np
 
 from deeprebirth import caffe_io
 from deeprebirth import caffe_pb2 as pb
+from deeprebirth.caffe_io import set_batch
 from deeprebirth.caffe_runtime import import_caffe
 from deeprebirth.data import Batches, DataSet, PathLike, Transform, open_data
 from deeprebirth.errors import DeepRebirthError
@@ -45,14 +46,6 @@ class SolverOptions:
 
     def base_lr(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.solver]
-
-
-def set_batch(net: pb.NetParameter, batch: int) -> None:
-    for param in net.layer:
-        if param.type == "Input":
-            for shape in param.input_param.shape:
-                if shape.dim:
-                    shape.dim[0] = batch
 
 
 def training_net(deploy: pb.NetParameter, factor: dict[str, float], blobs: dict[str, int], batch: int, loss: str,

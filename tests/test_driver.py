@@ -15,7 +15,14 @@ from nets import tiny_inception
 from deeprebirth.api import RewriteOptions, inspect_file, rewrite_files
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.plan import plan_graph
-from deeprebirth.rewrite import RewriteReport, candidates, rewrite, select_rules, skips, stages
+from deeprebirth.rewrite import (
+    RewriteReport,
+    candidates,
+    rewrite,
+    select_rules,
+    skips,
+    stages,
+)
 from deeprebirth.rules import RULES, RuleConfig
 
 BN_NET = """name: "bn"

@@ -13,9 +13,9 @@ from helpers import graph_from_text, save
 
 from deeprebirth.cli import main
 from deeprebirth.errors import DeepRebirthError
+from deeprebirth.isolation import fatal_line
 from deeprebirth.profile import (
     NetProfile,
-    _fatal_line,
     interleaved_latency,
     plot_by_type,
     profile_net,
@@ -137,9 +137,11 @@ def test_caffe_abort_becomes_one_line_error(model: tuple[str, str], tmp_path: Pa
 
 
 def test_fatal_line() -> None:
+    """The last glog fatal line: the one right before the abort (an earlier one was survived)."""
     log = "W1119 noise\nF1119 12:00:00.1 42 net.cpp:765] Check failed: shape mismatch\n*** Check failure stack ***"
-    assert _fatal_line(log) == "Check failed: shape mismatch"
-    assert _fatal_line("a\nlast words\n") == "last words"
+    assert fatal_line(log) == "Check failed: shape mismatch"
+    assert fatal_line("F1119 1 2 a.cpp:1] earlier\n" + log) == "Check failed: shape mismatch"
+    assert fatal_line("a\nlast words\n") == "last words"
 
 
 def test_plot_side_by_side(profiled: NetProfile, tmp_path: Path) -> None:

@@ -23,7 +23,6 @@ one-line errors, not aborts); the library never prints: progress goes to a callb
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -36,10 +35,23 @@ import numpy as np
 from deeprebirth import caffe_io
 from deeprebirth import caffe_pb2 as pb
 from deeprebirth.caffe_runtime import import_caffe
-from deeprebirth.data import Batches, DataSet, PathLike, Transform, open_data, split_holdout
+from deeprebirth.data import (
+    Batches,
+    DataSet,
+    PathLike,
+    Transform,
+    open_data,
+    split_holdout,
+)
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.evaluate import NetIO, predict, set_input, top_k
-from deeprebirth.finetune.budget import Budget, Clock, phase_weights, share_iterations, share_time
+from deeprebirth.finetune.budget import (
+    Budget,
+    Clock,
+    phase_weights,
+    share_iterations,
+    share_time,
+)
 from deeprebirth.finetune.losses import (
     add_distillation,
     add_label_loss,
@@ -48,8 +60,22 @@ from deeprebirth.finetune.losses import (
     logits_of,
     teacher_name,
 )
-from deeprebirth.finetune.phase import Allotment, PhaseData, PhaseOutcome, PhaseSpec, run_phase
-from deeprebirth.finetune.steps import Step, StepNet, build_step_net, final_step, final_writer, plan_steps
+from deeprebirth.finetune.phase import (
+    Allotment,
+    PhaseData,
+    PhaseOutcome,
+    PhaseSpec,
+    run_phase,
+)
+from deeprebirth.finetune.steps import (
+    Step,
+    StepNet,
+    build_step_net,
+    final_step,
+    final_writer,
+    plan_steps,
+)
+from deeprebirth.fingerprint import fingerprint
 from deeprebirth.graph import Graph, GraphError
 from deeprebirth.model import load_model, same_file
 from deeprebirth.rewrite import RewriteReport
@@ -440,20 +466,10 @@ def _shared_layers(original: Graph, slim: Graph) -> set[str]:
 
 
 def _fingerprint(paths: Sequence[PathLike], options: FinetuneOptions) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        p = Path(path)
-        if p.is_file():
-            with open(p, "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
-        else:
-            digest.update(str(p.resolve()).encode())
     relevant = _options_json(options)
     for key in ("resume", "max_steps", "work_dir", "report", "cache_mb"):
         relevant.pop(key)
-    digest.update(json.dumps(relevant, sort_keys=True, default=str).encode())
-    return digest.hexdigest()
+    return fingerprint(paths, relevant)
 
 
 def _save_state(work: Path, state: dict[str, Any]) -> None:

@@ -13,7 +13,15 @@ from deeprebirth.rules import (
     merge_pooling_into_conv,
     merge_pooling_into_widened_branch_convs,
 )
-from deeprebirth.rules.base import RULE_OPTIONS, Change, Match, Option, Rule, RuleConfig, Skip
+from deeprebirth.rules.base import (
+    RULE_OPTIONS,
+    Change,
+    Match,
+    Option,
+    Rule,
+    RuleConfig,
+    Skip,
+)
 
 RULES: tuple[Rule, ...] = (
     eliminate_dropout.RULE,
