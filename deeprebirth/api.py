@@ -1,4 +1,8 @@
-"""The library calls behind each CLI command: files in, files and reports out. The library never prints."""
+"""The library calls behind each CLI command: files in, files and reports out. The library never prints.
+
+This module is the CLI's only door into the library: the rewrite calls live here, and the other commands' entry
+points (profile, plan, finetune, evaluate, batch, export, draw) are reached through it too, imported on first use
+(``_ELSEWHERE``) so that a command loads Caffe, OpenCV or the export runtimes only when it needs them."""
 
 from __future__ import annotations
 
@@ -22,10 +26,11 @@ from deeprebirth.caffe_runtime import (
 from deeprebirth.data import image_files
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.export.runtimes import RUNTIMES
-from deeprebirth.graph import Graph
+from deeprebirth.graph import Graph, GraphError  # noqa: F401  (GraphError re-exported: the CLI's exit code 3)
 from deeprebirth.model import PathLike, load_model, same_file, save_model
-from deeprebirth.rewrite import (
+from deeprebirth.rewrite import (  # noqa: F401  (NetSummary re-exported for rendering)
     OPT_IN_GROUPS,
+    NetSummary,
     RewriteReport,
     candidates,
     rewrite,
@@ -33,7 +38,15 @@ from deeprebirth.rewrite import (
     select_rules,
     skips,
 )
-from deeprebirth.rules import RULE_OPTIONS, RULES, Option, Rule, RuleConfig, Skip
+from deeprebirth.rules import (  # noqa: F401  (RULE_LABELS re-exported for rendering)
+    RULE_LABELS,
+    RULE_OPTIONS,
+    RULES,
+    Option,
+    Rule,
+    RuleConfig,
+    Skip,
+)
 from deeprebirth.shapes import LayerCost, infer_shapes, layer_costs
 
 PHASES = ("TEST", "TRAIN")
@@ -302,3 +315,81 @@ def _refuse_overwrite(prototxt: PathLike, weights: PathLike | None, *outputs: Pa
     named = [str(Path(o).resolve()) for o in outputs if o is not None]
     if len(set(named)) != len(named):
         raise DeepRebirthError("two outputs share one path")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the JSON files commands write (each atomically: temp file + rename)
+
+
+def _save_json(path: PathLike, payload: Any) -> None:
+    caffe_io.atomic_write_bytes(path, json.dumps(payload, indent=2).encode())
+
+
+def save_profiles(path: PathLike, profiles: Sequence[Any]) -> None:
+    """``profile --json``: one entry per profiled net (NetProfile.to_json)."""
+    _save_json(path, [p.to_json() for p in profiles])
+
+
+def save_latency(path: PathLike, runtime: str, timing: dict[str, Any], nets: Sequence[tuple[str, str | None]],
+                 times: Sequence[Sequence[float]]) -> None:
+    """``profile --runtime R --json``: the whole-forward times of each net."""
+    import statistics
+
+    _save_json(path, {"runtime": runtime, **timing,
+                      "nets": [{"prototxt": p, "weights": w, "times_ms": list(t), "median_ms": statistics.median(t)}
+                               for (p, w), t in zip(nets, times)]})
+
+
+def save_runtime_plan(path: PathLike, plan: Any) -> None:
+    """``plan --runtime R --json``: the plan, with each candidate's time saved and share of the net."""
+    from dataclasses import asdict
+
+    _save_json(path, {**asdict(plan), "candidates": [dict(asdict(c), saved_ms=c.saved_ms, share=plan.share(c))
+                                                     for c in plan.candidates]})
+
+
+def save_plan(path: PathLike, plan: Any, risks: dict[int, Any]) -> None:
+    """``plan --json``: the Caffe plan, each candidate with its memory saved and measured accuracy risk."""
+    from dataclasses import asdict
+
+    _save_json(path, {"prototxt": plan.prototxt, "random_weights": plan.random_weights,
+                      "profile": plan.profile.to_json(), "conv_ms_per_mac": plan.conv_ms_per_mac,
+                      "candidates": [dict(asdict(c), memory_saved_bytes=c.memory_saved_bytes,
+                                          accuracy_risk=asdict(risks[k]) if k in risks else None)
+                                     for k, c in enumerate(plan.candidates)],
+                      "skips": [{"rule": rule, "layer": s.layer, "reason": s.reason} for rule, s in plan.skips]})
+
+
+def save_evaluation(path: PathLike, result: Any) -> None:
+    """``evaluate --json``."""
+    from dataclasses import asdict
+
+    _save_json(path, asdict(result))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the other commands' entry points, imported on first use (PEP 562)
+
+_ELSEWHERE = {
+    "deeprebirth.profile": ("plot_by_type", "profile_net", "type_class"),
+    "deeprebirth.export.latency": ("latency",),
+    "deeprebirth.export.runtime_plan": ("plan_on_runtime",),
+    "deeprebirth.export.api": ("ExportOptions", "export_files"),
+    "deeprebirth.data": ("Transform", "transform_from_prototxt"),
+    "deeprebirth.plan": ("plan_file",),
+    "deeprebirth.risk": ("assess",),
+    "deeprebirth.finetune": ("FinetuneOptions", "finetune_files"),
+    "deeprebirth.train": ("SolverOptions",),
+    "deeprebirth.evaluate": ("evaluate_files",),
+    "deeprebirth.batch": ("BatchOptions", "ModelResult", "run_batch"),
+    "deeprebirth.draw": ("draw_file",),
+}
+_HOME = {name: module for module, names in _ELSEWHERE.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_HOME[name]), name)

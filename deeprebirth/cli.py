@@ -10,10 +10,18 @@ from typing import Any, TypeVar
 
 import click
 
-from deeprebirth import api, caffe_io
-from deeprebirth.errors import DeepRebirthError
-from deeprebirth.graph import GraphError
-from deeprebirth.rewrite import NetSummary, RewriteReport
+from deeprebirth import api
+from deeprebirth.cli_render import (
+    compare_table,
+    finetune_table,
+    human,
+    num,
+    pct,
+    profile_header,
+    render_report,
+    table,
+    type_table,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -25,10 +33,10 @@ def _user_errors(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except DeepRebirthError as err:
+        except api.DeepRebirthError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
-        except GraphError as err:
+        except api.GraphError as err:
             click.echo(f"internal error (please report): {err}", err=True)
             sys.exit(3)
         except KeyboardInterrupt:
@@ -57,53 +65,6 @@ def _click_option(option: Any, use_default: bool = False) -> Callable[[F], F]:
                         multiple=option.multiple, metavar=option.metavar, help=help_text,
                         default=option.default if use_default else None,
                         show_default=use_default and option.show_default)
-
-
-def human(value: float, unit: str = "") -> str:
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= scale:
-            return f"{value / scale:.2f} {suffix}{unit}"
-    return f"{value:.0f} {unit}".rstrip()
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = []
-    for n, row in enumerate(cells):
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def summary_table(before: NetSummary, after: NetSummary) -> str:
-    def ratio(a: float, b: float) -> str:
-        return f"{a / b:.2f}x" if b else "-"
-
-    rows: list[list[object]] = [
-        ["layers", before.layers, after.layers, ratio(before.layers, after.layers)],
-        ["params", human(before.params), human(after.params), ratio(before.params, after.params)],
-        ["MACs", human(before.macs), human(after.macs), ratio(before.macs, after.macs)],
-        ["activations", human(before.activation_bytes, "B"), human(after.activation_bytes, "B"),
-         ratio(before.activation_bytes, after.activation_bytes)],
-    ]
-    for layer_type in sorted(set(before.layers_by_type) | set(after.layers_by_type)):
-        b, a = before.layers_by_type.get(layer_type, 0), after.layers_by_type.get(layer_type, 0)
-        if a != b:
-            rows.append([f"  {layer_type}", b, a, f"{a - b:+d}"])
-    return table(["", "before", "after", "before/after"], rows)
-
-
-def render_report(report: RewriteReport) -> str:
-    assert report.after is not None
-    lines = [summary_table(report.before, report.after), ""]
-    lines.append(f"{len(report.changes)} changes:")
-    lines += [f"  [{c.rule}] {c.summary}" for c in report.changes]
-    for rule, skips in report.skipped.items():
-        lines.append(f"{rule} did not fire at {len(skips)} place(s):")
-        lines += [f"  {s.layer}: {s.reason}" for s in skips]
-    return "\n".join(lines)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -202,54 +163,6 @@ def inspect(prototxt: str, weights: str | None, phase: str, input_shapes: tuple[
 # profile, plan, draw: library in deeprebirth.profile / deeprebirth.plan / deeprebirth.draw
 
 
-def _mib(value: float) -> str:
-    return f"{value / 2**20:.1f} MiB"
-
-
-def _profile_header(p: Any, label: str = "") -> list[str]:
-    shapes = ", ".join(f"{name} {'x'.join(map(str, s))}" for name, s in p.input_shapes.items())
-    blas = "?" if p.blas_threads is None else p.blas_threads
-    weights = p.weights or "random weights"
-    return [(f"{label}{p.prototxt} ({weights}): input {shapes}, {p.threads} thread(s) (OpenBLAS uses {blas}), "
-             f"median of {p.rounds} rounds after {p.warmup} warm-up, {p.clock} clock"),
-            (f"  forward {p.forward_ms:.2f} ms (whole pass); per-layer sum {p.total_ms:.2f} ms: tensor "
-             f"{p.class_ms('tensor'):.2f} ms, non-tensor {p.class_ms('non-tensor'):.2f} ms "
-             f"({100 * p.non_tensor_share:.1f}% non-tensor)"),
-            (f"  memory: Caffe blobs {_mib(p.blob_bytes)} + params {_mib(p.param_bytes)} = {_mib(p.memory_bytes)}; "
-             f"process peak RSS {_mib(p.peak_rss_bytes)} ({_mib(p.base_rss_bytes)} before the net)")]
-
-
-def _type_table(p: Any) -> str:
-    from deeprebirth.profile import type_class
-
-    return table(["type", "class", "layers", "ms", "share"],
-                 [[t.type, type_class(t.type), t.layers, f"{t.ms:.2f}", f"{100 * t.share:.1f}%"] for t in p.by_type()])
-
-
-def _compare_table(a: Any, b: Any) -> str:
-    def ratio(x: float, y: float) -> str:
-        return f"{x / y:.2f}x" if y else "-"
-
-    rows: list[list[object]] = []
-    per_a = {t.type: t for t in a.by_type()}
-    per_b = {t.type: t for t in b.by_type()}
-    for layer_type in list(per_a) + [t for t in per_b if t not in per_a]:
-        ta, tb = per_a.get(layer_type), per_b.get(layer_type)
-        ms_a, ms_b = (ta.ms if ta else 0.0), (tb.ms if tb else 0.0)
-        rows.append([layer_type, ta.layers if ta else 0, tb.layers if tb else 0, f"{ms_a:.2f}", f"{ms_b:.2f}",
-                     ratio(ms_a, ms_b)])
-    rows += [
-        ["per-layer sum (ms)", len(a.layers), len(b.layers), f"{a.total_ms:.2f}", f"{b.total_ms:.2f}",
-         ratio(a.total_ms, b.total_ms)],
-        ["forward (ms)", "", "", f"{a.forward_ms:.2f}", f"{b.forward_ms:.2f}", ratio(a.forward_ms, b.forward_ms)],
-        ["non-tensor share", "", "", f"{100 * a.non_tensor_share:.1f}%", f"{100 * b.non_tensor_share:.1f}%", ""],
-        ["Caffe blobs + params", "", "", _mib(a.memory_bytes), _mib(b.memory_bytes),
-         ratio(a.memory_bytes, b.memory_bytes)],
-        ["peak RSS", "", "", _mib(a.peak_rss_bytes), _mib(b.peak_rss_bytes), ratio(a.peak_rss_bytes, b.peak_rss_bytes)],
-    ]
-    return table(["type", "layers before", "layers after", "before", "after", "before/after"], rows)
-
-
 def _timing_options(command: F) -> F:
     """The options of every command that times a net in real Caffe (profile, plan)."""
     for option in reversed((
@@ -287,50 +200,44 @@ def profile_command(prototxt: str, weights: str | None, batch: int | None, threa
                     json_path: str | None, top: int, clock: str, seed: int, runtime: str, gpu: int | None) -> None:
     """Time every layer of PROTOTXT in real Caffe: per layer, per type, the non-tensor share, and memory; or, with
     --runtime, whole forward passes in another runtime (interleaved with --compare's net)."""
-    import json
-
-    from deeprebirth.profile import plot_by_type, profile_net
 
     if compare_weights and not compare_prototxt:
-        raise DeepRebirthError("--compare-weights needs --compare")
+        raise api.DeepRebirthError("--compare-weights needs --compare")
     nets = [(prototxt, weights)] + ([(compare_prototxt, compare_weights)] if compare_prototxt else [])
     if runtime != "caffe":
         _runtime_latency(nets, runtime, batch=batch, threads=threads, rounds=rounds, warmup=warmup, seed=seed,
                          clock=clock, plot_path=plot_path, json_path=json_path)
         return
-    profiles = [profile_net(path, model, batch=batch, threads=threads, rounds=rounds, warmup=warmup, seed=seed,
+    profiles = [api.profile_net(path, model, batch=batch, threads=threads, rounds=rounds, warmup=warmup, seed=seed,
                             clock=clock, gpu=gpu) for path, model in nets]
     first = profiles[0]
     if len(profiles) == 1:
-        click.echo("\n".join(_profile_header(first)))
-        click.echo(_type_table(first))
+        click.echo("\n".join(profile_header(first)))
+        click.echo(type_table(first))
         slowest = sorted(first.layers, key=lambda layer: -layer.ms)[:top or None]
         click.echo(f"\n{'slowest layers' if top else 'layers'}:")
         click.echo(table(["layer", "type", "ms", "share"],
                          [[t.name, t.type, f"{t.ms:.3f}", f"{100 * t.ms / first.total_ms:.1f}%"
                            if first.total_ms else "-"] for t in slowest]))
     else:
-        click.echo("\n".join(_profile_header(first, "before: ") + _profile_header(profiles[1], "after:  ")))
-        click.echo(_compare_table(first, profiles[1]))
+        click.echo("\n".join(profile_header(first, "before: ") + profile_header(profiles[1], "after:  ")))
+        click.echo(compare_table(first, profiles[1]))
     labels = ["before", "after"] if len(profiles) == 2 else [first.prototxt.rsplit("/", 1)[-1]]
     if plot_path:
-        plot_by_type(profiles, labels, plot_path)
+        api.plot_by_type(profiles, labels, plot_path)
         click.echo(f"wrote {plot_path}")
     if json_path:
-        caffe_io.atomic_write_bytes(json_path, json.dumps([p.to_json() for p in profiles], indent=2).encode())
+        api.save_profiles(json_path, profiles)
         click.echo(f"wrote {json_path}")
 
 
 def _runtime_latency(nets: Sequence[tuple[str, str | None]], runtime: str, *, plot_path: str | None,
                      json_path: str | None, **timing: Any) -> None:
-    import json
     import statistics
 
-    from deeprebirth.export.latency import latency
-
     if plot_path:
-        raise DeepRebirthError("--plot needs --runtime caffe (the per-layer profile)")
-    times = latency(nets, runtime, **timing)
+        raise api.DeepRebirthError("--plot needs --runtime caffe (the per-layer profile)")
+    times = api.latency(nets, runtime, **timing)
     medians = [statistics.median(t) for t in times]
     click.echo(f"{runtime}: whole forward passes, {timing['threads']} thread(s), median of {timing['rounds']} "
                f"interleaved rounds after {timing['warmup']} warm-up, {timing['clock']} clock"
@@ -342,19 +249,13 @@ def _runtime_latency(nets: Sequence[tuple[str, str | None]], runtime: str, *, pl
     if len(nets) == 2 and medians[1] > 0:
         click.echo(f"speed-up before/after in {runtime}: {medians[0] / medians[1]:.2f}x")
     if json_path:
-        payload = {"runtime": runtime, **timing, "nets": [{"prototxt": p, "weights": w, "times_ms": t, "median_ms": m}
-                                                          for (p, w), t, m in zip(nets, times, medians)]}
-        caffe_io.atomic_write_bytes(json_path, json.dumps(payload, indent=2).encode())
+        api.save_latency(json_path, runtime, timing, nets, times)
         click.echo(f"wrote {json_path}")
 
 
 def _runtime_plan(prototxt: str, weights: str | None, runtime: str, *, json_path: str | None, **timing: Any) -> None:
-    import dataclasses
-    import json
 
-    from deeprebirth.export.runtime_plan import plan_on_runtime
-
-    plan = plan_on_runtime(prototxt, weights, runtime, **timing)
+    plan = api.plan_on_runtime(prototxt, weights, runtime, **timing)
     click.echo(f"{prototxt}{'' if weights else ' (random weights)'}: {plan.original_ms:.2f} ms per forward in "
                f"{runtime} (batch {plan.batch}, {plan.threads} thread(s), median of {plan.rounds} interleaved rounds "
                f"of every variant); each merge applied alone and timed there")
@@ -369,9 +270,7 @@ def _runtime_plan(prototxt: str, weights: str | None, runtime: str, *, json_path
         click.echo(f"{len(losers)} lossy merge(s) save under 1% on {runtime}: re-learning them spends accuracy for "
                    f"nothing there (rewrite --runtime {runtime} --min-gain 1 leaves them out)")
     if json_path:
-        payload = {**dataclasses.asdict(plan), "candidates": [dict(dataclasses.asdict(c), saved_ms=c.saved_ms,
-                                                                   share=plan.share(c)) for c in plan.candidates]}
-        caffe_io.atomic_write_bytes(json_path, json.dumps(payload, indent=2).encode())
+        api.save_runtime_plan(json_path, plan)
         click.echo(f"wrote {json_path}")
 
 
@@ -396,9 +295,7 @@ def _transform(transform_from: str | None, scale: float | None, mean: str | None
                crop: int | None, mirror: bool | None, resize: str | None, rgb: bool) -> Any:
     import dataclasses
 
-    from deeprebirth.data import Transform, transform_from_prototxt
-
-    base = transform_from_prototxt(transform_from, "TRAIN") if transform_from else Transform()
+    base = api.transform_from_prototxt(transform_from, "TRAIN") if transform_from else api.Transform()
     changes: dict[str, Any] = {"rgb": rgb or base.rgb}
     if scale is not None:
         changes["scale"] = scale
@@ -406,7 +303,7 @@ def _transform(transform_from: str | None, scale: float | None, mean: str | None
         try:
             changes["mean"] = tuple(float(v) for v in mean.split(",") if v.strip())
         except ValueError:
-            raise DeepRebirthError(f"--mean {mean!r}: expected numbers separated by commas") from None
+            raise api.DeepRebirthError(f"--mean {mean!r}: expected numbers separated by commas") from None
     if mean_file is not None:
         changes["mean_file"] = mean_file
     if crop is not None:
@@ -417,7 +314,7 @@ def _transform(transform_from: str | None, scale: float | None, mean: str | None
         try:
             height, width = (int(v) for v in resize.lower().split("x"))
         except ValueError:
-            raise DeepRebirthError(f"--resize {resize!r}: expected HEIGHTxWIDTH, e.g. 256x256") from None
+            raise api.DeepRebirthError(f"--resize {resize!r}: expected HEIGHTxWIDTH, e.g. 256x256") from None
         changes["resize"] = (height, width)
     return dataclasses.replace(base, **changes)
 
@@ -441,29 +338,23 @@ def plan_command(prototxt: str, weights: str | None, batch: int | None, threads:
                  transform_from: str | None, scale: float | None, mean: str | None, mean_file: str | None,
                  crop: int | None, mirror: bool | None, resize: str | None, rgb: bool) -> None:
     """List every merge the rules could make in PROTOTXT, with measured time, MACs and memory saved, and risk."""
-    import dataclasses
-    import json
-
-    from deeprebirth.plan import plan_file
 
     if data is not None and weights is None:
-        raise DeepRebirthError("measuring the accuracy risk needs the trained weights (--weights)", file=prototxt)
+        raise api.DeepRebirthError("measuring the accuracy risk needs the trained weights (--weights)", file=prototxt)
     if runtime != "caffe":
         if data is not None:
-            raise DeepRebirthError("--data (accuracy risk) goes with the Caffe plan; leave out --runtime")
+            raise api.DeepRebirthError("--data (accuracy risk) goes with the Caffe plan; leave out --runtime")
         _runtime_plan(prototxt, weights, runtime, rules=rules, batch=batch or 1, threads=threads, rounds=rounds,
                       seed=seed, clock=clock, json_path=json_path)
         return
-    plan = plan_file(prototxt, weights, rules=rules, batch=batch, threads=threads, rounds=rounds, seed=seed,
+    plan = api.plan_file(prototxt, weights, rules=rules, batch=batch, threads=threads, rounds=rounds, seed=seed,
                      clock=clock)
     risks: dict[int, Any] = {}
     if data is not None:
-        from deeprebirth.finetune import FinetuneOptions
-        from deeprebirth.risk import assess
 
         if mirror is None and transform_from is None:
             mirror = True
-        options = FinetuneOptions(budget=risk_budget, seed=seed,
+        options = api.FinetuneOptions(budget=risk_budget, seed=seed,
                                   transform=_transform(transform_from, scale, mean, mean_file, crop, mirror, resize,
                                                        rgb))
         assert weights is not None
@@ -471,7 +362,7 @@ def plan_command(prototxt: str, weights: str | None, batch: int | None, threads:
         def progress(n: int, total: int, candidate: Any) -> None:
             click.echo(f"risk {n}/{total}: {candidate.summary} (a {risk_budget} mimic)", err=True)
 
-        risks = {r.candidate: r for r in assess(prototxt, weights, plan.candidates, data, options,
+        risks = {r.candidate: r for r in api.assess(prototxt, weights, plan.candidates, data, options,
                                                  progress=progress)}
     p = plan.profile
     note = " (no --weights: timed and planned with random weights)" if plan.random_weights else ""
@@ -486,8 +377,8 @@ def plan_command(prototxt: str, weights: str | None, batch: int | None, threads:
                human(c.params_saved), human(c.memory_saved_bytes, "B")]
         if risks:
             r = risks.get(i - 1)
-            row += ["-", "-"] if r is None else [f"{_pct(r.agreement_before)} -> {_pct(r.agreement_after)}",
-                                                 f"{_num(r.output_error_before)} -> {_num(r.output_error_after)}"]
+            row += ["-", "-"] if r is None else [f"{pct(r.agreement_before)} -> {pct(r.agreement_after)}",
+                                                 f"{num(r.output_error_before)} -> {num(r.output_error_after)}"]
         rows.append(row)
     headers = ["#", "rule", "group", "risk", "stage", "at", "removes", "time saved (ms)", "of net", "MACs saved",
                "params saved", "memory saved"]
@@ -511,13 +402,7 @@ def plan_command(prototxt: str, weights: str | None, batch: int | None, threads:
         for rule, skip in plan.skips:
             click.echo(f"  {rule}: {skip.layer}: {skip.reason}")
     if json_path:
-        payload = {"prototxt": plan.prototxt, "random_weights": plan.random_weights, "profile": p.to_json(),
-                   "conv_ms_per_mac": plan.conv_ms_per_mac,
-                   "candidates": [dict(dataclasses.asdict(c), memory_saved_bytes=c.memory_saved_bytes,
-                                       accuracy_risk=dataclasses.asdict(risks[k]) if k in risks else None)
-                                  for k, c in enumerate(plan.candidates)],
-                   "skips": [{"rule": rule, "layer": s.layer, "reason": s.reason} for rule, s in plan.skips]}
-        caffe_io.atomic_write_bytes(json_path, json.dumps(payload, indent=2).encode())
+        api.save_plan(json_path, plan, risks)
         click.echo(f"wrote {json_path}")
 
 
@@ -530,9 +415,8 @@ def plan_command(prototxt: str, weights: str | None, batch: int | None, threads:
 @_user_errors
 def draw_command(prototxt: str, out: str, highlight_from: str | None, phase: str) -> None:
     """Draw PROTOTXT with graphviz into OUT (.svg, .png, .pdf or .dot); merged layers are highlighted."""
-    from deeprebirth.draw import draw_file
 
-    result = draw_file(prototxt, out, highlight_from, phase)
+    result = api.draw_file(prototxt, out, highlight_from, phase)
     shown = result.highlighted[:8]
     more = f" and {len(result.highlighted) - len(shown)} more" if len(result.highlighted) > len(shown) else ""
     merged = f": {', '.join(shown)}{more}" if shown else ""
@@ -564,7 +448,7 @@ class _FinetuneProgress:
             click.echo(f"  learning rate {event.lr:.3g} ({event.solver}): held-out loss {event.loss:.4g}", err=True)
         elif event.event == "evaluate" and event.metrics:
             m = event.metrics
-            parts = [f"{k} {_pct(m[k]) if k in ('accuracy', 'agreement') else _num(m[k])}"
+            parts = [f"{k} {pct(m[k]) if k in ('accuracy', 'agreement') else num(m[k])}"
                      for k in ("accuracy", "agreement", "loss") if k in m]
             click.echo(f"\r  held-out at iteration {event.iteration}: {', '.join(parts)}" + " " * 20, err=True)
         elif event.event == "iteration":
@@ -577,35 +461,6 @@ class _FinetuneProgress:
             left = "" if event.seconds_left is None else f", {max(event.seconds_left, 0) / 60:.1f} min left"
             click.echo(f"\r  [{'#' * filled}{'-' * (width - filled)}] {event.iteration}/{event.iterations} "
                        f"loss {event.loss:.4g}{left}   ", nl=False, err=True)
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
-
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"
-
-
-RULE_LABELS = {"merge_pooling_into_conv": "pool", "merge_lrn_into_conv": "lrn", "merge_inception_branches": "branches",
-               "decompose_conv_tucker": "tucker", "final": "-"}
-
-
-def finetune_table(steps: Sequence[Any]) -> str:
-    def layers(names: Sequence[str]) -> str:
-        return ", ".join(names) if len(names) <= 2 else f"{', '.join(names[:2])} +{len(names) - 2}"
-
-    def change(a: float | None, b: float | None, fmt: Callable[[float | None], str]) -> str:
-        return f"{fmt(a)} -> {fmt(b)}"
-
-    rows = [[f"{s.index}. {s.name if s.rules == ['final'] else layers(s.relearn)}",
-             "+".join(RULE_LABELS.get(r, r) for r in s.rules), s.target, f"{s.lr:.3g} {s.solver}",
-             f"{s.best_iteration}/{s.iterations}", change(s.accuracy_before, s.accuracy_after, _pct),
-             change(s.agreement_before, s.agreement_after, _pct),
-             change(s.error_before, s.error_after, _num), change(s.output_error_before, s.output_error_after, _num),
-             f"{s.seconds:.1f}"] for s in steps]
-    return table(["phase: new layers", "merged", "loss on", "lr", "kept/iters", "held-out top-1", "agrees",
-                  "error at blob", "error at output", "seconds"], rows)
 
 
 @main.command("finetune")
@@ -665,26 +520,24 @@ def finetune_command(original_prototxt: str, original_weights: str, slim_prototx
                      transform_from: str | None, scale: float | None, mean: str | None, mean_file: str | None,
                      crop: int | None, mirror: bool | None, resize: str | None, rgb: bool) -> None:
     """Re-learn SLIM from ORIGINAL on --data within --budget (distillation; see --schedule)."""
-    from deeprebirth.finetune import FinetuneOptions, finetune_files
-    from deeprebirth.train import SolverOptions
 
     if mirror is None and transform_from is None:
         mirror = True  # Caffe's ImageNet recipes flip training images; --no-mirror for data where that is wrong
-    options = FinetuneOptions(
+    options = api.FinetuneOptions(
         mode=mode, schedule=schedule, mimic_at=mimic_at, budget=budget, kd_weight=kd_weight,
         temperature=temperature,
-        batch=batch, solver=SolverOptions(solver, lr, momentum, weight_decay), new_lr_mult=new_lr_mult,
+        batch=batch, solver=api.SolverOptions(solver, lr, momentum, weight_decay), new_lr_mult=new_lr_mult,
         freeze_rest=freeze_rest, resume=resume,
         transform=_transform(transform_from, scale, mean, mean_file, crop, mirror, resize, rgb), val=val,
         holdout=holdout, val_limit=val_limit, seed=seed, max_steps=max_steps, cache_mb=cache_mb, work_dir=work_dir,
         report=json_path)
-    result = finetune_files(original_prototxt, original_weights, slim_prototxt, slim_weights, report_path, data, out,
+    result = api.finetune_files(original_prototxt, original_weights, slim_prototxt, slim_weights, report_path, data, out,
                             options, progress=_FinetuneProgress())
     click.echo("", err=True)
     click.echo(finetune_table(result.steps))
     if result.held_out:
-        click.echo(f"held-out top-1 ({result.held_out} images): original {_pct(result.original_accuracy)}, slim "
-                   f"before fine-tuning {_pct(result.slim_accuracy)}, after {_pct(result.final_accuracy)}")
+        click.echo(f"held-out top-1 ({result.held_out} images): original {pct(result.original_accuracy)}, slim "
+                   f"before fine-tuning {pct(result.slim_accuracy)}, after {pct(result.final_accuracy)}")
     if not result.complete:
         click.echo(f"stopped after {len(result.steps)} of {len(result.planned)} phases; state in {result.work_dir}; "
                    "continue with --resume")
@@ -713,22 +566,18 @@ def evaluate_command(prototxt: str, weights: str, data: str, reference: tuple[st
                      mean: str | None, mean_file: str | None, crop: int | None, mirror: bool | None,
                      resize: str | None, rgb: bool, gpu: int | None) -> None:
     """Top-1 / top-5 accuracy of PROTOTXT + WEIGHTS on --data in real Caffe."""
-    import dataclasses
-    import json
-
-    from deeprebirth.evaluate import evaluate_files
 
     transform = _transform(transform_from, scale, mean, mean_file, crop, mirror, resize, rgb)
-    result = evaluate_files(prototxt, weights, data, reference=tuple(reference) if reference else None,  # type: ignore
+    result = api.evaluate_files(prototxt, weights, data, reference=tuple(reference) if reference else None,  # type: ignore
                             transform=transform, batch=batch, limit=limit, gpu=gpu)
-    rows = [["net", _pct(result.top1), _pct(result.top5), "-"]]
+    rows = [["net", pct(result.top1), pct(result.top5), "-"]]
     if reference:
-        rows.append(["reference", _pct(result.reference_top1), _pct(result.reference_top5), ""])
-        rows[0][3] = _pct(result.agreement)
+        rows.append(["reference", pct(result.reference_top1), pct(result.reference_top5), ""])
+        rows[0][3] = pct(result.agreement)
     click.echo(table(["", "top-1", "top-5", "top-1 agrees with reference"], rows))
     click.echo(f"{result.images} images, {result.classes} classes, {result.seconds:.1f} s")
     if json_path:
-        caffe_io.atomic_write_bytes(json_path, json.dumps(dataclasses.asdict(result), indent=2).encode())
+        api.save_evaluation(json_path, result)
         click.echo(f"wrote {json_path}")
 
 
@@ -754,9 +603,8 @@ def batch_command(zoo_dir: str, out_dir: str, jobs: int | None, timeout: float, 
     Deploy prototxts are paired with the caffemodel of the same stem or the folder's only one; solvers, and
     train_val files beside a deploy net, are listed and skipped. A model that fails (or crashes Caffe, or runs
     past --timeout) is recorded and the batch goes on; a second run skips the models already done."""
-    from deeprebirth.batch import BatchOptions, ModelResult, run_batch
 
-    def progress(row: ModelResult, done: int, total: int) -> None:
+    def progress(row: api.ModelResult, done: int, total: int) -> None:
         if row.status == "skipped":
             return
         detail = row.error or (f"{row.layers_before} -> {row.layers_after} layers" +
@@ -764,9 +612,9 @@ def batch_command(zoo_dir: str, out_dir: str, jobs: int | None, timeout: float, 
         cached = " (done earlier)" if row.cached else ""
         click.echo(f"[{done}/{total}] {row.status}{cached} {row.prototxt} ({row.seconds:.1f} s): {detail}", err=True)
 
-    options = api.preset_options(preset, BatchOptions, jobs=jobs, timeout=timeout, force=force, **settings)
-    assert isinstance(options, BatchOptions)
-    summary = run_batch(zoo_dir, out_dir, options, on_result=progress)
+    options = api.preset_options(preset, api.BatchOptions, jobs=jobs, timeout=timeout, force=force, **settings)
+    assert isinstance(options, api.BatchOptions)
+    summary = api.run_batch(zoo_dir, out_dir, options, on_result=progress)
     rows = [[r.prototxt, r.status + (" (earlier)" if r.cached else ""),
              "" if r.layers_before is None else f"{r.layers_before} -> {r.layers_after}",
              "" if r.macs_before is None else f"{human(r.macs_before)} -> {human(r.macs_after or 0)}",
@@ -806,11 +654,10 @@ def export_command(prototxt: str, caffemodel: str, out: str, to: str | None, ops
                    phase: str) -> None:
     """Export PROTOTXT + CAFFEMODEL to OUT as ONNX, MNN or ncnn (OUT.param + OUT.bin), optionally checked against
     real Caffe in the format's runtime (ONNX Runtime, MNN, ncnn; one thread, fp32)."""
-    from deeprebirth.export.api import ExportOptions, export_files
 
-    options = ExportOptions(to=to, opset=opset, batch=batch, outputs=_split(outputs), check=check,
+    options = api.ExportOptions(to=to, opset=opset, batch=batch, outputs=_split(outputs), check=check,
                             images=api.image_files(images), tolerance=tolerance, seed=seed, phase=phase)
-    result = export_files(prototxt, caffemodel, out, options)
+    result = api.export_files(prototxt, caffemodel, out, options)
 
     def shapes(found: Mapping[str, tuple[int, ...] | None]) -> str:
         return ", ".join(f"{name} {'x'.join(map(str, shape)) if shape else '?'}" for name, shape in found.items())

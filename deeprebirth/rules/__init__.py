@@ -35,4 +35,8 @@ RULES: tuple[Rule, ...] = (
     decompose_conv_tucker.RULE,  # opt-in (group "tucker"): not part of "all"
 )
 
-__all__ = ["RULES", "RULE_OPTIONS", "Change", "Match", "Option", "Rule", "RuleConfig", "Skip"]
+# short names for tables (finetune's "merged" column); "final" is the closing whole-net phase
+RULE_LABELS = {"merge_pooling_into_conv": "pool", "merge_lrn_into_conv": "lrn", "merge_inception_branches": "branches",
+               "decompose_conv_tucker": "tucker", "final": "-"}
+
+__all__ = ["RULES", "RULE_LABELS", "RULE_OPTIONS", "Change", "Match", "Option", "Rule", "RuleConfig", "Skip"]
