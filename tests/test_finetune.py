@@ -182,11 +182,11 @@ def test_a_time_budget_ends_the_run_on_time(nets: dict[str, str], tmp_path: Path
     result = run(nets, tmp_path / "final.caffemodel", options(budget=f"{seconds:g}s", patience=0, schedule="whole",
                                                                solver=SolverOptions("sgd", lr=None)),
                  progress=lambda e: left.append(e.seconds_left) if e.event == "iteration" else None)
-    # never more than 5% late (on a budget this short it may end early: the plan's reserve for evaluations is
-    # measured on the first, costliest one)
-    assert result.complete and result.seconds <= 1.05 * seconds and result.steps[0].iterations > 0, result.seconds
+    # within 5% either way: the plan from a few timed iterations is corrected as the run measures its own pace
+    assert result.complete and abs(result.seconds - seconds) <= 0.05 * seconds, result.seconds
+    assert result.steps[0].iterations > 0
     layerwise = run(nets, tmp_path / "layerwise.caffemodel", options(budget=f"{seconds:g}s", patience=0))
-    assert layerwise.complete and layerwise.seconds <= 1.05 * seconds, layerwise.seconds
+    assert layerwise.complete and abs(layerwise.seconds - seconds) <= 0.05 * seconds, layerwise.seconds
     assert left[0] > left[-1] >= 0  # progress counts the time down
     # searched when the machine is fast enough for it, else Adam (the rescue for SGD's users without a search)
     assert all(s.lr_search or (s.solver, s.lr) == ("adam", 1e-4) for s in result.steps)

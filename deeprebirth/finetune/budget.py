@@ -10,8 +10,10 @@ phase starts: it gets ``remaining × w_i / Σ_{j≥i} w_j``, so time one phase d
 iteration budget is shared up front (each phase at least one iteration).
 
 Within a phase (see ``deeprebirth.finetune.phase``): at most ``SEARCH_SHARE`` of it goes to the learning-rate
-search and about ``EVAL_SHARE`` to held-out evaluations; the rest is training. A phase stops at its deadline; the
-last one plans slightly more iterations than fit, so the run ends on its budget (within 5% in the tests).
+search and about ``EVAL_SHARE`` to held-out evaluations; the rest is training. A phase plans its iterations from a
+few timed ones, then checks its pace a few times on the way and re-plans (the solver's state carries over); it stops
+at its deadline, and the last one plans slightly more iterations than fit, so the run ends on its budget, early or
+late by at most 5% in the tests.
 """
 
 from __future__ import annotations

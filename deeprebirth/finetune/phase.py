@@ -11,7 +11,8 @@ allotment of seconds or iterations, and:
    a BatchNorm-folded ResNet-50 whose merged first conv, reading raw pixels, has gradients 40,000x its weights:
    SGD diverged at every rate, Adam did not), or when there is no search, Adam at 1e-4 is used instead;
 2. **trains** with the winner, decaying linearly to 0 over the iterations that fit in what is left (Caffe's "poly",
-   power 1), on augmented batches (the transform's random crop and mirror);
+   power 1), on augmented batches (the transform's random crop and mirror); under a time budget it measures its
+   pace ``REPLANS`` times on the way and moves the end of the decay to where the deadline really falls;
 3. **evaluates on held-out data** a few times (about ``EVAL_SHARE`` of the allotment) and keeps the best
    checkpoint; it stops early when the held-out score has not improved for ``patience`` evaluations in a row;
 4. stops at its deadline whatever the schedule says, so the run ends on time.
@@ -46,7 +47,9 @@ MOMENTUM_SOLVERS = ("sgd", "nesterov")
 RESCUE = ("adam", 1e-4)  # for SGD's users: without a search, or when every SGD rate diverges
 MIN_PROBE = 3  # fewer iterations per candidate than this say nothing: then no search
 PATIENCE = 3
-LAST_PHASE_PACE = 0.9  # the last phase plans ~11% more iterations than fit: its deadline, not its plan, ends the run
+LAST_PHASE_PACE = 0.97  # the last phase plans ~3% more iterations than fit: its deadline, not its plan, ends the run
+REPLANS = 8  # times a timed phase checks its pace against the deadline ...
+REPLAN_TOLERANCE = 0.03  # ... and re-plans when the iterations that fit differ from the plan by more than this
 MAX_EVALUATIONS = 8
 SEARCH_IMAGES = 256  # held-out images that judge the learning-rate candidates
 Weights = dict[str, list[np.ndarray]]
@@ -196,6 +199,7 @@ class _Trainer:
     def __init__(self, spec: PhaseSpec, data: PhaseData, options: SolverOptions, iterations: int, tag: str,
                  seed: int) -> None:
         self.spec, self.data = spec, data
+        self.options, self.tag, self.seed = options, tag, seed
         self.solver = make_solver(data.work, tag, spec.train_net, options, iterations, seed)
         self.net = self.solver.net
         load_params(self.net, spec.init)
@@ -218,6 +222,20 @@ class _Trainer:
     def read(self) -> Weights:
         return {name: [np.array(b.data, dtype=np.float32) for b in self.net.params[name]]
                 for name in self.spec.learned if name in self.net.params}
+
+    def replan(self, iterations: int) -> None:
+        """Go on towards a new horizon of ``iterations``. Caffe fixes ``max_iter`` when a solver is made, so the
+        solver is snapshotted and restored into one with the new horizon: the iteration count, the momentum (Adam's
+        moments too) and the weights carry over, and the poly rate goes on decaying to 0 at the new end."""
+        work = self.data.work
+        self.solver.snapshot()
+        done = self.solver.iter
+        state, model = (work / f"{self.tag}_iter_{done}.{suffix}" for suffix in ("solverstate", "caffemodel"))
+        self.solver = make_solver(work, self.tag, self.spec.train_net, self.options, iterations, self.seed)
+        self.solver.restore(str(state))
+        self.net = self.solver.net
+        state.unlink()
+        model.unlink()
 
 
 def _time_iterations(trainer: _Trainer) -> float:
@@ -345,29 +363,51 @@ def run_phase(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: A
     since_best = 0
     stopped_early = False
     reserve = eval_seconds  # the last evaluation must fit before the deadline
-    for i in range(iterations):
+    checks = max(evaluations, REPLANS)
+    check_every = max(1, iterations // checks)
+    training_seconds = 0.0
+    i = 0
+    while i < iterations:
         if deadline is not None and time.monotonic() + reserve > deadline:
             break
+        t0 = time.monotonic()
         losses.append(trainer.step())
+        training_seconds += time.monotonic() - t0
+        i += 1
         seconds_left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        notify("iteration", {"iteration": i + 1, "iterations": iterations, "loss": losses[-1],
+        notify("iteration", {"iteration": i, "iterations": iterations, "loss": losses[-1],
                              "seconds_left": seconds_left})
-        last = i + 1 == iterations or (deadline is not None and seconds_per_iter is not None
-                                       and time.monotonic() + reserve + seconds_per_iter > deadline)
-        if evaluate is not None and eval_net is not None and ((i + 1) % every == 0 or last):
+        last = i == iterations or (deadline is not None and seconds_per_iter is not None
+                                   and time.monotonic() + reserve + seconds_per_iter > deadline)
+        if evaluate is not None and eval_net is not None and (i % every == 0 or last):
+            t0 = time.monotonic()
             metrics = evaluate(eval_net)
-            metrics["iteration"] = i + 1
+            reserve = time.monotonic() - t0  # later evaluations cost what this one did (the first built a net)
+            metrics["iteration"] = i
             history.append(metrics)
-            notify("evaluate", {"iteration": i + 1, "metrics": metrics})
+            notify("evaluate", {"iteration": i, "metrics": metrics})
             score = evaluate.score(metrics)
             if best is None or score < best[0]:
-                best = (score, i + 1, trainer.read())
+                best = (score, i, trainer.read())
                 since_best = 0
             else:
                 since_best += 1
                 if data.patience and since_best >= data.patience:
                     stopped_early = True
                     break
+        if deadline is not None and not last and i % check_every == 0:
+            # the plan came from a few timed iterations; the run so far says how many really fit
+            seconds_per_iter = training_seconds / i
+            evaluations_left = max(0, (iterations - i) // every) if evaluate is not None else 0
+            fit = i + (deadline - time.monotonic() - (evaluations_left + 1) * reserve) / seconds_per_iter
+            target = int(fit / LAST_PHASE_PACE if allot.last else fit)
+            if target > i + 1 and abs(target - iterations) > REPLAN_TOLERANCE * iterations:
+                trainer.replan(target)
+                if eval_net is not None:
+                    eval_net.share_with(trainer.net)
+                every = max(1, every * target // iterations)
+                check_every = max(1, check_every * target // iterations)
+                iterations = target
     if best is not None:
         weights, best_iteration = best[2], best[1]
         after = before if best_iteration == 0 else next(m for m in history if m["iteration"] == best_iteration)
