@@ -251,6 +251,13 @@ def _type_table(p: Any) -> str:
                  [[t.type, type_class(t.type), t.layers, f"{t.ms:.2f}", f"{100 * t.share:.1f}%"] for t in p.by_type()])
 
 
+def _slowest_table(p: Any, top: int) -> str:
+    slowest = sorted(p.layers, key=lambda layer: -layer.ms)[:top or None]
+    return f"\n{'slowest layers' if top else 'layers'}:\n" + table(
+        ["layer", "type", "ms", "share"],
+        [[t.name, t.type, f"{t.ms:.3f}", f"{100 * t.ms / p.total_ms:.1f}%" if p.total_ms else "-"] for t in slowest])
+
+
 def _compare_table(a: Any, b: Any) -> str:
     def ratio(x: float, y: float) -> str:
         return f"{x / y:.2f}x" if y else "-"
@@ -319,9 +326,17 @@ def profile_command(prototxt: str, weights: str | None, batch: int | None, threa
     if compare_weights and not compare_prototxt:
         raise DeepRebirthError("--compare-weights needs --compare")
     nets = [(prototxt, weights)] + ([(compare_prototxt, compare_weights)] if compare_prototxt else [])
+    timing: dict[str, Any] = {"batch": batch, "threads": threads, "rounds": rounds, "warmup": warmup, "seed": seed,
+                              "clock": clock}
+    if runtime in ("onnxruntime", "mnn") and not compare_prototxt:
+        _runtime_layers(prototxt, weights, runtime, top=top, plot_path=plot_path, json_path=json_path, **timing)
+        return
     if runtime != "caffe":
-        _runtime_latency(nets, runtime, batch=batch, threads=threads, rounds=rounds, warmup=warmup, seed=seed,
-                         clock=clock, plot_path=plot_path, json_path=json_path)
+        _runtime_latency(nets, runtime, plot_path=plot_path, json_path=json_path, **timing)
+        if not compare_prototxt:
+            from deeprebirth.export.layer_times import NOT_LAYER_TIMED
+
+            click.echo(f"no per-layer times in {runtime}: {NOT_LAYER_TIMED[runtime]}")
         return
     profiles = [profile_net(path, model, batch=batch, threads=threads, rounds=rounds, warmup=warmup, seed=seed,
                             clock=clock, gpu=gpu) for path, model in nets]
@@ -329,11 +344,7 @@ def profile_command(prototxt: str, weights: str | None, batch: int | None, threa
     if len(profiles) == 1:
         click.echo("\n".join(_profile_header(first)))
         click.echo(_type_table(first))
-        slowest = sorted(first.layers, key=lambda layer: -layer.ms)[:top or None]
-        click.echo(f"\n{'slowest layers' if top else 'layers'}:")
-        click.echo(table(["layer", "type", "ms", "share"],
-                         [[t.name, t.type, f"{t.ms:.3f}", f"{100 * t.ms / first.total_ms:.1f}%"
-                           if first.total_ms else "-"] for t in slowest]))
+        click.echo(_slowest_table(first, top))
     else:
         click.echo("\n".join(_profile_header(first, "before: ") + _profile_header(profiles[1], "after:  ")))
         click.echo(_compare_table(first, profiles[1]))
@@ -343,6 +354,23 @@ def profile_command(prototxt: str, weights: str | None, batch: int | None, threa
         click.echo(f"wrote {plot_path}")
     if json_path:
         caffe_io.atomic_write_bytes(json_path, json.dumps([p.to_json() for p in profiles], indent=2).encode())
+        click.echo(f"wrote {json_path}")
+
+
+def _runtime_layers(prototxt: str, weights: str | None, runtime: str, *, top: int, plot_path: str | None,
+                    json_path: str | None, **timing: Any) -> None:
+    import json
+
+    from deeprebirth.export.layer_times import profile_on_runtime
+
+    if plot_path:
+        raise DeepRebirthError("--plot needs --runtime caffe (the per-layer profile)")
+    p = profile_on_runtime(prototxt, weights, runtime, **timing)
+    click.echo("\n".join(p.describe()))
+    click.echo(_type_table(p))
+    click.echo(_slowest_table(p, top))
+    if json_path:
+        caffe_io.atomic_write_bytes(json_path, json.dumps(p.to_json(), indent=2).encode())
         click.echo(f"wrote {json_path}")
 
 
