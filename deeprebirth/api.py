@@ -119,6 +119,10 @@ def _runtime_exclusions(prototxt: PathLike, weights: PathLike | None, options: R
     notes = [f"not applied: {c.rule} at '{c.layers[0]}' saves {100 * plan.share(c):.1f}% of the net's time on "
              f"{plan.runtime} (< {options.min_gain:g}%): a lossy merge that does not pay there is accuracy spent "
              "for nothing" for c in dropped]
+    notes.append(f"runtime plan on {plan.runtime}: noise floor {100 * plan.noise:.1f}% of the net's time (identical "
+                 "copies measured that far apart)" + ("" if 100 * plan.noise < options.min_gain else
+                 f", over --min-gain {options.min_gain:g}%: only merges that surely save less were left out (a "
+                 "quieter machine or more rounds resolves more)"))
     return exclude + [n for n in names if n not in exclude], notes
 
 

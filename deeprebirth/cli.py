@@ -410,17 +410,19 @@ def _runtime_plan(prototxt: str, weights: str | None, runtime: str, *, json_path
     plan = plan_on_runtime(prototxt, weights, runtime, **timing)
     click.echo(f"{prototxt}{'' if weights else ' (random weights)'}: {plan.original_ms:.2f} ms per forward in "
                f"{runtime} (batch {plan.batch}, {plan.threads} thread(s), median of {plan.rounds} interleaved rounds "
-               f"of every variant); each merge applied alone and timed there")
+               f"of every variant); each merge applied alone and timed there; noise floor {100 * plan.noise:.1f}% "
+               f"(identical copies of the net measured that far apart)")
     rows = []
     for i, c in enumerate(plan.candidates, 1):
         share = 100 * plan.share(c)
-        verdict = "pays" if c.risk == "exact" or share >= 1.0 else "does not pay"
+        verdict = ("pays" if c.risk == "exact" or share >= 1.0 else
+                   "does not pay" if plan.surely_below(c, 1.0) else "within noise")
         rows.append([i, c.rule, c.risk, c.stage, c.layers[0], f"{c.saved_ms:.2f}", f"{share:.1f}%", verdict])
     click.echo(table(["#", "rule", "risk", "stage", "at", f"saved on {runtime} (ms)", "of net", ""], rows))
-    losers = [c for c in plan.candidates if c.risk == "lossy" and plan.share(c) < 0.01]
+    losers = [c for c in plan.candidates if c.risk == "lossy" and plan.surely_below(c, 1.0)]
     if losers:
-        click.echo(f"{len(losers)} lossy merge(s) save under 1% on {runtime}: re-learning them spends accuracy for "
-                   f"nothing there (rewrite --runtime {runtime} --min-gain 1 leaves them out)")
+        click.echo(f"{len(losers)} lossy merge(s) save under 1% on {runtime} even allowing for the noise: re-learning "
+                   f"them spends accuracy for nothing there (rewrite --runtime {runtime} --min-gain 1 leaves them out)")
     if json_path:
         payload = {**dataclasses.asdict(plan), "candidates": [dict(dataclasses.asdict(c), saved_ms=c.saved_ms,
                                                                    share=plan.share(c)) for c in plan.candidates]}
