@@ -80,3 +80,15 @@ def test_plan_measures_its_own_noise_floor(model: tuple[str, str]) -> None:
     plan = plan_on_runtime(*model, "mnn", rounds=3, warmup=1)
     # identical copies of the net: their spread is measured, not assumed (never exactly 0 on a real clock)
     assert 0.0 < plan.noise < 1.0
+
+
+def test_exclusions_never_block_a_merge_that_stays() -> None:
+    # GoogLeNet's shape: the LRN merge runs through pool1 (conv1 -> pool1 -> norm1), so excluding pool1 because
+    # the pooling merge saves little would silently block the LRN merge as well
+    pool = candidate("merge_pooling_into_conv", "lossy", ("pool1", "conv1", "conv1_relu"), ["pool1", "conv1"], 0.0)
+    pool.eliminated = ["pool1"]
+    lrn = candidate("merge_lrn_into_conv", "lossy", ("norm1", "conv1", "conv1_relu", "pool1"), ["norm1"], 4.0)
+    lrn.eliminated = ["norm1"]
+    plan = RuntimePlan("net", "onnxruntime", 1, 1, 3, 10.0, [pool, lrn])
+    assert exclusions(plan, 1.0) == ([], [])
+    assert exclusions(plan, 50.0)[0] == ["pool1", "norm1"]  # both below: both left out
