@@ -318,7 +318,8 @@ def profile_command(prototxt: str, weights: str | None, batch: int | None, threa
                     compare_prototxt: str | None, compare_weights: str | None, plot_path: str | None,
                     json_path: str | None, top: int, clock: str, seed: int, runtime: str, gpu: int | None) -> None:
     """Time every layer of PROTOTXT in real Caffe: per layer, per type, the non-tensor share, and memory; or, with
-    --runtime, whole forward passes in another runtime (interleaved with --compare's net)."""
+    --runtime, in another runtime: per layer in ONNX Runtime and MNN (their own per-op times), whole forward passes
+    elsewhere and with --compare (interleaved with --compare's net)."""
     import json
 
     from deeprebirth.profile import plot_by_type, profile_net
