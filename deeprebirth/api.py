@@ -208,6 +208,10 @@ def _runtime_exclusions(prototxt: PathLike, weights: PathLike | None, options: R
     notes = [f"not applied: {c.rule} at '{c.layers[0]}' saves {100 * plan.share(c):.1f}% of the net's time on "
              f"{plan.runtime} (< {options.min_gain:g}%): a lossy merge that does not pay there is accuracy spent "
              "for nothing" for c in dropped]
+    notes.append(f"runtime plan on {plan.runtime}: noise floor {100 * plan.noise:.1f}% of the net's time (identical "
+                 "copies measured that far apart)" + ("" if 100 * plan.noise < options.min_gain else
+                 f", over --min-gain {options.min_gain:g}%: only merges that surely save less were left out (a "
+                 "quieter machine or more rounds resolves more)"))
     return exclude + [n for n in names if n not in exclude], notes
 
 
@@ -340,6 +344,11 @@ def save_latency(path: PathLike, runtime: str, timing: dict[str, Any], nets: Seq
                                for (p, w), t in zip(nets, times)]})
 
 
+def save_runtime_profile(path: PathLike, profile: Any) -> None:
+    """``profile --runtime onnxruntime|mnn --json``: the runtime's own per-layer times."""
+    _save_json(path, profile.to_json())
+
+
 def save_runtime_plan(path: PathLike, plan: Any) -> None:
     """``plan --runtime R --json``: the plan, with each candidate's time saved and share of the net."""
     from dataclasses import asdict
@@ -373,6 +382,7 @@ def save_evaluation(path: PathLike, result: Any) -> None:
 _ELSEWHERE = {
     "deeprebirth.profile": ("plot_by_type", "profile_net", "type_class"),
     "deeprebirth.export.latency": ("latency",),
+    "deeprebirth.export.layer_times": ("NOT_LAYER_TIMED", "profile_on_runtime"),
     "deeprebirth.export.runtime_plan": ("plan_on_runtime",),
     "deeprebirth.export.api": ("ExportOptions", "export_files"),
     "deeprebirth.data": ("Transform", "transform_from_prototxt"),

@@ -19,6 +19,7 @@ from deeprebirth.cli_render import (
     pct,
     profile_header,
     render_report,
+    slowest_table,
     table,
     type_table,
 )
@@ -199,14 +200,21 @@ def profile_command(prototxt: str, weights: str | None, batch: int | None, threa
                     compare_prototxt: str | None, compare_weights: str | None, plot_path: str | None,
                     json_path: str | None, top: int, clock: str, seed: int, runtime: str, gpu: int | None) -> None:
     """Time every layer of PROTOTXT in real Caffe: per layer, per type, the non-tensor share, and memory; or, with
-    --runtime, whole forward passes in another runtime (interleaved with --compare's net)."""
+    --runtime, in another runtime: per layer in ONNX Runtime and MNN (their own per-op times), whole forward passes
+    elsewhere and with --compare (interleaved with --compare's net)."""
 
     if compare_weights and not compare_prototxt:
         raise api.DeepRebirthError("--compare-weights needs --compare")
     nets = [(prototxt, weights)] + ([(compare_prototxt, compare_weights)] if compare_prototxt else [])
+    timing: dict[str, Any] = {"batch": batch, "threads": threads, "rounds": rounds, "warmup": warmup, "seed": seed,
+                              "clock": clock}
+    if runtime in ("onnxruntime", "mnn") and not compare_prototxt:
+        _runtime_layers(prototxt, weights, runtime, top=top, plot_path=plot_path, json_path=json_path, **timing)
+        return
     if runtime != "caffe":
-        _runtime_latency(nets, runtime, batch=batch, threads=threads, rounds=rounds, warmup=warmup, seed=seed,
-                         clock=clock, plot_path=plot_path, json_path=json_path)
+        _runtime_latency(nets, runtime, plot_path=plot_path, json_path=json_path, **timing)
+        if not compare_prototxt:
+            click.echo(f"no per-layer times in {runtime}: {api.NOT_LAYER_TIMED[runtime]}")
         return
     profiles = [api.profile_net(path, model, batch=batch, threads=threads, rounds=rounds, warmup=warmup, seed=seed,
                             clock=clock, gpu=gpu) for path, model in nets]
@@ -214,11 +222,7 @@ def profile_command(prototxt: str, weights: str | None, batch: int | None, threa
     if len(profiles) == 1:
         click.echo("\n".join(profile_header(first)))
         click.echo(type_table(first))
-        slowest = sorted(first.layers, key=lambda layer: -layer.ms)[:top or None]
-        click.echo(f"\n{'slowest layers' if top else 'layers'}:")
-        click.echo(table(["layer", "type", "ms", "share"],
-                         [[t.name, t.type, f"{t.ms:.3f}", f"{100 * t.ms / first.total_ms:.1f}%"
-                           if first.total_ms else "-"] for t in slowest]))
+        click.echo(slowest_table(first, top))
     else:
         click.echo("\n".join(profile_header(first, "before: ") + profile_header(profiles[1], "after:  ")))
         click.echo(compare_table(first, profiles[1]))
@@ -228,6 +232,19 @@ def profile_command(prototxt: str, weights: str | None, batch: int | None, threa
         click.echo(f"wrote {plot_path}")
     if json_path:
         api.save_profiles(json_path, profiles)
+        click.echo(f"wrote {json_path}")
+
+
+def _runtime_layers(prototxt: str, weights: str | None, runtime: str, *, top: int, plot_path: str | None,
+                    json_path: str | None, **timing: Any) -> None:
+    if plot_path:
+        raise api.DeepRebirthError("--plot needs --runtime caffe (the per-layer profile)")
+    p = api.profile_on_runtime(prototxt, weights, runtime, **timing)
+    click.echo("\n".join(p.describe()))
+    click.echo(type_table(p))
+    click.echo(slowest_table(p, top))
+    if json_path:
+        api.save_runtime_profile(json_path, p)
         click.echo(f"wrote {json_path}")
 
 
@@ -258,17 +275,19 @@ def _runtime_plan(prototxt: str, weights: str | None, runtime: str, *, json_path
     plan = api.plan_on_runtime(prototxt, weights, runtime, **timing)
     click.echo(f"{prototxt}{'' if weights else ' (random weights)'}: {plan.original_ms:.2f} ms per forward in "
                f"{runtime} (batch {plan.batch}, {plan.threads} thread(s), median of {plan.rounds} interleaved rounds "
-               f"of every variant); each merge applied alone and timed there")
+               f"of every variant); each merge applied alone and timed there; noise floor {100 * plan.noise:.1f}% "
+               f"(identical copies of the net measured that far apart)")
     rows = []
     for i, c in enumerate(plan.candidates, 1):
         share = 100 * plan.share(c)
-        verdict = "pays" if c.risk == "exact" or share >= 1.0 else "does not pay"
+        verdict = ("pays" if c.risk == "exact" or share >= 1.0 else
+                   "does not pay" if plan.surely_below(c, 1.0) else "within noise")
         rows.append([i, c.rule, c.risk, c.stage, c.layers[0], f"{c.saved_ms:.2f}", f"{share:.1f}%", verdict])
     click.echo(table(["#", "rule", "risk", "stage", "at", f"saved on {runtime} (ms)", "of net", ""], rows))
-    losers = [c for c in plan.candidates if c.risk == "lossy" and plan.share(c) < 0.01]
+    losers = [c for c in plan.candidates if c.risk == "lossy" and plan.surely_below(c, 1.0)]
     if losers:
-        click.echo(f"{len(losers)} lossy merge(s) save under 1% on {runtime}: re-learning them spends accuracy for "
-                   f"nothing there (rewrite --runtime {runtime} --min-gain 1 leaves them out)")
+        click.echo(f"{len(losers)} lossy merge(s) save under 1% on {runtime} even allowing for the noise: re-learning "
+                   f"them spends accuracy for nothing there (rewrite --runtime {runtime} --min-gain 1 leaves them out)")
     if json_path:
         api.save_runtime_plan(json_path, plan)
         click.echo(f"wrote {json_path}")

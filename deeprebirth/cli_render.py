@@ -79,6 +79,14 @@ def type_table(p: Any) -> str:
                  [[t.type, api.type_class(t.type), t.layers, f"{t.ms:.2f}", f"{100 * t.share:.1f}%"] for t in p.by_type()])
 
 
+def slowest_table(p: Any, top: int) -> str:
+    """The ``top`` slowest layers of a profile (every layer when ``top`` is 0)."""
+    slowest = sorted(p.layers, key=lambda layer: -layer.ms)[:top or None]
+    return f"\n{'slowest layers' if top else 'layers'}:\n" + table(
+        ["layer", "type", "ms", "share"],
+        [[t.name, t.type, f"{t.ms:.3f}", f"{100 * t.ms / p.total_ms:.1f}%" if p.total_ms else "-"] for t in slowest])
+
+
 def compare_table(a: Any, b: Any) -> str:
     def ratio(x: float, y: float) -> str:
         return f"{x / y:.2f}x" if y else "-"

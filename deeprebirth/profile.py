@@ -46,11 +46,14 @@ UNCOUNTED_TYPES = frozenset({"Input"})  # neither tensor nor non-tensor: they do
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
+RUNTIME_OP = "runtime:"  # type prefix of ops a runtime adds on its own (layout reorders): no Caffe layer's work
+
+
 def type_class(layer_type: str) -> str:
     """'tensor', 'non-tensor' or 'other' (the paper's split; Input layers do no work and count as neither)."""
     if layer_type in TENSOR_TYPES:
         return "tensor"
-    return "other" if layer_type in UNCOUNTED_TYPES else "non-tensor"
+    return "other" if layer_type in UNCOUNTED_TYPES or layer_type.startswith(RUNTIME_OP) else "non-tensor"
 
 
 @dataclass
@@ -66,6 +69,16 @@ class TypeTime:
     layers: int
     ms: float
     share: float  # of the summed per-layer time
+
+
+def by_type(layers: Sequence[LayerTime]) -> list[TypeTime]:
+    """Per layer type, slowest first; shares of the summed per-layer time."""
+    sums: dict[str, list[float]] = {}
+    for layer in layers:
+        sums.setdefault(layer.type, []).append(layer.ms)
+    total = sum(layer.ms for layer in layers)
+    rows = [TypeTime(t, len(v), sum(v), sum(v) / total if total > 0 else 0.0) for t, v in sums.items()]
+    return sorted(rows, key=lambda row: (-row.ms, row.type))
 
 
 @dataclass
@@ -108,13 +121,7 @@ class NetProfile:
         return non_tensor / (tensor + non_tensor) if tensor + non_tensor > 0 else 0.0
 
     def by_type(self) -> list[TypeTime]:
-        """Per layer type, slowest first."""
-        sums: dict[str, list[float]] = {}
-        for layer in self.layers:
-            sums.setdefault(layer.type, []).append(layer.ms)
-        total = self.total_ms
-        rows = [TypeTime(t, len(v), sum(v), sum(v) / total if total > 0 else 0.0) for t, v in sums.items()]
-        return sorted(rows, key=lambda row: (-row.ms, row.type))
+        return by_type(self.layers)
 
     def times(self) -> dict[str, float]:
         return {layer.name: layer.ms for layer in self.layers}

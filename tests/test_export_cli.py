@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,45 @@ def test_profile_runtime_without_weights_and_refusals(model: tuple[str, str], tm
     assert "random weights" in out
     code, _, err = run("profile", model[0], "--runtime", "mnn", "--plot", str(tmp_path / "p.png"))
     assert_one_line_error(code, err, "--plot needs --runtime caffe")
+
+
+def test_model_the_runtime_refuses_is_one_line_and_no_output(model: tuple[str, str], tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    ort = pytest.importorskip("onnxruntime")
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : Load model failed\nsecond line")
+
+    monkeypatch.setattr(ort, "InferenceSession", refuse)
+    for out in ("net.onnx", "net.mnn"):  # MNN: the check's ONNX Runtime is not involved, so this one passes
+        code, _, err = run("export", *model, str(tmp_path / out), "--check", "1")
+        if out == "net.onnx":
+            assert_one_line_error(code, err, "ONNX Runtime refused the model", "INVALID_GRAPH", "net.onnx")
+            assert not list(tmp_path.iterdir())  # made and checked in a staging folder: nothing left behind
+        else:
+            assert code == 0, err
+            assert [p.name for p in tmp_path.iterdir()] == ["net.mnn"]
+
+
+def shadow_onnxruntime(folder: Path, body: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ``onnxruntime`` found before the real one by the timing worker (a child process)."""
+    (folder / "onnxruntime").mkdir(parents=True)
+    (folder / "onnxruntime" / "__init__.py").write_text(body)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p))
+
+
+@pytest.mark.parametrize("body, message", [
+    ("raise ImportError(\"No module named 'onnxruntime'\")\n", "onnxruntime package is not installed"),
+    (("class SessionOptions:\n    pass\n\n\ndef InferenceSession(*args, **kwargs):\n"
+      "    raise RuntimeError('INVALID_GRAPH : Load model failed')\n"), "ONNX Runtime refused the model"),
+])
+@pytest.mark.parametrize("compare", [False, True])
+def test_profile_in_a_runtime_missing_or_refusing(body: str, message: str, compare: bool, model: tuple[str, str],
+                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shadow_onnxruntime(tmp_path / "shadow", body, monkeypatch)
+    report = tmp_path / "times.json"
+    args = ["profile", model[0], "--weights", model[1], "--runtime", "onnxruntime", "--rounds", "1",
+            "--json", str(report), *(["--compare", model[0]] if compare else [])]
+    code, out, err = run(*args)
+    assert_one_line_error(code, err, message)
+    assert not report.exists() and "ms" not in out  # no partial output, no numbers

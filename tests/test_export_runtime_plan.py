@@ -63,3 +63,32 @@ def test_plan_and_rewrite_with_runtime_cli(model: tuple[str, str], tmp_path: Pat
     assert {c["rule"] for c in report["changes"]} == {"eliminate_dropout"}  # no lossy merge pays 1000%
     assert any("not applied: merge_pooling_into_conv" in w and "accuracy spent for nothing" in w
                for w in report["warnings"])
+
+
+def test_exclusions_leave_nothing_to_noise() -> None:
+    # a plan on a busy machine: identical copies of the net measured 5% apart, so a merge measured to save 0.5%
+    # (or to cost 2%) may well save 3%: it is kept; one measured to cost 8% surely saves under 1%
+    merges = [candidate("merge_pooling_into_conv", "lossy", (f"conv{i}", f"pool{i}"), [f"pool{i}"], saved)
+              for i, saved in enumerate((0.05, -0.2, -0.8))]
+    plan = RuntimePlan("net", "mnn", 1, 1, 3, 10.0, merges, noise=0.05)
+    names, dropped = exclusions(plan, 1.0)
+    assert names == ["pool2"] and len(dropped) == 1
+    assert exclusions(RuntimePlan("net", "mnn", 1, 1, 3, 10.0, merges), 1.0)[0] == ["pool0", "pool1", "pool2"]
+
+
+def test_plan_measures_its_own_noise_floor(model: tuple[str, str]) -> None:
+    plan = plan_on_runtime(*model, "mnn", rounds=3, warmup=1)
+    # identical copies of the net: their spread is measured, not assumed (never exactly 0 on a real clock)
+    assert 0.0 < plan.noise < 1.0
+
+
+def test_exclusions_never_block_a_merge_that_stays() -> None:
+    # GoogLeNet's shape: the LRN merge runs through pool1 (conv1 -> pool1 -> norm1), so excluding pool1 because
+    # the pooling merge saves little would silently block the LRN merge as well
+    pool = candidate("merge_pooling_into_conv", "lossy", ("pool1", "conv1", "conv1_relu"), ["pool1", "conv1"], 0.0)
+    pool.eliminated = ["pool1"]
+    lrn = candidate("merge_lrn_into_conv", "lossy", ("norm1", "conv1", "conv1_relu", "pool1"), ["norm1"], 4.0)
+    lrn.eliminated = ["norm1"]
+    plan = RuntimePlan("net", "onnxruntime", 1, 1, 3, 10.0, [pool, lrn])
+    assert exclusions(plan, 1.0) == ([], [])
+    assert exclusions(plan, 50.0)[0] == ["pool1", "norm1"]  # both below: both left out

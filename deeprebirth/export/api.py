@@ -104,21 +104,29 @@ def export_files(prototxt: PathLike, caffemodel: PathLike, out: PathLike,
         raise DeepRebirthError("the net has no Input layer (or net-level inputs)", file=str(prototxt))
     out_blobs = output_blobs(graph, options.outputs)
     outputs = {graph.caffe_name(b): shapes[b] for b in out_blobs}
-    nodes = None
-    if fmt in ("onnx", "ncnn"):
-        nodes = _write_onnx_or_ncnn(graph, fmt, out, options.opset, options.outputs, inputs, outputs)
-    else:
-        from deeprebirth.export.mnn import caffe_to_mnn
+    folder = Path(out).parent
+    if not folder.is_dir():
+        raise DeepRebirthError("output folder does not exist", file=str(out))
+    # the model is made and checked in a staging folder next to OUT and moved into place only then, so a runtime
+    # that refuses it (or a converter or Caffe that fails half-way) leaves no partial output
+    with tempfile.TemporaryDirectory(prefix=".deeprebirth-export-", dir=folder) as stage:
+        staged = Path(stage) / Path(out).name
+        nodes = None
+        if fmt in ("onnx", "ncnn"):
+            nodes = _write_onnx_or_ncnn(graph, fmt, staged, options.opset, options.outputs, inputs, outputs)
+        else:
+            from deeprebirth.export.mnn import caffe_to_mnn
 
-        with tempfile.TemporaryDirectory(prefix="deeprebirth-export-") as tmp:
-            proto, weights = Path(tmp) / "net.prototxt", Path(tmp) / "net.caffemodel"
+            proto, weights = Path(stage) / "net.prototxt", Path(stage) / "net.caffemodel"
             save_model(graph, proto, weights)
-            caffe_to_mnn(proto, weights, out)
-    check = None
-    if options.check or options.images:
-        feeds = export_feeds(inputs, options.check, options.images, options.seed)
-        check = check_export(prototxt, caffemodel, RUNTIME_OF[fmt], out, outputs,
-                             feeds, options.tolerance)
+            caffe_to_mnn(proto, weights, staged)
+        check = None
+        if options.check or options.images:
+            feeds = export_feeds(inputs, options.check, options.images, options.seed)
+            check = check_export(prototxt, caffemodel, RUNTIME_OF[fmt], staged, outputs,
+                                 feeds, options.tolerance)
+        for made, target in zip(model_files(RUNTIME_OF[fmt], staged), files):
+            os.replace(made, target)
     return ExportResult(fmt, files, inputs, outputs, nodes, check)
 
 

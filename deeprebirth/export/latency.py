@@ -70,6 +70,13 @@ def exported_latency(pairs: Sequence[tuple[PathLike, PathLike]], runtime: str, f
         models.append({"path": str(folder / f"net{i}{suffix}"), "inputs": result.inputs, "outputs": result.outputs})
     request = {"runtime": runtime, "models": models, "threads": threads, "rounds": rounds, "warmup": warmup,
                "seed": seed, "clock": clock}
+    times: list[list[float]] = run_worker(request, folder)["times_ms"]
+    return times
+
+
+def run_worker(request: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Run ``request`` in a fresh ``python -m deeprebirth.export.latency`` limited to ``request["threads"]``."""
+    runtime, threads = request["runtime"], request["threads"]
     request_path, result_path = folder / "request.json", folder / "result.json"
     request_path.write_text(json.dumps(request))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
@@ -83,8 +90,7 @@ def exported_latency(pairs: Sequence[tuple[PathLike, PathLike]], runtime: str, f
     found: dict[str, Any] = json.loads(result_path.read_text())
     if "error" in found:
         raise DeepRebirthError(found["error"])
-    times: list[list[float]] = found["times_ms"]
-    return times
+    return found
 
 
 def _work(request: dict[str, Any]) -> dict[str, Any]:
@@ -118,7 +124,12 @@ def _worker_main(argv: Sequence[str]) -> int:
     request_path, result_path = argv
     request = json.loads(Path(request_path).read_text())
     try:
-        result = _work(request)
+        if request.get("job") == "layers":
+            from deeprebirth.export.layer_times import work_layers
+
+            result = work_layers(request)
+        else:
+            result = _work(request)
     except DeepRebirthError as err:
         result = {"error": str(err)}
     except Exception as err:  # noqa: BLE001 - any failure becomes one line for the caller

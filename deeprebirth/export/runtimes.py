@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -44,27 +45,42 @@ def require_installed(module: str, package: str | None = None) -> None:
         raise DeepRebirthError(f"the {package or module} package is not installed: {INSTALL_HINT}")
 
 
+OpTimes = list[tuple[str, str, float]]  # (runtime op name, op type, ms) in execution order
+
+
 class Session:
-    """One loaded model; ``run`` takes Caffe-named feeds and returns Caffe-named outputs."""
+    """One loaded model; ``run`` takes Caffe-named feeds and returns Caffe-named outputs. Where the runtime times
+    its own ops: MNN's ``run_ops(feed, clock)`` runs once and returns every op's time by ``clock`` (s); ONNX Runtime opened with ``profile``
+    records a trace of every run, and ``end_profiling`` writes it and returns its path."""
 
-    def __init__(self, run: Callable[[Feed], dict[str, np.ndarray]]) -> None:
+    def __init__(self, run: Callable[[Feed], dict[str, np.ndarray]], run_ops: Callable[[Feed, Callable[[], float]], OpTimes] | None = None,
+                 end_profiling: Callable[[], str] | None = None) -> None:
         self.run = run
+        self.run_ops = run_ops
+        self.end_profiling = end_profiling
 
 
-def open_session(runtime: str, path: str | os.PathLike[str], outputs: Mapping[str, Shape | None], threads: int = 1) -> Session:
-    """Load ``path`` (a .onnx, a .mnn, or the prefix of an ncnn .param/.bin pair) in ``runtime``."""
-    opener = {"onnxruntime": _onnxruntime, "mnn": _mnn, "ncnn": _ncnn}.get(runtime)
+def open_session(runtime: str, path: str | os.PathLike[str], outputs: Mapping[str, Shape | None], threads: int = 1,
+                 profile: str | None = None) -> Session:
+    """Load ``path`` (a .onnx, a .mnn, or the prefix of an ncnn .param/.bin pair) in ``runtime``; ``profile``:
+    ONNX Runtime's trace file prefix (the other runtimes ignore it)."""
+    if runtime == "onnxruntime":
+        return _onnxruntime(str(path), outputs, threads, profile)
+    opener = {"mnn": _mnn, "ncnn": _ncnn}.get(runtime)
     if opener is None:
         raise DeepRebirthError(f"unknown runtime {runtime!r} ({', '.join(RUNTIMES)})")
     return opener(str(path), outputs, threads)
 
 
-def _onnxruntime(path: str, outputs: Mapping[str, Shape | None], threads: int) -> Session:
+def _onnxruntime(path: str, outputs: Mapping[str, Shape | None], threads: int, profile: str | None = None) -> Session:
     ort = require("onnxruntime")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if profile is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile
     try:
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001 - ORT raises its own exception types for models it refuses
@@ -74,7 +90,7 @@ def _onnxruntime(path: str, outputs: Mapping[str, Shape | None], threads: int) -
     def run(feed: Feed) -> dict[str, np.ndarray]:
         return dict(zip(names, session.run(names, feed)))
 
-    return Session(run)
+    return Session(run, end_profiling=session.end_profiling if profile is not None else None)
 
 
 def _mnn(path: str, outputs: Mapping[str, Shape | None], threads: int) -> Session:
@@ -86,7 +102,7 @@ def _mnn(path: str, outputs: Mapping[str, Shape | None], threads: int) -> Sessio
         raise DeepRebirthError("MNN could not create a session for the model", file=path)
     shapes: dict[str, Shape] = {}
 
-    def run(feed: Feed) -> dict[str, np.ndarray]:
+    def put(feed: Feed) -> None:
         for name, array in feed.items():
             tensor = interpreter.getSessionInput(session, name)
             if shapes.get(name) != array.shape:
@@ -95,6 +111,9 @@ def _mnn(path: str, outputs: Mapping[str, Shape | None], threads: int) -> Sessio
                 shapes[name] = array.shape
             data = np.ascontiguousarray(array, dtype=np.float32)
             tensor.copyFrom(mnn.Tensor(array.shape, mnn.Halide_Type_Float, data, mnn.Tensor_DimensionType_Caffe))
+
+    def run(feed: Feed) -> dict[str, np.ndarray]:
+        put(feed)
         interpreter.runSession(session)
         found = {}
         for name in outputs:
@@ -109,7 +128,26 @@ def _mnn(path: str, outputs: Mapping[str, Shape | None], threads: int) -> Sessio
             found[name] = np.array(host.getNumpyData(), dtype=np.float32).reshape(shape)
         return found
 
-    return Session(run)
+    def run_ops(feed: Feed, clock: Callable[[], float] = time.perf_counter) -> OpTimes:
+        # the clock starts as the begin callback returns and stops as the end callback is entered, so each op's
+        # time holds only the pybind11 crossing (about a microsecond) besides the op itself
+        put(feed)
+        times: OpTimes = []
+        started = [0.0]
+
+        def begin(_tensors: Any, _info: Any) -> bool:
+            started[0] = clock()
+            return True
+
+        def end(_tensors: Any, info: Any) -> bool:
+            elapsed = clock() - started[0]
+            times.append((info.getName(), info.getType(), elapsed * 1e3))
+            return True
+
+        interpreter.runSessionWithCallBackInfo(session, begin, end)
+        return times
+
+    return Session(run, run_ops)
 
 
 def _ncnn(path: str, outputs: Mapping[str, Shape | None], threads: int) -> Session:
