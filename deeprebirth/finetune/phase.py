@@ -109,6 +109,7 @@ class PhaseData:
     seed: int
     cache_bytes: float
     patience: int = PATIENCE  # 0: never stop early
+    shuffle: bool = True  # False: the training images in their order (as Caffe reads an LMDB)
 
 
 class Evaluator:
@@ -196,11 +197,14 @@ class _Trainer:
     def __init__(self, spec: PhaseSpec, data: PhaseData, options: SolverOptions, iterations: int, tag: str,
                  seed: int) -> None:
         self.spec, self.data = spec, data
-        self.solver = make_solver(data.work, tag, spec.train_net, options, iterations, seed)
+        # Caffe's own seed (Dropout, the fillers) is the run's --seed for the phase's training (``seed`` 0), as in
+        # the phase's exported solver
+        self.solver = make_solver(data.work, tag, spec.train_net, options, iterations, data.seed + seed)
         self.net = self.solver.net
         load_params(self.net, spec.init)
         rng = np.random.default_rng([data.seed, spec.index, seed])
-        self.order = data.train_indices[rng.permutation(len(data.train_indices))]
+        self.order = (data.train_indices[rng.permutation(len(data.train_indices))] if data.shuffle
+                      else data.train_indices)
         self.rng = rng
         self.done = 0
 
