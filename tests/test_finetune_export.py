@@ -34,7 +34,7 @@ from deeprebirth.train import SolverOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "fashion_mnist"))
-from net import prototxt as fashion_prototxt  # noqa: E402
+from net import prototxt as fashion_prototxt
 
 CAFFE = Path(os.environ.get("DEEPREBIRTH_CAFFE", Path(sys.executable).parent / "caffe"))
 IMAGES = 480
@@ -194,7 +194,8 @@ def test_run_sh_end_to_end_matches_the_in_process_result(nets: dict[str, str], t
 
     before, exported, in_process = error(nets["slim_weights"]), error(final), error(inproc)
     assert exported < 0.5 * before, (before, exported)
-    assert exported < 1.5 * in_process and in_process < 1.5 * exported, (exported, in_process)
+    # measured: 0.561 before, 0.00621 after run.sh, 0.00632 after the in-process run (which keeps its best checkpoint)
+    assert exported < 1.25 * in_process and in_process < 1.25 * exported, (exported, in_process)
 
 
 def test_train_val_data_layer_is_used(nets: dict[str, str], tmp_path: Path) -> None:

@@ -81,8 +81,8 @@ class ExportResult:
     images: int | None  # records written to train_lmdb (None: the user's data layer)
 
     def describe(self) -> list[str]:
-        lines = [f"wrote {self.folder}: {len(self.steps)} phase(s), {self.solver} at {self.lr:g} ({self.lr_note}), "
-                 f"batch {self.batch} per GPU, data: {self.data}"]
+        lines = [(f"wrote {self.folder}: {len(self.steps)} phase(s), {self.solver} at {self.lr:g} ({self.lr_note}), "
+                  f"batch {self.batch} per GPU, data: {self.data}")]
         lines += [f"  step_{s.index}: {s.name}, {s.iterations} iterations, loss on {s.target}" for s in self.steps]
         lines.append(f"run it: {self.folder}/run.sh [-gpu all]   (CAFFE=/path/to/caffe to pick the binary); "
                      "it writes final.caffemodel for deploy.prototxt")
@@ -313,8 +313,8 @@ def run_script(steps: list[ExportedStep]) -> str:
     lines += ["# the deploy caffemodel: the slim net's layers of the last snapshot (pycaffe), else the snapshot itself",
               "# (it also holds the frozen teacher, which Caffe skips when it loads deploy.prototxt)",
               'if "$PYTHON" -c "import caffe" 2>/dev/null; then',
-              f"    GLOG_minloglevel=2 \"$PYTHON\" -c \"import caffe; caffe.Net('deploy.prototxt', caffe.TEST, "
-              f"weights='{last}').save('final.caffemodel.tmp')\"",
+              (f"    GLOG_minloglevel=2 \"$PYTHON\" -c \"import caffe; caffe.Net('deploy.prototxt', caffe.TEST, "
+               f"weights='{last}').save('final.caffemodel.tmp')\""),
               "else",
               f"    cp {last} final.caffemodel.tmp",
               "fi",
