@@ -83,11 +83,17 @@ def main() -> None:
                 profile = profile_net(proto, weights, batch=1, threads=1, rounds=args.iterations, warmup=2)
                 times.setdefault(("deeprebirth profile", name), []).append(profile.forward_ms)
             log(f"round {k + 1}/{args.rounds} done")
-    print("| tool (1 thread, batch 1, forward) | original (ms) | slim (ms) | original / slim |")
-    print("|---|---|---|---|")
+    # each round times the two nets back to back: its ratio is the least disturbed by other load on the machine
+    print("| tool (1 thread, batch 1, forward) | original (ms) | slim (ms) | original / slim (median of rounds) "
+          "| per round |")
+    print("|---|---|---|---|---|")
     for tool in ("caffe time", "deeprebirth profile"):
-        a, b = statistics.median(times[(tool, "original")]), statistics.median(times[(tool, "slim")])
-        print(f"| `{tool}` | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
+        a, b = times[(tool, "original")], times[(tool, "slim")]
+        ratios = [x / y for x, y in zip(a, b)]
+        print(f"| `{tool}` | {statistics.median(a):.1f} | {statistics.median(b):.1f} | "
+              f"{statistics.median(ratios):.2f}x | {', '.join(f'{r:.2f}' for r in ratios)} |")
+    print(f"\n{args.rounds} rounds, `caffe time -iterations {args.iterations}`, profile {args.iterations} rounds; "
+          f"load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

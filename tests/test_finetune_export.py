@@ -25,7 +25,7 @@ from deeprebirth import caffe_pb2 as pb
 from deeprebirth.api import rewrite_files
 from deeprebirth.caffe_runtime import forward, open_net
 from deeprebirth.cli import main
-from deeprebirth.data import Transform, open_data, write_lmdb
+from deeprebirth.data import Transform, open_data, split_holdout, write_lmdb
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.finetune import FinetuneOptions, Progress, finetune_files
 from deeprebirth.finetune.export import export_plan
@@ -105,7 +105,14 @@ def test_export_writes_each_phase_as_caffe_files(nets: dict[str, str], tmp_path:
     assert sum(s.iterations for s in plan.steps) == pytest.approx(2 * epoch, abs=len(steps))  # the in-process shares
     assert plan.steps[-1].iterations == epoch  # the whole-net phase gets half
     assert os.access(folder / "run.sh", os.X_OK) and (folder / "deploy.prototxt").is_file()
-    assert open_data(folder / "train_lmdb", channels=1, input_size=(28, 28)).labels is not None
+    stored = open_data(folder / "train_lmdb", channels=1, input_size=(28, 28))
+    train, _ = split_holdout(IMAGES, 0.1, 0)  # the in-process run's training images (the rest is held out)
+    source = np.load(nets["data"])
+    key = np.lexsort(stored.array.reshape(len(stored), -1).T)  # type: ignore[union-attr]
+    expected = source["x"][train][:, None].astype(np.float32)
+    assert len(stored) == len(train) and not np.array_equal(stored.array, expected)  # shuffled once, with --seed
+    assert np.array_equal(stored.array[key], expected[np.lexsort(expected.reshape(len(train), -1).T)])  # type: ignore[index]
+    assert np.array_equal(np.sort(stored.labels), np.sort(source["y"][train]))  # type: ignore[arg-type]
     original = caffe_io.read_weights(nets["original_weights"])
     for step in plan.steps:
         net = caffe_io.read_prototxt(folder / f"step_{step.index}" / "train_val.prototxt")
