@@ -389,6 +389,7 @@ _ELSEWHERE = {
     "deeprebirth.plan": ("plan_file",),
     "deeprebirth.risk": ("assess",),
     "deeprebirth.finetune": ("FinetuneOptions", "finetune_files"),
+    "deeprebirth.finetune.export": ("export_plan",),
     "deeprebirth.train": ("SolverOptions",),
     "deeprebirth.evaluate": ("evaluate_files",),
     "deeprebirth.batch": ("BatchOptions", "ModelResult", "run_batch"),

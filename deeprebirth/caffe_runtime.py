@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -21,19 +23,25 @@ from deeprebirth.isolation import quiet_glog, run_isolated
 
 Feed = dict[str, np.ndarray]
 IMAGENET_MEAN_BGR = (104.0, 117.0, 123.0)
+_SCOPED_GPU: ContextVar[int | None] = ContextVar("deeprebirth_scoped_gpu", default=None)
 
 
 def import_caffe(gpu: int | None = None) -> ModuleType:
     """pycaffe, quiet, in CPU mode or (``gpu``: a device id) in GPU mode on that device; a clear error when it is
     not installed, or when a GPU is asked of a CPU-only build or of a machine without that GPU (Caffe itself would
-    abort the process)."""
+    abort the process). Inside ``on_device(ID)``, no ``gpu`` means that device, already checked."""
     quiet_glog()
     try:
         import caffe
     except ImportError as err:
         raise DeepRebirthError(f"pycaffe is not importable ({err}): run `make install`") from None
     if gpu is None:
-        caffe.set_mode_cpu()
+        scoped = _SCOPED_GPU.get()
+        if scoped is None:
+            caffe.set_mode_cpu()
+        else:
+            caffe.set_device(scoped)
+            caffe.set_mode_gpu()
         return caffe
     problem = gpu_problem(gpu)
     if problem:
@@ -41,6 +49,21 @@ def import_caffe(gpu: int | None = None) -> ModuleType:
     caffe.set_device(gpu)
     caffe.set_mode_gpu()
     return caffe
+
+
+@contextmanager
+def on_device(gpu: int | None) -> Iterator[None]:
+    """Run everything inside on GPU ``gpu`` (None: the CPU). Fine-tuning creates solvers and nets in many places;
+    this puts them all on the device without a device argument on each, and checks the device once, here."""
+    if gpu is not None:
+        import_caffe(gpu)
+    token = _SCOPED_GPU.set(gpu)
+    try:
+        yield
+    finally:
+        _SCOPED_GPU.reset(token)
+        if gpu is not None:
+            import_caffe()  # back to the mode outside
 
 
 def caffe_has_cuda() -> bool:

@@ -491,7 +491,16 @@ class _FinetuneProgress:
               help="the JSON report `deeprebirth rewrite --report` wrote")
 @click.option("--data", required=True, type=click.Path(),
               help="training data: an image folder (a subfolder per class), a list file, an .npz or a Caffe LMDB")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="where to write the fine-tuned caffemodel")
+@click.option("--out", type=click.Path(dir_okay=False), help="where to write the fine-tuned caffemodel")
+@click.option("--export", "export_dir", type=click.Path(file_okay=False),
+              help="instead of training, write the plan as Caffe files into this new folder: per phase a "
+                   "train_val.prototxt, solver.prototxt and starting caffemodel, and run.sh (`caffe train`, "
+                   "e.g. ./run.sh -gpu all)")
+@click.option("--train-val", type=click.Path(dir_okay=False),
+              help="with --export: read the training images with this train_val's TRAIN data layer (default: an "
+                   "LMDB written from --data)")
+@click.option("--gpu", type=int, default=None, metavar="ID",
+              help="run on this GPU (needs Caffe built with DEEPREBIRTH_CUDA=1)  [default: CPU]")
 @click.option("--mode", type=click.Choice(["label", "mimic"]), default="label", show_default=True,
               help="label: the labels and the original's soft outputs; mimic: the original's outputs only (no labels)")
 @click.option("--budget", default="10m", show_default=True,
@@ -531,7 +540,8 @@ class _FinetuneProgress:
 @_transform_options
 @_user_errors
 def finetune_command(original_prototxt: str, original_weights: str, slim_prototxt: str, slim_weights: str,
-                     report_path: str, data: str, out: str, mode: str, budget: str, schedule: str, mimic_at: str,
+                     report_path: str, data: str, out: str | None, export_dir: str | None, train_val: str | None,
+                     gpu: int | None, mode: str, budget: str, schedule: str, mimic_at: str,
                      kd_weight: float, temperature: float, batch: int, lr: float | None,
                      solver: str, momentum: float, weight_decay: float, new_lr_mult: float, freeze_rest: bool,
                      resume: bool, max_steps: int | None, val: str | None, holdout: float, val_limit: int,
@@ -549,7 +559,15 @@ def finetune_command(original_prototxt: str, original_weights: str, slim_prototx
         freeze_rest=freeze_rest, resume=resume,
         transform=_transform(transform_from, scale, mean, mean_file, crop, mirror, resize, rgb), val=val,
         holdout=holdout, val_limit=val_limit, seed=seed, max_steps=max_steps, cache_mb=cache_mb, work_dir=work_dir,
-        report=json_path)
+        report=json_path, gpu=gpu)
+    if export_dir is not None:
+        exported = api.export_plan(original_prototxt, original_weights, slim_prototxt, slim_weights, report_path, data,
+                               export_dir, options, train_val=train_val)
+        click.echo("\n".join(exported.describe()))
+        return
+    if out is None or train_val is not None:
+        raise api.DeepRebirthError("--train-val needs --export" if train_val is not None else "--out is required "
+                               "(or --export DIR to write the plan as Caffe files)")
     result = api.finetune_files(original_prototxt, original_weights, slim_prototxt, slim_weights, report_path, data, out,
                             options, progress=_FinetuneProgress())
     click.echo("", err=True)

@@ -1,7 +1,8 @@
 """Labelled image data for fine-tuning and evaluation, prepared the way Caffe's ``transform_param`` does it.
 
-This Caffe build has no LMDB/LevelDB/OpenCV data layers, so data never goes through a Caffe data layer: it is read
-here, transformed with numpy, and written into the net's ``Input`` blob. Three sources are understood:
+In-process (fine-tuning, evaluation) data never goes through a Caffe data layer: it is read here, transformed with
+numpy, and written into the net's ``Input`` blob; ``write_lmdb`` stores it as Caffe Datums for a ``Data`` layer
+(``finetune --export``). Four sources are understood:
 
 * an image folder with one subfolder per class (classes are the sorted subfolder names: label 0 is the first;
   files count as images by their suffix: .png, .jpg, .jpeg, .bmp, .tif(f), .webp, .pgm, .ppm);
@@ -349,6 +350,39 @@ def _open_lmdb(path: Path, channels: int) -> DataSet:
         raise DeepRebirthError("the LMDB holds no records", file=str(path))
     array = np.stack(images).astype(np.float32)
     return DataSet(str(path), channels, (array.shape[2], array.shape[3]), np.asarray(labels, np.int64), array=array)
+
+
+LMDB_CHUNK = 256  # images read and written per transaction
+
+
+def write_lmdb(data: DataSet, indices: Sequence[int] | np.ndarray, path: PathLike) -> int:
+    """Store ``data``'s images ``indices``, in that order, as Caffe Datums (key order = that order) in a new LMDB
+    folder ``path``: the raw pixels as ``images`` gives them (after any resize, before mean, scale, crop and mirror,
+    which the Data layer's transform_param applies), as bytes when they are integers in 0..255, else as floats.
+    Returns the number of records."""
+    import lmdb
+
+    indices = np.asarray(indices, dtype=np.int64)
+    if not len(indices):
+        raise DeepRebirthError("no images to write", file=str(path))
+    per_image = data.channels * data.size[0] * data.size[1]
+    map_size = int(len(indices) * (4 * per_image + 64) * 1.2) + (1 << 22)  # floats at worst, plus Datum overhead
+    env = lmdb.open(str(path), map_size=map_size, subdir=True)
+    with env:
+        for start in range(0, len(indices), LMDB_CHUNK):
+            chunk = indices[start:start + LMDB_CHUNK]
+            images = data.images(chunk)
+            with env.begin(write=True) as txn:
+                for k, (i, image) in enumerate(zip(chunk, images)):
+                    datum = pb.Datum(channels=image.shape[0], height=image.shape[1], width=image.shape[2])
+                    if np.all((image >= 0) & (image <= 255) & (image == np.round(image))):
+                        datum.data = image.astype(np.uint8).tobytes()
+                    else:
+                        datum.float_data.extend(image.reshape(-1).tolist())
+                    if data.labels is not None:
+                        datum.label = int(data.labels[i])
+                    txn.put(f"{start + k:08d}".encode(), datum.SerializeToString())
+    return len(indices)
 
 
 class Batches:

@@ -87,15 +87,18 @@ def validate_net(net: pb.NetParameter, what: str) -> None:
         raise GraphError(f"generated {what} is not valid: {err}") from err
 
 
-def solver_text(net_path: Path, options: SolverOptions, iters: int, seed: int,
-                snapshot_prefix: Path | None = None) -> str:
+def solver_text(net_path: Path | str, options: SolverOptions, iters: int, seed: int, display: int = 0,
+                snapshot_prefix: str | None = None) -> str:
+    """A solver prototxt; ``net_path`` as given when a str (relative paths are relative to where Caffe runs), else
+    made absolute. ``solver_mode: CPU``, which `caffe train -gpu` overrides (Caffe's default would be GPU 0)."""
     if options.solver not in SOLVER_TYPES:
         raise DeepRebirthError(f"unknown solver {options.solver!r} (known: {', '.join(SOLVER_TYPES)})")
-    lines = [f'net: "{net_path.resolve()}"', f'type: "{SOLVER_TYPES[options.solver]}"',
+    net = str(net_path.resolve()) if isinstance(net_path, Path) else net_path
+    lines = [f'net: "{net}"', f'type: "{SOLVER_TYPES[options.solver]}"',
              f"base_lr: {options.base_lr():g}", f"weight_decay: {options.weight_decay:g}", f"max_iter: {iters}",
-             "display: 0", "solver_mode: CPU", f"random_seed: {seed}"]
+             f"display: {display}", "solver_mode: CPU", f"random_seed: {seed}"]
     if snapshot_prefix is not None:
-        lines.append(f'snapshot_prefix: "{snapshot_prefix.resolve()}"')
+        lines += ["snapshot: 0", f'snapshot_prefix: "{snapshot_prefix}"']
     if options.lr_policy == "poly":
         lines += ['lr_policy: "poly"', "power: 1"]
     elif options.lr_policy == "fixed":
@@ -134,7 +137,7 @@ def make_solver(work: Path, tag: str, train_net: pb.NetParameter, options: Solve
     validate_net(train_net, f"{tag} train net")
     net_path, solver_path = work / f"{tag}_train.prototxt", work / f"{tag}_solver.prototxt"
     caffe_io.write_prototxt(net_path, train_net)
-    write_text(solver_path, solver_text(net_path, options, iters, seed, snapshot_prefix=work / tag))
+    write_text(solver_path, solver_text(net_path, options, iters, seed, snapshot_prefix=str((work / tag).resolve())))
     caffe.set_random_seed(seed)
     return caffe.get_solver(str(solver_path))
 

@@ -86,10 +86,47 @@ link_into_venv() {
     log "pycaffe and the Caffe tools ($(echo $TOOLS | tr ' ' ',')) linked into $VENV_BIN (build: $BUILD_ROOT)"
 }
 
+# The fork's `caffe train` ignores -weights (its train() never loads them), so fine-tuning from a caffemodel
+# silently starts from the fillers. Put the loading back: each comma-separated caffemodel in turn, a later one
+# over an earlier one (BVLC's semantics, which `deeprebirth finetune --export` relies on).
+WEIGHTS_MARK="// deeprebirth: -weights"
+patch_tools() {
+    "$PY" - "$1" "$WEIGHTS_MARK" <<'PYEOF'
+import sys
+from pathlib import Path
+
+path, mark = Path(sys.argv[1]) / "tools/caffe.cpp", sys.argv[2]
+text = path.read_text()
+if mark not in text:
+    anchor = "  solver->SetActionFunction(signal_handler.GetActionFunction());\n"
+    if text.count(anchor) != 1:
+        sys.exit(f"[build_caffe] patch does not apply to tools/caffe.cpp: {anchor.strip()!r}")
+    load = (f"  {mark}\n"
+            "  if (FLAGS_weights.size()) {\n"
+            "    vector<string> files;\n"
+            "    boost::split(files, FLAGS_weights, boost::is_any_of(\",\"));\n"
+            "    for (int i = 0; i < files.size(); ++i) {\n"
+            "      LOG(INFO) << \"Finetuning from \" << files[i];\n"
+            "      solver->net()->CopyTrainedLayersFrom(files[i]);\n"
+            "      for (int j = 0; j < solver->test_nets().size(); ++j) {\n"
+            "        solver->test_nets()[j]->CopyTrainedLayersFrom(files[i]);\n"
+            "      }\n"
+            "    }\n"
+            "  }\n")
+    path.write_text(text.replace(anchor, anchor + load))
+PYEOF
+}
+
 install_apt_packages
 
 if [ -f "$STAMP" ]; then
     log "cached build found"
+    if ! grep -qF "$WEIGHTS_MARK" "$SRC/tools/caffe.cpp"; then
+        log "rebuilding tools/caffe so that \`caffe train -weights\` loads the weights"
+        patch_tools "$SRC"
+        make -C "$SRC/build" caffe.bin > "$BUILD_ROOT/make-tools.log" 2>&1 \
+            || { tail -20 "$BUILD_ROOT/make-tools.log"; log "rebuilding tools/caffe failed"; exit 1; }
+    fi
     link_into_venv
     exit 0
 fi
@@ -155,6 +192,7 @@ if flavour == "cuda":
         "list(REMOVE_ITEM Caffe_INCLUDE_DIRS PRIVATE PUBLIC)\ninclude_directories(${Caffe_INCLUDE_DIRS})\n"
         "set(DEEPREBIRTH_CUDA_LIBS ${CUDA_CUDART_LIBRARY} ${CUDA_curand_LIBRARY} ${CUDA_CUBLAS_LIBRARIES})\n")
 PYEOF
+patch_tools "$SRC"
 
 PREFIX=$("$PY" -c 'import sys; print(sys.base_prefix)')
 NUMPY_INC=$("$PY" -c 'import numpy; print(numpy.get_include())')

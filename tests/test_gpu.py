@@ -51,3 +51,34 @@ def test_evaluate_and_profile_on_the_gpu_agree_with_the_cpu(tmp_path: Path) -> N
     assert gpu.top1 == cpu.top1 and gpu.agreement == 1.0
     profile = profile_net(proto, model, rounds=2, warmup=1, gpu=0)
     assert profile.forward_ms > 0 and len(profile.layers) == len(profile_net(proto, model, rounds=1).layers)
+
+
+def test_finetune_gpu_on_a_cpu_only_caffe_is_refused_in_one_line(tmp_path: Path) -> None:
+    import_caffe()
+    if caffe_has_cuda():
+        pytest.skip("this Caffe has CUDA")
+    proto, model = save(graph_from_text(SMALL, seed=0), tmp_path, "net")
+    (tmp_path / "report.json").write_text('{"changes": []}')
+    np.savez(tmp_path / "data.npz", x=np.zeros((4, 48, 48, 3), np.uint8), y=np.zeros(4, np.int64))
+    result = CliRunner().invoke(main, ["finetune", proto, model, proto, model, "--report", str(tmp_path / "report.json"),
+                                       "--data", str(tmp_path / "data.npz"), "--out", str(tmp_path / "out.caffemodel"),
+                                       "--gpu", "0"])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "--gpu 0: this Caffe was built without CUDA" in result.stderr
+    assert not (tmp_path / "out.caffemodel").exists()
+
+
+@pytest.mark.skipif(not cuda_ready(), reason="needs Caffe built with DEEPREBIRTH_CUDA=1 and a GPU")
+def test_finetune_on_the_gpu_trains(tmp_path: Path) -> None:
+    from deeprebirth.api import rewrite_files
+    from deeprebirth.finetune import FinetuneOptions, finetune_files
+    from deeprebirth.train import SolverOptions
+
+    proto, model = save(graph_from_text(SMALL, seed=0), tmp_path, "net")
+    slim, slim_model, report = tmp_path / "slim.prototxt", tmp_path / "slim.caffemodel", tmp_path / "report.json"
+    rewrite_files(proto, slim, model, slim_model, report)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.integers(0, 256, (64, 48, 48, 3), dtype=np.uint8), y=rng.integers(0, 10, 64))
+    result = finetune_files(proto, model, slim, slim_model, report, tmp_path / "data.npz", tmp_path / "out.caffemodel",
+                            FinetuneOptions(budget="40it", batch=8, gpu=0, solver=SolverOptions("sgd", lr=0.01)))
+    assert result.complete and result.steps[-1].loss_end < result.steps[-1].loss_start

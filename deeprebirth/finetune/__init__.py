@@ -1,6 +1,6 @@
 """Fine-tuning a slimmed net against its original (``finetune_files``): the driver and its options
 (``driver``), layer-wise step planning (``steps``), the losses in stock Caffe layers (``losses``), one phase in
-pycaffe (``phase``) and the budget (``budget``)."""
+pycaffe (``phase``), the budget (``budget``) and the plan as plain Caffe files (``export``)."""
 
 from deeprebirth.finetune.driver import (
     MIMIC_TARGETS,

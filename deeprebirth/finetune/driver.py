@@ -34,15 +34,8 @@ import numpy as np
 
 from deeprebirth import caffe_io
 from deeprebirth import caffe_pb2 as pb
-from deeprebirth.caffe_runtime import import_caffe
-from deeprebirth.data import (
-    Batches,
-    DataSet,
-    PathLike,
-    Transform,
-    open_data,
-    split_holdout,
-)
+from deeprebirth.caffe_runtime import import_caffe, on_device
+from deeprebirth.data import Batches, DataSet, PathLike, Transform, open_data, split_holdout
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.evaluate import NetIO, predict, set_input, top_k
 from deeprebirth.finetune.budget import (
@@ -117,6 +110,8 @@ class FinetuneOptions:
     cache_mb: float = 1024.0  # memory for the original's held-out outputs
     work_dir: PathLike | None = None  # default: <out without suffix>.finetune next to --out
     report: PathLike | None = None  # default: <out without suffix>.finetune.json
+    gpu: int | None = None  # run pycaffe on this GPU (a CUDA build of Caffe)
+    shuffle: bool = True  # False: every phase reads the training images in their order (as an unshuffled LMDB)
 
 
 @dataclass
@@ -252,6 +247,14 @@ def finetune_files(original_prototxt: PathLike, original_weights: PathLike, slim
                    progress: ProgressCallback | None = None) -> FinetuneResult:
     """Fine-tune the slim net (see the module docstring); writes ``out`` and a JSON report."""
     options = options or FinetuneOptions()
+    with on_device(options.gpu):
+        return _finetune(original_prototxt, original_weights, slim_prototxt, slim_weights, report_path, data, out,
+                         options, progress)
+
+
+def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prototxt: PathLike,
+              slim_weights: PathLike, report_path: PathLike, data: PathLike, out: PathLike,
+              options: FinetuneOptions, progress: ProgressCallback | None) -> FinetuneResult:
     started = time.perf_counter()
     notify = progress or (lambda event: None)
     budget = _check_options(options)
@@ -269,8 +272,7 @@ def finetune_files(original_prototxt: PathLike, original_weights: PathLike, slim
         state["baseline"], state["final_eval_seconds"] = _baseline(ctx, teacher, slim_weights)
         _save_state(ctx.work, state)
     weights = phase_weights(len(ctx.steps) - 1, options.schedule == "layerwise")
-    epoch = max(1, len(ctx.train_indices) // options.batch)
-    iterations = None if budget.timed else share_iterations(budget.iterations(epoch), weights)
+    iterations = None if budget.timed else phase_iterations(ctx, options, budget)
     done_now = 0
     for k, step in enumerate(ctx.steps):
         if step.index in finished:
@@ -308,6 +310,13 @@ def finetune_files(original_prototxt: PathLike, original_weights: PathLike, slim
         write_text(Path(report), json.dumps(payload, indent=2))
     notify(Progress("finished", len(finished), len(ctx.steps)))
     return result
+
+
+def phase_iterations(ctx: _Context, options: FinetuneOptions, budget: Budget) -> list[int]:
+    """Each phase's share of an iteration or epoch budget."""
+    epoch = max(1, len(ctx.train_indices) // options.batch)
+    weights = phase_weights(len(ctx.steps) - 1, options.schedule == "layerwise")
+    return share_iterations(budget.iterations(epoch), weights)
 
 
 def _affordable_held_out(ctx: _Context, teacher: Teacher, seconds: float, batch: int) -> np.ndarray:
@@ -467,7 +476,7 @@ def _shared_layers(original: Graph, slim: Graph) -> set[str]:
 
 def _fingerprint(paths: Sequence[PathLike], options: FinetuneOptions) -> str:
     relevant = _options_json(options)
-    for key in ("resume", "max_steps", "work_dir", "report", "cache_mb"):
+    for key in ("resume", "max_steps", "work_dir", "report", "cache_mb", "gpu"):
         relevant.pop(key)
     return fingerprint(paths, relevant)
 
@@ -639,7 +648,7 @@ def _run_step(ctx: _Context, step: Step, store: Weights, teacher: Teacher, optio
     notify(Progress("step", step.index, total, step.name))
     spec, student, target = _phase_spec(ctx, step, store, teacher, options)
     data = PhaseData(ctx.work, ctx.io.input, ctx.train, ctx.train_indices, ctx.val, ctx.val_indices, teacher,
-                     options.batch, options.seed, options.cache_mb * 2**20, options.patience)
+                     options.batch, options.seed, options.cache_mb * 2**20, options.patience, options.shuffle)
 
     def relay(event: str, fields: dict[str, Any]) -> None:
         left = clock.left()

@@ -112,6 +112,7 @@ class PhaseData:
     seed: int
     cache_bytes: float
     patience: int = PATIENCE  # 0: never stop early
+    shuffle: bool = True  # False: the training images in their order (as Caffe reads an LMDB)
 
 
 class Evaluator:
@@ -199,12 +200,15 @@ class _Trainer:
     def __init__(self, spec: PhaseSpec, data: PhaseData, options: SolverOptions, iterations: int, tag: str,
                  seed: int) -> None:
         self.spec, self.data = spec, data
-        self.options, self.tag, self.seed = options, tag, seed
-        self.solver = make_solver(data.work, tag, spec.train_net, options, iterations, seed)
+        # Caffe's own seed (Dropout, the fillers) is the run's --seed for the phase's training (``seed`` 0), as in
+        # the phase's exported solver
+        self.options, self.tag, self.seed = options, tag, data.seed + seed
+        self.solver = make_solver(data.work, tag, spec.train_net, options, iterations, self.seed)
         self.net = self.solver.net
         load_params(self.net, spec.init)
         rng = np.random.default_rng([data.seed, spec.index, seed])
-        self.order = data.train_indices[rng.permutation(len(data.train_indices))]
+        self.order = (data.train_indices[rng.permutation(len(data.train_indices))] if data.shuffle
+                      else data.train_indices)
         self.rng = rng
         self.done = 0
 
