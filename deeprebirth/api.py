@@ -19,7 +19,7 @@ from deeprebirth.model import PathLike, load_model, same_file, save_model
 from deeprebirth.rewrite import RewriteReport, rewrite, select_rules
 from deeprebirth.rules import RULES, Rule, RuleConfig, Skip
 from deeprebirth.shapes import LayerCost, infer_shapes, layer_costs
-from deeprebirth.tucker import parse_rank_method
+from deeprebirth.weights.tucker import parse_rank_method
 
 
 @dataclass
