@@ -19,11 +19,14 @@ The pad is the fitting one nearest the conv's own p (k' = k), else nearest the p
 the original receptive field, p + pp·s - (k_rf - k') // 2.
 
 Weights (init "inherit"; biases copied): for pooling-window position a (0 <= a < kp) the original kernel starts at
-offset p' - p - pp·s + a·s inside the new window (fold.merge_pool_into_kernel). MAX: the kernel placed once, at the
-window position nearest the centre that fits; a kept kernel is thus copied as it is, and the merged conv is the
-original conv sampled at one position of each window (ReLU commutes with MAX). AVE: the mean of the kernel over all
-positions, exactly AVE pooling of the conv away from borders when k' = k_rf and no ReLU sits between. Lossy either
-way: the new conv is re-learned (``relearn``) to reproduce y.
+offset p' - p - pp·s + a·s inside the new window (weights.pooling.merge_pool_into_kernel). MAX: the kernel placed
+once, at the window position nearest the centre that fits; a kept kernel is thus copied as it is, and the merged
+conv is the original conv sampled at one position of each window (ReLU commutes with MAX). AVE: the mean of the
+kernel over all positions, exactly AVE pooling of the conv away from borders when k' = k_rf and no ReLU sits
+between. Lossy either way: the new conv is re-learned (``relearn``) to reproduce y.
+
+The matching and surgery live in ``_shared`` (pool_conv_merges, merge_pool_into_conv): the branch-conv rules apply
+this merge to every branch of a Concat.
 """
 
 from __future__ import annotations
