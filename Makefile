@@ -42,7 +42,7 @@ bench: install
 	$(PY) benchmarks/rewrite_speed.py
 	$(PY) benchmarks/slim_speed.py
 	$(PY) benchmarks/big_model.py
-	$(PY) benchmarks/fuzz.py --cases 10000
+	$(PY) -m benchmarks.fuzz --cases 10000
 
 clean:
 	rm -rf $(VENV) build *.egg-info deeprebirth/caffe_pb2.py

@@ -1,10 +1,11 @@
 """Mutation fuzzing of `deeprebirth rewrite` at length: random valid nets with random weights, their prototxt text
 and caffemodel bytes mutated (byte flips, truncations, insertions, deleted/duplicated/swapped lines, swapped and
 extreme numbers, retyped layers, rewired blobs, contradictory settings, broken blobs), each case run through the
-CLI. Prints the counts: cases, ok, clean errors, crashes, and each by kind. The harness is tests/fuzzing.py, which
-CI runs a few hundred cases of (tests/test_fuzz.py).
+CLI. Prints the counts: cases, ok, clean errors, crashes, and each by kind. The harness is the tests/fuzzing
+package, which CI runs a few hundred cases of (tests/test_fuzz.py). Run it as a module from the repository root, so
+that ``tests.fuzzing`` imports as a package (no path set-up needed):
 
-    .venv/bin/python benchmarks/fuzz.py [--cases 10000] [--jobs 2] [--seed 0] [--rules all]
+    .venv/bin/python -m benchmarks.fuzz [--cases 10000] [--jobs 2] [--seed 0] [--rules all]
                                         [--crashes DIR] [--out benchmarks/results/fuzz.md]
 
 Exit status 1 when any case crashed (its inputs are saved under --crashes, if given, to reproduce it).
@@ -21,21 +22,20 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
+from tests.fuzzing import harness
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-import fuzzing  # the shared harness lives beside the tests
 
 
-def run_share(cases: int, seed: int, rules: str) -> fuzzing.FuzzStats:
+def run_share(cases: int, seed: int, rules: str) -> harness.FuzzStats:
     """One worker's share: its own seed, its own temp folder (runs in a spawned process's main thread, where the
     harness's hang alarm works)."""
     with tempfile.TemporaryDirectory(prefix="deeprebirth-fuzz-") as tmp:
-        return fuzzing.fuzz(cases, Path(tmp), seed=seed, rules=rules)
+        return harness.fuzz(cases, Path(tmp), seed=seed, rules=rules)
 
 
-def merge(parts: list[fuzzing.FuzzStats]) -> fuzzing.FuzzStats:
-    total = fuzzing.FuzzStats()
+def merge(parts: list[harness.FuzzStats]) -> harness.FuzzStats:
+    total = harness.FuzzStats()
     for part in parts:
         total.cases += part.cases
         total.ok += part.ok
@@ -48,7 +48,7 @@ def merge(parts: list[fuzzing.FuzzStats]) -> fuzzing.FuzzStats:
     return total
 
 
-def report(stats: fuzzing.FuzzStats, seconds: float, args: argparse.Namespace) -> str:
+def report(stats: harness.FuzzStats, seconds: float, args: argparse.Namespace) -> str:
     def rows(counter: Counter[str], limit: int | None = None) -> list[str]:
         return [f"| {n} | `{kind.replace('|', '/')}` |" for kind, n in counter.most_common(limit)]
 

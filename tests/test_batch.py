@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from fuzzing import RandomChooser, net_graph, random_net_text
+from fuzzing.nets import RandomChooser, net_graph, random_net_text
 
 from deeprebirth.batch import (
     BatchOptions,

@@ -1,7 +1,7 @@
 """Mutation fuzzing of prototxt text and caffemodel bytes (a CI-sized run of benchmarks/fuzz.py), and one regression
 test per crash the fuzzer and the property tests found.
 
-The contract, checked by ``fuzzing.run_case`` through the real CLI: every input ends in outputs that load again, or
+The contract, checked by ``fuzzing.harness.run_case`` through the real CLI: every input ends in outputs that load again, or
 in exit code 2 with one ``error: ...`` line and no output file; never a traceback, exit 3, a hang or a stray file.
 """
 
@@ -11,7 +11,8 @@ import struct
 from pathlib import Path
 
 import numpy as np
-from fuzzing import Case, fuzz, run_case
+from fuzzing.harness import fuzz, run_case
+from fuzzing.mutators import Case
 from helpers import graph_from_text, save
 
 from deeprebirth import caffe_io

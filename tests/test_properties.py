@@ -1,7 +1,7 @@
 """Properties of reading, writing and rewriting, on random valid Caffe nets with random weights.
 
-The nets come from tests/fuzzing.py's generator driven by hypothesis (chains, branches, in-place layers, blobs with
-several readers, groups, dilation, odd sizes; BatchNorm, Scale, Dropout, ReLU, Pooling, Concat, Eltwise,
+The nets come from the generator in tests/fuzzing/nets.py driven by hypothesis (chains, branches, in-place layers,
+blobs with several readers, groups, dilation, odd sizes; BatchNorm, Scale, Dropout, ReLU, Pooling, Concat, Eltwise,
 InnerProduct, Convolution, Deconvolution, LRN, Flatten, Slice, Softmax ...), so a failure shrinks to a small net.
 Real Caffe runs in one long-lived spawned worker: an abort there fails the example instead of killing pytest.
 """
@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fuzzing import caffe_outputs, hypothesis_nets, net_graph
+from fuzzing.harness import caffe_outputs
+from fuzzing.nets import hypothesis_nets, net_graph
 from helpers import input_feed, relative_error
 from hypothesis import HealthCheck, given, settings
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.graph import Graph
-from deeprebirth.rules.branch_weights import WIDEN_MODES
-from deeprebirth.tucker import RANK_METHODS, parse_rank_method
+from deeprebirth.weights.branches import WIDEN_MODES
+from deeprebirth.weights.tucker import RANK_METHODS, parse_rank_method
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,12 @@ After:   X -> conv_tucker_reduce 1x1, C -> R1, no bias
            -> conv_tucker_core   KxK, R1 -> R2, the same stride/pad/dilation, no bias
            -> conv_tucker_expand 1x1, R2 -> N, bias b                                         -> Y (same blob name)
 
-Weights (``deeprebirth.tucker.tucker2``): ``W ~= G x_C U_in x_N U_out`` (HOSVD, then HOOI); reduce = ``U_in^T``,
+Weights (``deeprebirth.weights.tucker.tucker2``): ``W ~= G x_C U_in x_N U_out`` (HOSVD, then HOOI); reduce = ``U_in^T``,
 core = ``G``, expand = ``U_out``. With R1 = C and R2 = N the three convolutions compute the original exactly
 (zero padding commutes with the bias-free reduce); with lower ranks they are its best Tucker-2 approximation, which
 fine-tuning then improves. ``config.init == "filler"`` draws them from the conv's fillers instead.
 
-Ranks, per layer, by ``config.rank_method`` (see ``deeprebirth.tucker``): "vbmf" (default, Kim et al.'s),
+Ranks, per layer, by ``config.rank_method`` (see ``deeprebirth.weights.tucker``): "vbmf" (default, Kim et al.'s),
 "energy:F", "speedup:X", "ranks:R1,R2", "full". A factor whose chosen rank is full (R1 = C, e.g. GoogLeNet's conv1
 with C = 3) is an orthogonal change of basis: it is folded into the core and that 1x1 is not made (Tucker-1, as Kim
 et al. do for the first layer), except with "full", which always builds all three so the decomposition itself can be
@@ -34,17 +34,17 @@ from __future__ import annotations
 
 import copy
 import re
-import zlib
 from collections.abc import Iterator
 
 import numpy as np
 
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.graph import Graph, Layer
-from deeprebirth.initializers import fill, layer_fillers
+from deeprebirth.initializers import layer_fillers
 from deeprebirth.rules.base import Change, Match, Rule, RuleConfig, Skip
 from deeprebirth.shapes import conv_geometry, infer_shapes
-from deeprebirth.tucker import (
+from deeprebirth.weights.fillers import fill, layer_rng
+from deeprebirth.weights.tucker import (
     ConvSize,
     RankMethod,
     choose_ranks,
@@ -152,7 +152,7 @@ def _weights(conv: Layer, pieces: list[Layer], found: Match, config: RuleConfig,
     if config.init == "filler":
         weight_filler, bias_filler = layer_fillers(conv)
         for piece, blob_shapes in zip(pieces, shapes):
-            rng = np.random.default_rng([config.seed, zlib.crc32(piece.name.encode())])
+            rng = layer_rng(config.seed, piece.name)
             piece.blobs = [fill(weight_filler if i == 0 else bias_filler, s, rng) for i, s in enumerate(blob_shapes)]
         return
     if config.init != "inherit":

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from deeprebirth.fold import batchnorm_affine
 from deeprebirth.graph import Graph
+from deeprebirth.rules._shared import fold_affine, linear_producer, remove_passthrough
 from deeprebirth.rules.base import Change, Match, Rule, RuleConfig, Skip
-from deeprebirth.rules.common import fold_affine, linear_producer, remove_passthrough
+from deeprebirth.weights.affine import batchnorm_affine
 
 NAME = "fuse_batchnorm_into_conv"
 

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import numpy as np
-
 from deeprebirth.graph import Graph
+from deeprebirth.rules._shared import fold_affine, linear_producer, remove_passthrough
 from deeprebirth.rules.base import Change, Match, Rule, RuleConfig, Skip
-from deeprebirth.rules.common import fold_affine, linear_producer, remove_passthrough
+from deeprebirth.weights.affine import scale_affine
 
 NAME = "fuse_scale_into_conv"
 
@@ -47,9 +46,8 @@ def match(graph: Graph, config: RuleConfig) -> Iterator[Match | Skip]:
 def apply(graph: Graph, found: Match, config: RuleConfig) -> Change:
     scale, linear = graph.layer(found.layers[0]), graph.layer(found.layers[1])
     assert scale.blobs is not None
-    gamma = np.asarray(scale.blobs[0], dtype=np.float64).ravel()
-    beta = np.asarray(scale.blobs[1], dtype=np.float64).ravel() if len(scale.blobs) > 1 else np.zeros_like(gamma)
-    fold_affine(linear, gamma, beta)
+    a, b = scale_affine(scale.blobs[0], scale.blobs[1] if len(scale.blobs) > 1 else None)
+    fold_affine(linear, a, b)
     remove_passthrough(graph, scale)
     return Change(NAME, True, removed=[scale.name], added=[], changed=[linear.name],
                   summary=f"folded Scale '{scale.name}' into {linear.type} '{linear.name}'")

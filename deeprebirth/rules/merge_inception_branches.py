@@ -25,7 +25,7 @@ and every layer after the block keeps its weights. ``config.widen`` says where t
 the wide branch with the smallest kernel, "5x5" all to the one with the largest, "balanced" each removed branch to
 the nearest wide branch in Concat order (GoogLeNet: 1x1 -> 3x3, pool_proj -> 5x5).
 
-Channel layout (see branch_weights): a widened conv's outputs are ordered by the original Concat channel they stand
+Channel layout (see deeprebirth.weights.branches): a widened conv's outputs are ordered by the original Concat channel they stand
 for, so with "balanced" on GoogLeNet's order every channel keeps its position. Otherwise the new Concat's channel
 ``c`` stands for the original channel ``perm[c]``, and every layer that reads the block output has its input
 channels permuted (``W[:, perm]``), followed through per-channel layers (activations, Pooling, Dropout, Split,
@@ -51,16 +51,17 @@ Change: ``removed`` = every layer name that left the net, ``added`` = the widene
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from deeprebirth.graph import Graph, Layer
-from deeprebirth.initializers import fill, layer_fillers
+from deeprebirth.initializers import layer_fillers
+from deeprebirth.rules._shared import merged
 from deeprebirth.rules.base import RULE_OPTION, Change, Match, Rule, RuleConfig, Skip
-from deeprebirth.rules.branch_weights import (
+from deeprebirth.shapes import Shape, conv_geometry, infer_shapes, pool_geometry
+from deeprebirth.weights.branches import (
     assign_freed,
     channel_layout,
     embed_permutation,
@@ -69,8 +70,7 @@ from deeprebirth.rules.branch_weights import (
     permute_input_channels,
     widen_output_channels,
 )
-from deeprebirth.rules.common import merged
-from deeprebirth.shapes import Shape, conv_geometry, infer_shapes, pool_geometry
+from deeprebirth.weights.fillers import fill, layer_rng
 
 NAME = "merge_inception_branches"
 
@@ -276,7 +276,7 @@ def _widened(graph: Graph, conv: Layer, own: np.ndarray, config: RuleConfig) -> 
     layer.proto.convolution_param.num_output = own.size
     if conv.blobs is not None:
         RULE_OPTION["init"].validate(config.init)
-        rng = np.random.default_rng([config.seed, zlib.crc32(conv.name.encode())])
+        rng = layer_rng(config.seed, conv.name)
         fillers = layer_fillers(conv)
         fresh = [fill(fillers[min(i, 1)], (own.size, *b.shape[1:]), rng) for i, b in enumerate(conv.blobs)]
         layer.blobs = widen_output_channels(conv.blobs, own, fresh) if config.init == "inherit" else fresh

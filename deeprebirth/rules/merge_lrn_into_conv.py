@@ -24,13 +24,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from deeprebirth.graph import Graph
-from deeprebirth.rules.base import Change, Match, Rule, RuleConfig, Skip
-from deeprebirth.rules.streamline import (
+from deeprebirth.rules._shared import (
     conv_chain,
     merged_name,
     new_weights,
     replace_chain,
 )
+from deeprebirth.rules.base import Change, Match, Rule, RuleConfig, Skip
 
 NAME = "merge_lrn_into_conv"
 

@@ -10,8 +10,8 @@ After:
 
 merge_pooling_into_branch_convs refuses this place: a 1x1 conv at stride 2 cannot give the pooled size (ceil
 rounding: 28, not 27) nor see the window it pooled over. Here the 1x1 conv is widened to the kernel
-merge_pooling_into_conv.solve_axis finds (the pooling's receptive field, k' = 1 + (kp - 1)), with its inherited 1x1
-weights at the centre and zeros around them (fold.merge_pool_into_kernel, MAX: one window position, the central
+_shared.solve_axis finds (the pooling's receptive field, k' = 1 + (kp - 1)), with its inherited 1x1
+weights at the centre and zeros around them (weights.pooling.merge_pool_into_kernel, MAX: one window position, the central
 one; AVE: the mean over the window, 1/kp² at every position). The KxK branches keep their kernel and take the stride
 as in merge_pooling_into_branch_convs. One merge step; its new convs are re-learned together to reproduce y.
 
@@ -29,18 +29,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from deeprebirth.graph import Graph
-from deeprebirth.rules import merge_pooling_into_branch_convs
+from deeprebirth.rules._shared import concat_pool_merges, merge_pool_into_branch_convs
 from deeprebirth.rules.base import Change, Match, Rule, RuleConfig, Skip
 
 NAME = "merge_pooling_into_widened_branch_convs"
 
 
 def match(graph: Graph, config: RuleConfig) -> Iterator[Match | Skip]:
-    yield from merge_pooling_into_branch_convs.find(graph, widen=True)
+    yield from concat_pool_merges(graph, widen=True)
 
 
 def apply(graph: Graph, found: Match, config: RuleConfig) -> Change:
-    return merge_pooling_into_branch_convs.merge(graph, found, config, NAME)
+    return merge_pool_into_branch_convs(graph, found, config, NAME)
 
 
 RULE = Rule(NAME, exact=False, group="streamline", match=match, apply=apply)

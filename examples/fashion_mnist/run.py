@@ -252,7 +252,7 @@ def tucker(folder: Path, fresh: bool, ranks: str = TUCKER_RANKS) -> dict[str, An
                 "before": asdict(report.before), "after": asdict(report.after), "rank_method": ranks}
 
     package = HERE.parents[1] / "deeprebirth"
-    code = sorted((package / "rules").glob("*.py")) + [package / "rewrite.py", package / "tucker.py"]
+    code = sorted((package / "rules").glob("*.py")) + [package / "rewrite.py"] + sorted((package / "weights").glob("*.py"))
     key = {"inputs": file_key(*original), "rules": file_key(*code), "options": asdict(options)}
     return cached(folder, "tucker", key, outputs, fresh, run)
 

@@ -18,20 +18,12 @@ from deeprebirth.initializers import random_weights
 from deeprebirth.model import load_model, save_model
 from deeprebirth.rewrite import RewriteReport, rewrite
 from deeprebirth.rules import RULES, Match, RuleConfig, Skip
-from deeprebirth.rules.branch_weights import (
-    assign_freed,
-    channel_layout,
-    own_channels,
-    permute_input_channels,
-    widen_output_channels,
-)
 from deeprebirth.rules.merge_inception_branches import RULE, match
 from deeprebirth.shapes import infer_shapes, layer_costs
 
 MODES = ("balanced", "3x3", "5x5")
 GOOGLENET_WIDTHS = [256, 480, 512, 512, 512, 528, 832, 832, 1024]
 # (1x1, 3x3_reduce, 3x3, 5x5_reduce, 5x5, pool_proj) of inception_3a, in GoogLeNet's Concat order
-GOOGLENET_3A = (64, 96, 128, 16, 32, 32)
 
 
 def googlenet(model_zoo: Path, seed: int | None = 0) -> Graph:
@@ -108,50 +100,6 @@ def check_same_function(original: Graph, rewritten: Graph, report: RewriteReport
             assert relative_error(out_a[name], out_b[name]) < 1e-5, name
         else:
             assert_channel_permutation(out_a[name], out_b[name])
-
-
-# ------------------------------------------------------------------------------------------- pure weight math
-
-
-def test_googlenet_layout_balanced_keeps_every_position() -> None:
-    c1, _, c3, _, c5, cp = GOOGLENET_3A
-    widths = [c1, c3, c5, cp]
-    target = assign_freed(widths, [0, 3], [1, 2], {1: 9, 2: 25}, "balanced")
-    assert target == {0: 1, 3: 2}
-    kept, sources, perm = channel_layout(widths, target)
-    assert kept == [1, 2] and np.array_equal(perm, np.arange(256))
-    assert list(own_channels(sources[1], c1, c3)) == [-1] * c1 + list(range(c3))
-    assert list(own_channels(sources[2], c1 + c3, c5)) == list(range(c5)) + [-1] * cp
-
-
-@pytest.mark.parametrize(("widen", "target"), [("3x3", 1), ("5x5", 2)])
-def test_googlenet_layout_one_side_is_a_permutation(widen: str, target: int) -> None:
-    widths = [64, 128, 32, 32]
-    assigned = assign_freed(widths, [0, 3], [1, 2], {1: 9, 2: 25}, widen)
-    assert assigned == {0: target, 3: target}
-    _, sources, perm = channel_layout(widths, assigned)
-    assert sorted(perm) == list(range(256)) and not np.array_equal(perm, np.arange(256))
-    assert len(sources[target]) == widths[target] + 96
-
-
-def test_permuted_reader_sees_the_same_input() -> None:
-    rng = np.random.default_rng(0)
-    perm = rng.permutation(6)
-    x = rng.standard_normal((6, 4))  # channels x inner (2 x 2 spatial) features
-    weight = rng.standard_normal((3, 24))
-    x_new = x[perm]
-    np.testing.assert_allclose(permute_input_channels(weight, perm, 1, 4) @ x_new.ravel(), weight @ x.ravel())
-    conv = rng.standard_normal((5, 6, 3, 3))
-    np.testing.assert_array_equal(permute_input_channels(conv, perm, 1)[:, 2], conv[:, perm[2]])
-
-
-def test_widen_output_channels_copies_own_and_takes_fresh() -> None:
-    weight, bias = np.arange(2 * 3 * 1 * 1, dtype=np.float32).reshape(2, 3, 1, 1), np.array([7, 8], np.float32)
-    fresh = [np.full((4, 3, 1, 1), -1, np.float32), np.full(4, -2, np.float32)]
-    own = np.array([-1, 0, 1, -1])
-    new_weight, new_bias = widen_output_channels([weight, bias], own, fresh)
-    np.testing.assert_array_equal(new_weight[1:3], weight)
-    assert (new_weight[[0, 3]] == -1).all() and list(new_bias) == [-2, 7, 8, -2]
 
 
 # ------------------------------------------------------------------------------------------------ GoogLeNet

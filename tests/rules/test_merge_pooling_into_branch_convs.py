@@ -12,6 +12,7 @@ from nets import tiny_inception
 from deeprebirth.model import load_model
 from deeprebirth.rewrite import rewrite, select_rules
 from deeprebirth.rules import merge_pooling_into_branch_convs
+from deeprebirth.rules._shared import distribute
 from deeprebirth.shapes import infer_shapes
 
 RULE = merge_pooling_into_branch_convs.RULE
@@ -40,7 +41,7 @@ def test_distribution_is_exact_for_max_and_ave_with_ceil_and_pad(tmp_path: Path)
     for pool, size in cases:
         original = graph_from_text(block(pool, size=size), seed=3)
         graph = graph_from_text(block(pool, size=size), seed=3)
-        pooled = merge_pooling_into_branch_convs.distribute(graph, graph.layer("pool"), graph.layer("cat"))
+        pooled = distribute(graph, graph.layer("pool"), graph.layer("cat"))
         graph.check()
         assert len(pooled) == 3 and graph.layer_types()["Pooling"] == 3
         assert [graph.caffe_name(b) for b in graph.outputs()] == ["pool"]

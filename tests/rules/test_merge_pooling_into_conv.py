@@ -12,11 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from streamline_zoo import ZOO, geometry, rewrite_and_check, same_blobs
 
-from deeprebirth.fold import merge_pool_into_kernel
 from deeprebirth.graph import Graph
 from deeprebirth.rewrite import rewrite
 from deeprebirth.rules import RuleConfig, merge_pooling_into_conv
-from deeprebirth.rules.merge_pooling_into_conv import solve_axis
+from deeprebirth.rules._shared import solve_axis
 from deeprebirth.shapes import conv_output_size, infer_shapes, pool_output_size
 
 RULES = (merge_pooling_into_conv.RULE,)
@@ -118,20 +117,6 @@ def test_average_pooling_gives_the_averaged_kernel_exact_inside(tmp_path: Path) 
     assert geometry(after, "conv_merge") == (5, 2, 0)
     _, pool, merged = outputs(before, after, tmp_path)  # windows fit exactly: no border, so exact everywhere
     assert relative_error(pool, merged) <= 1e-5
-
-
-def test_averaged_kernel_matches_numpy() -> None:
-    rng = np.random.default_rng(1)
-    x, w = rng.standard_normal((2, 11, 11)), rng.standard_normal((3, 2, 3, 3))
-
-    def conv(x: np.ndarray, w: np.ndarray, stride: int) -> np.ndarray:
-        windows = np.lib.stride_tricks.sliding_window_view(x, w.shape[2:], axis=(1, 2))[:, ::stride, ::stride]
-        return np.einsum("chwij,ncij->nhw", windows, w)
-
-    c = conv(x, w, 1)  # 9 x 9, then AVE pooling 3/2 -> 4 x 4
-    pooled = np.lib.stride_tricks.sliding_window_view(c, (3, 3), axis=(1, 2))[:, ::2, ::2].mean(axis=(3, 4))
-    merged = merge_pool_into_kernel(w, (5, 5), ([0, 1, 2], [0, 1, 2]), average=True)
-    assert np.allclose(conv(x, merged.astype(np.float64), 2), pooled, atol=1e-5)
 
 
 def test_rectangular_input_solves_each_axis(tmp_path: Path) -> None:

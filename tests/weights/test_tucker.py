@@ -1,4 +1,4 @@
-"""Tucker-2 weight math and rank selection (deeprebirth.tucker), in numpy alone."""
+"""Tucker-2 weight math and rank selection (deeprebirth.weights.tucker), in numpy alone."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deeprebirth.tucker import (
+from deeprebirth.weights.tucker import (
     ConvSize,
     RankMethod,
     _tau_bar,
@@ -170,7 +170,7 @@ def test_vbmf_on_trained_kernels_keeps_some_but_not_all(assets: dict[str, str]) 
 
 
 def test_importing_tucker_needs_no_caffe_or_scipy() -> None:
-    code = ("import sys, deeprebirth.tucker; "
+    code = ("import sys, deeprebirth.weights.tucker; "
             "print(json.dumps(sorted(m for m in ('caffe', 'scipy') if m in sys.modules)))")
-    out = subprocess.check_output([sys.executable, "-c", "import json; " + code], cwd=Path(__file__).parents[1])
+    out = subprocess.check_output([sys.executable, "-c", "import json; " + code], cwd=Path(__file__).parents[2])
     assert json.loads(out) == []

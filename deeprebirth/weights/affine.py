@@ -1,4 +1,4 @@
-"""Pure weight math: numpy arrays in, numpy arrays out. No graph, no protobuf.
+"""Per-channel affine maps (BatchNorm, Scale) and folding them into the linear layer before them.
 
 Every per-channel affine map ``y = a * x + b`` that follows a linear layer folds into it: ``W' = W * a`` along the
 layer's output-channel axis and ``b' = a * b_old + b``. BatchNorm and Scale are both such maps once their blobs are
@@ -23,6 +23,12 @@ def batchnorm_affine(mean_sum: np.ndarray, var_sum: np.ndarray, factor: np.ndarr
     var = np.asarray(var_sum, dtype=np.float64).ravel() * inv
     a = 1.0 / np.sqrt(var + eps)
     return a, -mean * a
+
+
+def scale_affine(gamma: np.ndarray, beta: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Caffe Scale (one factor per channel, optional bias) as ``y = a * x + b``, in float64."""
+    a = np.asarray(gamma, dtype=np.float64).ravel()
+    return a, (np.zeros_like(a) if beta is None else np.asarray(beta, dtype=np.float64).ravel())
 
 
 def compose_affine(first: tuple[np.ndarray, np.ndarray],
@@ -56,42 +62,3 @@ def fold_affine_into_linear(weight: np.ndarray, bias: np.ndarray | None, a: np.n
         new_w = w * a.reshape(shape)
     new_b = a * old_bias + b
     return new_w.astype(np.float32), new_b.astype(np.float32)
-
-
-# streamline slimming
-
-
-def merge_pool_into_kernel(weight: np.ndarray, kernel: tuple[int, int], offsets: tuple[list[int], list[int]],
-                           average: bool) -> np.ndarray:
-    """A convolution kernel (N, C/g, kh, kw) widened to ``kernel`` for a conv that absorbs the pooling after it.
-
-    ``offsets[axis][a]`` is where the original kernel starts inside the new one for pooling-window position ``a``
-    along that axis (it may stick out: those taps are cropped). ``average``: the mean of the kernel placed at every
-    window position, which is AVE pooling of the conv exactly wherever no window touches a border (and no ReLU sits
-    between). Otherwise (MAX) the kernel is placed once, at the window position nearest the window's centre whose
-    placement fits (clamped into the new kernel when none fits): the conv sampled at the centre of each window.
-    """
-    w = np.asarray(weight, dtype=np.float64)
-    kh, kw = w.shape[2:]
-    new = np.zeros((*w.shape[:2], *kernel), dtype=np.float64)
-
-    def place(oh: int, ow: int, factor: float) -> None:
-        h0, w0 = max(oh, 0), max(ow, 0)
-        h1, w1 = min(oh + kh, kernel[0]), min(ow + kw, kernel[1])
-        if h0 < h1 and w0 < w1:
-            new[:, :, h0:h1, w0:w1] += factor * w[:, :, h0 - oh:h1 - oh, w0 - ow:w1 - ow]
-
-    if average:
-        factor = 1.0 / (len(offsets[0]) * len(offsets[1]))
-        for oh in offsets[0]:
-            for ow in offsets[1]:
-                place(oh, ow, factor)
-    else:
-        place(_central_offset(offsets[0], kh, kernel[0]), _central_offset(offsets[1], kw, kernel[1]), 1.0)
-    return new.astype(np.float32)
-
-
-def _central_offset(offsets: list[int], size: int, new_size: int) -> int:
-    centre = (len(offsets) - 1) / 2
-    order = sorted(range(len(offsets)), key=lambda a: (not 0 <= offsets[a] <= new_size - size, abs(a - centre), a))
-    return min(max(offsets[order[0]], 0), new_size - size)
