@@ -162,9 +162,10 @@ def rewrite_files(prototxt: PathLike, out_prototxt: PathLike, weights: PathLike 
     options = options or RewriteOptions()
     _refuse_overwrite(prototxt, weights, out_prototxt, out_weights, report_path)
     if out_weights is not None and weights is None:
-        raise DeepRebirthError("--out-weights needs --weights")
+        raise DeepRebirthError("output weights asked for, but no input weights given", options=("out_weights", "weights"))
     if (options.check or options.images) and (weights is None or out_weights is None):
-        raise DeepRebirthError("--check and --images need --weights and --out-weights")
+        raise DeepRebirthError("checking in Caffe needs the input and the output weights",
+                               options=("check", "images", "weights", "out_weights"))
     rules = select_rules(options.validate().rules, options.skip)
     graph = load_model(prototxt, weights, phase=options.phase, input_shapes=options.input_shapes)
     # the check compares with the net as read: a copy, rather than reading the files a second time
@@ -210,7 +211,7 @@ def _runtime_exclusions(prototxt: PathLike, weights: PathLike | None, options: R
              "for nothing" for c in dropped]
     notes.append(f"runtime plan on {plan.runtime}: noise floor {100 * plan.noise:.1f}% of the net's time (identical "
                  "copies measured that far apart)" + ("" if 100 * plan.noise < options.min_gain else
-                 f", over --min-gain {options.min_gain:g}%: only merges that surely save less were left out (a "
+                 f", over the minimum gain {options.min_gain:g}%: only merges that surely save less were left out (a "
                  "quieter machine or more rounds resolves more)"))
     return exclude + [n for n in names if n not in exclude], notes
 
@@ -225,7 +226,7 @@ def training_rules(graph: Graph, rules: tuple[Rule, ...], asked: str | Sequence[
         return rules, []
     dropouts = [layer.name for layer in graph.layers() if layer.type == "Dropout"]
     listed = ", ".join(dropouts[:3]) + (", ..." if len(dropouts) > 3 else "")
-    note = [f"train_val net: Dropout kept for training ({listed}); name eliminate_dropout in --rules to remove it"]
+    note = [f"train_val net: Dropout kept for training ({listed}); name eliminate_dropout in the rules to remove it"]
     return tuple(r for r in rules if r.name != "eliminate_dropout"), note if dropouts else []
 
 
@@ -251,12 +252,14 @@ def check_rewrite(original: Graph, rewritten: Graph, prototxt: PathLike, weights
     shapes = infer_shapes(original)
     inputs = {original.caffe_name(b): shapes[b] for b in original.inputs()}
     if any(s is None for s in inputs.values()) or not inputs:
-        raise DeepRebirthError("--check needs a net with Input layers of known shape", file=str(prototxt))
+        raise DeepRebirthError("checking in Caffe needs a net with Input layers of known shape", file=str(prototxt),
+                               options=("check",))
     # Caffe would open the files these layers name (data sources, mean files, HDF5 output) or import their module
     risky = [f"'{layer.name}' ({layer.type})" for layer in original.layers() if layer.type in CALLS_OUT_TYPES]
     if risky:
-        raise DeepRebirthError(f"--check would make Caffe open files or import code named in the net: "
-                               f"{', '.join(risky[:3])}; check a deploy net with Input layers", file=str(prototxt))
+        raise DeepRebirthError(f"checking would make Caffe open files or import code named in the net: "
+                               f"{', '.join(risky[:3])}; check a deploy net with Input layers", file=str(prototxt),
+                               options=("check",))
     feeds = random_feeds(inputs, options.check, options.seed)  # type: ignore[arg-type]
     if options.images:
         name, shape = next(iter(inputs.items()))

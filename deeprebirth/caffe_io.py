@@ -299,7 +299,8 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     except ValueError:
         shape = ()
     if not sep or not name or not shape or any(d <= 0 for d in shape):
-        raise DeepRebirthError(f"--input-shape {text!r}: expected BLOB:N,C,H,W with positive sizes")
+        raise DeepRebirthError(f"input shape {text!r}: expected BLOB:N,C,H,W with positive sizes",
+                               options=("input_shapes",))
     return name, shape
 
 

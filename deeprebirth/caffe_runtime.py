@@ -45,7 +45,7 @@ def import_caffe(gpu: int | None = None) -> ModuleType:
         return caffe
     problem = gpu_problem(gpu)
     if problem:
-        raise DeepRebirthError(f"--gpu {gpu}: {problem}")
+        raise DeepRebirthError(f"GPU {gpu}: {problem}", options=("gpu",))
     caffe.set_device(gpu)
     caffe.set_mode_gpu()
     return caffe

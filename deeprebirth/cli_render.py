@@ -3,7 +3,7 @@ CLI echoes), no I/O: strings in, strings out."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from deeprebirth import api
@@ -87,6 +87,15 @@ def slowest_table(p: Any, top: int) -> str:
         [[t.name, t.type, f"{t.ms:.3f}", f"{100 * t.ms / p.total_ms:.1f}%" if p.total_ms else "-"] for t in slowest])
 
 
+def profile_text(profiles: Sequence[Any], top: int) -> str:
+    """One profile (per type, the slowest layers), or two side by side."""
+    first = profiles[0]
+    if len(profiles) == 1:
+        return "\n".join([*profile_header(first), type_table(first), slowest_table(first, top)])
+    return "\n".join([*profile_header(first, "before: "), *profile_header(profiles[1], "after:  "),
+                      compare_table(first, profiles[1])])
+
+
 def compare_table(a: Any, b: Any) -> str:
     def ratio(x: float, y: float) -> str:
         return f"{x / y:.2f}x" if y else "-"
@@ -134,3 +143,181 @@ def finetune_table(steps: Sequence[Any]) -> str:
              f"{s.seconds:.1f}"] for s in steps]
     return table(["phase: new layers", "merged", "loss on", "lr", "kept/iters", "held-out top-1", "agrees",
                   "error at blob", "error at output", "seconds"], rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# whole command outputs
+
+
+def next_step(relearn: Sequence[str], prototxt: str, weights: str | None, out_prototxt: str,
+              out_weights: str | None, report_path: str | None) -> str:
+    """After a lossy rewrite: which layers need fine-tuning, and the finetune command line that does it."""
+    return "\n".join([f"\n{len(relearn)} layer(s) now need fine-tuning: {', '.join(relearn)}",
+                      "next: deeprebirth finetune " + " ".join([
+                          prototxt, weights or "ORIGINAL.caffemodel", out_prototxt, out_weights or "SLIM.caffemodel",
+                          "--report", report_path or "REPORT.json", "--data", "DATA", "--out", "FINAL.caffemodel",
+                          "--budget", "10m"])])
+
+
+def check_text(c: Any) -> str:
+    """A rewrite's check in real Caffe: the per-blob table and the verdict."""
+    lines = [table(["blob", "max |a-b|", "max |a-b| / max |a|"],
+                   [[d.blob, f"{d.max_abs:.3g}", f"{d.max_rel:.3g}"] for d in c.diffs])]
+    if c.lossy:
+        lines.append(f"check on {c.inputs} inputs in real Caffe: the rewrite is lossy, so outputs differ until the "
+                     f"new layers are fine-tuned (worst relative difference now {c.worst.max_rel:.3g}); every "
+                     "compared output keeps its shape")
+    else:
+        verdict = "PASSED" if c.passed else "FAILED"
+        lines.append(f"check {verdict} on {c.inputs} inputs in real Caffe: worst relative error "
+                     f"{c.worst.max_rel:.3g} (tolerance {c.tolerance:g}), predictions changed: {c.predictions_changed}")
+    return "\n".join(lines)
+
+
+def skips_lines(skips: Sequence[tuple[str, Any]]) -> list[str]:
+    if not skips:
+        return []
+    return [f"places where a rule would not fire ({len(skips)}):"] + [f"  {rule}: {skip.layer}: {skip.reason}"
+                                                                      for rule, skip in skips]
+
+
+def inspect_text(found: Any) -> str:
+    rows = []
+    for cost in found.costs:
+        shapes = "?" if cost.top_shapes is None else " ".join("x".join(map(str, s)) for s in cost.top_shapes)
+        rows.append([cost.name, cost.type, shapes, human(cost.params), human(cost.macs),
+                     human(cost.activation_bytes, "B")])
+    lines = [table(["layer", "type", "output", "params", "MACs", "memory"], rows),
+             (f"total: {len(found.costs)} layers, {human(sum(c.params for c in found.costs))} params, "
+              f"{human(sum(c.macs for c in found.costs))} MACs, "
+              f"{human(sum(c.activation_bytes for c in found.costs), 'B')} activations"),
+             "", f"rules that would fire ({len(found.fires)}):"]
+    lines += [f"  {rule}: {' + '.join(layers)}" for rule, layers in found.fires]
+    return "\n".join(lines + skips_lines(found.skips))
+
+
+def latency_text(nets: Sequence[tuple[str, str | None]], runtime: str, timing: dict[str, Any],
+                 times: Sequence[Sequence[float]]) -> str:
+    import statistics
+
+    medians = [statistics.median(t) for t in times]
+    labels = ["before", "after"] if len(nets) == 2 else ["net"]
+    lines = [(f"{runtime}: whole forward passes, {timing['threads']} thread(s), median of {timing['rounds']} "
+             f"interleaved rounds after {timing['warmup']} warm-up, {timing['clock']} clock"
+             f"{'' if nets[0][1] else ', random weights'}"),
+             table(["", "net", "median ms", "min ms"],
+                   [[label, path, f"{m:.2f}", f"{min(t):.2f}"] for label, (path, _), m, t in
+                    zip(labels, nets, medians, times)])]
+    if len(nets) == 2 and medians[1] > 0:
+        lines.append(f"speed-up before/after in {runtime}: {medians[0] / medians[1]:.2f}x")
+    return "\n".join(lines)
+
+
+def runtime_plan_text(prototxt: str, weights: str | None, runtime: str, plan: Any) -> str:
+    lines = [(f"{prototxt}{'' if weights else ' (random weights)'}: {plan.original_ms:.2f} ms per forward in "
+             f"{runtime} (batch {plan.batch}, {plan.threads} thread(s), median of {plan.rounds} interleaved rounds "
+             f"of every variant); each merge applied alone and timed there; noise floor {100 * plan.noise:.1f}% "
+             f"(identical copies of the net measured that far apart)")]
+    rows = []
+    for i, c in enumerate(plan.candidates, 1):
+        share = 100 * plan.share(c)
+        verdict = ("pays" if c.risk == "exact" or share >= 1.0 else
+                   "does not pay" if plan.surely_below(c, 1.0) else "within noise")
+        rows.append([i, c.rule, c.risk, c.stage, c.layers[0], f"{c.saved_ms:.2f}", f"{share:.1f}%", verdict])
+    lines.append(table(["#", "rule", "risk", "stage", "at", f"saved on {runtime} (ms)", "of net", ""], rows))
+    losers = [c for c in plan.candidates if c.risk == "lossy" and plan.surely_below(c, 1.0)]
+    if losers:
+        lines.append(f"{len(losers)} lossy merge(s) save under 1% on {runtime} even allowing for the noise: "
+                     f"re-learning them spends accuracy for nothing there (rewrite --runtime {runtime} --min-gain 1 "
+                     "leaves them out)")
+    return "\n".join(lines)
+
+
+def plan_text(prototxt: str, plan: Any, risks: dict[int, Any], risk_budget: str) -> str:
+    p = plan.profile
+    note = " (no --weights: timed and planned with random weights)" if plan.random_weights else ""
+    lines = [(f"{prototxt}{note}: {p.total_ms:.2f} ms per forward in Caffe (batch {p.batch}, {p.threads} "
+             f"thread(s), {p.clock} clock), {100 * p.non_tensor_share:.1f}% non-tensor; convolution cost "
+             f"{plan.conv_ms_per_mac * 1e9:.3f} ms per GMAC")]
+    rows = []
+    for i, c in enumerate(plan.candidates, 1):
+        share = f"{100 * c.time_saved_ms / p.total_ms:.1f}%" if p.total_ms else "-"
+        row = [i, c.rule, c.group, c.risk, c.stage, c.layers[0], len(c.removed),
+               f"{c.time_saved_ms:.3f}{'*' if c.estimated else ''}", share, human(c.macs_saved),
+               human(c.params_saved), human(c.memory_saved_bytes, "B")]
+        if risks:
+            r = risks.get(i - 1)
+            row += ["-", "-"] if r is None else [f"{pct(r.agreement_before)} -> {pct(r.agreement_after)}",
+                                                 f"{num(r.output_error_before)} -> {num(r.output_error_after)}"]
+        rows.append(row)
+    headers = ["#", "rule", "group", "risk", "stage", "at", "removes", "time saved (ms)", "of net", "MACs saved",
+               "params saved", "memory saved"]
+    if risks:
+        headers += ["agrees (short mimic)", "error at output"]
+    lines.append(table(headers, rows))
+    if risks:
+        lines.append(f"agrees: held-out top-1 agreement with the original of the net with only that merge (and "
+                     f"those it builds on), as merged -> after a {risk_budget} mimic; exact merges agree fully")
+    if not plan.candidates:
+        lines.append("no rule matches this net")
+    for i, c in enumerate(plan.candidates, 1):
+        extra = f"; re-learn {', '.join(c.relearn)}" if c.relearn else ""
+        lines.append(f"  {i}. {c.summary}{extra}")
+    if any(c.estimated for c in plan.candidates):
+        lines.append("  * includes layers made by an earlier stage, timed from their MACs")
+    if any(c.stage for c in plan.candidates):
+        lines.append("  stage n: matches once the candidates of the earlier stages are applied")
+    return "\n".join(lines + skips_lines(plan.skips))
+
+
+def evaluate_text(result: Any, reference: bool) -> str:
+    rows = [["net", pct(result.top1), pct(result.top5), "-"]]
+    if reference:
+        rows.append(["reference", pct(result.reference_top1), pct(result.reference_top5), ""])
+        rows[0][3] = pct(result.agreement)
+    return "\n".join([table(["", "top-1", "top-5", "top-1 agrees with reference"], rows),
+                      f"{result.images} images, {result.classes} classes, {result.seconds:.1f} s"])
+
+
+def draw_text(result: Any) -> str:
+    shown = result.highlighted[:8]
+    more = f" and {len(result.highlighted) - len(shown)} more" if len(result.highlighted) > len(shown) else ""
+    merged = f": {', '.join(shown)}{more}" if shown else ""
+    return f"wrote {result.path} ({result.layers} layers, {len(result.highlighted)} highlighted{merged})"
+
+
+def batch_row(row: Any, done: int, total: int) -> str:
+    """One finished model as the batch goes (a log line: it says what happened to that model, not only how far)."""
+    detail = row.error or (f"{row.layers_before} -> {row.layers_after} layers" +
+                           (f", check {row.check}" if row.check else ""))
+    cached = " (done earlier)" if row.cached else ""
+    return f"[{done}/{total}] {row.status}{cached} {row.prototxt} ({row.seconds:.1f} s): {detail}"
+
+
+def batch_text(summary: Any) -> str:
+    rows = [[r.prototxt, r.status + (" (earlier)" if r.cached else ""),
+             "" if r.layers_before is None else f"{r.layers_before} -> {r.layers_after}",
+             "" if r.macs_before is None else f"{human(r.macs_before)} -> {human(r.macs_after or 0)}",
+             r.check or "", r.error[:80]] for r in summary.results]
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(summary.counts.items()))
+    return "\n".join([table(["model", "status", "layers", "MACs", "check", "note"], rows),
+                      (f"{len(summary.results)} found: {counts} ({summary.seconds:.1f} s); wrote "
+                      f"{', '.join(summary.files)}")])
+
+
+def export_text(result: Any) -> str:
+    def shapes(found: Mapping[str, tuple[int, ...] | None]) -> str:
+        return ", ".join(f"{name} {'x'.join(map(str, shape)) if shape else '?'}" for name, shape in found.items())
+
+    nodes = f", {result.nodes} ONNX nodes" if result.nodes is not None else ""
+    lines = [(f"wrote {', '.join(result.files)} ({result.format}{nodes}): {shapes(result.inputs)} -> "
+             f"{shapes(result.outputs)}")]
+    c = result.check
+    if c is not None:
+        lines.append(table(["output", "max |a-b|", "max |a-b| / max |a|"],
+                           [[d.blob, f"{d.max_abs:.3g}", f"{d.max_rel:.3g}"] for d in c.diffs]))
+        verdict = "PASSED" if c.passed else "FAILED"
+        lines.append(f"check {verdict} on {c.inputs} inputs, Caffe vs {c.runtime}: worst relative error "
+                     f"{c.worst.max_rel:.3g} (tolerance {c.tolerance:g}), predictions changed: "
+                     f"{c.predictions_changed}")
+    return "\n".join(lines)

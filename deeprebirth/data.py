@@ -210,7 +210,7 @@ def check_fits(data: DataSet, input_size: tuple[int, int], transform: Transform)
                                    file=data.source)
     elif (h, w) != tuple(input_size):
         raise DeepRebirthError(f"image size {h}x{w} does not fit the net's input {input_size[0]}x{input_size[1]} "
-                               "(resize or crop them: --resize HxW, --crop N)", file=data.source)
+                               "(resize them to HxW, or crop them to N)", file=data.source, options=("resize", "crop"))
 
 
 def _image_size(path: str) -> tuple[int, int]:
@@ -238,7 +238,7 @@ def _validate_files(paths: list[str], transform: Transform) -> tuple[int, int]:
                 first = size
             elif size != first:
                 raise DeepRebirthError(f"image size {size[0]}x{size[1]} differs from the first image's "
-                                       f"{first[0]}x{first[1]} (use --resize HxW)", file=p)
+                                       f"{first[0]}x{first[1]} (resize them to HxW)", file=p, options=("resize",))
     return transform.resize or first or (0, 0)
 
 

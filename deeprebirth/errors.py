@@ -4,16 +4,21 @@ from __future__ import annotations
 
 
 class DeepRebirthError(Exception):
-    """A problem with the user's input (exit code 2), rendered as ``file: layer 'x': message``."""
+    """A problem with the user's input (exit code 2), rendered as ``file: layer 'x': message``.
 
-    def __init__(self, message: str, *, file: str | None = None, layer: str | None = None) -> None:
+    The message names concepts ("no weights given"), never a front end's spelling of them: ``options`` lists the
+    API parameters it is about (``"weights"``), and the command line adds its flags for those (``--weights``)."""
+
+    def __init__(self, message: str, *, file: str | None = None, layer: str | None = None,
+                 options: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.message = message
         self.file = file
         self.layer = layer
+        self.options = options
 
     def __reduce__(self) -> tuple[object, ...]:
-        """Pickled with its file and layer (an isolated Caffe run raises it in a child process)."""
+        """Pickled with its file, layer and options (an isolated Caffe run raises it in a child process)."""
         return (self.__class__, (self.message,), self.__dict__)
 
     def __str__(self) -> str:

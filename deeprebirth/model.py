@@ -36,12 +36,12 @@ def load_model(prototxt: PathLike, weights: PathLike | None = None, phase: str =
         layer.top_shapes, reason = caffe_io.data_layer_shapes(param, given, folder)
         if layer.top_shapes is None:
             graph.warnings.append(f"shapes of {layer.type} layer '{layer.name}' unknown ({reason}): give "
-                                  f"--input-shape {param.top[0]}:N,C,H,W, or rules that need shapes do not fire")
+                                  f"the input shape {param.top[0]}:N,C,H,W, or rules that need shapes do not fire")
     unused = set(given) - {graph.caffe_name(t) for layer in graph.layers() if layer.type in caffe_io.DATA_LAYER_TYPES
                            for t in layer.tops}
     if unused:
-        raise DeepRebirthError(f"--input-shape names {min(unused)!r}, which is no top of a data layer "
-                               f"(in phase {phase})", file=str(prototxt))
+        raise DeepRebirthError(f"the input shapes name {min(unused)!r}, which is no top of a data layer "
+                               f"(in phase {phase})", file=str(prototxt), options=("input_shapes",))
     shapes = infer_shapes(graph)
     if weights is not None:
         found = caffe_io.read_weights(weights)

@@ -314,7 +314,7 @@ def _peak_rss() -> int:
 def _feed_caffe(net: Any, batch: int | None, rng: np.random.Generator) -> dict[str, list[int]]:
     if batch is not None:
         if not net.inputs:
-            raise DeepRebirthError("--batch needs a net with Input layers")
+            raise DeepRebirthError("a batch size needs a net with Input layers", options=("batch",))
         for name in net.inputs:
             shape = net.blobs[name].data.shape
             net.blobs[name].reshape(batch, *shape[1:])

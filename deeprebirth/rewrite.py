@@ -148,7 +148,7 @@ def select_rules(names: Sequence[str] | str = "all", skip: Iterable[str] = ()) -
     skip = set(skip)
     for name in skip:
         if name not in known:
-            raise DeepRebirthError(f"unknown rule or group {name!r} in --skip")
+            raise DeepRebirthError(f"unknown rule or group {name!r} in the rules to skip", options=("skip",))
     return tuple(r for r in RULES if r.name in wanted and r.name not in skip and r.group not in skip)
 
 

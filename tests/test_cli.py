@@ -150,6 +150,21 @@ def test_unknown_rule(model: tuple[str, str], tmp_path: Path) -> None:
     assert_one_line_error(code, err, "unknown rule or group 'fuse_everything'")
 
 
+def test_library_errors_name_concepts_and_the_cli_adds_its_flags(model: tuple[str, str], tmp_path: Path) -> None:
+    from deeprebirth.api import DeepRebirthError, rewrite_files
+
+    with pytest.raises(DeepRebirthError) as raised:
+        rewrite_files(model[0], tmp_path / "o.prototxt", out_weights=tmp_path / "o.caffemodel")
+    assert "--" not in str(raised.value) and raised.value.options == ("out_weights", "weights")
+    code, _, err = run("rewrite", model[0], str(tmp_path / "o.prototxt"), "--out-weights", str(tmp_path / "o.cm"))
+    assert_one_line_error(code, err, f"{raised.value} (--out-weights, --weights)")
+    code, _, err = run("rewrite", model[0], str(tmp_path / "o.prototxt"), "--skip", "nope")
+    assert_one_line_error(code, err, "unknown rule or group 'nope' in the rules to skip (--skip)")
+    code, _, err = run("export", *model, str(tmp_path / "net.tflite"))
+    assert_one_line_error(code, err, "name the format (onnx, mnn, ncnn) or use .onnx, .mnn, .param (--to)")
+    assert not list(tmp_path.glob("o.*"))
+
+
 def test_missing_input_file(tmp_path: Path) -> None:
     code, _, err = run("rewrite", str(tmp_path / "nope.prototxt"), str(tmp_path / "o.prototxt"))
     assert_one_line_error(code, err, "nope.prototxt", "cannot read")

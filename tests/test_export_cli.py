@@ -85,7 +85,7 @@ def test_bad_requests(model: tuple[str, str], tmp_path: Path) -> None:
     code, _, err = run("export", *model, str(tmp_path / "net.tflite"))
     assert_one_line_error(code, err, "--to")
     code, _, err = run("export", *model, str(tmp_path / "n.param"), "--batch", "2")
-    assert_one_line_error(code, err, "--batch 1")
+    assert_one_line_error(code, err, "export with batch size 1 (--batch)")
     code, _, err = run("export", *model, model[1].replace(".caffemodel", ".onnx"), "--outputs", "nope")
     assert_one_line_error(code, err, "no blob named 'nope'")
     code, _, err = run("export", model[0], model[0], str(tmp_path / "x.onnx"))

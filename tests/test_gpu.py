@@ -34,7 +34,7 @@ def test_gpu_on_a_cpu_only_caffe_is_refused_in_one_line(tmp_path: Path) -> None:
     proto, model = save(graph_from_text(SMALL, seed=0), tmp_path, "net")
     result = CliRunner().invoke(main, ["profile", proto, "--weights", model, "--gpu", "0", "--rounds", "1"])
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
-    assert "--gpu 0: this Caffe was built without CUDA" in result.stderr
+    assert "GPU 0: this Caffe was built without CUDA" in result.stderr and "(--gpu)" in result.stderr
     np.savez(tmp_path / "data.npz", x=np.zeros((2, 48, 48, 3), np.uint8), y=np.zeros(2, np.int64))
     result = CliRunner().invoke(main, ["evaluate", proto, model, "--data", str(tmp_path / "data.npz"), "--gpu", "0"])
     assert result.exit_code == 2 and "built without CUDA" in result.stderr

@@ -142,7 +142,8 @@ def test_check_refuses_to_run_nets_that_name_files_or_modules(tmp_path: Path, re
                  str(tmp_path / "o.caffemodel"), "--check", "1")
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1
-    assert "--check would make Caffe open files or import code named in the net: 'py' (Python)" in result.stderr
+    assert "checking would make Caffe open files or import code named in the net: 'py' (Python)" in result.stderr
+    assert result.stderr.rstrip().endswith("(--check)")
 
 
 def test_unknown_layer_types_pass_through_untouched_with_a_warning(tmp_path: Path) -> None:

@@ -166,7 +166,7 @@ def test_without_a_shape_one_line_says_which_and_how(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     [line] = [w for w in result.stderr.splitlines() if "shapes of" in w]
     assert line.startswith("warning: shapes of Data layer 'data' unknown (its LMDB ")
-    assert "does not exist here): give --input-shape data:N,C,H,W" in line
+    assert "does not exist here): give the input shape data:N,C,H,W" in line
     assert "Dropout kept for training (drop9)" in result.stderr
     result = CliRunner().invoke(main, ["rewrite", str(train_val), str(tmp_path / "out2.prototxt"),
                                        "--input-shape", "data:2,3,64,64", "--rules", "all,eliminate_dropout"])

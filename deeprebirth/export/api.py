@@ -54,8 +54,8 @@ def export_format(out: PathLike, to: str | None) -> str:
         return to
     suffix = Path(out).suffix.lower()
     if suffix not in SUFFIXES:
-        raise DeepRebirthError(f"cannot tell the format from the suffix {suffix or '(none)'!r}: use --to "
-                               f"({', '.join(FORMATS)}) or .onnx, .mnn, .param", file=str(out))
+        raise DeepRebirthError(f"cannot tell the format from the suffix {suffix or '(none)'!r}: name the format "
+                               f"({', '.join(FORMATS)}) or use .onnx, .mnn, .param", file=str(out), options=("to",))
     return SUFFIXES[suffix]
 
 
@@ -157,7 +157,7 @@ def export_feeds(inputs: dict[str, Shape], count: int, images: Sequence[PathLike
     feeds = random_feeds(inputs, count, seed)
     if images:
         if len(inputs) != 1:
-            raise DeepRebirthError("--images needs a net with exactly one input")
+            raise DeepRebirthError("comparing on images needs a net with exactly one input", options=("images",))
         (name, shape), = inputs.items()
         feeds += image_feeds([os.fspath(p) for p in images], name, shape)
     return feeds

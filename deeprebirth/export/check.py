@@ -80,7 +80,7 @@ def check_export(prototxt: str | os.PathLike[str], caffemodel: str | os.PathLike
                  tolerance: float | None = None) -> RuntimeCheck:
     """Compare Caffe and ``runtime`` running ``model`` on every feed, output by output (Caffe names)."""
     if not feeds:
-        raise DeepRebirthError("nothing to check on: give --check N or --images")
+        raise DeepRebirthError("nothing to check on: no random inputs and no images asked for", options=("check", "images"))
     expected = caffe_outputs(prototxt, caffemodel, feeds, list(outputs))
     session = open_session(runtime, model, outputs)
     result = RuntimeCheck(runtime, len(feeds), TOLERANCES[runtime] if tolerance is None else tolerance)

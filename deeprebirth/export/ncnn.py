@@ -38,7 +38,7 @@ def onnx_to_ncnn(model_bytes: bytes, out: str | os.PathLike[str], inputs: dict[s
     """Convert a serialized ONNX model to the ncnn pair ``OUT.param``/``OUT.bin``; returns their paths."""
     binary = pnnx_binary()
     if any(shape[0] != 1 for shape in inputs.values()):
-        raise DeepRebirthError("ncnn runs one image at a time: export with --batch 1")
+        raise DeepRebirthError("ncnn runs one image at a time: export with batch size 1", options=("batch",))
     bad = [name for name in (*inputs, *outputs) if not name or any(c.isspace() for c in name)]
     if bad:
         raise DeepRebirthError(f"blob name {bad[0]!r} cannot be an ncnn blob name (it holds white space)")

@@ -85,7 +85,8 @@ def plan_on_runtime(prototxt: PathLike, weights: PathLike | None, runtime: str, 
                     clock: str = "wall", config: RuleConfig | None = None) -> RuntimePlan:
     """Measure every candidate merge of ``prototxt`` on ``runtime`` (onnxruntime, mnn, ncnn)."""
     if runtime not in EXPORTED:
-        raise DeepRebirthError(f"plan --runtime takes {', '.join(EXPORTED)} (Caffe is the default plan)")
+        raise DeepRebirthError(f"a runtime plan takes {', '.join(EXPORTED)} (Caffe is the default plan)",
+                               options=("runtime",))
     chosen = select_rules(rules)
     config = config or RuleConfig()
     graph = load_model(prototxt, weights)

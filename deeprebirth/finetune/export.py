@@ -98,9 +98,9 @@ def export_plan(original_prototxt: PathLike, original_weights: PathLike, slim_pr
     options = options or FinetuneOptions()
     budget = _check_options(options)
     if budget.timed:
-        raise DeepRebirthError(f"--budget {options.budget}: a time budget cannot be exported (how many iterations "
+        raise DeepRebirthError(f"budget {options.budget}: a time budget cannot be exported (how many iterations "
                                "fit depends on the machine that runs them); give iterations (e.g. 3000it) or "
-                               "epochs (e.g. 5ep)")
+                               "epochs (e.g. 5ep)", options=("budget",))
     target = Path(folder)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise DeepRebirthError("the export folder exists and is not empty; choose a new one", file=str(target))
@@ -132,7 +132,7 @@ def _write(ctx: _Context, store: dict[str, list[np.ndarray]], teacher: Teacher, 
            budget: Any, out: Path, train_val: PathLike | None, display: int | None) -> ExportResult:
     iterations = phase_iterations(ctx, options, budget)
     lr = options.solver.lr if options.solver.lr is not None else REFERENCE_LR.get(options.solver.solver, 1e-3)
-    lr_note = "--lr" if options.solver.lr is not None else "the search's reference rate; --lr to choose"
+    lr_note = "as given" if options.solver.lr is not None else "the search's reference rate; give a rate to choose"
     solver = replace(options.solver, lr=lr)
     images: int | None = None
     if train_val is not None:

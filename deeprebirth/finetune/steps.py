@@ -78,7 +78,7 @@ def plan_steps(report: RewriteReport, original: Graph, slim: Graph) -> list[Step
         if change.rule == "merge_inception_branches" and change.changed:
             raise DeepRebirthError(f"change {i + 1} ({change.summary}) reorders the channels of "
                                    f"'{change.reproduces}', which layer-wise fine-tuning compares with the "
-                                   "original's channel by channel; rewrite with a --widen mode that keeps the channel "
+                                   "original's channel by channel; rewrite with a widen mode that keeps the channel "
                                    "order (balanced, on GoogLeNet-ordered blocks)")
     still = set(report.relearn)  # the new layers no later change removed (each one in ``made``)
     missing = sorted(name for name in still if name not in slim)

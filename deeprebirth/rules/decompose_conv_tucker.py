@@ -101,7 +101,7 @@ def match(graph: Graph, config: RuleConfig) -> Iterator[Match | Skip]:
             continue
         if method.needs_weights and not conv.blobs:
             yield Skip(conv.name, f"no weights: rank method {method.kind} reads the ranks off the kernel "
-                                  "(give --weights, or use speedup:X)")
+                                  "(give the weights, or use speedup:X)")
             continue
         size = ConvSize(bottom[1], top[1], conv_geometry(conv.proto.convolution_param).kernel,
                         bottom[0] * bottom[2] * bottom[3], top[0] * top[2] * top[3])

@@ -31,7 +31,7 @@ def match(graph: Graph, config: RuleConfig) -> Iterator[Match | Skip]:
             yield Skip(bn.name, "use_global_stats is false: it normalises with batch statistics")
             continue
         if not bn.blobs:
-            yield Skip(bn.name, "no weights: folding needs the BatchNorm statistics (give --weights)")
+            yield Skip(bn.name, "no weights: folding needs the BatchNorm statistics (the weights were not given)")
             continue
         linear, reason = linear_producer(graph, bn)
         if linear is None:

@@ -34,7 +34,7 @@ def match(graph: Graph, config: RuleConfig) -> Iterator[Match | Skip]:
             yield Skip(scale.name, f"not per-channel (axis {param.axis}, num_axes {param.num_axes})")
             continue
         if not scale.blobs:
-            yield Skip(scale.name, "no weights: folding needs the Scale factors (give --weights)")
+            yield Skip(scale.name, "no weights: folding needs the Scale factors (the weights were not given)")
             continue
         linear, reason = linear_producer(graph, scale)
         if linear is None:
