@@ -382,7 +382,7 @@ def save_evaluation(path: PathLike, result: Any) -> None:
 _ELSEWHERE = {
     "deeprebirth.profile": ("plot_by_type", "profile_net", "type_class"),
     "deeprebirth.export.latency": ("latency",),
-    "deeprebirth.export.layer_times": ("NOT_LAYER_TIMED", "profile_on_runtime"),
+    "deeprebirth.export.layer_times": ("LAYER_TIMED", "NOT_LAYER_TIMED", "profile_on_runtime"),
     "deeprebirth.export.runtime_plan": ("plan_on_runtime",),
     "deeprebirth.export.api": ("ExportOptions", "export_files"),
     "deeprebirth.data": ("Transform", "transform_from_prototxt"),
