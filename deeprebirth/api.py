@@ -345,7 +345,7 @@ def save_latency(path: PathLike, runtime: str, timing: dict[str, Any], nets: Seq
 
 
 def save_runtime_profile(path: PathLike, profile: Any) -> None:
-    """``profile --runtime onnxruntime|mnn --json``: the runtime's own per-layer times."""
+    """``profile --runtime onnxruntime|mnn|opencv --json``: the runtime's own per-layer times."""
     _save_json(path, profile.to_json())
 
 
