@@ -348,7 +348,7 @@ def save_latency(path: PathLike, runtime: str, timing: dict[str, Any], nets: Seq
 
 
 def save_runtime_profile(path: PathLike, profile: Any) -> None:
-    """``profile --runtime onnxruntime|mnn --json``: the runtime's own per-layer times."""
+    """``profile --runtime onnxruntime|mnn|opencv --json``: the runtime's own per-layer times."""
     _save_json(path, profile.to_json())
 
 
@@ -385,7 +385,7 @@ def save_evaluation(path: PathLike, result: Any) -> None:
 _ELSEWHERE = {
     "deeprebirth.profile": ("plot_by_type", "profile_net", "type_class"),
     "deeprebirth.export.latency": ("latency",),
-    "deeprebirth.export.layer_times": ("NOT_LAYER_TIMED", "profile_on_runtime"),
+    "deeprebirth.export.layer_times": ("LAYER_TIMED", "NOT_LAYER_TIMED", "profile_on_runtime"),
     "deeprebirth.export.runtime_plan": ("plan_on_runtime",),
     "deeprebirth.export.api": ("ExportOptions", "export_files"),
     "deeprebirth.data": ("Transform", "transform_from_prototxt"),

@@ -94,8 +94,8 @@ def inspect(prototxt: str, weights: str | None, phase: str, input_shapes: tuple[
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
               help="list the N slowest layers (0: all)")
 @click.option("--runtime", type=click.Choice(["caffe", "opencv", "onnxruntime", "mnn", "ncnn"]), default="caffe",
-              show_default=True, help="where to time: real Caffe per layer, or whole forward passes in OpenCV dnn "
-                                      "or in the exported model (ONNX Runtime, MNN, ncnn)")
+              show_default=True, help="where to time: real Caffe, OpenCV dnn, or the exported model (ONNX Runtime, "
+                                      "MNN, ncnn); per layer except in ncnn (whole forward passes)")
 @click.option("--gpu", type=int, default=None, metavar="ID",
               help="run on this GPU (needs Caffe built with DEEPREBIRTH_CUDA=1)  [default: CPU]")
 @_user_errors
@@ -103,15 +103,15 @@ def profile_command(prototxt: str, weights: str | None, batch: int | None, threa
                     compare_prototxt: str | None, compare_weights: str | None, plot_path: str | None,
                     json_path: str | None, top: int, clock: str, seed: int, runtime: str, gpu: int | None) -> None:
     """Time every layer of PROTOTXT in real Caffe: per layer, per type, the non-tensor share, and memory; or, with
-    --runtime, in another runtime: per layer in ONNX Runtime and MNN (their own per-op times), whole forward passes
-    elsewhere and with --compare (interleaved with --compare's net)."""
+    --runtime, in another runtime: per layer in OpenCV dnn, ONNX Runtime and MNN (their own per-op times), whole
+    forward passes in ncnn and with --compare (interleaved with --compare's net)."""
 
     if compare_weights and not compare_prototxt:
         raise api.DeepRebirthError("--compare-weights needs --compare")
     nets = [(prototxt, weights)] + ([(compare_prototxt, compare_weights)] if compare_prototxt else [])
     timing: dict[str, Any] = {"batch": batch, "threads": threads, "rounds": rounds, "warmup": warmup, "seed": seed,
                               "clock": clock}
-    if runtime in ("onnxruntime", "mnn") and not compare_prototxt:
+    if runtime in api.LAYER_TIMED and not compare_prototxt:
         _runtime_layers(prototxt, weights, runtime, top=top, plot_path=plot_path, json_path=json_path, **timing)
         return
     if runtime != "caffe":

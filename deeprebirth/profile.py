@@ -209,7 +209,7 @@ def interleaved_latency(nets: Sequence[tuple[PathLike, PathLike]], *, runtime: s
                                "batch": batch, "rounds": rounds, "warmup": warmup, "seed": seed, "fusion": fusion,
                                "threads": threads, "clock": clock, "gpu": gpu}
     if runtime == "opencv":
-        request["inputs"] = [_input_shapes(p, batch) for p, _ in nets]
+        request["inputs"] = [input_shapes(p, batch) for p, _ in nets]
     times: list[list[float]] = run_worker(request, threads)["times_ms"]
     return times
 
@@ -219,7 +219,7 @@ def _check_clock(clock: str) -> None:
         raise DeepRebirthError(f"unknown clock {clock!r} ({', '.join(CLOCKS)})")
 
 
-def _input_shapes(prototxt: PathLike, batch: int | None) -> dict[str, list[int]]:
+def input_shapes(prototxt: PathLike, batch: int | None) -> dict[str, list[int]]:
     """Input blob name -> shape, from our own shape inference (OpenCV cannot tell us)."""
     graph = load_model(prototxt)
     if batch is not None:

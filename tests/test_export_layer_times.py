@@ -1,5 +1,5 @@
-"""Per-layer times inside ONNX Runtime (its profiling trace) and MNN (its per-op callbacks), mapped back to the
-Caffe layers; ncnn, which exposes none, says so in one line."""
+"""Per-layer times inside ONNX Runtime (its profiling trace), MNN (its per-op callbacks) and OpenCV dnn (its
+per-layer tick counters), mapped back to the Caffe layers; ncnn, which exposes none, says so in one line."""
 
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ def test_runtime_op_names_map_back_to_caffe_layers() -> None:
     assert "norm1" in {layer.name for layer in no_op} and "data" not in {layer.name for layer in no_op}
 
 
-@pytest.mark.parametrize("runtime, shares", [("onnxruntime", (0.5, 1.1)), ("mnn", (0.5, 1.5))])
+# per-op sum over the forward, per round: OpenCV's layer ticks add up to its own total, inside the timed pass
+@pytest.mark.parametrize("runtime, shares", [("onnxruntime", (0.5, 1.1)), ("mnn", (0.5, 1.5)), ("opencv", (0.5, 1.0))])
 def test_per_type_times_cover_every_layer_type(runtime: str, shares: tuple[float, float],
                                                model: tuple[str, str]) -> None:
     profile = profile_on_runtime(*model, runtime, rounds=8, warmup=2)
@@ -60,18 +61,25 @@ def test_per_type_times_cover_every_layer_type(runtime: str, shares: tuple[float
     assert profile.total_ms <= high * profile.forward_ms  # medians per op: noise pushes the sum down, never up
     if runtime == "onnxruntime":  # NCHWc layout changes: real work no Caffe layer asked for, kept apart
         assert any(t.startswith(RUNTIME_OP) for t in timed)
+    if runtime == "opencv":  # every ReLU follows a conv, and OpenCV fuses the activation into it: 0 ticks
+        relus = {layer.name for layer in graph_from_text(Path(model[0]).read_text(), seed=None).layers()
+                 if layer.type == "ReLU"}
+        assert relus and relus <= {layer.name for layer in profile.no_op}
+        assert not any(t.startswith(RUNTIME_OP) for t in timed)  # it runs the Caffe layers themselves
 
 
-def test_profile_cli_per_layer_in_a_runtime(model: tuple[str, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("runtime", ["onnxruntime", "opencv"])
+def test_profile_cli_per_layer_in_a_runtime(runtime: str, model: tuple[str, str], tmp_path: Path) -> None:
     runner = CliRunner()
     report = tmp_path / "layers.json"
-    result = runner.invoke(main, ["profile", model[0], "--weights", model[1], "--runtime", "onnxruntime",
+    result = runner.invoke(main, ["profile", model[0], "--weights", model[1], "--runtime", runtime,
                                   "--rounds", "3", "--top", "3", "--json", str(report)])
     assert result.exit_code == 0, result.stderr
     assert "per-op sum" in result.stdout and "slowest layers" in result.stdout
-    assert "LRN" in result.stdout and "no op of their own in onnxruntime" in result.stdout
+    assert "LRN" in result.stdout and f"no op of their own in {runtime}" in result.stdout
+    assert "no per-layer times" not in result.stdout
     payload = json.loads(report.read_text())
-    assert payload["runtime"] == "onnxruntime" and payload["forward_ms"] > 0
+    assert payload["runtime"] == runtime and payload["forward_ms"] > 0
     assert {row["type"] for row in payload["by_type"]} >= WORKING_TYPES
 
 
@@ -83,3 +91,13 @@ def test_runtime_without_per_layer_times_says_so_in_one_line(model: tuple[str, s
     assert "LRN" not in result.stdout  # no invented per-type numbers
     with pytest.raises(DeepRebirthError, match="no per-layer times in ncnn"):
         profile_on_runtime(*model, "ncnn")
+
+
+def test_weights_opencv_cannot_read_are_one_line_naming_the_file(model: tuple[str, str], tmp_path: Path) -> None:
+    broken = tmp_path / "broken.caffemodel"
+    broken.write_bytes(Path(model[1]).read_bytes()[:1000])
+    result = CliRunner().invoke(main, ["profile", model[0], "--weights", str(broken), "--runtime", "opencv",
+                                       "--rounds", "1", "--warmup", "0"])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and model[0] in lines[0] and "OpenCV dnn cannot load the net" in lines[0], lines

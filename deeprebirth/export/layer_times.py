@@ -1,5 +1,12 @@
 """Per-layer times inside a deployment runtime, mapped back to the Caffe layers, where the runtime times its ops.
 
+- OpenCV dnn: runs the Caffe files themselves (``readNetFromCaffe`` keeps the layer names) and times every layer
+  of every forward on its tick counter (wall time); ``Net.getPerfProfile()`` returns the last forward's, one entry
+  per ``getLayerNames()`` name (layer ids from 1: id 0 is the input, left out of both). Layers OpenCV fused into
+  a neighbour (an activation or BatchNorm into its conv, a Concat whose inputs are written in place) tick 0 in
+  every round and are listed as having no op of their own. The per-layer ticks add up to OpenCV's own total, so
+  what the forward has beyond them is the Python binding's input and output copies.
+
 - ONNX Runtime: ``SessionOptions.enable_profiling`` writes a JSON trace with one ``<node>_kernel_time`` event per
   node and run (whole microseconds). The exporter names every node ``<layer>:<Op>``; the nodes ORT's graph
   optimizations rewrite are renamed after their output value (``conv1@1_1_nchwc``: the Conv fused with its ReLU, in
@@ -21,8 +28,9 @@ medians. How much of a pass the ops account for is taken round by round (summed 
 time, median over rounds), so a time slice lost to another process skews one round, not the whole ratio. The rest is
 the runtime's per-run overhead (input and output copies, the Python binding): large on a tiny net, small on a real
 one. The forward time is the median of whole passes timed around the runtime's run call in the same worker (MNN:
-separate passes without the callbacks, interleaved with the timed ones), by the chosen clock; MNN's ops use that
-clock too, ONNX Runtime's trace is always wall time.
+separate passes without the callbacks, interleaved with the timed ones; OpenCV: the very passes whose layers it
+timed), by the chosen clock; MNN's ops use that clock too, ONNX Runtime's trace and OpenCV's ticks are always wall
+time (so those two time the forward on the wall clock whatever the chosen one).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import json
 import re
 import statistics
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,15 +47,15 @@ from typing import Any
 import numpy as np
 
 from deeprebirth.errors import DeepRebirthError
+from deeprebirth.export.runtimes import Session
 from deeprebirth.graph import Graph
 from deeprebirth.model import PathLike, load_model
-from deeprebirth.profile import RUNTIME_OP, LayerTime, TypeTime, by_type, random_caffemodel, type_class
+from deeprebirth.profile import RUNTIME_OP, LayerTime, TypeTime, by_type, input_shapes, random_caffemodel, type_class
 
-LAYER_TIMED = ("onnxruntime", "mnn")
+LAYER_TIMED = ("onnxruntime", "mnn", "opencv")
 NOT_LAYER_TIMED = {
     "ncnn": "ncnn's Python wheel exposes no per-layer timing (only a C++ build with NCNN_BENCHMARK prints it) and "
             "pnnx renames the layers",
-    "opencv": "OpenCV dnn's own per-layer counters (Net.getPerfProfile) are not read here: whole passes only",
 }
 # What runtimes append to a layer's or blob's name when they rewrite or split a node, tried from the end.
 _SUFFIXES = tuple(re.compile(p) for p in (r"_kernel_time$", r":[A-Za-z]\w*$", r"_nchwc$", r"_token_\d+$",
@@ -108,6 +116,8 @@ class RuntimeProfile:
     def _op_clock(self) -> str:
         if self.runtime == "onnxruntime":
             return "(per-op times: ONNX Runtime's trace, whole microseconds of wall time: no CPU clock there)"
+        if self.runtime == "opencv":
+            return "(per-op times: OpenCV's per-layer tick counters, wall time: no CPU clock there)"
         return f"(per-op times: between {self.runtime}'s callbacks, {self.clock} clock)"
 
     def to_json(self) -> dict[str, Any]:
@@ -168,7 +178,8 @@ def attribute(graph: Graph, ops: Sequence[tuple[str, str, float]]) -> tuple[list
 def profile_on_runtime(prototxt: PathLike, weights: PathLike | None, runtime: str, *, batch: int | None = None,
                        threads: int = 1, rounds: int = 10, warmup: int = 2, seed: int = 0,
                        clock: str = "wall") -> RuntimeProfile:
-    """Export ``prototxt`` to ``runtime`` (random weights when none), run it in a fresh worker, time every op."""
+    """Export ``prototxt`` to ``runtime`` (OpenCV: the Caffe files as they are; random weights when none), run it
+    in a fresh worker, time every op."""
     from deeprebirth.export.api import ExportOptions, export_files
     from deeprebirth.export.latency import CLOCKS, EXPORTED, run_worker
 
@@ -182,24 +193,30 @@ def profile_on_runtime(prototxt: PathLike, weights: PathLike | None, runtime: st
     for path in (prototxt, weights):
         if path is not None and not Path(path).is_file():
             raise DeepRebirthError("no such file", file=str(path))
-    if runtime == "onnxruntime":
-        clock = "wall"  # its trace knows no CPU clock, and a pass and its ops must be timed alike to compare
+    if runtime in ("onnxruntime", "opencv"):
+        clock = "wall"  # their op times know no CPU clock, and a pass and its ops must be timed alike to compare
     graph = load_model(prototxt)
     with tempfile.TemporaryDirectory(prefix="deeprebirth-layer-times-") as tmp:
         folder = Path(tmp)
         model = weights if weights is not None else folder / "random.caffemodel"
         if weights is None:
             random_caffemodel(prototxt, model, seed)
-        out = folder / f"net.{EXPORTED[runtime]}"
-        result = export_files(prototxt, model, out, ExportOptions(to=EXPORTED[runtime], batch=batch))
-        request = {"job": "layers", "runtime": runtime, "path": str(out), "inputs": result.inputs,
-                   "outputs": result.outputs, "threads": threads, "rounds": rounds, "warmup": warmup, "seed": seed,
+        inputs: Mapping[str, Sequence[int]]
+        outputs: dict[str, Any]
+        if runtime == "opencv":
+            inputs, outputs, path = input_shapes(prototxt, batch), {}, str(prototxt)
+        else:
+            out = folder / f"net.{EXPORTED[runtime]}"
+            result = export_files(prototxt, model, out, ExportOptions(to=EXPORTED[runtime], batch=batch))
+            inputs, outputs, path = result.inputs, result.outputs, str(out)
+        request = {"job": "layers", "runtime": runtime, "path": path, "weights": str(model), "inputs": inputs,
+                   "outputs": outputs, "threads": threads, "rounds": rounds, "warmup": warmup, "seed": seed,
                    "clock": clock, "trace": str(folder / "ort")}
         found = run_worker(request, folder)
     ops = [(name, op, statistics.median(times)) for name, op, times in found["ops"]]
     layers, no_op = attribute(graph, ops)
     return RuntimeProfile(str(prototxt), None if weights is None else str(weights), runtime,
-                          {k: list(v) for k, v in result.inputs.items()}, threads, rounds, warmup, clock,
+                          {k: list(v) for k, v in inputs.items()}, threads, rounds, warmup, clock,
                           statistics.median(found["forward_ms"]), layers, no_op,
                           statistics.median(found["op_share"]) if found["op_share"] else 0.0)
 
@@ -217,7 +234,10 @@ def work_layers(request: dict[str, Any]) -> dict[str, Any]:
     clock = CLOCKS[request["clock"]]
     outputs = {name: tuple(shape) if shape else None for name, shape in request["outputs"].items()}
     trace = request["trace"] if runtime == "onnxruntime" else None
-    session = open_session(runtime, request["path"], outputs, request["threads"], profile=trace)
+    if runtime == "opencv":
+        session = _opencv_session(request["path"], request["weights"], request["threads"])
+    else:
+        session = open_session(runtime, request["path"], outputs, request["threads"], profile=trace)
     rng = np.random.default_rng(request["seed"])
     feed = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in request["inputs"].items()}
     forward: list[float] = []
@@ -227,6 +247,8 @@ def work_layers(request: dict[str, Any]) -> dict[str, Any]:
         session.run(feed)
         if i >= warmup:
             forward.append((clock() - start) * 1e3)
+            if session.last_ops is not None:
+                per_round.append(session.last_ops())
         if session.run_ops is not None:
             ops = session.run_ops(feed, clock)
             if i >= warmup:
@@ -237,6 +259,32 @@ def work_layers(request: dict[str, Any]) -> dict[str, Any]:
         raise DeepRebirthError(f"{runtime} reported ops for {len(per_round)} of {rounds} timed runs")
     sums = [sum(ms for _, _, ms in ops) for ops in per_round]
     return {"forward_ms": forward, "ops": _per_op(per_round), "op_share": [s / f for s, f in zip(sums, forward) if f]}
+
+
+def _opencv_session(prototxt: str, weights: str, threads: int) -> Session:
+    import cv2
+
+    cv2.setNumThreads(threads)
+    try:
+        net = cv2.dnn.readNetFromCaffe(prototxt, weights)
+    except cv2.error as err:  # its message holds the C++ source line and a newline: keep OpenCV's reason only
+        raise DeepRebirthError(f"OpenCV dnn cannot load the net: {err.err}", file=prototxt) from None
+    names = list(net.getLayerNames())
+    types = [net.getLayer(net.getLayerId(name)).type for name in names]
+    tick_ms = 1e3 / cv2.getTickFrequency()
+
+    def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name, array in feed.items():
+            net.setInput(array, name)
+        return {names[-1]: net.forward()}
+
+    def last_ops() -> list[tuple[str, str, float]]:
+        ticks = np.asarray(net.getPerfProfile()[1], dtype=np.float64).ravel()
+        if len(ticks) != len(names):  # the alignment everything here rests on: refuse rather than misattribute
+            raise DeepRebirthError(f"OpenCV timed {len(ticks)} layers but names {len(names)}", file=prototxt)
+        return [(name, op, t * tick_ms) for name, op, t in zip(names, types, ticks) if t > 0]
+
+    return Session(run, last_ops=last_ops)
 
 
 def _ort_trace_ops(path: Path, skip: int) -> list[list[tuple[str, str, float]]]:

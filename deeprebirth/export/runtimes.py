@@ -51,13 +51,15 @@ OpTimes = list[tuple[str, str, float]]  # (runtime op name, op type, ms) in exec
 class Session:
     """One loaded model; ``run`` takes Caffe-named feeds and returns Caffe-named outputs. Where the runtime times
     its own ops: MNN's ``run_ops(feed, clock)`` runs once and returns every op's time by ``clock`` (s); ONNX Runtime opened with ``profile``
-    records a trace of every run, and ``end_profiling`` writes it and returns its path."""
+    records a trace of every run, and ``end_profiling`` writes it and returns its path; OpenCV dnn times every
+    run anyway, and ``last_ops()`` reads the last one's."""
 
     def __init__(self, run: Callable[[Feed], dict[str, np.ndarray]], run_ops: Callable[[Feed, Callable[[], float]], OpTimes] | None = None,
-                 end_profiling: Callable[[], str] | None = None) -> None:
+                 end_profiling: Callable[[], str] | None = None, last_ops: Callable[[], OpTimes] | None = None) -> None:
         self.run = run
         self.run_ops = run_ops
         self.end_profiling = end_profiling
+        self.last_ops = last_ops
 
 
 def open_session(runtime: str, path: str | os.PathLike[str], outputs: Mapping[str, Shape | None], threads: int = 1,
