@@ -210,13 +210,13 @@ def test_crashed_and_hung_workers_are_recorded_and_the_batch_goes_on(tmp_path: P
     for name in ("crash", "hang", "bug", "fine"):
         with_weights(zoo / name, DEPLOY)
     start = time.monotonic()
-    summary = run_batch(zoo, out, BatchOptions(rules="exact", jobs=4, timeout=4), worker=misbehaving_worker)
+    summary = run_batch(zoo, out, BatchOptions(rules="exact", jobs=4, timeout=15), worker=misbehaving_worker)
     assert time.monotonic() - start < 60
     rows = by_path(summary.results)
     crash = rows["crash/deploy.prototxt"]
     assert crash.status == "crashed"
     assert "SIGABRT" in crash.error and "Check failed: boom (3 vs. 4)" in crash.error
-    assert rows["hang/deploy.prototxt"].status == "timeout" and "4 s" in rows["hang/deploy.prototxt"].error
+    assert rows["hang/deploy.prototxt"].status == "timeout" and "15 s" in rows["hang/deploy.prototxt"].error
     bug = rows["bug/deploy.prototxt"]
     assert bug.status == "failed" and "internal error" in bug.error and "KeyError" in bug.error
     assert rows["fine/deploy.prototxt"].status == "ok"
