@@ -1,8 +1,12 @@
-"""Fine-tuning a slimmed net against its original (``finetune_files``): the driver and its options
-(``driver``), layer-wise step planning (``steps``), the losses in stock Caffe layers (``losses``), one phase in
-pycaffe (``phase``), the budget (``budget``) and the plan as plain Caffe files (``export``)."""
+"""Fine-tuning a slimmed net against its original (``finetune_files``): the run (``driver``), its options,
+progress and results (``options``), what its phases share and the original as reference (``context``), resume
+(``state``), one phase's nets and losses (``spec``), layer-wise step planning (``steps``), the losses in stock
+Caffe layers (``losses``), one phase in pycaffe (``phase``), the budget (``budget``) and the plan as plain Caffe
+files (``export``)."""
 
-from deeprebirth.finetune.driver import (
+from deeprebirth.finetune.context import Teacher
+from deeprebirth.finetune.driver import finetune_files
+from deeprebirth.finetune.options import (
     MIMIC_TARGETS,
     MODES,
     SCHEDULES,
@@ -11,9 +15,7 @@ from deeprebirth.finetune.driver import (
     Progress,
     ProgressCallback,
     StepResult,
-    Teacher,
     default_work_dir,
-    finetune_files,
 )
 from deeprebirth.finetune.steps import Step, build_step_net, final_step, plan_steps
 

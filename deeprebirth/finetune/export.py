@@ -1,7 +1,7 @@
 """``finetune --export DIR``: the fine-tuning plan written as plain Caffe files, for ``caffe train`` on any machine
 (one GPU, ``-gpu all``, or the CPU) instead of the in-process run.
 
-The step nets are the in-process ones (``driver._phase_spec`` builds both); only the ``Input`` layers the
+The step nets are the in-process ones (``spec.phase_spec`` builds both); only the ``Input`` layers the
 in-process run feeds from numpy are replaced by a ``Data`` layer: the user's own (``--train-val``) or one reading an
 LMDB of Caffe Datums that the export writes from ``--data`` (raw pixels; the same transform as ``transform_param``).
 For each phase ``step_K/`` holds ``train_val.prototxt``, ``solver.prototxt`` and ``init.caffemodel``; ``run.sh``
@@ -38,18 +38,11 @@ from deeprebirth import caffe_pb2 as pb
 from deeprebirth.data import PathLike, Transform, write_lmdb
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.evaluate import NetIO
-from deeprebirth.finetune.driver import (
-    FinetuneOptions,
-    Teacher,
-    _blob_counts,
-    _check_options,
-    _Context,
-    _phase_spec,
-    _prepare,
-    phase_iterations,
-)
+from deeprebirth.finetune.context import Context, Teacher, phase_iterations, prepare
 from deeprebirth.finetune.losses import TEACHER
+from deeprebirth.finetune.options import FinetuneOptions, check_options
 from deeprebirth.finetune.phase import REFERENCE_LR
+from deeprebirth.finetune.spec import blob_counts, phase_spec
 from deeprebirth.finetune.steps import StepNet
 from deeprebirth.train import solver_text, validate_net, write_text
 
@@ -96,7 +89,7 @@ def export_plan(original_prototxt: PathLike, original_weights: PathLike, slim_pr
     """Write the plan (see the module docstring) into the new folder ``folder``; nothing is trained. ``display``:
     Caffe's loss log interval (default: about 20 lines per phase)."""
     options = options or FinetuneOptions()
-    budget = _check_options(options)
+    budget = check_options(options)
     if budget.timed:
         raise DeepRebirthError(f"budget {options.budget}: a time budget cannot be exported (how many iterations "
                                "fit depends on the machine that runs them); give iterations (e.g. 3000it) or "
@@ -113,8 +106,8 @@ def export_plan(original_prototxt: PathLike, original_weights: PathLike, slim_pr
     try:
         with tempfile.TemporaryDirectory(prefix="deeprebirth-export-") as work:
             opts = replace(options, work_dir=work, resume=False, report=None, max_steps=None)
-            ctx, store, _, _ = _prepare(original_prototxt, original_weights, slim_prototxt, slim_weights,
-                                        report_path, data, staging / "final.caffemodel", opts)
+            ctx, store, _, _ = prepare(original_prototxt, original_weights, slim_prototxt, slim_weights,
+                                       report_path, data, staging / "final.caffemodel", opts)
             teacher = Teacher(ctx.original, ctx.original_proto, original_weights, NetIO.of(ctx.original).input)
             result = _write(ctx, store, teacher, opts, budget, staging, train_val, display)
         os.chmod(staging, 0o777 & ~caffe_io._umask())
@@ -128,7 +121,7 @@ def export_plan(original_prototxt: PathLike, original_weights: PathLike, slim_pr
     return result
 
 
-def _write(ctx: _Context, store: dict[str, list[np.ndarray]], teacher: Teacher, options: FinetuneOptions,
+def _write(ctx: Context, store: dict[str, list[np.ndarray]], teacher: Teacher, options: FinetuneOptions,
            budget: Any, out: Path, train_val: PathLike | None, display: int | None) -> ExportResult:
     iterations = phase_iterations(ctx, options, budget)
     lr = options.solver.lr if options.solver.lr is not None else REFERENCE_LR.get(options.solver.solver, 1e-3)
@@ -151,7 +144,7 @@ def _write(ctx: _Context, store: dict[str, list[np.ndarray]], teacher: Teacher, 
     learned_before: set[Identity] = set()
     previous: dict[str, tuple[Identity, list[tuple[int, ...]]]] = {}
     for k, step in enumerate(ctx.steps):
-        spec, student, target = _phase_spec(ctx, step, store, teacher, options)
+        spec, student, target = phase_spec(ctx, step, store, teacher, options)
         validate_net(spec.train_net, f"step {step.index} train net")
         net = with_data_layer(spec.train_net, data_layer, ctx.io.input, spec.labels)
         params = _train_net_params(ctx, spec, student, store)
@@ -197,11 +190,11 @@ def _write(ctx: _Context, store: dict[str, list[np.ndarray]], teacher: Teacher, 
     return result
 
 
-def _train_net_params(ctx: _Context, spec: Any, student: StepNet,
+def _train_net_params(ctx: Context, spec: Any, student: StepNet,
                       store: dict[str, list[np.ndarray]]) -> dict[str, tuple[Identity, list[np.ndarray]]]:
     """Every train-net layer with parameters: where its weights come from, and their values at the step's start
     as the in-process run would have them if no earlier step had learned anything."""
-    counts = _blob_counts(ctx, student, store)
+    counts = blob_counts(ctx, student, store)
     found: dict[str, tuple[Identity, list[np.ndarray]]] = {}
     for layer in spec.train_net.layer:
         name = layer.name

@@ -107,7 +107,7 @@ class PhaseData:
     train_indices: np.ndarray
     val: Batches | None
     val_indices: np.ndarray
-    teacher: Any  # deeprebirth.finetune.driver.Teacher
+    teacher: Any  # deeprebirth.finetune.context.Teacher
     batch: int
     seed: int
     cache_bytes: float

@@ -1,0 +1,154 @@
+"""Fine-tuning's options, its progress events and its results, and the checks and default paths that follow
+from the options alone (no net, no data)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deeprebirth.data import PathLike, Transform
+from deeprebirth.errors import DeepRebirthError
+from deeprebirth.finetune.budget import Budget
+from deeprebirth.train import SOLVER_TYPES, SolverOptions
+
+MODES = ("label", "mimic")
+SCHEDULES = ("whole", "layerwise")
+MIMIC_TARGETS = ("local", "next", "logits")
+
+
+@dataclass
+class FinetuneOptions:
+    mode: str = "label"  # "label" (labels + distillation) or "mimic" (the original's outputs only, no labels)
+    schedule: str = "whole"  # "whole" or "layerwise" (the paper's steps, then the whole net)
+    mimic_at: str = "logits"  # layer-wise steps in mimic mode: "local", "next" or "logits"
+    budget: str = "10m"  # time (90s, 10m, 1.5h), solver iterations (3000it) or epochs (5ep) for the whole run
+    kd_weight: float = 0.5  # label mode: share of the distillation loss (the labels get the rest)
+    temperature: float = 4.0
+    batch: int = 32  # on a CPU images per second hardly depend on the batch: smaller batches, more updates
+    solver: SolverOptions = field(default_factory=lambda: SolverOptions(solver="sgd", lr=None))  # lr None: search
+    new_lr_mult: float = 10.0  # layer-wise steps: the step's new layers learn this much faster than the rest
+    freeze_rest: bool = False  # only the new layers learn
+    resume: bool = False  # continue a run that was interrupted (state.json in the work folder)
+    transform: Transform = field(default_factory=lambda: Transform(mirror=True))  # training preprocessing
+    val: PathLike | None = None  # held-out data; default: ``holdout`` of --data
+    holdout: float = 0.1  # fraction of --data held out when ``val`` is not given (0: no held-out metrics)
+    val_limit: int | None = 2000  # held-out images per evaluation
+    seed: int = 0
+    patience: int = 3  # stop a phase when this many held-out checkpoints in a row did not improve (0: never)
+    max_steps: int | None = None  # stop after this many phases in this run (resume later)
+    cache_mb: float = 1024.0  # memory for the original's held-out outputs
+    work_dir: PathLike | None = None  # default: <out without suffix>.finetune next to --out
+    report: PathLike | None = None  # default: <out without suffix>.finetune.json
+    gpu: int | None = None  # run pycaffe on this GPU (a CUDA build of Caffe)
+    shuffle: bool = True  # False: every phase reads the training images in their order (as an unshuffled LMDB)
+
+
+@dataclass
+class StepResult:
+    index: int
+    name: str
+    rules: list[str]
+    relearn: list[str]
+    reproduces: str
+    target: str  # what the loss looked at: "labels+kd", "kd", "local", "next:<blob>"
+    learned: int  # layers that learned
+    frozen: int  # layers with lr_mult 0 (the frozen teacher not counted)
+    iterations: int
+    best_iteration: int  # the kept checkpoint (0: the starting weights)
+    stopped_early: bool
+    lr: float
+    lr_search: dict[str, float]  # candidate rate -> held-out loss after a short run
+    solver: str
+    loss_start: float  # mean of the first tenth of the iterations
+    loss_end: float  # mean of the last tenth
+    accuracy_before: float | None  # held-out top-1 of the net with steps 1..k merged, before / after this step
+    accuracy_after: float | None
+    error_before: float | None  # held-out relative squared error at the step's blob
+    error_after: float | None
+    output_error_before: float | None  # ... at the net's logits
+    output_error_after: float | None
+    agreement_before: float | None  # held-out top-1 agreement with the original
+    agreement_after: float | None
+    seconds: float
+    checkpoints: list[dict[str, float]] = field(default_factory=list)  # held-out metrics during the phase
+
+
+@dataclass
+class Progress:
+    """One thing that happened; ``event`` is "baseline", "step", "search", "iteration", "evaluate", "finished" or
+    "skipped" (a step finished by an earlier run, with ``resume``)."""
+
+    event: str
+    step: int = 0
+    steps: int = 0
+    name: str = ""
+    iteration: int = 0
+    iterations: int = 0
+    loss: float | None = None
+    result: StepResult | None = None
+    seconds_left: float | None = None  # of the whole run's time budget
+    lr: float | None = None  # "search": the candidate rate, with its held-out ``loss``
+    solver: str | None = None  # "search": the candidate's solver
+    metrics: dict[str, float] | None = None  # "evaluate"
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass
+class FinetuneResult:
+    mode: str
+    schedule: str
+    budget: str
+    steps: list[StepResult]
+    planned: list[str]  # every phase's name, in order
+    complete: bool  # False when stopped by ``max_steps``
+    resumed: int  # phases taken over from an earlier run
+    held_out: int  # held-out images per evaluation
+    original_accuracy: float | None
+    slim_accuracy: float | None  # the slim net as rewritten, before fine-tuning
+    final_accuracy: float | None  # the slim net after fine-tuning (None until complete)
+    out: str | None
+    report: str | None
+    work_dir: str
+    seconds: float  # this run's wall time
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_options(options: FinetuneOptions) -> Budget:
+    if options.mode not in MODES:
+        raise DeepRebirthError(f"unknown mode {options.mode!r} ({', '.join(MODES)})")
+    if options.schedule not in SCHEDULES:
+        raise DeepRebirthError(f"unknown schedule {options.schedule!r} ({', '.join(SCHEDULES)})")
+    if options.mimic_at not in MIMIC_TARGETS:
+        raise DeepRebirthError(f"unknown mimic target {options.mimic_at!r} ({', '.join(MIMIC_TARGETS)})")
+    if options.batch < 1:
+        raise DeepRebirthError("the batch size must be at least 1")
+    if not 0.0 <= options.kd_weight <= 1.0:
+        raise DeepRebirthError(f"the distillation weight must be in [0, 1], got {options.kd_weight}")
+    if options.temperature <= 0:
+        raise DeepRebirthError(f"the temperature must be positive, got {options.temperature}")
+    if options.solver.solver not in SOLVER_TYPES:
+        raise DeepRebirthError(f"unknown solver {options.solver.solver!r} (known: {', '.join(SOLVER_TYPES)})")
+    return Budget.parse(options.budget)
+
+
+def default_report(out: PathLike) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".finetune.json")
+
+
+def default_work_dir(out: PathLike) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".finetune")
+
+
+def options_json(options: FinetuneOptions) -> dict[str, Any]:
+    payload = asdict(options)
+    for key in ("val", "work_dir", "report"):
+        payload[key] = None if payload[key] is None else str(payload[key])
+    return payload

@@ -1,0 +1,142 @@
+"""One phase's nets and losses (``phase_spec``): the student that trains and the one that is measured, the
+frozen teacher embedded beside it, the loss the schedule and mode ask for, and where every parameter comes from.
+Shared by the in-process run (``driver``) and the plain-Caffe export (``export``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from deeprebirth import caffe_pb2 as pb
+from deeprebirth.errors import DeepRebirthError
+from deeprebirth.finetune.context import Context, Teacher
+from deeprebirth.finetune.losses import (
+    add_distillation,
+    add_label_loss,
+    add_mimic_loss,
+    embed_teacher,
+    logits_of,
+    teacher_name,
+)
+from deeprebirth.finetune.options import FinetuneOptions
+from deeprebirth.finetune.phase import PhaseSpec
+from deeprebirth.finetune.state import Weights
+from deeprebirth.finetune.steps import Step, StepNet, build_step_net
+from deeprebirth.graph import GraphError
+from deeprebirth.train import training_net
+
+
+def _lookup(ctx: Context, nets: Sequence[StepNet], store: Weights) -> Callable[[str], list[np.ndarray]]:
+    """Parameters by layer name of a phase's nets: the students' (current store or original), the teacher's."""
+    source = {name: where for net in nets for name, where in net.source.items()}
+
+    def lookup(name: str) -> list[np.ndarray]:
+        if name in source:
+            where, layer = source[name]
+            return store[layer] if where == "slim" or layer in ctx.shared else ctx.original_weights[layer]
+        if name.startswith(teacher_name("")):
+            return ctx.original_weights[name[len(teacher_name("")):]]
+        raise GraphError(f"no parameters known for layer {name!r}")
+
+    return lookup
+
+
+def blob_counts(ctx: Context, step_net: StepNet, store: Weights) -> dict[str, int]:
+    counts = {}
+    for name, (where, layer) in step_net.source.items():
+        found = store.get(layer) if where == "slim" or layer in ctx.shared else ctx.original_weights.get(layer)
+        if found:
+            counts[name] = len(found)
+    return counts
+
+
+def _next_blob(ctx: Context, step: Step) -> str:
+    """The blob the step after ``step`` reproduces (the logits after the last)."""
+    later = [s for s in ctx.steps if s.index > step.index and not s.final]
+    return later[0].reproduces if later else ctx.logits
+
+
+def _student(ctx: Context, step: Step, options: FinetuneOptions) -> tuple[StepNet, StepNet, str]:
+    """(the net that trains, the net that is measured, the loss's target) of a phase."""
+    mult = 1.0 if step.final else options.new_lr_mult
+
+    def build(with_suffix: bool, until: str | None = None) -> StepNet:
+        return build_step_net(step, ctx.slim, ctx.original, with_suffix, ctx.shared, mult, options.freeze_rest,
+                              until)
+
+    if step.final:
+        whole = build(False)
+        return whole, whole, "labels+kd" if options.mode == "label" else "kd"
+    try:
+        hybrid: StepNet | None = build(True)
+    except DeepRebirthError:
+        hybrid = None
+    if options.mode == "label":
+        assert hybrid is not None  # checked before training started
+        return hybrid, hybrid, "labels+kd"
+    if hybrid is None or options.mimic_at == "local":
+        local = build(False)
+        return local, hybrid or local, "local"
+    if options.mimic_at == "logits":
+        return hybrid, hybrid, "kd"
+    until = _next_blob(ctx, step)
+    if until == ctx.logits:
+        return hybrid, hybrid, "kd"
+    return build(True, until), hybrid, f"next:{until}"
+
+
+def phase_spec(ctx: Context, step: Step, store: Weights, teacher: Teacher,
+               options: FinetuneOptions) -> tuple[PhaseSpec, StepNet, str]:
+    train_student, eval_student, target = _student(ctx, step, options)
+    counts = blob_counts(ctx, train_student, store)
+    net = training_net(train_student.net, train_student.factor, counts, options.batch, "none", "")
+    original_counts = {name: len(blobs) for name, blobs in ctx.original_weights.items()}
+    losses: dict[str, float] = {}
+    compare: dict[str, tuple[str, str]] = {}
+    if not step.final:
+        compare["blob"] = (eval_student.blob, step.reproduces)
+    if target in ("labels+kd", "kd"):
+        assert train_student.output is not None or step.final
+        output = train_student.blob if step.final else train_student.output
+        logits = logits_of(net, output)  # type: ignore[arg-type]
+        embed_teacher(net, ctx.original, ctx.io.input, [ctx.logits], original_counts)
+        kd_weight = options.kd_weight if target == "labels+kd" else 1.0
+        if kd_weight > 0:
+            top = add_distillation(net, logits, teacher_name(ctx.logits), options.temperature, kd_weight,
+                                   options.batch)
+            losses[top] = kd_weight / options.batch
+        if target == "labels+kd" and kd_weight < 1:
+            top = add_label_loss(net, logits, 1.0 - kd_weight, options.batch)
+            losses[top] = 1.0 - kd_weight
+        objective = "label" if target == "labels+kd" else "kd"
+    else:
+        if target == "local":
+            student_blob, original_blob = train_student.blob, step.reproduces
+            objective = "blob"
+        else:
+            student_blob, original_blob = train_student.until or "", target.split(":", 1)[1]
+            compare["until"] = (student_blob, original_blob)
+            objective = "until"
+        embed_teacher(net, ctx.original, ctx.io.input, [original_blob], original_counts)
+        sample = teacher.outputs(ctx.train.batch(ctx.train_indices[:options.batch]), [original_blob])[original_blob]
+        top = add_mimic_loss(net, student_blob, teacher_name(original_blob), int(np.prod(sample.shape[1:])),
+                             float(np.var(sample)))
+        losses[top] = net.layer[-1].loss_weight[0]
+    eval_net = pb.NetParameter()
+    eval_net.CopyFrom(eval_student.net)
+    for param in eval_net.layer:
+        if param.type == "Input":
+            for shape in param.input_param.shape:
+                shape.dim[0] = options.batch
+    eval_logits: str | None = None
+    if step.final:
+        eval_logits = eval_student.blob
+    elif eval_student.output is not None:
+        eval_logits = logits_of(eval_net, eval_student.output)
+    # the student's layers learn; the teacher's and the suffix's frozen ones do not
+    learned = [name for name, f in train_student.factor.items() if f > 0 and counts.get(name)]
+    spec = PhaseSpec(step.index, step.name, net, losses, _lookup(ctx, [train_student, eval_student], store), learned, eval_net,
+                     eval_logits, ctx.logits, compare, objective, options.mode == "label" and "label" in
+                     [p.name for p in net.layer], options.temperature, options.kd_weight)
+    return spec, train_student, target
