@@ -15,8 +15,8 @@ from fuzzing.harness import fuzz, run_case
 from fuzzing.mutators import Case
 from helpers import graph_from_text, save
 
-from deeprebirth import caffe_io
 from deeprebirth import caffe_pb2 as pb
+from deeprebirth import caffemodel
 from deeprebirth.rewrite import rewrite, select_rules
 
 GOOD = """name: "small"
@@ -58,8 +58,8 @@ def test_a_top_listed_twice_in_one_layer(tmp_path: Path) -> None:
 
 
 def test_packed_floats_that_are_not_whole_floats(tmp_path: Path) -> None:
-    # caffe_io._decode_blob: numpy's ValueError from frombuffer on 3 bytes of "float" data
-    k, v = caffe_io._key, caffe_io._encode_varint
+    # caffemodel._decode_blob: numpy's ValueError from frombuffer on 3 bytes of "float" data
+    k, v = caffemodel._key, caffemodel._encode_varint
     blob = k(5, 2) + v(3) + b"\x00\x00\x80"
     layer = k(1, 2) + v(4) + b"conv" + k(7, 2) + v(len(blob)) + blob
     model = k(100, 2) + v(len(layer)) + layer
@@ -67,8 +67,8 @@ def test_packed_floats_that_are_not_whole_floats(tmp_path: Path) -> None:
 
 
 def test_a_blob_dim_beyond_int64(tmp_path: Path) -> None:
-    # caffe_io._decode_blob: np.prod(..., dtype=int64) overflowed on a corrupt dim of 2**64 - 1
-    k, v = caffe_io._key, caffe_io._encode_varint
+    # caffemodel._decode_blob: np.prod(..., dtype=int64) overflowed on a corrupt dim of 2**64 - 1
+    k, v = caffemodel._key, caffemodel._encode_varint
     dims = v(2**64 - 1) + v(2)
     blob = k(7, 2) + v(len(dims) + 2) + k(1, 2) + v(len(dims)) + dims + k(5, 2) + v(8) + b"\x00" * 8
     layer = k(1, 2) + v(4) + b"conv" + k(7, 2) + v(len(blob)) + blob
@@ -166,7 +166,7 @@ def test_a_signalling_nan_among_doubles(tmp_path: Path) -> None:
     net.ParseFromString(good_caffemodel(tmp_path))
     fc = next(layer for layer in net.layer if layer.name == "fc")
     del fc.blobs[1:]
-    k, v = caffe_io._key, caffe_io._encode_varint
+    k, v = caffemodel._key, caffemodel._encode_varint
     doubles = struct.pack("<d", 0.5) + (0x7FF320000000BF71).to_bytes(8, "little") + struct.pack("<d", 0.25)
     shape = k(1, 2) + v(1) + v(3)
     blob = k(7, 2) + v(len(shape)) + shape + k(8, 2) + v(len(doubles)) + doubles

@@ -35,6 +35,7 @@ import numpy as np
 
 from deeprebirth import caffe_io
 from deeprebirth import caffe_pb2 as pb
+from deeprebirth.atomic import umask
 from deeprebirth.data import PathLike, Transform, write_lmdb
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.evaluate import NetIO
@@ -110,7 +111,7 @@ def export_plan(original_prototxt: PathLike, original_weights: PathLike, slim_pr
                                        report_path, data, staging / "final.caffemodel", opts)
             teacher = Teacher(ctx.original, ctx.original_proto, original_weights, NetIO.of(ctx.original).input)
             result = _write(ctx, store, teacher, opts, budget, staging, train_val, display)
-        os.chmod(staging, 0o777 & ~caffe_io._umask())
+        os.chmod(staging, 0o777 & ~umask())
         if target.exists():
             target.rmdir()
         staging.rename(target)

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from deeprebirth import caffe_io
+from deeprebirth import caffemodel
 from deeprebirth.model import save_model
 
 from .nets import RandomChooser, net_graph, random_net_text
@@ -65,7 +65,7 @@ def _varint_extreme(data: bytearray, rng: random.Random) -> None:
     if data:
         at = rng.randrange(len(data))
         value = rng.choice([0, 1, 2**31 - 1, 2**31, 2**32, 2**63 - 1, 2**64 - 1, 2**35])
-        encoded = caffe_io._encode_varint(value)
+        encoded = caffemodel._encode_varint(value)
         data[at:at + rng.randint(1, len(encoded))] = encoded
 
 
