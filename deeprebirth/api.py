@@ -2,7 +2,10 @@
 
 This module is the CLI's only door into the library: the rewrite calls live here, and the other commands' entry
 points (profile, plan, finetune, evaluate, batch, export, draw) are reached through it too, imported on first use
-(``_ELSEWHERE``) so that a command loads Caffe, OpenCV or the export runtimes only when it needs them."""
+(``_ELSEWHERE``) so that a command loads Caffe, OpenCV or the export runtimes only when it needs them.
+
+Kept as one module: it is the CLI's one door into the library, and its size is the rewrite calls and the option
+declarations the CLI builds its flags from."""
 
 from __future__ import annotations
 

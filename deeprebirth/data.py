@@ -21,6 +21,9 @@ an unreadable image, a label out of range, an image size that does not fit the n
 The transform follows Caffe's DataTransformer: images are read as BGR (OpenCV's order, Caffe's convention) or
 grayscale for a one-channel input; optionally resized; then ``(pixel - mean) * scale``; then a crop (random in
 training, centred otherwise) and a mirror (random, training only).
+
+Kept as one module: the four sources, the transform and ``Batches`` all build on ``DataSet`` and ``Transform`` and
+together are the one description of Caffe's data path that fine-tuning, evaluation and the export share.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ A train_val net is seen in one phase: the layers of the other phase (its data la
 aside, outside the DAG, so rules never see them. Each remembers its place and the blobs it reads; a blob read by one
 has an extra reader (``only_consumer`` says so, and ``replace_uses`` moves the read), and ``to_net(all_phases=True)``
 writes them back where they were.
+
+Kept as one module: it is the IR itself, a ``Graph`` class whose methods together keep these invariants
+(single-assignment names, stable order, held-aside layers), so splitting it would split the invariants.
 """
 
 from __future__ import annotations

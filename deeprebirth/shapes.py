@@ -3,6 +3,9 @@
 Each supported type has one small function ``(layer, bottom shapes) -> top shapes``. A type without one (a fork's
 custom layer, a data layer whose shape lives in a database) gives unknown shapes, and everything downstream of it is
 unknown too: rules do not touch layers whose shapes are unknown.
+
+Kept as one module: it is a table of small per-type rules (``SHAPE_FUNCTIONS``) that is read, and extended, one
+type at a time in one place.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ exactly ``O``. MAX pooling ignores padded cells in both. AVE pooling divides, in
 ``end > pad`` (the ceil rule added a window reaching past the padding) the input is zero-padded by ``pad`` first
 and the pool counts only cells inside that padded input (``count_include_pad = 0``). A negative ``end`` (stride
 larger than kernel, or FLOOR rounding) crops the unused rows with a Slice first.
+
+Kept as one module: one small converter per Caffe layer type, listed in ``CONVERTERS`` below them; a new type is one
+function and one line here.
 """
 
 from __future__ import annotations

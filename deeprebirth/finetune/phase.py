@@ -20,6 +20,9 @@ allotment of seconds or iterations, and:
 Held-out metrics, from a TEST-phase copy of the student that shares the train net's weights (``share_with``) and the
 original net run beside it: top-1 (with labels), top-1 agreement with the original, the distillation loss, the
 relative squared error of the logits ("error at the output") and at the blobs the phase compares.
+
+Kept as one module: the search, the training and the evaluations share one trainer, one clock and one allotment, and
+their interplay (replanning the decay, early stopping) is the phase.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ is cached in ~/.cache/deeprebirth/fashion_mnist/{full,quick} (``--cache`` to mov
 settings, so a rerun only redoes what changed; ``--fresh`` redoes everything.
 
 The full run writes RESULTS.md and the plots next to this file; ``--quick`` writes them into its cache folder.
+
+Kept as one module: it is the example script, read and run top to bottom as one file.
 """
 
 from __future__ import annotations
