@@ -74,7 +74,7 @@ class Config:
     hard_budget: str
 
 
-FULL = Config("full", 55000, 5000, 10000, train_iters=8000, train_lr=0.05, budget="6ep", latency_rounds=60,
+FULL = Config("full", 55000, 5000, 10000, train_iters=8000, train_lr=0.05, budget="11ep", latency_rounds=60,
               compare=True, compare_budget="2ep", small_images=500, small_budget="30ep", hard_images=5000,
               hard_budget="6ep")
 QUICK = Config("quick", 3000, 500, 1000, train_iters=150, train_lr=0.05, budget="40it", latency_rounds=10,
