@@ -64,7 +64,7 @@ def test_finetune_gpu_on_a_cpu_only_caffe_is_refused_in_one_line(tmp_path: Path)
                                        "--data", str(tmp_path / "data.npz"), "--out", str(tmp_path / "out.caffemodel"),
                                        "--gpu", "0"])
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
-    assert "--gpu 0: this Caffe was built without CUDA" in result.stderr
+    assert "GPU 0: this Caffe was built without CUDA" in result.stderr and "(--gpu)" in result.stderr
     assert not (tmp_path / "out.caffemodel").exists()
 
 
