@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from nets import squeezenet_v10
+from slim_speed import markdown, ratio  # the slim GoogLeNet benchmark's table helpers
 
 from deeprebirth.api import RewriteOptions, rewrite_files
 from deeprebirth.caffe_io import atomic_write_bytes
@@ -42,16 +43,6 @@ LABELS = ("original", "slimmed without the new rule", "slimmed (all rules)")
 
 def log(message: str) -> None:
     print(f"[squeezenet_speed] {message}", file=sys.stderr, flush=True)
-
-
-def ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if b else "-"
-
-
-def markdown(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def main() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -14,17 +13,11 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "rules")]
 os.environ.setdefault("GLOG_minloglevel", "2")
 
 
-def _fetch_assets() -> dict[str, str]:
-    spec = importlib.util.spec_from_file_location("fetch_assets", ROOT / "scripts" / "fetch_assets.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.fetch()  # type: ignore[no-any-return]
-
-
 @pytest.fixture(scope="session")
 def assets() -> dict[str, str]:
-    return _fetch_assets()
+    from golden.record import assets as fetch_assets  # the one loader of scripts/fetch_assets.py
+
+    return fetch_assets()
 
 
 @pytest.fixture(scope="session")
