@@ -265,7 +265,8 @@ def draw_command(prototxt: str, out: str, highlight_from: str | None, phase: str
               help="label mode: share of the distillation loss (the labels get the rest)")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
               help="softmax temperature of the distillation loss")
-@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), help="images per update  [default: 32, or 16 or 8 where the "
+              "budget would buy fewer than 400 updates (see README)]")
 @click.option("--lr", type=float, help="base learning rate (default: searched per phase on held-out data)")
 @click.option("--solver", type=click.Choice(["sgd", "nesterov", "adam", "rmsprop", "adagrad", "adadelta"]),
               default="sgd", show_default=True)
@@ -323,6 +324,7 @@ def finetune_command(original_prototxt: str, original_weights: str, slim_prototx
                             options, progress=_FinetuneProgress())
     click.echo("", err=True)
     click.echo(finetune_table(result.steps))
+    click.echo(f"batch {result.batch} ({result.batch_rule})")
     if result.held_out:
         click.echo(f"held-out top-1 ({result.held_out} images): original {pct(result.original_accuracy)}, slim "
                    f"before fine-tuning {pct(result.slim_accuracy)}, after {pct(result.final_accuracy)}")

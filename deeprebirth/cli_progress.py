@@ -36,7 +36,8 @@ class FinetuneProgress:
         elif event.event == "step":
             click.echo(f"phase {event.step}/{event.steps}: {event.name}", err=True)
         elif event.event == "search":
-            click.echo(f"  learning rate {event.lr:.3g} ({event.solver}): held-out loss {event.loss:.4g}", err=True)
+            click.echo(f"  probe: learning rate {event.lr:.3g} ({event.solver}): held-out search score "
+                       f"{event.loss:.4g}", err=True)
         elif event.event == "evaluate" and event.metrics:
             m = event.metrics
             parts = [f"{k} {pct(m[k]) if k in ('accuracy', 'agreement') else num(m[k])}"

@@ -141,8 +141,14 @@ def finetune_table(steps: Sequence[Any]) -> str:
              change(s.agreement_before, s.agreement_after, pct),
              change(s.error_before, s.error_after, num), change(s.output_error_before, s.output_error_after, num),
              f"{s.seconds:.1f}"] for s in steps]
-    return table(["phase: new layers", "merged", "loss on", "lr", "kept/iters", "held-out top-1", "agrees",
-                  "error at blob", "error at output", "seconds"], rows)
+    lines = [table(["phase: new layers", "merged", "loss on", "lr", "kept/iters", "held-out top-1", "agrees",
+                    "error at blob", "error at output", "seconds"], rows)]
+    for s in steps:
+        reuse = "" if s.teacher_reuse is None else f", the original's outputs reused for {s.teacher_reuse:.0%}"
+        lines.append(f"phase {s.index}: learning rate {s.lr:.3g} {s.solver} ({s.search or 'no search'}); loss "
+                     f"{s.loss or '-'}; {s.iterations} updates, {s.images_per_second:.0f} training images/s{reuse}")
+        lines += [f"  backed off: {b}" for b in s.backoffs]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -388,10 +388,20 @@ def write_lmdb(data: DataSet, indices: Sequence[int] | np.ndarray, path: PathLik
     return len(indices)
 
 
-class Batches:
-    """Turns raw images into the net's input: mean, scale, crop, mirror (Caffe's DataTransformer order)."""
+CROP_BANK = 4  # random crops per image when views are fixed (``Batches.views``)
 
-    def __init__(self, data: DataSet, transform: Transform, input_size: tuple[int, int]) -> None:
+
+class Batches:
+    """Turns raw images into the net's input: mean, scale, crop, mirror (Caffe's DataTransformer order).
+
+    Two ways to draw training augmentations: ``batch(indices, rng)`` draws a fresh random crop and mirror per image
+    (Caffe's way); ``view_batch(indices, views)`` picks one of a finite set of ``views`` per image: mirror or not,
+    times a fixed bank of ``CROP_BANK`` crop positions per image (drawn once, from ``bank_seed``) where the crop is
+    random. With fixed views, anything computed from an augmented image (the original net's outputs) can be kept
+    and reused. Decoded, resized image files are kept in memory up to ``cache_bytes``."""
+
+    def __init__(self, data: DataSet, transform: Transform, input_size: tuple[int, int], cache_bytes: float = 0,
+                 bank_seed: int = 0) -> None:
         self.data = data
         self.transform = transform
         self.input_size = input_size
@@ -407,25 +417,55 @@ class Batches:
             if len(values) != data.channels:
                 raise DeepRebirthError(f"{len(transform.mean)} mean values for {data.channels} channels")
             self.mean = np.asarray(values, dtype=np.float32).reshape(-1, 1, 1)
+        self.cache_bytes = cache_bytes if data.array is None else 0  # in-memory data needs no cache
+        self.decoded: dict[int, np.ndarray] = {}
+        self.decoded_bytes = 0
+        self.bank_seed = bank_seed
+        self._bank: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def random_crop(self) -> bool:
+        return bool(self.transform.crop and self.data.size != self.input_size)
 
     @property
     def random(self) -> bool:
         """True when training batches differ between passes (random crop or mirror)."""
-        return bool(self.transform.mirror or (self.transform.crop and self.data.size != self.input_size))
+        return bool(self.transform.mirror or self.random_crop)
 
-    def batch(self, indices: Sequence[int] | np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Inputs for ``indices``; ``rng`` given means training (random crop and mirror), else centred crop."""
-        x = self.data.images(indices)
+    @property
+    def views(self) -> int:
+        """How many fixed augmentations ``view_batch`` draws from per image."""
+        return (CROP_BANK if self.random_crop else 1) * (2 if self.transform.mirror else 1)
+
+    def _images(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64)
+        if not self.cache_bytes:
+            return self.data.images(indices)
+        missing = [i for i in dict.fromkeys(indices.tolist()) if i not in self.decoded]
+        read = dict(zip(missing, self.data.images(missing))) if missing else {}
+        for i, image in read.items():
+            if self.decoded_bytes + image.nbytes <= self.cache_bytes:
+                self.decoded[i] = image
+                self.decoded_bytes += image.nbytes
+        return np.stack([self.decoded[i] if i in self.decoded else read[i] for i in indices.tolist()])
+
+    def _normalised(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        x = self._images(indices)
         if self.mean is not None:
             x -= self.mean
         if self.transform.scale != 1.0:
             x *= np.float32(self.transform.scale)
+        return x
+
+    def batch(self, indices: Sequence[int] | np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Inputs for ``indices``; ``rng`` given means training (random crop and mirror), else centred crop."""
+        x = self._normalised(indices)
         h, w = self.input_size
         if x.shape[2:] != (h, w):
             if rng is not None:
                 tops = rng.integers(0, x.shape[2] - h + 1, len(x))
                 lefts = rng.integers(0, x.shape[3] - w + 1, len(x))
-                x = np.stack([x[i, :, t:t + h, s:s + w] for i, (t, s) in enumerate(zip(tops, lefts))])
+                x = _crop(x, tops, lefts, h, w)
             else:
                 t, s = (x.shape[2] - h) // 2, (x.shape[3] - w) // 2
                 x = x[:, :, t:t + h, s:s + w]
@@ -434,9 +474,41 @@ class Batches:
             x[flip] = x[flip][..., ::-1]
         return np.ascontiguousarray(x, dtype=np.float32)
 
+    def view_batch(self, indices: Sequence[int] | np.ndarray, views: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Inputs for ``indices``, image k in its fixed augmentation ``views[k]`` (0 .. ``self.views`` - 1): view
+        ``v`` is bank crop ``v // 2`` (or the whole image) mirrored when ``v`` is odd (with mirroring on)."""
+        indices, views = np.asarray(indices, dtype=np.int64), np.asarray(views, dtype=np.int64)
+        x = self._normalised(indices)
+        mirrors = 2 if self.transform.mirror else 1
+        h, w = self.input_size
+        if x.shape[2:] != (h, w):
+            if self.random_crop:
+                tops, lefts = self._crop_bank()
+                slot = views // mirrors
+                x = _crop(x, tops[indices, slot], lefts[indices, slot], h, w)
+            else:
+                t, s = (x.shape[2] - h) // 2, (x.shape[3] - w) // 2
+                x = x[:, :, t:t + h, s:s + w]
+        if mirrors == 2:
+            flip = views % 2 == 1
+            x[flip] = x[flip][..., ::-1]
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _crop_bank(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._bank is None:
+            rng = np.random.default_rng([self.bank_seed, 7])
+            (height, width), (h, w) = self.data.size, self.input_size
+            shape = (len(self.data), CROP_BANK)
+            self._bank = rng.integers(0, height - h + 1, shape), rng.integers(0, width - w + 1, shape)
+        return self._bank
+
     def labels(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         assert self.data.labels is not None
         return self.data.labels[np.asarray(indices, dtype=np.int64)]
+
+
+def _crop(x: np.ndarray, tops: np.ndarray, lefts: np.ndarray, h: int, w: int) -> np.ndarray:
+    return np.stack([x[i, :, t:t + h, s:s + w] for i, (t, s) in enumerate(zip(tops, lefts))])
 
 
 def split_holdout(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

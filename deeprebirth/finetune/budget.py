@@ -9,7 +9,7 @@ closing whole-net phase ``1/2``; the whole-net schedule has one phase of weight 
 phase starts: it gets ``remaining × w_i / Σ_{j≥i} w_j``, so time one phase did not use goes to the later ones. An
 iteration budget is shared up front (each phase at least one iteration).
 
-Within a phase (see ``deeprebirth.finetune.phase``): at most ``SEARCH_SHARE`` of it goes to the learning-rate
+Within a phase (see ``deeprebirth.finetune.phase``): at most ``search.SEARCH_SHARE`` of it goes to the learning-rate
 search and about ``EVAL_SHARE`` to held-out evaluations; the rest is training. A phase plans its iterations from a
 few timed ones, then checks its pace a few times on the way and re-plans (the solver's state carries over); it stops
 at its deadline, and the last one plans slightly more iterations than fit, so the run ends on its budget, early or
@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from deeprebirth.errors import DeepRebirthError
 
 UNITS = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "it": 0.0, "ep": 0.0}
-SEARCH_SHARE = 0.1
 EVAL_SHARE = 0.1
 
 

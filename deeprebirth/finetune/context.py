@@ -17,7 +17,7 @@ from deeprebirth.data import Batches, DataSet, PathLike, open_data, split_holdou
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.evaluate import NetIO, set_input
 from deeprebirth.finetune.budget import Budget, phase_weights, share_iterations
-from deeprebirth.finetune.options import FinetuneOptions, default_work_dir
+from deeprebirth.finetune.options import DEFAULT_BATCH, FinetuneOptions, default_work_dir
 from deeprebirth.finetune.state import Weights, open_state, run_fingerprint
 from deeprebirth.finetune.steps import Step, build_step_net, final_step, final_writer, plan_steps
 from deeprebirth.graph import Graph
@@ -120,7 +120,7 @@ def prepare(original_prototxt: PathLike, original_weights: PathLike, slim_protot
     val_indices = np.arange(0 if val_set is None else len(val_set))
     if options.val_limit is not None:
         val_indices = val_indices[:options.val_limit]
-    train = Batches(dataset, options.transform, io.size)
+    train = Batches(dataset, options.transform, io.size, options.cache_mb * 2**20 / 2, options.seed)
     val = Batches(val_set, options.transform.for_evaluation(), io.size) if val_set is not None else None
     work = Path(options.work_dir) if options.work_dir is not None else default_work_dir(out)
     work.mkdir(parents=True, exist_ok=True)
@@ -153,6 +153,6 @@ def _shared_layers(original: Graph, slim: Graph) -> set[str]:
 
 def phase_iterations(ctx: Context, options: FinetuneOptions, budget: Budget) -> list[int]:
     """Each phase's share of an iteration or epoch budget."""
-    epoch = max(1, len(ctx.train_indices) // options.batch)
+    epoch = max(1, len(ctx.train_indices) // (options.batch or DEFAULT_BATCH))
     weights = phase_weights(len(ctx.steps) - 1, options.schedule == "layerwise")
     return share_iterations(budget.iterations(epoch), weights)

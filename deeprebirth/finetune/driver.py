@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,10 @@ from deeprebirth import caffe_io
 from deeprebirth.caffe_runtime import import_caffe, on_device
 from deeprebirth.data import Batches, PathLike
 from deeprebirth.evaluate import NetIO, predict, top_k
-from deeprebirth.finetune.budget import Clock, phase_weights, share_time
+from deeprebirth.finetune.budget import EVAL_SHARE, Budget, Clock, phase_weights, share_time
 from deeprebirth.finetune.context import Context, Teacher, phase_iterations, prepare
 from deeprebirth.finetune.options import (
+    DEFAULT_BATCH,
     FinetuneOptions,
     FinetuneResult,
     Progress,
@@ -46,14 +48,20 @@ from deeprebirth.finetune.options import (
     default_report,
     options_json,
 )
-from deeprebirth.finetune.phase import Allotment, PhaseData, PhaseOutcome, run_phase
+from deeprebirth.finetune.phase import Allotment, PhaseData, PhaseOutcome, PhaseSpec, run_phase
+from deeprebirth.finetune.search import SEARCH_SHARE
 from deeprebirth.finetune.spec import blob_counts, phase_spec
 from deeprebirth.finetune.state import Weights, save_state, snapshot
 from deeprebirth.finetune.steps import Step
+from deeprebirth.finetune.teacher_cache import TeacherCache
 from deeprebirth.train import write_text
 
 EVAL_COST = 0.01  # share of a time budget one held-out evaluation may cost
-MIN_HELD_OUT = 64
+MIN_HELD_OUT = 200  # fewer held-out images decide nothing (one image is half a point of top-1)
+BATCHES = (DEFAULT_BATCH, 16, 8)  # the batch sizes the pace rule picks from, largest first
+MIN_UPDATES = 400  # the pace rule halves the batch while the budget buys fewer updates than this
+TRAIN_COST = 4.0  # a training iteration per image: ~3 forwards of the student (forward, backward) and the
+# original's forward where its outputs are not cached yet, priced at the original's forward (an upper bound)
 
 
 def finetune_files(original_prototxt: PathLike, original_weights: PathLike, slim_prototxt: PathLike,
@@ -77,8 +85,14 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
     ctx, store, state, fingerprint = prepare(original_prototxt, original_weights, slim_prototxt, slim_weights,
                                               report_path, data, out, options)
     teacher = Teacher(ctx.original, ctx.original_proto, original_weights, NetIO.of(ctx.original).input)
+    seconds_per_image = _forward_seconds_per_image(ctx, teacher)
+    if "batch" not in state:  # a resumed run keeps the batch it started with
+        state["batch"], state["batch_rule"] = choose_batch(options.batch, budget, len(ctx.train_indices),
+                                                           seconds_per_image)
+    options = replace(options, batch=int(state["batch"]))
     if budget.timed:
-        ctx.val_indices = _affordable_held_out(ctx, teacher, budget.amount, options.batch)
+        ctx.val_indices = _affordable_held_out(ctx, budget.amount, seconds_per_image)
+    cache = TeacherCache(teacher, ctx.logits, options.cache_mb * 2**20 / 4)
     finished = {r["index"]: StepResult(**r) for r in state.get("finished", [])}
     resumed = len(finished)
     clock.start -= float(state.get("seconds", 0.0))  # what earlier runs of a resumed one spent
@@ -101,7 +115,7 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
             left = (clock.left() or 0.0) - float(state.get("final_eval_seconds", 0.0))
             allot = Allotment(seconds=share_time(left, weights, k), last=k == len(ctx.steps) - 1)
         phase_started = time.monotonic()
-        step_result = _run_step(ctx, step, store, teacher, options, allot, clock, notify)
+        step_result = _run_step(ctx, step, store, teacher, cache, options, allot, clock, notify)
         finished[step.index] = step_result
         done_now += 1
         state["seconds"] = float(state.get("seconds", 0.0)) + time.monotonic() - phase_started
@@ -117,7 +131,8 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
     result = FinetuneResult(options.mode, options.schedule, str(budget), [finished[i] for i in sorted(finished)],
                             [s.name for s in ctx.steps], complete, resumed, len(ctx.val_indices),
                             state["baseline"].get("original"), state["baseline"].get("slim"), final_accuracy,
-                            str(out) if complete else None, report, str(ctx.work), time.perf_counter() - started)
+                            str(out) if complete else None, report, str(ctx.work), time.perf_counter() - started,
+                            options.batch or DEFAULT_BATCH, state["batch_rule"])
     if report is not None:
         payload = result.to_json()
         payload["options"] = options_json(options)
@@ -127,19 +142,48 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
     return result
 
 
-def _affordable_held_out(ctx: Context, teacher: Teacher, seconds: float, batch: int) -> np.ndarray:
-    """The held-out images one evaluation can afford under a time budget: at most ``EVAL_COST`` of it (a phase
-    evaluates up to 8 times, plus the measurements before and after), at least ``MIN_HELD_OUT`` images. The cost
-    per image is timed on one batch of the original (the slim net is cheaper)."""
-    if ctx.val is None or not len(ctx.val_indices):
-        return ctx.val_indices
-    chunk = ctx.val_indices[:batch]
-    x = ctx.val.batch(chunk)
-    teacher.outputs(x, [ctx.logits])  # warm-up: the first pass allocates
+def choose_batch(given: int | None, budget: Budget, images: int, seconds_per_image: float) -> tuple[int, str]:
+    """The batch size and the rule's words. Given: kept. An iteration budget: ``DEFAULT_BATCH``. Otherwise the
+    largest of ``BATCHES`` whose updates over the training part of the budget reach ``MIN_UPDATES`` (the smallest
+    when none does): a time budget buys ``seconds x (1 - search and evaluation shares) / (batch x TRAIN_COST x the
+    original's forward per image)`` updates, an epoch budget ``epochs x images / batch``. On a CPU the images per
+    second hardly depend on the batch, so where iterations are expensive a smaller batch buys more updates."""
+    if given is not None:
+        return given, "given"
+    if budget.unit == "it":
+        return DEFAULT_BATCH, "an iteration budget keeps the default batch"
+    if budget.timed:
+        train_seconds = budget.amount * (1 - SEARCH_SHARE - EVAL_SHARE)
+        per_image = TRAIN_COST * seconds_per_image
+
+        def updates(batch: int) -> float:
+            return train_seconds / (batch * per_image)
+        unit = f"{budget} at {per_image * 1000:.1f} ms per training image"
+    else:
+        def updates(batch: int) -> float:
+            return budget.amount * images / batch
+        unit = f"{budget} of {images} images"
+    batch = next((b for b in BATCHES if updates(b) >= MIN_UPDATES), BATCHES[-1])
+    return batch, f"{batch}: about {updates(batch):.0f} updates in {unit} (at least {MIN_UPDATES} wanted)"
+
+
+def _forward_seconds_per_image(ctx: Context, teacher: Teacher) -> float:
+    """The original's forward pass per image, timed on a few training images (the second pass: the first
+    allocates)."""
+    x = ctx.train.batch(ctx.train_indices[:8])
+    teacher.outputs(x, [ctx.logits])
     started = time.monotonic()
     teacher.outputs(x, [ctx.logits])
-    per_image = 2 * (time.monotonic() - started) / len(chunk)  # the student's pass and the original's
-    affordable = int(EVAL_COST * seconds / max(per_image, 1e-9))
+    return (time.monotonic() - started) / len(x)
+
+
+def _affordable_held_out(ctx: Context, seconds: float, seconds_per_image: float) -> np.ndarray:
+    """The held-out images one evaluation can afford under a time budget: at most ``EVAL_COST`` of it (a phase
+    evaluates up to 8 times, plus the measurements before and after), at least ``MIN_HELD_OUT`` images. An
+    evaluation runs the student (the original's outputs are computed once): priced at the original's forward."""
+    if ctx.val is None or not len(ctx.val_indices):
+        return ctx.val_indices
+    affordable = int(EVAL_COST * seconds / max(seconds_per_image, 1e-9))
     return ctx.val_indices[:max(min(MIN_HELD_OUT, len(ctx.val_indices)), affordable)]
 
 
@@ -168,13 +212,20 @@ def _baseline(ctx: Context, teacher: Teacher, slim_weights: PathLike) -> tuple[d
     return {"original": original, "slim": slim}, time.monotonic() - started
 
 
-def _run_step(ctx: Context, step: Step, store: Weights, teacher: Teacher, options: FinetuneOptions,
-              allot: Allotment, clock: Clock, notify: ProgressCallback) -> StepResult:
+def _run_step(ctx: Context, step: Step, store: Weights, teacher: Teacher, cache: TeacherCache,
+              options: FinetuneOptions, allot: Allotment, clock: Clock, notify: ProgressCallback) -> StepResult:
     total = len(ctx.steps)
     notify(Progress("step", step.index, total, step.name))
-    spec, student, target = phase_spec(ctx, step, store, teacher, options)
+    assert options.batch is not None
+    spec, student, target = phase_spec(ctx, step, store, teacher, options, cached_teacher=options.cache_teacher)
+
+    def variant(loss: str) -> PhaseSpec:
+        return phase_spec(ctx, step, store, teacher, options, loss=loss, cached_teacher=options.cache_teacher)[0]
+
     data = PhaseData(ctx.work, ctx.io.input, ctx.train, ctx.train_indices, ctx.val, ctx.val_indices, teacher,
-                     options.batch, options.seed, options.cache_mb * 2**20, options.patience, options.shuffle)
+                     options.batch, options.seed, options.cache_mb * 2**20 / 4, options.patience, options.shuffle,
+                     cache)
+    computed, reused = cache.computed, cache.reused
 
     def relay(event: str, fields: dict[str, Any]) -> None:
         left = clock.left()
@@ -188,7 +239,9 @@ def _run_step(ctx: Context, step: Step, store: Weights, teacher: Teacher, option
             notify(Progress("evaluate", step.index, total, step.name, fields["iteration"],
                             metrics=fields["metrics"]))
 
-    outcome: PhaseOutcome = run_phase(spec, data, options.solver, allot, relay)
+    outcome: PhaseOutcome = run_phase(spec, data, options.solver, allot, relay,
+                                      variant if target in ("labels+kd", "kd") else None)
+    served = cache.computed - computed + cache.reused - reused
     for name, blobs in outcome.weights.items():
         where, layer = student.source[name]
         if where == "slim" or layer in ctx.shared:
@@ -200,4 +253,6 @@ def _run_step(ctx: Context, step: Step, store: Weights, teacher: Teacher, option
                       outcome.iterations, outcome.best_iteration, outcome.stopped_early, outcome.lr,
                       outcome.lr_search, outcome.solver, outcome.loss_start, outcome.loss_end, b.get("accuracy"), a.get("accuracy"),
                       b.get("blob_error"), a.get("blob_error"), b.get("output_error"), a.get("output_error"),
-                      b.get("agreement"), a.get("agreement"), outcome.seconds, outcome.evaluations)
+                      b.get("agreement"), a.get("agreement"), outcome.seconds, outcome.evaluations, outcome.loss,
+                      outcome.backoffs, outcome.search_note, outcome.images_per_second,
+                      (cache.reused - reused) / served if served else None)

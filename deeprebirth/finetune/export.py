@@ -41,8 +41,8 @@ from deeprebirth.errors import DeepRebirthError
 from deeprebirth.evaluate import NetIO
 from deeprebirth.finetune.context import Context, Teacher, phase_iterations, prepare
 from deeprebirth.finetune.losses import TEACHER
-from deeprebirth.finetune.options import FinetuneOptions, check_options
-from deeprebirth.finetune.phase import REFERENCE_LR
+from deeprebirth.finetune.options import DEFAULT_BATCH, FinetuneOptions, check_options
+from deeprebirth.finetune.search import REFERENCE_LR
 from deeprebirth.finetune.spec import blob_counts, phase_spec
 from deeprebirth.finetune.steps import StepNet
 from deeprebirth.train import solver_text, validate_net, write_text
@@ -90,6 +90,7 @@ def export_plan(original_prototxt: PathLike, original_weights: PathLike, slim_pr
     """Write the plan (see the module docstring) into the new folder ``folder``; nothing is trained. ``display``:
     Caffe's loss log interval (default: about 20 lines per phase)."""
     options = options or FinetuneOptions()
+    options = replace(options, batch=options.batch or DEFAULT_BATCH)
     budget = check_options(options)
     if budget.timed:
         raise DeepRebirthError(f"budget {options.budget}: a time budget cannot be exported (how many iterations "
@@ -125,19 +126,20 @@ def export_plan(original_prototxt: PathLike, original_weights: PathLike, slim_pr
 def _write(ctx: Context, store: dict[str, list[np.ndarray]], teacher: Teacher, options: FinetuneOptions,
            budget: Any, out: Path, train_val: PathLike | None, display: int | None) -> ExportResult:
     iterations = phase_iterations(ctx, options, budget)
+    batch = options.batch or DEFAULT_BATCH
     lr = options.solver.lr if options.solver.lr is not None else REFERENCE_LR.get(options.solver.solver, 1e-3)
     lr_note = "as given" if options.solver.lr is not None else "the search's reference rate; give a rate to choose"
     solver = replace(options.solver, lr=lr)
     images: int | None = None
     if train_val is not None:
-        data_layer = user_data_layer(train_val, options.batch)
+        data_layer = user_data_layer(train_val, batch)
         described = f"the TRAIN data layer of {train_val}"
     else:
         order = ctx.train_indices
         if options.shuffle:  # Caffe's Data layer reads in key order
             order = order[np.random.default_rng(options.seed).permutation(len(order))]
         images = write_lmdb(ctx.train.data, order, out / "train_lmdb")
-        data_layer = lmdb_data_layer("train_lmdb", options.transform, options.batch, out)
+        data_layer = lmdb_data_layer("train_lmdb", options.transform, batch, out)
         described = f"train_lmdb ({images} images{', shuffled' if options.shuffle else ''})"
     caffe_io.write_prototxt(out / "deploy.prototxt", ctx.slim.to_net())
 
@@ -180,7 +182,7 @@ def _write(ctx: Context, store: dict[str, list[np.ndarray]], teacher: Teacher, o
         learned_before |= {params[name][0] for name in spec.learned if name in params}
         previous = {name: (identity, [a.shape for a in arrays]) for name, (identity, arrays) in params.items()}
 
-    result = ExportResult(str(out), steps, solver.solver, float(lr), lr_note, options.batch, described, images)
+    result = ExportResult(str(out), steps, solver.solver, float(lr), lr_note, batch, described, images)
     write_text(out / "run.sh", run_script(steps))
     os.chmod(out / "run.sh", 0o755)
     plan = asdict(result)

@@ -14,6 +14,10 @@ and in any plain ``caffe train`` (one or many GPUs): this Caffe has no Python la
   i.e. ``w · T² · mean_n CE(p_n, q_n)``, whose gradient is ``w · T · (q - p) / N`` (the T² keeps its size
   comparable with the label loss as T changes). Cross-entropy to p is the KL divergence plus the teacher's entropy,
   a constant: the same gradient.
+* **Regression on the logits** (``add_logit_regression``): EuclideanLoss between z and t with loss_weight
+  ``w / var(t)``, i.e. ``w · mean_n ‖z_n - t_n‖² / (2 var(t))``, whose gradient ``w · (z - t) / (N var(t))`` has
+  about KD's size when the logits are a standard deviation apart. Where the slim net starts far from the original
+  (a merged stem: agreement near chance), matching the logits themselves can pull harder than soft targets.
 * **Labels** (``add_label_loss``): SoftmaxWithLoss on the student's logits, loss_weight ``1 - w``.
 * **Activation mimic** (``add_mimic_loss``): EuclideanLoss between a student blob and the teacher's, weighted by
   ``2 / (elements · variance of the teacher's blob)`` so that it reads as a relative mean squared error.
@@ -125,6 +129,15 @@ def add_distillation(net: pb.NetParameter, student_logits: str, teacher_logits: 
     return top
 
 
+def add_logit_regression(net: pb.NetParameter, student_logits: str, teacher_logits: str, weight: float,
+                         variance: float) -> str:
+    """Squared error between the student's and the teacher's logits (see the module docstring); the loss top."""
+    top = LOSS_PREFIX + "logits"
+    net.layer.add(name=top, type="EuclideanLoss", bottom=[student_logits, teacher_logits], top=[top],
+                  loss_weight=[weight / max(variance, 1e-12)])
+    return top
+
+
 def add_label_loss(net: pb.NetParameter, logits: str, weight: float, batch: int) -> str:
     """SoftmaxWithLoss on an Input ``label`` of ``batch`` labels; returns the loss top."""
     label = net.layer.add(name="label", type="Input", top=["label"])
@@ -154,9 +167,14 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
 
 
-def distillation_loss(student: np.ndarray, teacher: np.ndarray, temperature: float) -> float:
-    """``T² · mean_n KL(p_n ‖ q_n)``: the distillation loss less the teacher's entropy (0 when they agree)."""
+def distillation_losses(student: np.ndarray, teacher: np.ndarray, temperature: float) -> np.ndarray:
+    """Per image: ``T² · KL(p_n ‖ q_n)`` (``distillation_loss`` is their mean)."""
     p = softmax(teacher, temperature)
     log_q = np.log(softmax(student, temperature) + LOG_FLOOR)
     log_p = np.log(p + LOG_FLOOR)
-    return float(temperature ** 2 * np.mean(np.sum(p * (log_p - log_q), axis=1)))
+    return temperature ** 2 * np.sum(p * (log_p - log_q), axis=1)  # type: ignore[no-any-return]
+
+
+def distillation_loss(student: np.ndarray, teacher: np.ndarray, temperature: float) -> float:
+    """``T² · mean_n KL(p_n ‖ q_n)``: the distillation loss less the teacher's entropy (0 when they agree)."""
+    return float(np.mean(distillation_losses(student, teacher, temperature)))

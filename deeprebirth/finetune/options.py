@@ -14,6 +14,7 @@ from deeprebirth.finetune.budget import Budget
 from deeprebirth.train import SOLVER_TYPES, SolverOptions
 
 MODES = ("label", "mimic")
+DEFAULT_BATCH = 32  # the largest batch the pace rule picks, and the batch of iteration budgets and exports
 SCHEDULES = ("whole", "layerwise")
 MIMIC_TARGETS = ("local", "next", "logits")
 
@@ -26,7 +27,7 @@ class FinetuneOptions:
     budget: str = "10m"  # time (90s, 10m, 1.5h), solver iterations (3000it) or epochs (5ep) for the whole run
     kd_weight: float = 0.5  # label mode: share of the distillation loss (the labels get the rest)
     temperature: float = 4.0
-    batch: int = 32  # on a CPU images per second hardly depend on the batch: smaller batches, more updates
+    batch: int | None = None  # None: from the budget and the measured pace (``driver.choose_batch``)
     solver: SolverOptions = field(default_factory=lambda: SolverOptions(solver="sgd", lr=None))  # lr None: search
     new_lr_mult: float = 10.0  # layer-wise steps: the step's new layers learn this much faster than the rest
     freeze_rest: bool = False  # only the new layers learn
@@ -38,11 +39,14 @@ class FinetuneOptions:
     seed: int = 0
     patience: int = 3  # stop a phase when this many held-out checkpoints in a row did not improve (0: never)
     max_steps: int | None = None  # stop after this many phases in this run (resume later)
-    cache_mb: float = 1024.0  # memory for the original's held-out outputs
+    cache_mb: float = 1024.0  # memory for decoded images (half), the original's outputs on them (a quarter) and on
+    # the held-out images (a quarter)
     work_dir: PathLike | None = None  # default: <out without suffix>.finetune next to --out
     report: PathLike | None = None  # default: <out without suffix>.finetune.json
     gpu: int | None = None  # run pycaffe on this GPU (a CUDA build of Caffe)
     shuffle: bool = True  # False: every phase reads the training images in their order (as an unshuffled LMDB)
+    cache_teacher: bool = True  # False: the original runs inside the train net at every iteration (the old way;
+    # benchmarks/finetune_speed.py's baseline)
 
 
 @dataclass
@@ -73,6 +77,11 @@ class StepResult:
     agreement_after: float | None
     seconds: float
     checkpoints: list[dict[str, float]] = field(default_factory=list)  # held-out metrics during the phase
+    loss: str = ""  # what matched the original's outputs: "KD T=4", "KD T=1" or "logit regression"
+    backoffs: list[str] = field(default_factory=list)  # restarts from the start when nothing improved on it
+    search: str = ""  # how the rate was chosen, in words
+    images_per_second: float = 0.0  # training images per second of solver steps
+    teacher_reuse: float | None = None  # share of the original's training outputs served from memory
 
 
 @dataclass
@@ -114,6 +123,8 @@ class FinetuneResult:
     report: str | None
     work_dir: str
     seconds: float  # this run's wall time
+    batch: int = DEFAULT_BATCH
+    batch_rule: str = ""  # why this batch size
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,7 +137,7 @@ def check_options(options: FinetuneOptions) -> Budget:
         raise DeepRebirthError(f"unknown schedule {options.schedule!r} ({', '.join(SCHEDULES)})")
     if options.mimic_at not in MIMIC_TARGETS:
         raise DeepRebirthError(f"unknown mimic target {options.mimic_at!r} ({', '.join(MIMIC_TARGETS)})")
-    if options.batch < 1:
+    if options.batch is not None and options.batch < 1:
         raise DeepRebirthError("the batch size must be at least 1")
     if not 0.0 <= options.kd_weight <= 1.0:
         raise DeepRebirthError(f"the distillation weight must be in [0, 1], got {options.kd_weight}")

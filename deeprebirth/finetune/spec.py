@@ -14,13 +14,14 @@ from deeprebirth.finetune.context import Context, Teacher
 from deeprebirth.finetune.losses import (
     add_distillation,
     add_label_loss,
+    add_logit_regression,
     add_mimic_loss,
     embed_teacher,
     logits_of,
     teacher_name,
 )
 from deeprebirth.finetune.options import FinetuneOptions
-from deeprebirth.finetune.phase import PhaseSpec
+from deeprebirth.finetune.phase_types import PhaseSpec
 from deeprebirth.finetune.state import Weights
 from deeprebirth.finetune.steps import Step, StepNet, build_step_net
 from deeprebirth.graph import GraphError
@@ -86,9 +87,20 @@ def _student(ctx: Context, step: Step, options: FinetuneOptions) -> tuple[StepNe
     return build(True, until), hybrid, f"next:{until}"
 
 
-def phase_spec(ctx: Context, step: Step, store: Weights, teacher: Teacher,
-               options: FinetuneOptions) -> tuple[PhaseSpec, StepNet, str]:
+LOSSES = ("kd", "kd1", "regression")  # KD at --temperature, KD at T=1, regression on the logits
+
+
+def loss_label(loss: str, temperature: float) -> str:
+    return {"kd": f"KD T={temperature:g}", "kd1": "KD T=1", "regression": "logit regression"}[loss]
+
+
+def phase_spec(ctx: Context, step: Step, store: Weights, teacher: Teacher, options: FinetuneOptions,
+               loss: str = "kd", cached_teacher: bool = False) -> tuple[PhaseSpec, StepNet, str]:
+    """A phase's nets. ``loss``: what matches the original's logits (one of ``LOSSES``); ``cached_teacher``: the
+    original's logits come in through an ``Input`` blob fed from ``TeacherCache`` instead of a frozen copy of the
+    original inside the train net (in-process runs; an exported net for plain ``caffe train`` embeds it)."""
     train_student, eval_student, target = _student(ctx, step, options)
+    assert options.batch is not None
     counts = blob_counts(ctx, train_student, store)
     net = training_net(train_student.net, train_student.factor, counts, options.batch, "none", "")
     original_counts = {name: len(blobs) for name, blobs in ctx.original_weights.items()}
@@ -100,11 +112,23 @@ def phase_spec(ctx: Context, step: Step, store: Weights, teacher: Teacher,
         assert train_student.output is not None or step.final
         output = train_student.blob if step.final else train_student.output
         logits = logits_of(net, output)  # type: ignore[arg-type]
-        embed_teacher(net, ctx.original, ctx.io.input, [ctx.logits], original_counts)
+        sample = np.zeros(0)
+        if cached_teacher or loss == "regression":  # the logits' shape, their spread
+            x = ctx.train.batch(ctx.train_indices[:min(options.batch, 8)])
+            sample = teacher.outputs(x, [ctx.logits])[ctx.logits]
+        if cached_teacher:
+            teacher_input = teacher_name(ctx.logits)
+            fed = net.layer.add(name=teacher_input, type="Input", top=[teacher_input])
+            fed.input_param.shape.add(dim=[options.batch, *sample.shape[1:]])
+        else:
+            embed_teacher(net, ctx.original, ctx.io.input, [ctx.logits], original_counts)
         kd_weight = options.kd_weight if target == "labels+kd" else 1.0
-        if kd_weight > 0:
-            top = add_distillation(net, logits, teacher_name(ctx.logits), options.temperature, kd_weight,
-                                   options.batch)
+        if kd_weight > 0 and loss == "regression":
+            top = add_logit_regression(net, logits, teacher_name(ctx.logits), kd_weight, float(np.var(sample)))
+            losses[top] = net.layer[-1].loss_weight[0]
+        elif kd_weight > 0:
+            temperature = 1.0 if loss == "kd1" else options.temperature
+            top = add_distillation(net, logits, teacher_name(ctx.logits), temperature, kd_weight, options.batch)
             losses[top] = kd_weight / options.batch
         if target == "labels+kd" and kd_weight < 1:
             top = add_label_loss(net, logits, 1.0 - kd_weight, options.batch)
@@ -138,5 +162,7 @@ def phase_spec(ctx: Context, step: Step, store: Weights, teacher: Teacher,
     learned = [name for name, f in train_student.factor.items() if f > 0 and counts.get(name)]
     spec = PhaseSpec(step.index, step.name, net, losses, _lookup(ctx, [train_student, eval_student], store), learned, eval_net,
                      eval_logits, ctx.logits, compare, objective, options.mode == "label" and "label" in
-                     [p.name for p in net.layer], options.temperature, options.kd_weight)
+                     [p.name for p in net.layer], options.temperature, options.kd_weight,
+                     teacher_name(ctx.logits) if cached_teacher and target in ("labels+kd", "kd") else None,
+                     loss_label(loss, options.temperature))
     return spec, train_student, target

@@ -1,0 +1,129 @@
+"""Choosing a phase's learning rate, and where the slim net starts far from the original, its loss.
+
+Each candidate (solver, rate, loss) trains a **probe**: ``n`` iterations from the phase's starting weights with the
+rate decaying linearly to 0 (a miniature of the real run, so a probe ends settled instead of wherever a constant
+rate left it), every probe on the same images in the same order and augmentations. Each probe is then scored per
+held-out image (``Evaluator.scores``: one scale for every loss) and the candidates are compared image by image:
+
+    d = scores(a) - scores(b);   a is worse than b when mean(d) > SIGNIFICANCE · std(d) / sqrt(len(d))
+
+The **choice**: the candidates no worse than the best within that noise are the contenders; among them the one
+nearest the solver's reference rate (``REFERENCE_LR``, in half-decade steps) wins, the lower rate on a tie, and the
+default loss (KD at ``--temperature``) unless another loss is better beyond the noise. So a rate far from the
+reference wins only by a margin the held-out data can tell apart, and noise picks nothing.
+
+**Cost** (``plan_probes``): the probes share ``SEARCH_SHARE`` of the phase's allotment, their training and their
+evaluations (on up to ``SEARCH_IMAGES`` held-out images, each costing what the phase's first evaluation cost per
+image). Four rates (``LR_FACTORS`` x the reference) when each probe still gets ``MIN_PROBE`` iterations, else two
+(``FEW_FACTORS``), else no search: SGD's users then get Adam at 1e-4 (``RESCUE``), whose per-parameter steps need
+no tuning to be safe. The winner is not started over: training goes on from its probe's weights.
+
+**Rescue**: when every SGD rate leaves the held-out score worse than at the start (seen on a BatchNorm-folded
+ResNet-50 whose merged first conv, reading raw pixels, has gradients 40,000x its weights), Adam at 1e-4 is probed
+too. **Losses**: where the slim net's top-1 agreement with the original starts below ``LOW_AGREEMENT``, KD at T=1
+and regression on the logits (``spec.LOSSES``) are probed at the chosen rate beside KD at ``--temperature``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+LR_FACTORS = (0.1, 0.3, 1.0, 3.0)
+FEW_FACTORS = (0.3, 1.0)
+REFERENCE_LR = {"sgd": 1e-2, "nesterov": 1e-2, "adam": 3e-4, "rmsprop": 3e-4, "adagrad": 1e-2, "adadelta": 1.0}
+MOMENTUM_SOLVERS = ("sgd", "nesterov")
+RESCUE = ("adam", 1e-4)  # for SGD's users: without a search, or when every SGD rate diverges
+SEARCH_SHARE = 0.15  # of the phase's allotment (the winner's probe is not lost: training goes on from it)
+MIN_PROBE = 8  # iterations per probe; fewer say nothing
+MAX_PROBE = 200
+SEARCH_IMAGES = 512  # held-out images that judge the probes, at most ...
+MIN_SEARCH_IMAGES = 64  # ... and at least (else no search)
+SIGNIFICANCE = 2.0  # z of a paired difference that counts as real (about 2.3% one-sided by chance)
+LOW_AGREEMENT = 0.5  # below this starting agreement with the original, the loss is searched too
+
+
+@dataclass(frozen=True)
+class Candidate:
+    solver: str
+    lr: float
+    loss: str = "kd"
+
+    def describe(self, default_solver: str, default_loss: str = "kd") -> str:
+        words = [] if self.solver == default_solver else [self.solver]
+        words.append(f"{self.lr:g}")
+        if self.loss != default_loss:
+            words.append(self.loss)
+        return " ".join(words)
+
+
+@dataclass(frozen=True)
+class ProbePlan:
+    candidates: tuple[Candidate, ...]  # empty: no search
+    iterations: int  # per probe
+    images: int  # held-out images per probe evaluation
+    reason: str  # why this many candidates (or none)
+
+
+def rate_candidates(solver: str, factors: Sequence[float]) -> tuple[Candidate, ...]:
+    reference = REFERENCE_LR.get(solver, 1e-3)
+    return tuple(Candidate(solver, reference * f) for f in factors)
+
+
+def plan_probes(solver: str, fit_iterations: float, seconds_per_iteration: float | None,
+                seconds_per_image: float, held_out: int) -> ProbePlan:
+    """How many candidates, probe iterations and probe images the search can afford (see the module docstring).
+    ``fit_iterations``: the phase's allotment in iterations; ``seconds_per_iteration`` None for iteration budgets
+    (then evaluations cost no iterations)."""
+    for factors in (LR_FACTORS, FEW_FACTORS):
+        k = len(factors)
+        images = min(SEARCH_IMAGES, held_out)
+        if seconds_per_iteration is None:
+            iterations = SEARCH_SHARE * fit_iterations / k
+        else:
+            share = SEARCH_SHARE * fit_iterations * seconds_per_iteration
+            # evaluations take at most half of the search's time; the rest trains
+            images = min(images, int(share / 2 / (k * max(seconds_per_image, 1e-9))))
+            iterations = (share - k * images * seconds_per_image) / (k * seconds_per_iteration)
+        if iterations >= MIN_PROBE and images >= min(MIN_SEARCH_IMAGES, held_out) and images > 0:
+            return ProbePlan(rate_candidates(solver, factors), int(min(iterations, MAX_PROBE)), images,
+                             f"{k} rates x {int(min(iterations, MAX_PROBE))} iterations, judged on {images} "
+                             "held-out images")
+    why = ("no held-out data" if held_out == 0 else
+           f"too few iterations fit for a search ({fit_iterations:.0f} in the phase)")
+    return ProbePlan((), 0, 0, why)
+
+
+def significantly_worse(a: np.ndarray, b: np.ndarray, z: float = SIGNIFICANCE) -> bool:
+    """Is candidate ``a`` worse than ``b`` beyond the noise of their paired per-image scores?"""
+    if not np.all(np.isfinite(a)):
+        return bool(np.all(np.isfinite(b)))
+    if not np.all(np.isfinite(b)):
+        return False
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if len(d) < 2:
+        return bool(np.mean(d) > 0)
+    spread = float(np.std(d, ddof=1)) / math.sqrt(len(d))
+    return bool(np.mean(d) > z * spread)
+
+
+def choose(scores: dict[Candidate, np.ndarray], preference: Callable[[Candidate], tuple[float, ...]]) -> Candidate:
+    """The contender (no worse than the best beyond the noise) that ``preference`` ranks first."""
+    finite = {c: s for c, s in scores.items() if np.all(np.isfinite(s))} or scores
+    best = min(finite, key=lambda c: float(np.mean(finite[c])))
+    contenders = [c for c in finite if not significantly_worse(finite[c], finite[best])]
+    return min(contenders, key=preference)
+
+
+def near_reference(candidate: Candidate) -> tuple[float, ...]:
+    """Rate preference: fewest half-decade steps from the solver's reference rate (0.3x and 3x are one step
+    each), then the lower rate."""
+    reference = REFERENCE_LR.get(candidate.solver, 1e-3)
+    return (float(round(2 * abs(math.log10(candidate.lr / reference)))), candidate.lr)
+
+
+def default_loss_first(candidate: Candidate) -> tuple[float, ...]:
+    return (0.0 if candidate.loss == "kd" else 1.0, *near_reference(candidate))

@@ -1,0 +1,114 @@
+"""A solver over a phase's train net, fed with augmented batches (``Trainer``), and the nets around it.
+
+Every trainer of a phase reads the training images in the same order and with the same augmentations (its
+``start`` says where in that order it begins): the learning-rate probes then differ only in what they are
+testing, and a trainer that goes on from a probe reads the images that come next.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deeprebirth import caffe_io
+from deeprebirth.caffe_runtime import import_caffe
+from deeprebirth.finetune.phase_types import PhaseData, PhaseSpec, Weights
+from deeprebirth.train import SolverOptions, load_params, make_solver
+
+
+class Trainer:
+    """Caffe's solver for ``spec.train_net`` with ``options`` over ``iterations`` (the poly horizon)."""
+
+    def __init__(self, spec: PhaseSpec, data: PhaseData, options: SolverOptions, iterations: int, tag: str,
+                 init: Callable[[str], list[np.ndarray]] | None = None, start: int = 0) -> None:
+        self.spec, self.data = spec, data
+        # Caffe's own seed (Dropout, the fillers) is the run's --seed, as in the phase's exported solver
+        self.options, self.tag, self.seed = options, tag, data.seed
+        self.solver = make_solver(data.work, tag, spec.train_net, options, iterations, self.seed)
+        self.net = self.solver.net
+        load_params(self.net, init or spec.init)
+        rng = np.random.default_rng([data.seed, spec.index])
+        self.order = (data.train_indices[rng.permutation(len(data.train_indices))] if data.shuffle
+                      else data.train_indices)
+        self.views = data.train.views
+        self.start = start  # batches of the common order already read (by a probe this one goes on from)
+        self.done = 0
+        self.images_seconds = 0.0  # spent in the student's solver steps
+
+    def _rng(self, position: int) -> np.random.Generator:
+        return np.random.default_rng([self.data.seed, self.spec.index, position])
+
+    def step(self) -> float:
+        data, spec = self.data, self.spec
+        position = self.start + self.done
+        first = (position * data.batch) % len(self.order)
+        idx = np.take(self.order, np.arange(first, first + data.batch), mode="wrap")
+        rng = self._rng(position)
+        if spec.teacher_input is not None:
+            views = rng.integers(0, self.views, len(idx))
+            x = data.train.view_batch(idx, views)
+            teacher = data.cache.logits(idx, views, x)
+            self.net.blobs[spec.teacher_input].data[...] = teacher.reshape(self.net.blobs[spec.teacher_input].shape)
+        else:
+            x = data.train.batch(idx, rng)
+        self.net.blobs[data.input].data[...] = x
+        if spec.labels:
+            self.net.blobs["label"].data[...] = data.train.labels(idx).astype(np.float32)
+        started = time.monotonic()
+        self.solver.step(1)
+        self.images_seconds += time.monotonic() - started
+        self.done += 1
+        return sum(float(self.net.blobs[top].data) * w for top, w in spec.losses.items())
+
+    def read(self) -> Weights:
+        return {name: [np.array(b.data, dtype=np.float32) for b in self.net.params[name]]
+                for name in self.spec.learned if name in self.net.params}
+
+    def replan(self, iterations: int) -> None:
+        """Go on towards a new horizon of ``iterations``. Caffe fixes ``max_iter`` when a solver is made, so the
+        solver is snapshotted and restored into one with the new horizon: the iteration count, the momentum (Adam's
+        moments too) and the weights carry over, and the poly rate goes on decaying to 0 at the new end."""
+        work = self.data.work
+        self.solver.snapshot()
+        done = self.solver.iter
+        state, model = (work / f"{self.tag}_iter_{done}.{suffix}" for suffix in ("solverstate", "caffemodel"))
+        self.solver = make_solver(work, self.tag, self.spec.train_net, self.options, iterations, self.seed)
+        self.solver.restore(str(state))
+        self.net = self.solver.net
+        state.unlink()
+        model.unlink()
+
+
+def time_iterations(trainer: Trainer) -> float:
+    """Seconds per iteration, for planning a time budget: the first iteration (allocations) is not timed, and the
+    estimate leans low (the fastest of three), so that a phase plans rather too many iterations, which its deadline
+    cuts short, than too few, which would leave the budget unused."""
+    trainer.step()
+    times = []
+    for _ in range(3):
+        started = time.monotonic()
+        trainer.step()
+        times.append(time.monotonic() - started)
+    return min(times)
+
+
+def eval_net(spec: PhaseSpec, work: Path, tag: str, trainer: Trainer | None,
+             init: Callable[[str], list[np.ndarray]] | None = None) -> Any:
+    """The student alone (TEST phase), sharing ``trainer``'s weights when given, else loaded from ``init``."""
+    caffe = import_caffe()
+    path = work / f"{tag}_eval.prototxt"
+    caffe_io.write_prototxt(path, spec.eval_net)
+    net = caffe.Net(str(path), caffe.TEST)
+    load_params(net, init or spec.init)
+    if trainer is not None:
+        net.share_with(trainer.net)
+    return net
+
+
+def overlay(init: Callable[[str], list[np.ndarray]], weights: Weights) -> Callable[[str], list[np.ndarray]]:
+    """``init`` with the layers of ``weights`` replaced (a trainer that goes on from a probe's weights)."""
+    return lambda name: weights[name] if name in weights else init(name)

@@ -1,0 +1,169 @@
+"""The learning-rate choice, the batch rule, the cached original's outputs and the back-off (issue 16)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deeprebirth.data import CROP_BANK, Batches, DataSet, Transform
+from deeprebirth.finetune import FinetuneOptions, finetune_files
+from deeprebirth.finetune.budget import Budget
+from deeprebirth.finetune.driver import MIN_UPDATES, choose_batch
+from deeprebirth.finetune.search import (
+    FEW_FACTORS,
+    LR_FACTORS,
+    MIN_PROBE,
+    Candidate,
+    choose,
+    default_loss_first,
+    near_reference,
+    plan_probes,
+    significantly_worse,
+)
+from deeprebirth.finetune.teacher_cache import TeacherCache
+from deeprebirth.train import SolverOptions
+from test_finetune import nets  # noqa: F401  (the fixture: a tiny inception net, slimmed, and its data)
+
+
+def test_a_difference_within_the_noise_is_not_significant() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.normal(2.0, 1.0, 400)
+    noisy = base + rng.normal(0.0, 0.5, 400)  # same mean, paired noise
+    assert not significantly_worse(noisy, base) and not significantly_worse(base, noisy)
+    assert significantly_worse(base + 0.2, base + rng.normal(0, 0.5, 400) * 0.1)  # a clear, consistent gap
+    assert significantly_worse(np.full(10, np.inf), base[:10]) and not significantly_worse(base[:10], np.full(10, np.inf))
+
+
+def test_the_reference_rate_stays_unless_another_is_better_beyond_the_noise() -> None:
+    rng = np.random.default_rng(1)
+    truth = rng.normal(1.0, 0.3, 300)
+    scores = {Candidate("sgd", 1e-3): truth + 0.5, Candidate("sgd", 3e-3): truth + 0.2,
+              Candidate("sgd", 1e-2): truth + 0.005 + rng.normal(0, 0.2, 300),
+              Candidate("sgd", 3e-2): truth + rng.normal(0, 0.2, 300)}
+    # 0.03 has the lowest mean, but only by noise: the reference 0.01 stays
+    assert float(np.mean(scores[Candidate("sgd", 3e-2)])) < float(np.mean(scores[Candidate("sgd", 1e-2)]))
+    assert choose(scores, near_reference) == Candidate("sgd", 1e-2)
+    scores[Candidate("sgd", 3e-2)] = truth - 0.3  # now clearly better
+    assert choose(scores, near_reference) == Candidate("sgd", 3e-2)
+    # two contenders as far from the reference: the lower rate
+    tie = {Candidate("sgd", 3e-3): truth, Candidate("sgd", 3e-2): truth + rng.normal(0, 0.01, 300),
+           Candidate("sgd", 1e-2): truth + 1.0}
+    assert choose(tie, near_reference) == Candidate("sgd", 3e-3)
+
+
+def test_another_loss_wins_only_beyond_the_noise() -> None:
+    rng = np.random.default_rng(2)
+    truth = rng.normal(1.0, 0.3, 300)
+    close = {Candidate("sgd", 1e-2): truth, Candidate("sgd", 1e-2, "kd1"): truth - 0.001 + rng.normal(0, 0.1, 300),
+             Candidate("sgd", 1e-2, "regression"): truth + 0.1}
+    assert choose(close, default_loss_first).loss == "kd"
+    far = dict(close)
+    far[Candidate("sgd", 1e-2, "regression")] = truth - 0.4
+    assert choose(far, default_loss_first).loss == "regression"
+
+
+def test_probes_shrink_where_iterations_are_expensive() -> None:
+    cheap = plan_probes("sgd", fit_iterations=20000, seconds_per_iteration=0.01, seconds_per_image=1e-4,
+                        held_out=2000)
+    assert [c.lr for c in cheap.candidates] == pytest.approx([0.01 * f for f in LR_FACTORS])
+    assert cheap.iterations == 200 and cheap.images == 512  # capped
+    middle = plan_probes("sgd", fit_iterations=300, seconds_per_iteration=1.0, seconds_per_image=0.01,
+                         held_out=500)
+    assert [c.lr for c in middle.candidates] == pytest.approx([0.01 * f for f in FEW_FACTORS])
+    assert middle.iterations >= MIN_PROBE
+    costly = plan_probes("sgd", fit_iterations=100, seconds_per_iteration=4.0, seconds_per_image=0.05,
+                         held_out=500)
+    assert costly.candidates == () and "too few iterations" in costly.reason
+    assert plan_probes("sgd", 1e6, None, 0.0, 0).candidates == ()
+
+
+def test_the_batch_follows_the_pace() -> None:
+    minutes7 = Budget.parse("7m")
+    assert choose_batch(None, minutes7, 500, seconds_per_image=0.001)[0] == 32  # a cheap net
+    batch, rule = choose_batch(None, minutes7, 500, seconds_per_image=0.05)  # an ImageNet-size net on a CPU
+    assert batch == 8 and "updates" in rule
+    assert choose_batch(None, minutes7, 500, seconds_per_image=0.012)[0] == 16
+    assert choose_batch(12, minutes7, 500, 0.05) == (12, "given")
+    assert choose_batch(None, Budget.parse("300it"), 500, 0.05)[0] == 32
+    assert choose_batch(None, Budget.parse("2ep"), 500, 0.05)[0] == 8  # 1000 images buy 125 updates of 8
+    assert choose_batch(None, Budget.parse("2ep"), 100000, 0.05)[0] == 32
+    assert 2 * 100000 / 32 >= MIN_UPDATES
+
+
+def _photos(count: int = 6, size: int = 10) -> DataSet:
+    rng = np.random.default_rng(3)
+    return DataSet("memory", 3, (size, size), np.arange(count) % 2,
+                   array=rng.integers(0, 255, (count, 3, size, size)).astype(np.float32))
+
+
+def test_views_are_a_fixed_finite_set_of_crops_and_mirrors() -> None:
+    batches = Batches(_photos(), Transform(crop=8, mirror=True), (8, 8), bank_seed=5)
+    assert batches.views == 2 * CROP_BANK
+    idx = np.array([0, 1, 2, 0])
+    views = np.array([0, 3, 5, 1])
+    first = batches.view_batch(idx, views)
+    assert first.shape == (4, 3, 8, 8)
+    assert np.array_equal(first, batches.view_batch(idx, views))  # the same view, the same pixels
+    assert np.array_equal(first[3], first[0][..., ::-1])  # view 1 mirrors view 0
+    again = Batches(_photos(), Transform(crop=8, mirror=True), (8, 8), bank_seed=5)
+    assert np.array_equal(first, again.view_batch(idx, views))
+    assert Batches(_photos(size=8), Transform(mirror=True), (8, 8)).views == 2
+    assert Batches(_photos(size=8), Transform(), (8, 8)).views == 1
+
+
+class _CountingTeacher:
+    def __init__(self) -> None:
+        self.images = 0
+
+    def outputs(self, x: np.ndarray, blobs: list[str]) -> dict[str, np.ndarray]:
+        self.images += len(x)
+        return {blobs[0]: x.reshape(len(x), -1)[:, :4].copy()}
+
+
+def test_the_originals_outputs_are_computed_once_per_image_and_view() -> None:
+    batches = Batches(_photos(), Transform(crop=8, mirror=True), (8, 8))
+    teacher = _CountingTeacher()
+    cache = TeacherCache(teacher, "logits", cache_bytes=1e6)
+    idx, views = np.array([0, 1, 0, 2]), np.array([1, 1, 1, 4])
+    x = batches.view_batch(idx, views)
+    out = cache.logits(idx, views, x)
+    assert teacher.images == 3  # (0, 1) twice in the batch: run once
+    assert np.array_equal(out, x.reshape(4, -1)[:, :4])
+    again = cache.logits(idx, views, batches.view_batch(idx, views))
+    assert teacher.images == 3 and np.array_equal(again, out) and cache.reused == 5
+    small = TeacherCache(_CountingTeacher(), "logits", cache_bytes=16)  # room for one row of 4 floats
+    small.logits(idx, views, x)
+    small.logits(idx, views, x)
+    assert small.teacher.images == 5 and len(small.stored) == 1
+
+
+def test_backoff_when_nothing_improves(nets: dict[str, str], tmp_path: Path) -> None:
+    """SGD at a rate that wrecks the net: the phase restarts from its start at Adam 1e-4 and goes on."""
+    options = FinetuneOptions(budget="240it", batch=16, transform=Transform(scale=1 / 255), holdout=0.25,
+                              mode="mimic", solver=SolverOptions("sgd", lr=50.0), patience=2)
+    result = finetune_files(nets["original"], nets["original_weights"], nets["slim"],
+                            nets["slim_weights"], nets["report"], nets["data"],
+                            tmp_path / "final.caffemodel", options)
+    step = result.steps[-1]
+    assert step.backoffs and "restarted from the start at adam 0.0001" in step.backoffs[0], step.backoffs
+    assert step.solver == "adam" and step.lr == pytest.approx(1e-4)
+    assert step.best_iteration > 0, step.checkpoints  # after the back-off, it did improve on the start
+    assert step.agreement_after >= step.agreement_before  # type: ignore[operator]
+
+
+def test_a_run_reports_its_pace_and_reuse(nets: dict[str, str], tmp_path: Path) -> None:
+    options = FinetuneOptions(budget="3ep", transform=Transform(scale=1 / 255, mirror=True), holdout=0.25,
+                              mode="mimic", solver=SolverOptions("adam", lr=1e-3), patience=0)
+    result = finetune_files(nets["original"], nets["original_weights"], nets["slim"],
+                            nets["slim_weights"], nets["report"], nets["data"],
+                            tmp_path / "final.caffemodel", replace(options))
+    step = result.steps[-1]
+    # 72 training images, 3 epochs: 216 images buy 27 updates of 8 (under MIN_UPDATES at any batch: the smallest)
+    assert result.batch == 8 and "updates" in result.batch_rule
+    assert step.iterations == 27
+    assert step.images_per_second > 0
+    # 2 views (mirror) x 72 images = 144 distinct inputs at most among 216 drawn: at least a third reused
+    assert step.teacher_reuse is not None and step.teacher_reuse >= 1 / 3 - 1e-9
