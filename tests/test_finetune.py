@@ -13,12 +13,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from helpers import graph_from_text, save
-from nets import tiny_inception
 
 from deeprebirth import caffe_io
 from deeprebirth import caffe_pb2 as pb
 from deeprebirth.api import rewrite_files
-from deeprebirth.caffe_runtime import forward, open_net
 from deeprebirth.cli import main
 from deeprebirth.data import Transform
 from deeprebirth.errors import DeepRebirthError
@@ -32,23 +30,8 @@ SIZE = 32
 
 
 @pytest.fixture(scope="module")
-def nets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Original (random weights), slimmed by all rules, its report, and 96 images labelled by the original."""
-    folder = tmp_path_factory.mktemp("finetune")
-    original = graph_from_text(tiny_inception(SIZE), seed=1)
-    proto, model = save(original, folder, "original")
-    paths = {"original": proto, "original_weights": model, "slim": str(folder / "slim.prototxt"),
-             "slim_weights": str(folder / "slim.caffemodel"), "report": str(folder / "report.json"),
-             "folder": str(folder)}
-    rewrite_files(proto, paths["slim"], model, paths["slim_weights"], paths["report"])
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (96, SIZE, SIZE, 3), dtype=np.uint8)
-    net = open_net(proto, model)
-    inputs = (x.transpose(0, 3, 1, 2).astype(np.float32)) / 255
-    y = forward(net, {"data": inputs}, ["prob"])["prob"].argmax(axis=1)
-    np.savez(folder / "data.npz", x=x, y=y)
-    paths["data"] = str(folder / "data.npz")
-    return paths
+def nets(finetune_nets: dict[str, str]) -> dict[str, str]:
+    return finetune_nets
 
 
 def options(**changes: object) -> FinetuneOptions:

@@ -25,7 +25,6 @@ from deeprebirth.finetune.search import (
 )
 from deeprebirth.finetune.teacher_cache import TeacherCache
 from deeprebirth.train import SolverOptions
-from test_finetune import nets  # noqa: F401  (the fixture: a tiny inception net, slimmed, and its data)
 
 
 def test_a_difference_within_the_noise_is_not_significant() -> None:
@@ -140,12 +139,12 @@ def test_the_originals_outputs_are_computed_once_per_image_and_view() -> None:
     assert small.teacher.images == 5 and len(small.stored) == 1
 
 
-def test_backoff_when_nothing_improves(nets: dict[str, str], tmp_path: Path) -> None:
+def test_backoff_when_nothing_improves(finetune_nets: dict[str, str], tmp_path: Path) -> None:
     """SGD at a rate that wrecks the net: the phase restarts from its start at Adam 1e-4 and goes on."""
     options = FinetuneOptions(budget="240it", batch=16, transform=Transform(scale=1 / 255), holdout=0.25,
                               mode="mimic", solver=SolverOptions("sgd", lr=50.0), patience=2)
-    result = finetune_files(nets["original"], nets["original_weights"], nets["slim"],
-                            nets["slim_weights"], nets["report"], nets["data"],
+    result = finetune_files(finetune_nets["original"], finetune_nets["original_weights"], finetune_nets["slim"],
+                            finetune_nets["slim_weights"], finetune_nets["report"], finetune_nets["data"],
                             tmp_path / "final.caffemodel", options)
     step = result.steps[-1]
     assert step.backoffs and "restarted from the start at adam 0.0001" in step.backoffs[0], step.backoffs
@@ -154,11 +153,11 @@ def test_backoff_when_nothing_improves(nets: dict[str, str], tmp_path: Path) -> 
     assert step.agreement_after >= step.agreement_before  # type: ignore[operator]
 
 
-def test_a_run_reports_its_pace_and_reuse(nets: dict[str, str], tmp_path: Path) -> None:
+def test_a_run_reports_its_pace_and_reuse(finetune_nets: dict[str, str], tmp_path: Path) -> None:
     options = FinetuneOptions(budget="3ep", transform=Transform(scale=1 / 255, mirror=True), holdout=0.25,
                               mode="mimic", solver=SolverOptions("adam", lr=1e-3), patience=0)
-    result = finetune_files(nets["original"], nets["original_weights"], nets["slim"],
-                            nets["slim_weights"], nets["report"], nets["data"],
+    result = finetune_files(finetune_nets["original"], finetune_nets["original_weights"], finetune_nets["slim"],
+                            finetune_nets["slim_weights"], finetune_nets["report"], finetune_nets["data"],
                             tmp_path / "final.caffemodel", replace(options))
     step = result.steps[-1]
     # 72 training images, 3 epochs: 216 images buy 27 updates of 8 (under MIN_UPDATES at any batch: the smallest)
