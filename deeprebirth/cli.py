@@ -265,6 +265,10 @@ def draw_command(prototxt: str, out: str, highlight_from: str | None, phase: str
               help="label mode: share of the distillation loss (the labels get the rest)")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
               help="softmax temperature of the distillation loss")
+@click.option("--loss", type=click.Choice(["auto", "kd", "regression"]), default="auto", show_default=True,
+              help="what matches the original's logits: distillation at --temperature, regression on the logits, "
+                   "or auto: KD, and where the slim net starts far off (agreement < 50%) the better of KD at "
+                   "--temperature, KD at T=1 and regression, probed on held-out data")
 @click.option("--batch", type=click.IntRange(min=1), help="images per update  [default: 32, or 16 or 8 where the "
               "budget would buy fewer than 400 updates (see README)]")
 @click.option("--lr", type=float, help="base learning rate (default: searched per phase on held-out data)")
@@ -287,14 +291,14 @@ def draw_command(prototxt: str, out: str, highlight_from: str | None, phase: str
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="the report (default: OUT without suffix + .finetune.json)")
 @click.option("--cache-mb", type=float, default=1024, show_default=True,
-              help="memory for the original's held-out outputs")
+              help="memory for decoded images (half) and the original's outputs on them and on held-out images")
 @click.option("--seed", type=int, default=0, show_default=True)
 @_transform_options
 @_user_errors
 def finetune_command(original_prototxt: str, original_weights: str, slim_prototxt: str, slim_weights: str,
                      report_path: str, data: str, out: str | None, export_dir: str | None, train_val: str | None,
                      gpu: int | None, mode: str, budget: str, schedule: str, mimic_at: str,
-                     kd_weight: float, temperature: float, batch: int, lr: float | None,
+                     kd_weight: float, temperature: float, loss: str, batch: int | None, lr: float | None,
                      solver: str, momentum: float, weight_decay: float, new_lr_mult: float, freeze_rest: bool,
                      resume: bool, max_steps: int | None, val: str | None, holdout: float, val_limit: int,
                      work_dir: str | None, json_path: str | None, cache_mb: float, seed: int,
@@ -306,7 +310,7 @@ def finetune_command(original_prototxt: str, original_weights: str, slim_prototx
         mirror = True  # Caffe's ImageNet recipes flip training images; --no-mirror for data where that is wrong
     options = api.FinetuneOptions(
         mode=mode, schedule=schedule, mimic_at=mimic_at, budget=budget, kd_weight=kd_weight,
-        temperature=temperature,
+        temperature=temperature, loss=loss,
         batch=batch, solver=api.SolverOptions(solver, lr, momentum, weight_decay), new_lr_mult=new_lr_mult,
         freeze_rest=freeze_rest, resume=resume,
         transform=_transform(transform_from, scale, mean, mean_file, crop, mirror, resize, rgb), val=val,

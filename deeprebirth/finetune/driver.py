@@ -217,7 +217,9 @@ def _run_step(ctx: Context, step: Step, store: Weights, teacher: Teacher, cache:
     total = len(ctx.steps)
     notify(Progress("step", step.index, total, step.name))
     assert options.batch is not None
-    spec, student, target = phase_spec(ctx, step, store, teacher, options, cached_teacher=options.cache_teacher)
+    fixed = "regression" if options.loss == "regression" else "kd"
+    spec, student, target = phase_spec(ctx, step, store, teacher, options, loss=fixed,
+                                       cached_teacher=options.cache_teacher)
 
     def variant(loss: str) -> PhaseSpec:
         return phase_spec(ctx, step, store, teacher, options, loss=loss, cached_teacher=options.cache_teacher)[0]
@@ -240,7 +242,7 @@ def _run_step(ctx: Context, step: Step, store: Weights, teacher: Teacher, cache:
                             metrics=fields["metrics"]))
 
     outcome: PhaseOutcome = run_phase(spec, data, options.solver, allot, relay,
-                                      variant if target in ("labels+kd", "kd") else None)
+                                      variant if options.loss == "auto" and target in ("labels+kd", "kd") else None)
     served = cache.computed - computed + cache.reused - reused
     for name, blobs in outcome.weights.items():
         where, layer = student.source[name]

@@ -17,6 +17,7 @@ MODES = ("label", "mimic")
 DEFAULT_BATCH = 32  # the largest batch the pace rule picks, and the batch of iteration budgets and exports
 SCHEDULES = ("whole", "layerwise")
 MIMIC_TARGETS = ("local", "next", "logits")
+LOSS_CHOICES = ("auto", "kd", "regression")  # auto: KD at --temperature, or the search's pick where far off
 
 
 @dataclass
@@ -27,6 +28,8 @@ class FinetuneOptions:
     budget: str = "10m"  # time (90s, 10m, 1.5h), solver iterations (3000it) or epochs (5ep) for the whole run
     kd_weight: float = 0.5  # label mode: share of the distillation loss (the labels get the rest)
     temperature: float = 4.0
+    loss: str = "auto"  # matching the original's logits: "kd" (at temperature), "regression", or "auto": KD unless
+    # the slim net starts far from the original (agreement < 50%), where KD at T=1 and regression are probed too
     batch: int | None = None  # None: from the budget and the measured pace (``driver.choose_batch``)
     solver: SolverOptions = field(default_factory=lambda: SolverOptions(solver="sgd", lr=None))  # lr None: search
     new_lr_mult: float = 10.0  # layer-wise steps: the step's new layers learn this much faster than the rest
@@ -137,6 +140,8 @@ def check_options(options: FinetuneOptions) -> Budget:
         raise DeepRebirthError(f"unknown schedule {options.schedule!r} ({', '.join(SCHEDULES)})")
     if options.mimic_at not in MIMIC_TARGETS:
         raise DeepRebirthError(f"unknown mimic target {options.mimic_at!r} ({', '.join(MIMIC_TARGETS)})")
+    if options.loss not in LOSS_CHOICES:
+        raise DeepRebirthError(f"unknown loss {options.loss!r} ({', '.join(LOSS_CHOICES)})")
     if options.batch is not None and options.batch < 1:
         raise DeepRebirthError("the batch size must be at least 1")
     if not 0.0 <= options.kd_weight <= 1.0:
