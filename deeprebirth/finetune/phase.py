@@ -227,8 +227,10 @@ class _TrainingRun:
     def train(self) -> None:
         iterations, evaluations = self._plan(MAX_EVALUATIONS)
         self._start_trainer(self.options, iterations, self.choice.weights, self.choice.done, self.tag)
-        if self.evaluate is not None and self.before:
-            self.best = (self.evaluate.score(self.before), 0, self.trainer.read())
+        if self.evaluate is not None and self.before:  # the phase's start (not the probe training went on from)
+            start = {name: [np.array(b, dtype=np.float32) for b in self.spec.init(name)] for name in self.spec.learned
+                     if name in self.trainer.net.params}
+            self.best = (self.evaluate.score(self.before), 0, start)
         every = max(1, iterations // max(evaluations, 1))
         check_every = max(1, iterations // max(evaluations, REPLANS))
         since_best = 0
