@@ -140,20 +140,32 @@ def _read_opencv(prototxt: str | os.PathLike[str], caffemodel: str | os.PathLike
     try:
         net = cv2.dnn.readNetFromCaffe(str(prototxt), str(caffemodel))
     except cv2.error as err:
-        found = _CANNOT_CREATE.search(str(err))
-        if found:
-            raise DeepRebirthError(f"OpenCV dnn cannot run layer '{found[1]}' ({found[2]}), which Caffe can: check "
-                                   "with --reference caffe (needs pycaffe)", file=str(shown)) from None
-        raise DeepRebirthError(f"OpenCV dnn cannot read the net: {_first_line(err)}", file=str(shown)) from None
+        raise _refused(err, shown) or DeepRebirthError(f"OpenCV dnn cannot read the net: {_first_line(err)}",
+                                                       file=str(shown)) from None
     net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
     net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
     return net
 
 
+def _refused(err: BaseException, prototxt: str | os.PathLike[str]) -> DeepRebirthError | None:
+    """OpenCV's "Can't create layer" (a type it does not implement; it creates layers on the first forward) as
+    one line naming the layer, or None for any other failure."""
+    found = _CANNOT_CREATE.search(str(err))
+    if found is None:
+        return None
+    return DeepRebirthError(f"OpenCV dnn cannot run layer '{found[1]}' ({found[2]}), which Caffe can: check with "
+                            "--reference caffe (needs pycaffe)", file=str(prototxt))
+
+
 def _unsupported(net: object, feed: Feed, prototxt: str | os.PathLike[str], err: BaseException) -> DeepRebirthError:
-    """The error for a forward pass OpenCV failed: names the first layer (in OpenCV's order) whose own forward
-    fails, found by bisection (a layer fails once it, or one before it, cannot run)."""
+    """The error for a forward pass OpenCV failed: the layer it refused to create, else the first layer (in
+    OpenCV's order) whose own forward fails, found by bisection (a layer fails once it, or one before it, cannot
+    run)."""
     import cv2
+
+    refused = _refused(err, prototxt)
+    if refused is not None:
+        return refused
 
     names = list(net.getLayerNames())  # type: ignore[attr-defined]
     low, high = 0, len(names) - 1  # invariant: names[high] fails; everything before low runs

@@ -16,7 +16,7 @@ Default tolerances (relative, as above), from what each runtime's fp32 path does
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
