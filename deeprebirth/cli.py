@@ -190,6 +190,8 @@ def plan_command(prototxt: str, weights: str | None, batch: int | None, threads:
 
     if data is not None and weights is None:
         raise api.DeepRebirthError("measuring the accuracy risk needs the trained weights (--weights)", file=prototxt)
+    if data is not None:
+        api.require_pycaffe("plan --data (the accuracy risk: a short fine-tuning)")
     if runtime not in (None, "caffe"):
         if data is not None:
             raise api.DeepRebirthError("--data (accuracy risk) goes with the Caffe plan; leave out --runtime")
