@@ -27,10 +27,12 @@ import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from deeprebirth.errors import DeepRebirthError
+from deeprebirth.graph import Graph
 
 Feed = dict[str, np.ndarray]
 REFERENCES = ("caffe", "opencv")
@@ -38,6 +40,7 @@ LABELS = {"caffe": "real Caffe", "opencv": "OpenCV dnn"}
 CAFFE_HINT = ("`make install` builds it, or put your own Caffe's python/ folder on PYTHONPATH; rewrite --check, "
               "export --check, plan and profile run without it (OpenCV dnn reference)")
 _CANNOT_CREATE = re.compile(r"Can't create layer \"([^\"]+)\" of type \"([^\"]+)\"")
+_OPENCV_ERROR = re.compile(r"error: \([^)]*\) (.*)")  # "OpenCV(4.x) file.cpp:12: error: (-2:...) what"
 
 
 def pycaffe_available() -> bool:
@@ -75,12 +78,12 @@ def describe(reference: str) -> str:
     return f"OpenCV dnn {cv2.__version__}"
 
 
-def _writers(graph: object) -> dict[str, tuple[str, int]]:
+def _writers(graph: Graph) -> dict[str, tuple[str, int]]:
     """Caffe blob name -> (the layer that writes it last, which of its tops): where OpenCV has that blob's value."""
     writers: dict[str, tuple[str, int]] = {}
-    for layer in graph.layers():  # type: ignore[attr-defined]
+    for layer in graph.layers():
         for index, top in enumerate(layer.tops):
-            writers[graph.caffe_name(top)] = (layer.name, index)  # type: ignore[attr-defined]
+            writers[graph.caffe_name(top)] = (layer.name, index)
     return writers
 
 
@@ -123,9 +126,9 @@ def opencv_outputs(prototxt: str | os.PathLike[str], caffemodel: str | os.PathLi
     results = []
     for feed in feeds:
         for name, array in feed.items():
-            net.setInput(np.ascontiguousarray(array, dtype=np.float32), name)  # type: ignore[attr-defined]
+            net.setInput(np.ascontiguousarray(array, dtype=np.float32), name)
         try:
-            values = net.forward(layers)  # type: ignore[attr-defined]
+            values = net.forward(layers)
         except cv2.error as err:
             raise _unsupported(net, feed, prototxt, err) from None
         results.append({blob: np.array(value, dtype=np.float32) for blob, value in zip(blobs, values)})
@@ -133,14 +136,14 @@ def opencv_outputs(prototxt: str | os.PathLike[str], caffemodel: str | os.PathLi
 
 
 def _read_opencv(prototxt: str | os.PathLike[str], caffemodel: str | os.PathLike[str],
-                 shown: str | os.PathLike[str]) -> object:
+                 shown: str | os.PathLike[str]) -> Any:
     """The net in OpenCV dnn, CPU; an error names ``shown`` (the user's file) and the layer OpenCV refused."""
     import cv2
 
     try:
         net = cv2.dnn.readNetFromCaffe(str(prototxt), str(caffemodel))
     except cv2.error as err:
-        raise _refused(err, shown) or DeepRebirthError(f"OpenCV dnn cannot read the net: {_first_line(err)}",
+        raise _refused(err, shown) or DeepRebirthError(f"OpenCV dnn cannot read the net: {_message(err)}",
                                                        file=str(shown)) from None
     net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
     net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
@@ -157,7 +160,7 @@ def _refused(err: BaseException, prototxt: str | os.PathLike[str]) -> DeepRebirt
                             "--reference caffe (needs pycaffe)", file=str(prototxt))
 
 
-def _unsupported(net: object, feed: Feed, prototxt: str | os.PathLike[str], err: BaseException) -> DeepRebirthError:
+def _unsupported(net: Any, feed: Feed, prototxt: str | os.PathLike[str], err: BaseException) -> DeepRebirthError:
     """The error for a forward pass OpenCV failed: the layer it refused to create, else the first layer (in
     OpenCV's order) whose own forward fails, found by bisection (a layer fails once it, or one before it, cannot
     run)."""
@@ -167,26 +170,36 @@ def _unsupported(net: object, feed: Feed, prototxt: str | os.PathLike[str], err:
     if refused is not None:
         return refused
 
-    names = list(net.getLayerNames())  # type: ignore[attr-defined]
-    low, high = 0, len(names) - 1  # invariant: names[high] fails; everything before low runs
+    def failure(layer: str) -> BaseException | None:
+        for name, array in feed.items():
+            net.setInput(np.ascontiguousarray(array, dtype=np.float32), name)
+        try:
+            net.forward(layer)
+        except cv2.error as failed:
+            return failed
+        return None
+
+    names = list(net.getLayerNames())
+    last = failure(names[-1]) if names else None
+    if last is None:  # the failure is off the path to the last layer: nothing to bisect
+        return DeepRebirthError(f"OpenCV dnn failed: {_message(err)}", file=str(prototxt))
+    low, high = 0, len(names) - 1  # invariant: names[high] fails (with ``last``); every layer before names[low] runs
     while low < high:
         middle = (low + high) // 2
-        for name, array in feed.items():
-            net.setInput(np.ascontiguousarray(array, dtype=np.float32), name)  # type: ignore[attr-defined]
-        try:
-            net.forward(names[middle])  # type: ignore[attr-defined]
-        except cv2.error:
-            high = middle
+        failed = failure(names[middle])
+        if failed is not None:
+            high, last = middle, failed
         else:
             low = middle + 1
-    if not names:
-        return DeepRebirthError(f"OpenCV dnn failed: {_first_line(err)}", file=str(prototxt))
     layer = names[high]
-    kind = net.getLayer(layer).type  # type: ignore[attr-defined]
-    return DeepRebirthError(f"OpenCV dnn cannot run layer '{layer}' ({kind}), which Caffe can: {_first_line(err)}; "
+    kind = net.getLayer(layer).type
+    return DeepRebirthError(f"OpenCV dnn cannot run layer '{layer}' ({kind}), which Caffe can: {_message(last)}; "
                             "check with --reference caffe (needs pycaffe)", file=str(prototxt))
 
 
-def _first_line(err: BaseException) -> str:
+def _message(err: BaseException) -> str:
+    """OpenCV's message without its source path: what failed, on one line."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return (lines[-1] if lines else type(err).__name__)[:200]
+    text = lines[-1] if lines else type(err).__name__
+    found = _OPENCV_ERROR.search(text)
+    return (found[1] if found else text)[:200]

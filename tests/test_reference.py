@@ -116,3 +116,34 @@ def test_without_pycaffe_the_cli_checks_in_opencv_and_finetune_refuses(model: tu
     assert done.stderr.startswith("error: finetune needs pycaffe (real Caffe), which is not importable: `make install`")
     done = runner.invoke(main, ["evaluate", *model, "--data", str(tmp_path)])
     assert done.exit_code == 2 and "evaluate needs pycaffe" in done.stderr
+
+
+def test_a_forward_failure_is_traced_to_the_first_layer_that_fails() -> None:
+    """OpenCV failing mid-net for another reason than a missing layer type: the bisection names the first layer
+    whose own forward fails (a stand-in net: layers from 'c3' on fail, as everything after a broken layer does)."""
+    import cv2
+
+    class Broken:
+        names = ("c1", "r1", "c2", "c3", "r3", "fc")
+        calls = 0
+
+        def getLayerNames(self) -> tuple[str, ...]:  # OpenCV's spelling, as the stand-ins below
+            return self.names
+
+        def setInput(self, array: np.ndarray, name: str) -> None:
+            pass
+
+        def forward(self, layer: str) -> np.ndarray:
+            self.calls += 1
+            if self.names.index(layer) >= 3:
+                raise cv2.error("OpenCV(4.14.0) /src/layer.cpp:10: error: (-215:Assertion failed) inputs.size() == 2")
+            return np.zeros(1)
+
+        def getLayer(self, layer: str) -> object:
+            return type("L", (), {"type": "Eltwise"})()
+
+    net = Broken()
+    error = reference._unsupported(net, FEEDS[0], "n.prototxt", cv2.error("failed"))
+    assert str(error) == ("n.prototxt: OpenCV dnn cannot run layer 'c3' (Eltwise), which Caffe can: "
+                          "inputs.size() == 2; check with --reference caffe (needs pycaffe)")
+    assert net.calls <= 4  # the last layer, then bisection: log2(6) rounded up
