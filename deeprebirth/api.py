@@ -73,8 +73,8 @@ REWRITE_OPTIONS: tuple[Option, ...] = (
     Option("check", int, 0, minimum=0, concept="number of check inputs",
            help="compare both nets in the reference runtime on N random inputs (needs weights)"),
     Option("reference", str, None, choices=REFERENCES,
-           help="where --check runs both nets: real Caffe (pycaffe) or OpenCV dnn  [default: caffe where pycaffe "
-                "imports, else opencv]"),
+           help="the reference runtime that runs the Caffe files for --check (and times them for plan): real "
+                "Caffe (pycaffe) or OpenCV dnn  [default: caffe where pycaffe imports, else opencv]"),
     Option("images", str, (), multiple=True,
            help="real photos (files or a folder of them; repeatable) to compare on too"),
     Option("tolerance", float, 1e-4, help="largest allowed max|a-b|/max|a| on each compared blob"),

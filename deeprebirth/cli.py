@@ -105,8 +105,9 @@ def profile_command(prototxt: str, weights: str | None, batch: int | None, threa
                     json_path: str | None, top: int, clock: str, seed: int, runtime: str | None,
                     gpu: int | None) -> None:
     """Time every layer of PROTOTXT in real Caffe (OpenCV dnn where pycaffe is not importable): per layer, per
-    type, the non-tensor share, and memory; or, with --runtime, in another runtime: per layer in OpenCV dnn, ONNX Runtime and MNN (their own per-op times), whole
-    forward passes in ncnn and with --compare (interleaved with --compare's net)."""
+    type, the non-tensor share, and memory; or, with --runtime, in another runtime: per layer in OpenCV dnn, ONNX
+    Runtime and MNN (their own per-op times), whole forward passes in ncnn and with --compare (interleaved with
+    --compare's net)."""
 
     if compare_weights and not compare_prototxt:
         raise api.DeepRebirthError("--compare-weights needs --compare")
@@ -435,8 +436,9 @@ def batch_command(zoo_dir: str, out_dir: str, jobs: int | None, timeout: float, 
 def export_command(prototxt: str, caffemodel: str, out: str, to: str | None, opset: int, batch: int | None,
                    outputs: tuple[str, ...], check: int, images: tuple[str, ...], tolerance: float | None, seed: int,
                    phase: str, reference: str | None) -> None:
-    """Export PROTOTXT + CAFFEMODEL to OUT as ONNX, MNN or ncnn (OUT.param + OUT.bin), optionally checked against
-    real Caffe in the format's runtime (ONNX Runtime, MNN, ncnn; one thread, fp32)."""
+    """Export PROTOTXT + CAFFEMODEL to OUT as ONNX, MNN or ncnn (OUT.param + OUT.bin), optionally checked in the
+    format's runtime (ONNX Runtime, MNN, ncnn; one thread, fp32) against the reference (real Caffe, or OpenCV dnn
+    where pycaffe is not importable)."""
 
     options = api.ExportOptions(to=to, opset=opset, batch=batch, outputs=_split(outputs), check=check,
                             images=api.image_files(images), tolerance=tolerance, seed=seed, phase=phase,
