@@ -5,7 +5,8 @@ The checks must really compare outputs in OpenCV dnn (tolerance 1e-4, worst erro
 must fail when one output weight is altered before the comparison. The same venv then runs the check in real Caffe
 with the project's pycaffe build put on PYTHONPATH (a user's own Caffe), and finetune refuses without it.
 
-Slow (about two minutes: two venvs, the build, the installs from pip's wheel cache) and run by `make test`.
+Slow (about 95 s here: two venvs, the build, the installs; pip's own cache of downloaded wheels in ~/.cache/pip
+makes every run after the first one offline but for the index lookups) and run by `make test`.
 """
 
 from __future__ import annotations
