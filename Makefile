@@ -12,7 +12,7 @@ FLAVOUR_STAMP := $(VENV)/.caffe-$(CAFFE_FLAVOUR)
 
 install: $(STAMP)
 
-$(STAMP): setup.py setup.cfg proto/caffe.proto scripts/build_caffe.sh $(FLAVOUR_STAMP)
+$(STAMP): setup.py setup.cfg pyproject.toml proto/caffe.proto scripts/build_caffe.sh $(FLAVOUR_STAMP)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "numpy>=2,<3" "protobuf>=3.20" six
@@ -45,4 +45,4 @@ bench: install
 	$(PY) -m benchmarks.fuzz --cases 10000
 
 clean:
-	rm -rf $(VENV) build *.egg-info deeprebirth/caffe_pb2.py
+	rm -rf $(VENV) build dist *.egg-info deeprebirth/caffe_pb2.py deeprebirth/caffe_pb2.pyi

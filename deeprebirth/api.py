@@ -31,6 +31,8 @@ from deeprebirth.errors import DeepRebirthError
 from deeprebirth.export.runtimes import RUNTIMES
 from deeprebirth.graph import Graph, GraphError  # noqa: F401  (GraphError re-exported: the CLI's exit code 3)
 from deeprebirth.model import PathLike, load_model, same_file, save_model
+from deeprebirth.reference import REFERENCES, pick_reference, require_pycaffe  # noqa: F401  (CLI: finetune)
+from deeprebirth.reference import describe as describe_reference  # noqa: F401  (for rendering)
 from deeprebirth.rewrite import (  # noqa: F401  (NetSummary re-exported for rendering)
     OPT_IN_GROUPS,
     NetSummary,
@@ -69,7 +71,10 @@ REWRITE_OPTIONS: tuple[Option, ...] = (
            help="shape of a data layer's top (repeatable); default: from transform_param.crop_size and the first "
                 "record of its LMDB"),
     Option("check", int, 0, minimum=0, concept="number of check inputs",
-           help="compare both nets in real Caffe on N random inputs (needs weights)"),
+           help="compare both nets in the reference runtime on N random inputs (needs weights)"),
+    Option("reference", str, None, choices=REFERENCES,
+           help="the reference runtime that runs the Caffe files for --check (and times them for plan): real "
+                "Caffe (pycaffe) or OpenCV dnn  [default: caffe where pycaffe imports, else opencv]"),
     Option("images", str, (), multiple=True,
            help="real photos (files or a folder of them; repeatable) to compare on too"),
     Option("tolerance", float, 1e-4, help="largest allowed max|a-b|/max|a| on each compared blob"),
@@ -97,6 +102,7 @@ class RewriteOptions:
     check: int = DEFAULT["check"]
     images: Sequence[PathLike] = DEFAULT["images"]
     tolerance: float = DEFAULT["tolerance"]
+    reference: str | None = DEFAULT["reference"]  # None: real Caffe where pycaffe imports, else OpenCV dnn
     seed: int = DEFAULT["seed"]
     init: str = DEFAULT["init"]
     widen: str = DEFAULT["widen"]
@@ -169,6 +175,8 @@ def rewrite_files(prototxt: PathLike, out_prototxt: PathLike, weights: PathLike 
     if (options.check or options.images) and (weights is None or out_weights is None):
         raise DeepRebirthError("checking in Caffe needs the input and the output weights",
                                options=("check", "images", "weights", "out_weights"))
+    if options.check or options.images:
+        pick_reference(options.reference)  # before any work: a missing pycaffe is one line, not a lost rewrite
     rules = select_rules(options.validate().rules, options.skip)
     graph = load_model(prototxt, weights, phase=options.phase, input_shapes=options.input_shapes)
     # the check compares with the net as read: a copy, rather than reading the files a second time
@@ -193,7 +201,7 @@ def rewrite_files(prototxt: PathLike, out_prototxt: PathLike, weights: PathLike 
         payload = report.to_json()
         if check is not None:
             payload["check"] = {"inputs": check.inputs, "tolerance": check.tolerance, "passed": check.passed,
-                                "lossy": check.lossy,
+                                "lossy": check.lossy, "reference": check.reference,
                                 "predictions_changed": check.predictions_changed,
                                 "blobs": [vars(d) for d in check.diffs]}
         caffe_io.atomic_write_bytes(report_path, json.dumps(payload, indent=2))
@@ -251,7 +259,8 @@ CALLS_OUT_TYPES = (*DATA_LAYER_TYPES, "HDF5Output", "Python")
 def check_rewrite(original: Graph, rewritten: Graph, prototxt: PathLike, weights: PathLike,
                   out_prototxt: PathLike, out_weights: PathLike, options: RewriteOptions,
                   lossy: bool = False) -> CheckResult:
-    """Compare outputs (and the logits under a Softmax output) of the two nets in real Caffe."""
+    """Compare outputs (and the logits under a Softmax output) of the two nets in the reference runtime
+    (``options.reference``; None: real Caffe where pycaffe imports, else OpenCV dnn)."""
     shapes = infer_shapes(original)
     inputs = {original.caffe_name(b): shapes[b] for b in original.inputs()}
     if any(s is None for s in inputs.values()) or not inputs:
@@ -273,7 +282,7 @@ def check_rewrite(original: Graph, rewritten: Graph, prototxt: PathLike, weights
         normalised = Path(tmp) / "original.prototxt"
         caffe_io.write_prototxt(normalised, original.to_net())
         return compare_nets((str(normalised), str(weights)), (str(out_prototxt), str(out_weights)), feeds, blobs,
-                            options.tolerance, lossy)
+                            options.tolerance, lossy, pick_reference(options.reference))
 
 
 def comparable_blobs(original: Graph, rewritten: Graph, lossy: bool = False) -> list[str]:

@@ -34,7 +34,9 @@ def import_caffe(gpu: int | None = None) -> ModuleType:
     try:
         import caffe
     except ImportError as err:
-        raise DeepRebirthError(f"pycaffe is not importable ({err}): run `make install`") from None
+        from deeprebirth.reference import CAFFE_HINT
+
+        raise DeepRebirthError(f"pycaffe is not importable ({err}): {CAFFE_HINT}") from None
     if gpu is None:
         scoped = _SCOPED_GPU.get()
         if scoped is None:
@@ -150,11 +152,12 @@ class CheckResult:
     diffs: list[BlobDiff] = field(default_factory=list)
     predictions_changed: int = 0
     lossy: bool = False  # a lossy rewrite is only held to equal output shapes until it is fine-tuned
+    reference: str = "caffe"  # the runtime both nets ran in (deeprebirth.reference): "caffe" or "opencv"
 
     @property
     def passed(self) -> bool:
         if self.lossy:
-            return True  # shapes were compared in _compare_in_process; a mismatch raises there
+            return True  # shapes were compared in compare_outputs; a mismatch raises there
         return all(d.max_rel <= self.tolerance for d in self.diffs) and self.predictions_changed == 0
 
     @property
@@ -162,13 +165,12 @@ class CheckResult:
         return max(self.diffs, key=lambda d: d.max_rel)
 
 
-def _compare_in_process(a: tuple[str, str], b: tuple[str, str], feeds: list[Feed], blobs: list[str],
-                        tolerance: float, lossy: bool) -> CheckResult:
-    net_a, net_b = open_net(*a), open_net(*b)
-    result = CheckResult(len(feeds), tolerance, lossy=lossy)
+def compare_outputs(outputs_a: Sequence[dict[str, np.ndarray]], outputs_b: Sequence[dict[str, np.ndarray]],
+                    blobs: list[str], tolerance: float, lossy: bool, reference: str = "caffe") -> CheckResult:
+    """Per blob over every feed: max |a - b| and that over max |a|; predictions changed on the first blob."""
+    result = CheckResult(len(outputs_a), tolerance, lossy=lossy, reference=reference)
     worst = {name: [0.0, 0.0] for name in blobs}  # per blob: max |a - b|, max |a|
-    for feed in feeds:
-        out_a, out_b = forward(net_a, feed, blobs), forward(net_b, feed, blobs)
+    for out_a, out_b in zip(outputs_a, outputs_b):
         for name in blobs:
             if out_a[name].shape != out_b[name].shape:
                 raise DeepRebirthError(f"blob '{name}' has shape {out_a[name].shape} in the original and "
@@ -183,17 +185,45 @@ def _compare_in_process(a: tuple[str, str], b: tuple[str, str], feeds: list[Feed
     return result
 
 
-def compare_nets(original: tuple[str, str], rewritten: tuple[str, str], feeds: list[Feed], blobs: list[str],
-                 tolerance: float = 1e-4, lossy: bool = False) -> CheckResult:
-    """Run both (prototxt, caffemodel) pairs in real Caffe on every feed and compare the named blobs (values for
-    an exact rewrite; shapes only for a lossy one, whose new layers are not learned yet).
+def _compare_in_process(a: tuple[str, str], b: tuple[str, str], feeds: list[Feed], blobs: list[str],
+                        tolerance: float, lossy: bool) -> CheckResult:
+    net_a, net_b = open_net(*a), open_net(*b)
+    outputs_a = [forward(net_a, feed, blobs) for feed in feeds]
+    outputs_b = [forward(net_b, feed, blobs) for feed in feeds]
+    return compare_outputs(outputs_a, outputs_b, blobs, tolerance, lossy)
 
-    Runs isolated (``deeprebirth.isolation``) so a Caffe abort cannot take the caller down.
+
+def compare_nets(original: tuple[str, str], rewritten: tuple[str, str], feeds: list[Feed], blobs: list[str],
+                 tolerance: float = 1e-4, lossy: bool = False, reference: str = "caffe") -> CheckResult:
+    """Run both (prototxt, caffemodel) pairs in the reference runtime (``deeprebirth.reference``: real Caffe, or
+    OpenCV dnn) on every feed and compare the named blobs (values for an exact rewrite; shapes only for a lossy
+    one, whose new layers are not learned yet).
+
+    Caffe runs isolated (``deeprebirth.isolation``) so a Caffe abort cannot take the caller down; OpenCV raises
+    exceptions instead of aborting, so it runs here.
     """
+    if reference == "opencv":
+        from deeprebirth.reference import opencv_outputs
+
+        return compare_outputs(opencv_outputs(*original, feeds, blobs), opencv_outputs(*rewritten, feeds, blobs),
+                               blobs, tolerance, lossy, reference)
     what = f"{Path(original[0]).name} or {Path(rewritten[0]).name}"
     result: CheckResult = run_isolated(_compare_in_process, original, rewritten, feeds, blobs, tolerance, lossy,
                                        what=what)
     return result
+
+
+def _caffe_outputs(prototxt: str, caffemodel: str, feeds: list[Feed], blobs: list[str]) -> list[dict[str, np.ndarray]]:
+    net = open_net(prototxt, caffemodel)
+    return [forward(net, feed, blobs) for feed in feeds]
+
+
+def caffe_outputs(prototxt: str | os.PathLike[str], caffemodel: str | os.PathLike[str], feeds: list[Feed],
+                  blobs: Sequence[str]) -> list[dict[str, np.ndarray]]:
+    """The named blobs after a forward pass of real Caffe on each feed (isolated: an abort is one line)."""
+    outputs: list[dict[str, np.ndarray]] = run_isolated(_caffe_outputs, str(prototxt), str(caffemodel), feeds,
+                                                        list(blobs), what=Path(prototxt).name)
+    return outputs
 
 
 def opencv_forward(prototxt: str | os.PathLike[str], caffemodel: str | os.PathLike[str], feed: Feed,

@@ -94,21 +94,25 @@ def inspect(prototxt: str, weights: str | None, phase: str, input_shapes: tuple[
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the measurements as JSON")
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
               help="list the N slowest layers (0: all)")
-@click.option("--runtime", type=click.Choice(["caffe", "opencv", "onnxruntime", "mnn", "ncnn"]), default="caffe",
-              show_default=True, help="where to time: real Caffe, OpenCV dnn, or the exported model (ONNX Runtime, "
-                                      "MNN, ncnn); per layer except in ncnn (whole forward passes)")
+@click.option("--runtime", type=click.Choice(["caffe", "opencv", "onnxruntime", "mnn", "ncnn"]),
+              help="where to time: real Caffe, OpenCV dnn, or the exported model (ONNX Runtime, MNN, ncnn); per "
+                   "layer except in ncnn (whole forward passes)  [default: caffe where pycaffe imports, else opencv]")
 @click.option("--gpu", type=int, default=None, metavar="ID",
               help="run on this GPU (needs Caffe built with DEEPREBIRTH_CUDA=1)  [default: CPU]")
 @_user_errors
 def profile_command(prototxt: str, weights: str | None, batch: int | None, threads: int, rounds: int, warmup: int,
                     compare_prototxt: str | None, compare_weights: str | None, plot_path: str | None,
-                    json_path: str | None, top: int, clock: str, seed: int, runtime: str, gpu: int | None) -> None:
-    """Time every layer of PROTOTXT in real Caffe: per layer, per type, the non-tensor share, and memory; or, with
-    --runtime, in another runtime: per layer in OpenCV dnn, ONNX Runtime and MNN (their own per-op times), whole
-    forward passes in ncnn and with --compare (interleaved with --compare's net)."""
+                    json_path: str | None, top: int, clock: str, seed: int, runtime: str | None,
+                    gpu: int | None) -> None:
+    """Time every layer of PROTOTXT in real Caffe (OpenCV dnn where pycaffe is not importable): per layer, per
+    type, the non-tensor share, and memory; or, with --runtime, in another runtime: per layer in OpenCV dnn, ONNX
+    Runtime and MNN (their own per-op times), whole forward passes in ncnn and with --compare (interleaved with
+    --compare's net)."""
 
     if compare_weights and not compare_prototxt:
         raise api.DeepRebirthError("--compare-weights needs --compare")
+    if runtime in (None, "caffe"):
+        runtime = api.pick_reference("caffe" if gpu is not None else runtime)  # no --runtime: the reference
     nets = [(prototxt, weights)] + ([(compare_prototxt, compare_weights)] if compare_prototxt else [])
     timing: dict[str, Any] = {"batch": batch, "threads": threads, "rounds": rounds, "warmup": warmup, "seed": seed,
                               "clock": clock}
@@ -172,28 +176,31 @@ def _runtime_plan(prototxt: str, weights: str | None, runtime: str, *, json_path
 @click.option("--data", type=click.Path(), help="images (no labels needed) to measure each lossy merge's accuracy "
               "risk with: a short mimic of the net with only that merge (needs --weights)")
 @click.option("--risk-budget", default="30s", show_default=True, help="the short mimic's --budget, per merge")
-@click.option("--runtime", type=click.Choice(["caffe", "onnxruntime", "mnn", "ncnn"]), default="caffe",
-              show_default=True, help="price merges in Caffe's per-layer profile, or measure each merge alone on an "
-                                      "exported runtime (batch 1 unless --batch)")
+@click.option("--runtime", type=click.Choice(["caffe", "onnxruntime", "mnn", "ncnn"]),
+              help="price merges in the reference's per-layer profile (caffe: real Caffe's), or measure each merge "
+                   "alone on an exported runtime (batch 1 unless --batch)  [default: the reference's profile]")
+@_click_option(api.OPTION["reference"])
 @_transform_options
 @_user_errors
 def plan_command(prototxt: str, weights: str | None, batch: int | None, threads: int, rounds: int,
                  json_path: str | None, rules: str, clock: str, seed: int, data: str | None, risk_budget: str,
-                 runtime: str,
+                 runtime: str | None, reference: str | None,
                  transform_from: str | None, scale: float | None, mean: str | None, mean_file: str | None,
                  crop: int | None, mirror: bool | None, resize: str | None, rgb: bool) -> None:
     """List every merge the rules could make in PROTOTXT, with measured time, MACs and memory saved, and risk."""
 
     if data is not None and weights is None:
         raise api.DeepRebirthError("measuring the accuracy risk needs the trained weights (--weights)", file=prototxt)
-    if runtime != "caffe":
+    if data is not None:
+        api.require_pycaffe("plan --data (the accuracy risk: a short fine-tuning)")
+    if runtime not in (None, "caffe"):
         if data is not None:
             raise api.DeepRebirthError("--data (accuracy risk) goes with the Caffe plan; leave out --runtime")
         _runtime_plan(prototxt, weights, runtime, rules=rules, batch=batch or 1, threads=threads, rounds=rounds,
                       seed=seed, clock=clock, json_path=json_path)
         return
     plan = api.plan_file(prototxt, weights, rules=rules, batch=batch, threads=threads, rounds=rounds, seed=seed,
-                     clock=clock)
+                         clock=clock, reference=runtime or reference)
     risks: dict[int, Any] = {}
     if data is not None:
 
@@ -306,6 +313,8 @@ def finetune_command(original_prototxt: str, original_weights: str, slim_prototx
                      crop: int | None, mirror: bool | None, resize: str | None, rgb: bool) -> None:
     """Re-learn SLIM from ORIGINAL on --data within --budget (distillation; see --schedule)."""
 
+    if export_dir is None:
+        api.require_pycaffe("finetune")
     if mirror is None and transform_from is None:
         mirror = True  # Caffe's ImageNet recipes flip training images; --no-mirror for data where that is wrong
     options = api.FinetuneOptions(
@@ -361,6 +370,7 @@ def evaluate_command(prototxt: str, weights: str, data: str, reference: tuple[st
                      resize: str | None, rgb: bool, gpu: int | None) -> None:
     """Top-1 / top-5 accuracy of PROTOTXT + WEIGHTS on --data in real Caffe."""
 
+    api.require_pycaffe("evaluate")
     transform = _transform(transform_from, scale, mean, mean_file, crop, mirror, resize, rgb)
     result = api.evaluate_files(prototxt, weights, data, reference=tuple(reference) if reference else None,  # type: ignore
                             transform=transform, batch=batch, limit=limit, gpu=gpu)
@@ -427,15 +437,18 @@ def batch_command(zoo_dir: str, out_dir: str, jobs: int | None, timeout: float, 
                                               "1e-4, ncnn 1e-4, mnn 1e-3]")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed for the random inputs")
 @_click_option(api.OPTION["phase"], use_default=True)
+@_click_option(api.OPTION["reference"])
 @_user_errors
 def export_command(prototxt: str, caffemodel: str, out: str, to: str | None, opset: int, batch: int | None,
                    outputs: tuple[str, ...], check: int, images: tuple[str, ...], tolerance: float | None, seed: int,
-                   phase: str) -> None:
-    """Export PROTOTXT + CAFFEMODEL to OUT as ONNX, MNN or ncnn (OUT.param + OUT.bin), optionally checked against
-    real Caffe in the format's runtime (ONNX Runtime, MNN, ncnn; one thread, fp32)."""
+                   phase: str, reference: str | None) -> None:
+    """Export PROTOTXT + CAFFEMODEL to OUT as ONNX, MNN or ncnn (OUT.param + OUT.bin), optionally checked in the
+    format's runtime (ONNX Runtime, MNN, ncnn; one thread, fp32) against the reference (real Caffe, or OpenCV dnn
+    where pycaffe is not importable)."""
 
     options = api.ExportOptions(to=to, opset=opset, batch=batch, outputs=_split(outputs), check=check,
-                            images=api.image_files(images), tolerance=tolerance, seed=seed, phase=phase)
+                            images=api.image_files(images), tolerance=tolerance, seed=seed, phase=phase,
+                            reference=reference)
     result = api.export_files(prototxt, caffemodel, out, options)
     click.echo(render.export_text(result))
     if result.check is not None and not result.check.passed:

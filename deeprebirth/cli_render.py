@@ -166,16 +166,17 @@ def next_step(relearn: Sequence[str], prototxt: str, weights: str | None, out_pr
 
 
 def check_text(c: Any) -> str:
-    """A rewrite's check in real Caffe: the per-blob table and the verdict."""
+    """A rewrite's check in the reference runtime (named): the per-blob table and the verdict."""
+    where = api.describe_reference(c.reference)
     lines = [table(["blob", "max |a-b|", "max |a-b| / max |a|"],
                    [[d.blob, f"{d.max_abs:.3g}", f"{d.max_rel:.3g}"] for d in c.diffs])]
     if c.lossy:
-        lines.append(f"check on {c.inputs} inputs in real Caffe: the rewrite is lossy, so outputs differ until the "
+        lines.append(f"check on {c.inputs} inputs in {where}: the rewrite is lossy, so outputs differ until the "
                      f"new layers are fine-tuned (worst relative difference now {c.worst.max_rel:.3g}); every "
                      "compared output keeps its shape")
     else:
         verdict = "PASSED" if c.passed else "FAILED"
-        lines.append(f"check {verdict} on {c.inputs} inputs in real Caffe: worst relative error "
+        lines.append(f"check {verdict} on {c.inputs} inputs, both nets in {where}: worst relative error "
                      f"{c.worst.max_rel:.3g} (tolerance {c.tolerance:g}), predictions changed: {c.predictions_changed}")
     return "\n".join(lines)
 
@@ -242,7 +243,8 @@ def runtime_plan_text(prototxt: str, weights: str | None, runtime: str, plan: An
 def plan_text(prototxt: str, plan: Any, risks: dict[int, Any], risk_budget: str) -> str:
     p = plan.profile
     note = " (no --weights: timed and planned with random weights)" if plan.random_weights else ""
-    lines = [(f"{prototxt}{note}: {p.total_ms:.2f} ms per forward in Caffe (batch {p.batch}, {p.threads} "
+    where = api.describe_reference(p.runtime)
+    lines = [(f"{prototxt}{note}: {p.total_ms:.2f} ms per forward in {where} (batch {p.batch}, {p.threads} "
              f"thread(s), {p.clock} clock), {100 * p.non_tensor_share:.1f}% non-tensor; convolution cost "
              f"{plan.conv_ms_per_mac * 1e9:.3f} ms per GMAC")]
     rows = []
@@ -323,7 +325,8 @@ def export_text(result: Any) -> str:
         lines.append(table(["output", "max |a-b|", "max |a-b| / max |a|"],
                            [[d.blob, f"{d.max_abs:.3g}", f"{d.max_rel:.3g}"] for d in c.diffs]))
         verdict = "PASSED" if c.passed else "FAILED"
-        lines.append(f"check {verdict} on {c.inputs} inputs, Caffe vs {c.runtime}: worst relative error "
+        lines.append(f"check {verdict} on {c.inputs} inputs, {api.describe_reference(c.reference)} vs {c.runtime}: "
+                     f"worst relative error "
                      f"{c.worst.max_rel:.3g} (tolerance {c.tolerance:g}), predictions changed: "
                      f"{c.predictions_changed}")
     return "\n".join(lines)

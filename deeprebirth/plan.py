@@ -30,7 +30,7 @@ from deeprebirth.model import PathLike, load_model
 from deeprebirth.profile import (
     TENSOR_TYPES,
     NetProfile,
-    profile_net,
+    profile_reference,
     random_caffemodel,
     set_batch,
 )
@@ -135,8 +135,9 @@ def plan_graph(graph: Graph, profile: NetProfile, rules: Sequence[Rule] | None =
 
 def plan_file(prototxt: PathLike, weights: PathLike | None = None, *, rules: str | Sequence[str] = "all",
               batch: int | None = None, threads: int = 1, rounds: int = 10, warmup: int = 2, seed: int = 0,
-              config: RuleConfig | None = None, clock: str = "wall") -> Plan:
-    """Profile ``prototxt`` in real Caffe and plan its merges with ``rules`` (names or groups, as ``rewrite`` takes
+              config: RuleConfig | None = None, clock: str = "wall", reference: str | None = None) -> Plan:
+    """Profile ``prototxt`` in the reference runtime (real Caffe; ``reference="opencv"``, or no pycaffe: OpenCV
+    dnn, where fused BatchNorm/Scale cost nothing already) and plan its merges with ``rules`` (names or groups, as ``rewrite`` takes
     them: "all" leaves out the opt-in groups such as Tucker). Without ``weights`` both the timing and the plan use
     random weights (exact folds need weights to match; which merges are possible does not depend on their values)."""
     chosen = select_rules(rules)
@@ -146,8 +147,8 @@ def plan_file(prototxt: PathLike, weights: PathLike | None = None, *, rules: str
             model = str(Path(tmp) / "random.caffemodel")
             random_caffemodel(prototxt, model, seed)
         graph = load_model(prototxt, model)
-        profile = profile_net(prototxt, model, batch=batch, threads=threads, rounds=rounds, warmup=warmup,
-                              seed=seed, clock=clock)
+        profile = profile_reference(prototxt, model, reference=reference, batch=batch, threads=threads,
+                                    rounds=rounds, warmup=warmup, seed=seed, clock=clock)
     profile.weights = None if weights is None else str(weights)
     if batch is not None:
         set_batch(graph, batch)

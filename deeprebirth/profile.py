@@ -104,6 +104,7 @@ class NetProfile:
     base_rss_bytes: int  # peak RSS of the worker before the net was built (Python, numpy, pycaffe)
     peak_rss_bytes: int
     forward_times_ms: list[float] = field(default_factory=list)
+    runtime: str = "caffe"  # where it was timed: "caffe", or "opencv" (profile_reference without pycaffe)
 
     @property
     def total_ms(self) -> float:
@@ -194,6 +195,27 @@ def profile_net(prototxt: PathLike, weights: PathLike | None = None, *, batch: i
         result = run_worker(request, threads)
     result.update(prototxt=str(prototxt), weights=None if weights is None else str(weights), threads=threads)
     return NetProfile.from_json(result)
+
+
+def profile_reference(prototxt: PathLike, weights: PathLike | None = None, *, reference: str | None = None,
+                      batch: int | None = None, threads: int = 1, rounds: int = 10, warmup: int = 2, seed: int = 0,
+                      clock: str = "wall") -> NetProfile:
+    """Every layer's time in the reference runtime (``deeprebirth.reference``: real Caffe where pycaffe imports,
+    else OpenCV dnn). OpenCV's per-layer tick counters (``export.layer_times``, wall clock) become a NetProfile:
+    the layers OpenCV fused into a neighbour (BatchNorm, Scale, activations into the conv) count 0 ms, which is
+    what they cost there; memory is not measured (0) since OpenCV reports none."""
+    from deeprebirth.reference import pick_reference
+
+    if pick_reference(reference) == "caffe":
+        return profile_net(prototxt, weights, batch=batch, threads=threads, rounds=rounds, warmup=warmup, seed=seed,
+                           clock=clock)
+    from deeprebirth.export.layer_times import profile_on_runtime
+
+    timed = profile_on_runtime(prototxt, weights, "opencv", batch=batch, threads=threads, rounds=rounds,
+                               warmup=warmup, seed=seed, clock=clock)
+    first = next(iter(timed.input_shapes.values()), [0])
+    return NetProfile(str(prototxt), timed.weights, first[0], timed.input_shapes, threads, None, rounds, warmup,
+                      [*timed.layers, *timed.no_op], timed.forward_ms, timed.clock, 0, 0, 0, 0, runtime="opencv")
 
 
 def interleaved_latency(nets: Sequence[tuple[PathLike, PathLike]], *, runtime: str = "caffe",

@@ -1,4 +1,5 @@
-"""``deeprebirth export``: load, export to one format, write atomically, optionally check against real Caffe."""
+"""``deeprebirth export``: load, export to one format, write atomically, optionally check against the reference
+(real Caffe, or OpenCV dnn where pycaffe is not importable)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from deeprebirth.export.runtimes import Shape, model_files, require, require_ins
 from deeprebirth.export.subgraph import output_blobs, prune
 from deeprebirth.graph import Graph
 from deeprebirth.model import PathLike, load_model, same_file, save_model
+from deeprebirth.reference import pick_reference
 from deeprebirth.shapes import infer_shapes
 
 FORMATS = ("onnx", "mnn", "ncnn")
@@ -34,6 +36,7 @@ class ExportOptions:
     tolerance: float | None = None  # None: the runtime's default (check.TOLERANCES)
     seed: int = 0
     phase: str = "TEST"
+    reference: str | None = None  # what runs the original for --check: caffe, opencv; None: caffe where importable
 
 
 @dataclass
@@ -86,6 +89,8 @@ def export_files(prototxt: PathLike, caffemodel: PathLike, out: PathLike,
             if same_file(source, target):
                 raise DeepRebirthError("the output would overwrite an input", file=str(target))
     _check_packages(fmt, bool(options.check or options.images))
+    if options.check or options.images:
+        pick_reference(options.reference)  # a missing pycaffe is one line before any work
     if options.batch is not None and options.batch < 1:
         raise DeepRebirthError(f"batch must be at least 1, got {options.batch}")
     graph = load_model(prototxt, caffemodel, phase=options.phase)
@@ -124,7 +129,7 @@ def export_files(prototxt: PathLike, caffemodel: PathLike, out: PathLike,
         if options.check or options.images:
             feeds = export_feeds(inputs, options.check, options.images, options.seed)
             check = check_export(prototxt, caffemodel, RUNTIME_OF[fmt], staged, outputs,
-                                 feeds, options.tolerance)
+                                 feeds, options.tolerance, options.reference)
         for made, target in zip(model_files(RUNTIME_OF[fmt], staged), files):
             os.replace(made, target)
     return ExportResult(fmt, files, inputs, outputs, nodes, check)

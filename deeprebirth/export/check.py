@@ -1,7 +1,8 @@
 """Does the exported model compute what Caffe computes? Run both on the same inputs and compare each output.
 
-The original (prototxt, caffemodel) runs in real Caffe in a spawned worker (a Caffe abort becomes an error, not a
-dead caller); the export runs in its runtime, one thread, fp32. Per output: max |a - b| / max |a| (``a`` Caffe's),
+The original (prototxt, caffemodel) runs in the reference runtime (``deeprebirth.reference``): real Caffe in a
+spawned worker (a Caffe abort becomes an error, not a dead caller) where pycaffe imports, else OpenCV dnn, which
+reads the same Caffe files. The export runs in its runtime, one thread, fp32. Per output: max |a - b| / max |a| (``a`` the reference's),
 plus the number of inputs whose argmax over axis 1 changed.
 
 Default tolerances (relative, as above), from what each runtime's fp32 path does differently from Caffe:
@@ -15,18 +16,16 @@ Default tolerances (relative, as above), from what each runtime's fp32 path does
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 
 import numpy as np
 
-from deeprebirth.caffe_runtime import BlobDiff, Feed, forward, open_net
+from deeprebirth.caffe_runtime import BlobDiff, Feed
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.export.runtimes import Shape, open_session
 from deeprebirth.graph import Graph
+from deeprebirth.reference import pick_reference, reference_outputs
 
 TOLERANCES = {"onnxruntime": 1e-4, "ncnn": 1e-4, "mnn": 1e-3}
 
@@ -38,6 +37,7 @@ class RuntimeCheck:
     tolerance: float
     diffs: list[BlobDiff] = field(default_factory=list)
     predictions_changed: int = 0
+    reference: str = "caffe"  # what ran the original: real Caffe or OpenCV dnn (deeprebirth.reference)
 
     @property
     def passed(self) -> bool:
@@ -59,31 +59,19 @@ def logits_and_outputs(graph: Graph) -> list[str]:
     return names
 
 
-def _caffe_outputs(prototxt: str, caffemodel: str, feeds: list[Feed], blobs: list[str]) -> list[dict[str, np.ndarray]]:
-    net = open_net(prototxt, caffemodel)
-    return [forward(net, feed, blobs) for feed in feeds]
-
-
-def caffe_outputs(prototxt: str | os.PathLike[str], caffemodel: str | os.PathLike[str], feeds: list[Feed],
-                  blobs: Sequence[str]) -> list[dict[str, np.ndarray]]:
-    """The named blobs after a forward pass of real Caffe on each feed (in a spawned worker)."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        try:
-            return pool.submit(_caffe_outputs, str(prototxt), str(caffemodel), feeds, list(blobs)).result()
-        except BrokenProcessPool:
-            raise DeepRebirthError("Caffe aborted while running the original net (see its message above)",
-                                   file=str(prototxt)) from None
-
-
 def check_export(prototxt: str | os.PathLike[str], caffemodel: str | os.PathLike[str], runtime: str,
                  model: str | os.PathLike[str], outputs: Mapping[str, Shape | None], feeds: list[Feed],
-                 tolerance: float | None = None) -> RuntimeCheck:
-    """Compare Caffe and ``runtime`` running ``model`` on every feed, output by output (Caffe names)."""
+                 tolerance: float | None = None, reference: str | None = None) -> RuntimeCheck:
+    """Compare the reference (real Caffe, or OpenCV dnn: ``deeprebirth.reference``; None: Caffe where pycaffe
+    imports) running the Caffe files and ``runtime`` running ``model`` on every feed, output by output (Caffe
+    names)."""
     if not feeds:
         raise DeepRebirthError("nothing to check on: no random inputs and no images asked for", options=("check", "images"))
-    expected = caffe_outputs(prototxt, caffemodel, feeds, list(outputs))
+    reference = pick_reference(reference)
+    expected = reference_outputs(reference, prototxt, caffemodel, feeds, list(outputs))
     session = open_session(runtime, model, outputs)
-    result = RuntimeCheck(runtime, len(feeds), TOLERANCES[runtime] if tolerance is None else tolerance)
+    result = RuntimeCheck(runtime, len(feeds), TOLERANCES[runtime] if tolerance is None else tolerance,
+                          reference=reference)
     worst = {name: [0.0, 0.0] for name in outputs}  # max |a - b|, max |a|
     for feed, want in zip(feeds, expected):
         got = session.run(feed)
