@@ -205,9 +205,11 @@ def stages(state: Graph, rules: Sequence[Rule], config: RuleConfig) -> Iterator[
 
 
 def rewrite(graph: Graph, rules: Sequence[Rule] | None = None, only: Iterable[str] = (),
-            exclude: Iterable[str] = (), config: RuleConfig | None = None) -> RewriteReport:
+            exclude: Iterable[str] = (), config: RuleConfig | None = None,
+            permit: Callable[[Rule, Match], bool] | None = None) -> RewriteReport:
     """Rewrite ``graph`` in place with ``rules`` (default: ``select_rules("all")``). ``only``/``exclude`` restrict
-    rules to matches that involve those layer names."""
+    rules to matches that involve those layer names; ``permit`` (rule, match) has a further say over each match
+    (``rewrite --max-drop``: see deeprebirth.recoverable)."""
     rules = select_rules("all") if rules is None else rules
     only, exclude = set(only), set(exclude)
     config = config or RuleConfig()
@@ -230,7 +232,8 @@ def rewrite(graph: Graph, rules: Sequence[Rule] | None = None, only: Iterable[st
             if progress and rule.group in OPT_IN_GROUPS:
                 break
             while True:
-                found = next(candidates(graph, (rule,), config, allowed), None)
+                found = next((f for f in candidates(graph, (rule,), config, allowed)
+                              if permit is None or permit(rule, f[1])), None)
                 if found is None:
                     break
                 change = apply_one(graph, rule, found[1], config)
