@@ -291,9 +291,9 @@ def points(value: float | None) -> str:
 def accuracy_text(chosen: Any) -> str:
     """``--max-drop``: what was kept and what was left out, with the measured risk and the time at stake."""
     plan = chosen.plan
-    lines = [f"accuracy-aware choice: lossy merges fine-tuning can bring back to within {chosen.max_drop:g} points "
-             f"with a {chosen.budget} budget (each measured by a {chosen.share} mimic of the net with it, "
-             f"{chosen.seconds:.0f} s in all); exact folds always apply"]
+    lines = [(f"accuracy-aware choice: lossy merges fine-tuning can bring back to within {chosen.max_drop:g} points "
+              f"with a {chosen.budget} budget (each measured by a {chosen.share} mimic of the net with it, "
+              f"{chosen.seconds:.0f} s in all); exact folds always apply")]
     rows = []
     for d in chosen.decisions:
         c = plan.candidates[d.candidate]

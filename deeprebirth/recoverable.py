@@ -42,6 +42,7 @@ from deeprebirth.risk import Risk, assess, dependencies, risk_options, share_bud
 from deeprebirth.rules import Match, Rule, RuleConfig
 
 MIN_DROP = 0.1  # points: the least drop a merge is charged when ranking by time saved per point
+TOLERANCE = 1e-6  # points: drops are computed from fractions, so 0.7 can come out as 0.7000000000000064
 PROFILE_ROUNDS = 5  # timed rounds of the plan's Caffe profile (its times only rank merges and say what they save)
 
 
@@ -103,7 +104,7 @@ def select(candidates: Sequence[Candidate], risks: dict[int, Risk], max_drop: fl
     for k, risk in risks.items():
         if not risk.updated:
             own[k] = f"no update in its share of the budget ({risk.budget}): its recovery is unknown"
-        elif risk.drop_after is None or risk.drop_after > max_drop:
+        elif risk.drop_after is None or risk.drop_after > max_drop + TOLERANCE:
             own[k] = f"{_points(risk.drop_after)} lost after its short run, more than {max_drop:g}"
     blocked: dict[int, str] = {}
     for k in sorted(risks):
@@ -124,7 +125,7 @@ def select(candidates: Sequence[Candidate], risks: dict[int, Risk], max_drop: fl
             continue
         closure = [j for j in needs[k] + [k] if j not in kept]
         cost = sum(charge(j) for j in closure)
-        if spent + cost <= max_drop + 1e-9:
+        if spent + cost <= max_drop + TOLERANCE:
             kept.update(closure)
             spent += cost
         else:
