@@ -72,7 +72,9 @@ def rewrite(prototxt: str, out_prototxt: str, weights: str | None, out_weights: 
             sys.exit(1)
     relearn = result.report.relearn
     if relearn:
-        click.echo(render.next_step(relearn, prototxt, weights, out_prototxt, out_weights, report_path))
+        chosen = result.accuracy
+        click.echo(render.next_step(relearn, prototxt, weights, out_prototxt, out_weights, report_path,
+                                    *((options.data, chosen.budget) if chosen is not None else ())))
 
 
 @main.command()

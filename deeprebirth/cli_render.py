@@ -150,13 +150,15 @@ def finetune_table(steps: Sequence[Any]) -> str:
 
 
 def next_step(relearn: Sequence[str], prototxt: str, weights: str | None, out_prototxt: str,
-              out_weights: str | None, report_path: str | None) -> str:
-    """After a lossy rewrite: which layers need fine-tuning, and the finetune command line that does it."""
+              out_weights: str | None, report_path: str | None, data: str | None = None,
+              budget: str = "10m") -> str:
+    """After a lossy rewrite: which layers need fine-tuning, and the finetune command line that does it (with the
+    data and budget the merges were chosen for, after ``--max-drop``)."""
     return "\n".join([f"\n{len(relearn)} layer(s) now need fine-tuning: {', '.join(relearn)}",
                       "next: deeprebirth finetune " + " ".join([
                           prototxt, weights or "ORIGINAL.caffemodel", out_prototxt, out_weights or "SLIM.caffemodel",
-                          "--report", report_path or "REPORT.json", "--data", "DATA", "--out", "FINAL.caffemodel",
-                          "--budget", "10m"])])
+                          "--report", report_path or "REPORT.json", "--data", data or "DATA", "--out", "FINAL.caffemodel",
+                          "--budget", budget])])
 
 
 def check_text(c: Any) -> str:
