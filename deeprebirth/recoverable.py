@@ -6,7 +6,10 @@ it builds on (``deeprebirth.risk``), and keep only the merges that run says fine
 ``P`` points of the original:
 
 * **budget**: the risk runs together cost about ``B``, the fine-tuning budget the user plans (default: that of
-  ``finetune``): each of the ``n`` lossy candidates gets ``B / n`` (``risk.share_budget``). A merge the full
+  ``finetune``): each of the ``n`` lossy candidates gets ``B / n`` (``risk.share_budget``); under a time budget a
+  run gets what is left of ``B`` over the runs still to come, so a run's fixed costs (loading, held-out
+  evaluations) come out of the later shares, and once ``B`` is spent the remaining candidates are not run (they
+  count as runs without an update). A merge the full
   fine-tuning has to recover together with the others gets, in its own run, only its share: a merge that is back
   within ``P`` after ``B / n`` alone is one the whole budget can recover.
 * **drop**, in points (``Risk.drop_after``): with labels the original's held-out top-1 minus the net's, without
@@ -103,7 +106,8 @@ def select(candidates: Sequence[Candidate], risks: dict[int, Risk], max_drop: fl
     own: dict[int, str] = {}  # measured lossy candidates that cannot be kept on their own run's evidence
     for k, risk in risks.items():
         if not risk.updated:
-            own[k] = f"no update in its share of the budget ({risk.budget}): its recovery is unknown"
+            used_up = ": the runs before it spent the budget" if risk.budget == "0s" else ""
+            own[k] = f"no update in its share of the budget ({risk.budget}{used_up}): its recovery is unknown"
         elif risk.drop_after is None or risk.drop_after > max_drop + TOLERANCE:
             own[k] = f"{_points(risk.drop_after)} lost after its short run, more than {max_drop:g}"
     blocked: dict[int, str] = {}
@@ -187,9 +191,21 @@ def measure_risks(plan: Plan, prototxt: PathLike, weights: PathLike, data: PathL
     which = [k for k, c in enumerate(plan.candidates) if c.risk == "lossy"
              and (not chosen or chosen.intersection(c.layers)) and not set(exclude).intersection(c.layers)]
     share = share_budget(budget, len(which))
-    options = risk_options(share, seed=seed, transform=transform or Transform(mirror=True))
-    risks = {r.candidate: r for r in assess(prototxt, weights, plan.candidates, data, options, config, progress,
-                                            which)} if which else {}
+    total = Budget.parse(budget)
+    risks: dict[int, Risk] = {}
+    for n, k in enumerate(which):
+        if progress is not None:
+            progress(n + 1, len(which), plan.candidates[k])
+        run = share
+        if total.timed:  # what the runs so far did not use, or overran (loading, evaluations), moves the shares
+            per_run = (total.amount - (time.monotonic() - started)) / (len(which) - n)
+            if per_run < 0.001:
+                risks[k] = Risk(k, dependencies(plan.candidates, k), None, None, None, None, 0.0, "0s")
+                continue
+            run = f"{per_run:.3f}s"
+        options = risk_options(run, seed=seed, transform=transform or Transform(mirror=True))
+        risks.update((r.candidate, r) for r in assess(prototxt, weights, plan.candidates, data, options, config,
+                                                      which=[k]))
     decisions = [] if max_drop is None else select(plan.candidates, risks, max_drop)
     return AccuracyPlan(plan, max_drop, budget, share, risks, decisions, time.monotonic() - started)
 

@@ -232,3 +232,20 @@ def test_tucker_ranks_follow_the_maximum_drop(tiny: tuple[Path, str, str, str]) 
     for d in tucker:
         anchor = chosen.plan.candidates[d.candidate].layers[0]
         assert (anchor in made) == d.kept, (anchor, d)
+
+
+def test_a_time_budget_covers_the_runs_and_what_it_cannot_cover_is_not_run(tiny: tuple[Path, str, str, str]) -> None:
+    from deeprebirth.plan import plan_file
+    from deeprebirth.recoverable import measure_risks
+
+    folder, proto, model, photos = tiny
+    plan = plan_file(proto, model, rounds=1, warmup=0)
+    chosen = measure_risks(plan, proto, model, photos, 5.0, budget="1s", transform=api.Transform(scale=1 / 256))
+    lossy = [k for k, c in enumerate(plan.candidates) if c.risk == "lossy"]
+    assert sorted(chosen.risks) == lossy
+    skipped = [r for r in chosen.risks.values() if r.budget == "0s"]
+    assert skipped and all(not r.updated and r.agreement_before is None for r in skipped)
+    ran = [r for r in chosen.risks.values() if r.budget != "0s"]
+    assert ran and chosen.seconds < 1 + 2 * max(r.seconds for r in ran)  # B, overrun by about one run at most
+    reasons = {d.candidate: d.reason for d in chosen.decisions}
+    assert all("spent the budget" in reasons[r.candidate] for r in skipped)
