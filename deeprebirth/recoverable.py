@@ -9,7 +9,8 @@ it builds on (``deeprebirth.risk``), and keep only the merges that run says fine
   ``finetune``): each of the ``n`` lossy candidates gets ``B / n`` (``risk.share_budget``); under a time budget a
   run gets what is left of ``B`` over the runs still to come, so a run's fixed costs (loading, held-out
   evaluations) come out of the later shares, and once ``B`` is spent the remaining candidates are not run (they
-  count as runs without an update). A merge the full
+  count as runs without an update). The runs go in order of time saved, so a budget too small for every candidate
+  goes to the merges that save the most. A merge the full
   fine-tuning has to recover together with the others gets, in its own run, only its share: a merge that is back
   within ``P`` after ``B / n`` alone is one the whole budget can recover.
 * **drop**, in points (``Risk.drop_after``): with labels the original's held-out top-1 minus the net's, without
@@ -190,6 +191,7 @@ def measure_risks(plan: Plan, prototxt: PathLike, weights: PathLike, data: PathL
     chosen = set(only)
     which = [k for k, c in enumerate(plan.candidates) if c.risk == "lossy"
              and (not chosen or chosen.intersection(c.layers)) and not set(exclude).intersection(c.layers)]
+    which.sort(key=lambda k: -plan.candidates[k].time_saved_ms)  # a budget too small for all goes to the best first
     share = share_budget(budget, len(which))
     total = Budget.parse(budget)
     risks: dict[int, Risk] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -154,13 +155,21 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str, str]
     return folder, proto, model, str(folder / "photos.npz")
 
 
-def test_cli_rewrite_with_max_drop_leaves_out_what_cannot_be_recovered(tiny: tuple[Path, str, str, str]) -> None:
+@pytest.fixture(scope="module")
+def rewritten(tiny: tuple[Path, str, str, str]) -> Any:
+    """``rewrite --max-drop 5 --budget 64it`` of the tiny net on real photo crops (slim.prototxt, slim.json)."""
     folder, proto, model, photos = tiny
+    return CliRunner().invoke(main, ["rewrite", proto, str(folder / "slim.prototxt"), "--weights", model,
+                                     "--out-weights", str(folder / "slim.caffemodel"), "--report",
+                                     str(folder / "slim.json"), "--data", photos, "--scale", "0.00390625",
+                                     "--max-drop", "5", "--budget", "64it"])
+
+
+def test_cli_rewrite_with_max_drop_leaves_out_what_cannot_be_recovered(tiny: tuple[Path, str, str, str],
+                                                                        rewritten: Any) -> None:
+    folder = tiny[0]
     out = folder / "slim.prototxt"
-    done = CliRunner().invoke(main, ["rewrite", proto, str(out), "--weights", model, "--out-weights",
-                                     str(folder / "slim.caffemodel"), "--report", str(folder / "slim.json"),
-                                     "--data", photos, "--scale", "0.00390625", "--max-drop", "5",
-                                     "--budget", "64it"])
+    done = rewritten
     assert done.exit_code == 0, done.output
     assert "accuracy-aware choice" in done.output and "LEFT OUT" in done.output
     choice = json.loads((folder / "slim.json").read_text())["accuracy"]
@@ -185,8 +194,9 @@ def test_cli_rewrite_with_max_drop_leaves_out_what_cannot_be_recovered(tiny: tup
         assert d["at"] not in layers or d["rule"] == "merge_inception_branches"
 
 
-def test_plan_with_max_drop_shows_the_same_choice(tiny: tuple[Path, str, str, str]) -> None:
+def test_plan_with_max_drop_shows_the_same_choice(tiny: tuple[Path, str, str, str], rewritten: Any) -> None:
     folder, proto, model, photos = tiny
+    assert rewritten.exit_code == 0, rewritten.output
     done = CliRunner().invoke(main, ["plan", proto, "--weights", model, "--rounds", "1", "--data", photos,
                                      "--scale", "0.00390625", "--max-drop", "5", "--budget", "64it", "--json",
                                      str(folder / "plan.json")])
@@ -238,7 +248,7 @@ def test_a_time_budget_covers_the_runs_and_what_it_cannot_cover_is_not_run(tiny:
     from deeprebirth.plan import plan_file
     from deeprebirth.recoverable import measure_risks
 
-    folder, proto, model, photos = tiny
+    _, proto, model, photos = tiny
     plan = plan_file(proto, model, rounds=1, warmup=0)
     chosen = measure_risks(plan, proto, model, photos, 5.0, budget="1s", transform=api.Transform(scale=1 / 256))
     lossy = [k for k, c in enumerate(plan.candidates) if c.risk == "lossy"]
