@@ -10,7 +10,10 @@ it builds on (``deeprebirth.risk``), and keep only the merges that run says fine
   run gets what is left of ``B`` over the runs still to come, so a run's fixed costs (loading, held-out
   evaluations) come out of the later shares, and once ``B`` is spent the remaining candidates are not run (they
   count as runs without an update). The runs go in order of time saved, so a budget too small for every candidate
-  goes to the merges that save the most. A merge the full
+  goes to the merges that save the most. Where a run's fixed costs eat its whole share (an ImageNet-size net on a
+  CPU: about a minute of loading and held-out evaluations before the first update), the run is made once more with
+  ``STARVED_FACTOR`` times what the starved one cost, and every later run gets at least that much: fewer
+  candidates are measured, but those that are get real updates, rather than every one getting none. A merge the full
   fine-tuning has to recover together with the others gets, in its own run, only its share: a merge that is back
   within ``P`` after ``B / n`` alone is one the whole budget can recover.
 * **drop**, in points (``Risk.drop_after``): with labels the original's held-out top-1 minus the net's, without
@@ -46,6 +49,7 @@ from deeprebirth.risk import Risk, assess, dependencies, risk_options, share_bud
 from deeprebirth.rules import Match, Rule, RuleConfig
 
 MIN_DROP = 0.1  # points: the least drop a merge is charged when ranking by time saved per point
+STARVED_FACTOR = 2.0  # a run that made no update is given this many times its cost: about as much again to train
 TOLERANCE = 1e-6  # points: drops are computed from fractions, so 0.7 can come out as 0.7000000000000064
 PROFILE_ROUNDS = 5  # timed rounds of the plan's Caffe profile (its times only rank merges and say what they save)
 
@@ -194,20 +198,31 @@ def measure_risks(plan: Plan, prototxt: PathLike, weights: PathLike, data: PathL
     which.sort(key=lambda k: -plan.candidates[k].time_saved_ms)  # a budget too small for all goes to the best first
     share = share_budget(budget, len(which))
     total = Budget.parse(budget)
+    transform = transform or Transform(mirror=True)
+
+    def run(k: int, budget_text: str) -> Risk:
+        options = risk_options(budget_text, seed=seed, transform=transform)
+        return assess(prototxt, weights, plan.candidates, data, options, config, which=[k])[0]
+
     risks: dict[int, Risk] = {}
+    fixed = 0.0  # seconds a run can cost without making an update (loading, evaluations): learned from such runs
     for n, k in enumerate(which):
         if progress is not None:
             progress(n + 1, len(which), plan.candidates[k])
-        run = share
-        if total.timed:  # what the runs so far did not use, or overran (loading, evaluations), moves the shares
-            per_run = (total.amount - (time.monotonic() - started)) / (len(which) - n)
-            if per_run < 0.001:
-                risks[k] = Risk(k, dependencies(plan.candidates, k), None, None, None, None, 0.0, "0s")
-                continue
-            run = f"{per_run:.3f}s"
-        options = risk_options(run, seed=seed, transform=transform or Transform(mirror=True))
-        risks.update((r.candidate, r) for r in assess(prototxt, weights, plan.candidates, data, options, config,
-                                                      which=[k]))
+        if not total.timed:
+            risks[k] = run(k, share)
+            continue
+        left = total.amount - (time.monotonic() - started)
+        seconds = max(left / (len(which) - n), STARVED_FACTOR * fixed)
+        if seconds > left or seconds < 0.001:
+            risks[k] = Risk(k, dependencies(plan.candidates, k), None, None, None, None, 0.0, "0s")
+            continue
+        risk = run(k, f"{seconds:.3f}s")
+        if not risk.updated:  # starved: its fixed costs took the whole share; once more with one that covers them
+            fixed = max(fixed, risk.seconds)
+            if STARVED_FACTOR * fixed <= total.amount - (time.monotonic() - started):
+                risk = run(k, f"{STARVED_FACTOR * fixed:.3f}s")
+        risks[k] = risk
     decisions = [] if max_drop is None else select(plan.candidates, risks, max_drop)
     return AccuracyPlan(plan, max_drop, budget, share, risks, decisions, time.monotonic() - started)
 

@@ -259,3 +259,38 @@ def test_a_time_budget_covers_the_runs_and_what_it_cannot_cover_is_not_run(tiny:
     assert ran and chosen.seconds < 1 + 2 * max(r.seconds for r in ran)  # B, overrun by about one run at most
     reasons = {d.candidate: d.reason for d in chosen.decisions}
     assert all("spent the budget" in reasons[r.candidate] for r in skipped)
+
+
+def test_starved_runs_are_made_again_with_a_share_that_covers_their_fixed_cost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake runs on a fake clock: each costs 30 s before its first update, then its budget; the best merge first."""
+    import deeprebirth.recoverable as recoverable
+    from deeprebirth.finetune.budget import Budget
+
+    clock = [0.0]
+    calls: list[tuple[int, float]] = []
+
+    def fake_assess(prototxt: str, weights: str, candidates: list, data: str, options: FinetuneOptions, config: object,
+                    which: list[int]) -> list[Risk]:
+        seconds = Budget.parse(options.budget).amount
+        calls.append((which[0], seconds))
+        spent = max(seconds, 30.0)
+        clock[0] += spent
+        iterations = int((seconds - 30) // 5) if seconds > 30 else 0
+        measured = risk(which[0], 0.0 if iterations else None, iterations)
+        measured.seconds = spent
+        return [measured]
+
+    monkeypatch.setattr(recoverable, "assess", fake_assess)
+    monkeypatch.setattr(recoverable.time, "monotonic", lambda: clock[0])
+    plan = type("FakePlan", (), {"candidates": CANDIDATES})()
+    chosen = recoverable.measure_risks(plan, "p", "w", "d", 1.0, budget="3m")  # type: ignore[arg-type]
+    # by time saved: 1 (10 ms), 3 (5), 4 (4), 2 (2); 180 s / 4 = 45 s buys 1 its updates
+    assert calls[0] == (1, 45.0) and chosen.risks[1].updated
+    # 3 gets 135 / 3 = 45 s, 4 gets 90 / 2 = 45 s, 2 the last 45 s: all updated, nothing made twice
+    assert [k for k, _ in calls] == [1, 3, 4, 2] and all(r.updated for r in chosen.risks.values())
+    # a smaller budget: 100 s / 4 = 25 s starves 1; it is made again with 2 x 30 s; what is left covers no other
+    clock[0], calls[:] = 0.0, []
+    chosen = recoverable.measure_risks(plan, "p", "w", "d", 1.0, budget="100s")  # type: ignore[arg-type]
+    assert calls == [(1, 25.0), (1, 60.0)]
+    assert chosen.risks[1].updated and [k for k, d in ((d.candidate, d) for d in chosen.decisions) if d.kept] == [0, 1]
+    assert all(chosen.risks[k].budget == "0s" and not chosen.risks[k].updated for k in (2, 3, 4))
