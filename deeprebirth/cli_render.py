@@ -294,8 +294,9 @@ def accuracy_text(chosen: Any) -> str:
     """``--max-drop``: what was kept and what was left out, with the measured risk and the time at stake."""
     plan = chosen.plan
     lines = [(f"accuracy-aware choice: lossy merges fine-tuning can bring back to within {chosen.max_drop:g} points "
-              f"with a {chosen.budget} budget (each measured by a {chosen.share} mimic of the net with it, "
-              f"{chosen.seconds:.0f} s in all); exact folds always apply")]
+              f"with a {chosen.budget} budget (each measured by a short mimic of the net with it, the runs sharing "
+              f"the budget: {chosen.share} each to start with; {chosen.seconds:.0f} s in all); exact folds always "
+              "apply")]
     rows = []
     for d in chosen.decisions:
         c = plan.candidates[d.candidate]
@@ -317,7 +318,7 @@ def accuracy_text(chosen: Any) -> str:
         lines.append(f"left out {len(out)} lossy merge(s), {saved:.1f}% of the net's Caffe time; kept "
                      f"{len(chosen.kept_lossy)}")
     for text in chosen.refused:
-        lines.append(f"  not made: {text} (appeared once a merge was left out; never measured)")
+        lines.append(f"  not made: {text} (a place the plan did not measure)")
     return "\n".join(lines)
 
 

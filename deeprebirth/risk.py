@@ -100,7 +100,7 @@ def share_budget(budget: str, runs: int) -> str:
         return f"{max(1, round(total.amount / runs))}it"
     if total.unit == "ep":
         return f"{total.amount / runs:g}ep"
-    return f"{total.amount / runs:g}s"
+    return f"{total.amount / runs:.3g}s"
 
 
 def risk_options(budget: str = DEFAULT_BUDGET, **settings: object) -> FinetuneOptions:
