@@ -190,10 +190,13 @@ def apply_one(graph: Graph, rule: Rule, found: Match, config: RuleConfig) -> Cha
 def stages(state: Graph, rules: Sequence[Rule], config: RuleConfig) -> Iterator[tuple[int, list[tuple[Rule, Match]]]]:
     """Every merge that could be made, stage by stage, on ``state`` (changed in place). Stage 0 is what matches
     the net as given; stage n is what newly matches (rule, anchor not seen before) once every earlier candidate is
-    applied in rule order, as ``rewrite`` would. Each stage is yielded before ``state`` advances past it."""
+    applied in rule order, as ``rewrite`` would. Each stage is yielded before ``state`` advances past it. As in
+    ``rewrite``, the opt-in rules (Tucker) come in only at a stage where the others have nothing new, so they are
+    planned on the slimmed convs that ``rewrite`` decomposes."""
     seen: set[tuple[str, str]] = set()  # (rule, anchor layer): one candidate per place
     for stage in range(MAX_STAGES):
-        new = [(rule, m) for rule, m in candidates(state, rules, config) if (rule.name, m.layers[0]) not in seen]
+        matching = [(rule, m) for rule, m in candidates(state, rules, config) if (rule.name, m.layers[0]) not in seen]
+        new = [(rule, m) for rule, m in matching if rule.group not in OPT_IN_GROUPS] or matching
         if not new:
             return
         seen |= {(rule.name, m.layers[0]) for rule, m in new}
