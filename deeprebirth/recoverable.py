@@ -69,7 +69,7 @@ class AccuracyPlan:
     plan: Plan
     max_drop: float | None  # None: risks measured, no choice made
     budget: str  # the fine-tuning budget the risk runs share
-    share: str  # each run's budget
+    share: str  # each run's budget to start with (B / n; under a time budget the runs adapt it as they go)
     risks: dict[int, Risk]
     decisions: list[Decision]
     seconds: float = 0.0  # the risk runs and the profile
