@@ -263,7 +263,7 @@ def test_a_time_budget_covers_the_runs_and_what_it_cannot_cover_is_not_run(tiny:
 
 def test_starved_runs_are_made_again_with_a_share_that_covers_their_fixed_cost(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fake runs on a fake clock: each costs 30 s before its first update, then its budget; the best merge first."""
-    import deeprebirth.recoverable as recoverable
+    from deeprebirth import recoverable
     from deeprebirth.finetune.budget import Budget
 
     clock = [0.0]
