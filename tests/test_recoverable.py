@@ -294,3 +294,11 @@ def test_starved_runs_are_made_again_with_a_share_that_covers_their_fixed_cost(m
     assert calls == [(1, 25.0), (1, 60.0)]
     assert chosen.risks[1].updated and [k for k, d in ((d.candidate, d) for d in chosen.decisions) if d.kept] == [0, 1]
     assert all(chosen.risks[k].budget == "0s" and not chosen.risks[k].updated for k in (2, 3, 4))
+
+
+def test_a_run_without_an_update_is_shown_without_after_figures() -> None:
+    from deeprebirth.cli_render import risk_cells
+
+    cells = risk_cells(risk(0, None, iterations=0, drop_before=12.0))
+    assert cells == ["88.00% (no update)", "0.5 (no update)", "12.0 (no update)", "0"]
+    assert risk_cells(risk(0, 1.0, iterations=7, drop_before=12.0))[2:] == ["12.0 -> 1.0", "7"]
