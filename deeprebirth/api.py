@@ -26,7 +26,7 @@ from deeprebirth.caffe_runtime import (
     image_feeds,
     random_feeds,
 )
-from deeprebirth.data import image_files
+from deeprebirth.data import Transform, image_files
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.export.runtimes import RUNTIMES
 from deeprebirth.graph import Graph, GraphError  # noqa: F401  (GraphError re-exported: the CLI's exit code 3)
@@ -55,6 +55,7 @@ from deeprebirth.rules import (  # noqa: F401  (RULE_LABELS re-exported for rend
 from deeprebirth.shapes import LayerCost, infer_shapes, layer_costs
 
 PHASES = ("TEST", "TRAIN")
+FINETUNE_BUDGET = "10m"  # finetune's default budget (FinetuneOptions.budget; tests/test_recoverable.py keeps them equal)
 
 # The options of a rewrite (``rewrite`` and ``batch``), each declared once: RewriteOptions takes its defaults from
 # here, ``validate_options`` checks a value against it, and the CLI builds its flags from it.
@@ -84,6 +85,13 @@ REWRITE_OPTIONS: tuple[Option, ...] = (
                 "least the minimum gain there (exact folds always apply)"),
     Option("min_gain", float, 1.0, minimum=0.0, concept="minimum gain",
            help="with a runtime: the percent of the net's time on it a lossy merge must save"),
+    Option("max_drop", float, None, minimum=0.0, concept="maximum drop",
+           help="measure each lossy merge's accuracy risk on --data first and apply only those fine-tuning can "
+                "bring back to within this many points of the original's top-1 (of agreement with it without "
+                "labels) in --budget (exact folds always apply)"),
+    Option("data", str, None, help="with a maximum drop: images (labels optional) to measure the risks on"),
+    Option("budget", str, FINETUNE_BUDGET,
+           help="with a maximum drop: the fine-tuning budget you plan (time, Nit or Nep); the risk runs share it"),
 )
 OPTION: dict[str, Option] = {option.name: option for option in REWRITE_OPTIONS}
 DEFAULT: dict[str, Any] = {option.name: option.default for option in REWRITE_OPTIONS}
@@ -110,6 +118,10 @@ class RewriteOptions:
     runtime: str | None = DEFAULT["runtime"]
     min_gain: float = DEFAULT["min_gain"]
     runtime_rounds: int = 10  # interleaved timing rounds of the runtime plan (not a command-line option)
+    max_drop: float | None = DEFAULT["max_drop"]
+    data: str | None = DEFAULT["data"]
+    budget: str = DEFAULT["budget"]
+    transform: Transform | None = None  # the risk runs' preprocessing (as finetune's); None: Transform(mirror=True)
 
     def rule_config(self) -> RuleConfig:
         return RuleConfig(**{option.name: getattr(self, option.name) for option in RULE_OPTIONS})
@@ -161,13 +173,17 @@ class RewriteResult:
     check: CheckResult | None
     original: Graph | None = None  # the net as read (with ``keep_original``, or when checked)
     graph: Graph | None = None  # the rewritten net
+    accuracy: Any = None  # with a maximum drop: the AccuracyPlan (deeprebirth.recoverable) it chose with
 
 
 def rewrite_files(prototxt: PathLike, out_prototxt: PathLike, weights: PathLike | None = None,
                   out_weights: PathLike | None = None, report_path: PathLike | None = None,
-                  options: RewriteOptions | None = None, keep_original: bool = False) -> RewriteResult:
+                  options: RewriteOptions | None = None, keep_original: bool = False,
+                  progress: Any = None) -> RewriteResult:
     """Load (once), rewrite, save (atomically), then optionally compare both nets in real Caffe. The result holds
-    the rewritten graph, and the original one when checked or ``keep_original``."""
+    the rewritten graph, and the original one when checked or ``keep_original``. With ``options.max_drop`` the
+    lossy merges are chosen by their measured accuracy risk first (deeprebirth.recoverable; ``progress(n, total,
+    candidate)`` before each risk run)."""
     options = options or RewriteOptions()
     _refuse_overwrite(prototxt, weights, out_prototxt, out_weights, report_path)
     if out_weights is not None and weights is None:
@@ -178,6 +194,10 @@ def rewrite_files(prototxt: PathLike, out_prototxt: PathLike, weights: PathLike 
     if options.check or options.images:
         pick_reference(options.reference)  # before any work: a missing pycaffe is one line, not a lost rewrite
     rules = select_rules(options.validate().rules, options.skip)
+    if options.max_drop is not None or options.data is not None:
+        from deeprebirth.recoverable import check_settings
+
+        check_settings(weights, options.max_drop, options.data, options.budget)
     graph = load_model(prototxt, weights, phase=options.phase, input_shapes=options.input_shapes)
     # the check compares with the net as read: a copy, rather than reading the files a second time
     original = copy.deepcopy(graph) if options.check or options.images or keep_original else None
@@ -186,7 +206,16 @@ def rewrite_files(prototxt: PathLike, out_prototxt: PathLike, weights: PathLike 
     exclude, notes = list(options.exclude), list[str]()
     if options.runtime:
         exclude, notes = _runtime_exclusions(prototxt, weights, options, config, exclude)
-    report = rewrite(graph, rules, only=options.only, exclude=exclude, config=config)
+    accuracy, permit = None, None
+    if options.max_drop is not None:  # measure, then let only the recoverable lossy merges through
+        from deeprebirth.recoverable import permit as permitted
+        from deeprebirth.recoverable import plan_for_accuracy
+
+        accuracy = plan_for_accuracy(prototxt, weights, options.data, options.max_drop, budget=options.budget,  # type: ignore[arg-type]
+                                     transform=options.transform, rules=[r.name for r in rules], only=options.only,
+                                     exclude=exclude, config=config, seed=options.seed, progress=progress)
+        permit = permitted(accuracy.plan.candidates, accuracy.decisions, accuracy.refused)
+    report = rewrite(graph, rules, only=options.only, exclude=exclude, config=config, permit=permit)
     report.warnings += kept_dropout + notes
     save_model(graph, out_prototxt, out_weights)
     if out_weights is not None:
@@ -204,8 +233,11 @@ def rewrite_files(prototxt: PathLike, out_prototxt: PathLike, weights: PathLike 
                                 "lossy": check.lossy, "reference": check.reference,
                                 "predictions_changed": check.predictions_changed,
                                 "blobs": [vars(d) for d in check.diffs]}
+        if accuracy is not None:
+            payload["accuracy"] = accuracy.to_json()
         caffe_io.atomic_write_bytes(report_path, json.dumps(payload, indent=2))
-    return RewriteResult(report, check, original, graph)
+    return RewriteResult(report, check, original, graph, accuracy)
+
 
 
 def _runtime_exclusions(prototxt: PathLike, weights: PathLike | None, options: RewriteOptions, config: RuleConfig,
@@ -372,14 +404,19 @@ def save_runtime_plan(path: PathLike, plan: Any) -> None:
                                                      for c in plan.candidates]})
 
 
-def save_plan(path: PathLike, plan: Any, risks: dict[int, Any]) -> None:
-    """``plan --json``: the Caffe plan, each candidate with its memory saved and measured accuracy risk."""
+def save_plan(path: PathLike, plan: Any, risks: dict[int, Any], chosen: Any = None) -> None:
+    """``plan --json``: the Caffe plan, each candidate with its memory saved and measured accuracy risk (and, with
+    ``--max-drop``, the choice: deeprebirth.recoverable.AccuracyPlan)."""
     from dataclasses import asdict
 
-    _save_json(path, {"prototxt": plan.prototxt, "random_weights": plan.random_weights,
+    extra = {} if chosen is None else {"accuracy": chosen.to_json()}
+    _save_json(path, {**extra, "prototxt": plan.prototxt, "random_weights": plan.random_weights,
                       "profile": plan.profile.to_json(), "conv_ms_per_mac": plan.conv_ms_per_mac,
                       "candidates": [dict(asdict(c), memory_saved_bytes=c.memory_saved_bytes,
-                                          accuracy_risk=asdict(risks[k]) if k in risks else None)
+                                          accuracy_risk=dict(asdict(risks[k]), updated=risks[k].updated,
+                                                             drop_before=risks[k].drop_before,
+                                                             drop_after=risks[k].drop_after)
+                                          if k in risks else None)
                                      for k, c in enumerate(plan.candidates)],
                       "skips": [{"rule": rule, "layer": s.layer, "reason": s.reason} for rule, s in plan.skips]})
 
@@ -402,7 +439,8 @@ _ELSEWHERE = {
     "deeprebirth.export.api": ("ExportOptions", "export_files"),
     "deeprebirth.data": ("Transform", "transform_from_prototxt"),
     "deeprebirth.plan": ("plan_file",),
-    "deeprebirth.risk": ("assess",),
+    "deeprebirth.risk": ("assess", "risk_options"),
+    "deeprebirth.recoverable": ("measure_risks",),
     "deeprebirth.finetune": ("FinetuneOptions", "finetune_files"),
     "deeprebirth.finetune.export": ("export_plan",),
     "deeprebirth.train": ("SolverOptions",),

@@ -42,14 +42,25 @@ def main() -> None:
 @click.option("--out-weights", type=click.Path(dir_okay=False), help="where to write the rewritten caffemodel")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="write a JSON report here")
 @_rewrite_options
+@_transform_options
 @_user_errors
 def rewrite(prototxt: str, out_prototxt: str, weights: str | None, out_weights: str | None,
-            report_path: str | None, preset: str | None, **settings: Any) -> None:
+            report_path: str | None, preset: str | None, transform_from: str | None, scale: float | None,
+            mean: str | None, mean_file: str | None, crop: int | None, mirror: bool | None, resize: str | None,
+            rgb: bool, **settings: Any) -> None:
     """Rewrite PROTOTXT (and --weights) into OUT_PROTOTXT (and --out-weights). A train_val PROTOTXT gives a
-    train_val OUT_PROTOTXT: both phases' layers are kept."""
+    train_val OUT_PROTOTXT: both phases' layers are kept. With --max-drop and --data, each lossy merge's accuracy
+    risk is measured first (short distillation runs sharing --budget; --data is preprocessed as finetune does it)
+    and only the merges fine-tuning can recover are made."""
+    if settings.get("data") is not None:
+        settings["transform"] = _transform(transform_from, scale, mean, mean_file, crop,
+                                           True if mirror is None and transform_from is None else mirror, resize, rgb)
     options = api.preset_options(preset, **settings)
-    result = api.rewrite_files(prototxt, out_prototxt, weights, out_weights, report_path, options)
+    result = api.rewrite_files(prototxt, out_prototxt, weights, out_weights, report_path, options,
+                               progress=_risk_progress)
     click.echo(render.render_report(result.report))
+    if result.accuracy is not None:
+        click.echo(render.accuracy_text(result.accuracy))
     for warning in result.report.warnings:
         click.echo(f"warning: {warning}", err=True)
     written = [out_prototxt] + [p for p in (out_weights, report_path) if p]
@@ -61,7 +72,9 @@ def rewrite(prototxt: str, out_prototxt: str, weights: str | None, out_weights: 
             sys.exit(1)
     relearn = result.report.relearn
     if relearn:
-        click.echo(render.next_step(relearn, prototxt, weights, out_prototxt, out_weights, report_path))
+        chosen = result.accuracy
+        click.echo(render.next_step(relearn, prototxt, weights, out_prototxt, out_weights, report_path,
+                                    *((options.data, chosen.budget) if chosen is not None else ())))
 
 
 @main.command()
@@ -175,7 +188,13 @@ def _runtime_plan(prototxt: str, weights: str | None, runtime: str, *, json_path
 @_click_option(api.OPTION["rules"], use_default=True)
 @click.option("--data", type=click.Path(), help="images (no labels needed) to measure each lossy merge's accuracy "
               "risk with: a short mimic of the net with only that merge (needs --weights)")
-@click.option("--risk-budget", default="30s", show_default=True, help="the short mimic's --budget, per merge")
+@click.option("--risk-budget", default="30s", show_default=True,
+              help="the short mimic's --budget, per merge (without --budget and --max-drop)")
+@click.option("--budget", help="the fine-tuning budget you plan: the risk runs share it (each lossy merge an equal "
+              f"part)  [default with --max-drop: finetune's, {api.FINETUNE_BUDGET}]")
+@click.option("--max-drop", type=click.FloatRange(min=0), help="with --data: mark the lossy merges fine-tuning "
+              "cannot bring back to within this many points of top-1 (of agreement without labels), as `rewrite "
+              "--max-drop` leaves them out")
 @click.option("--runtime", type=click.Choice(["caffe", "onnxruntime", "mnn", "ncnn"]),
               help="price merges in the reference's per-layer profile (caffe: real Caffe's), or measure each merge "
                    "alone on an exported runtime (batch 1 unless --batch)  [default: the reference's profile]")
@@ -184,13 +203,15 @@ def _runtime_plan(prototxt: str, weights: str | None, runtime: str, *, json_path
 @_user_errors
 def plan_command(prototxt: str, weights: str | None, batch: int | None, threads: int, rounds: int,
                  json_path: str | None, rules: str, clock: str, seed: int, data: str | None, risk_budget: str,
-                 runtime: str | None, reference: str | None,
+                 budget: str | None, max_drop: float | None, runtime: str | None, reference: str | None,
                  transform_from: str | None, scale: float | None, mean: str | None, mean_file: str | None,
                  crop: int | None, mirror: bool | None, resize: str | None, rgb: bool) -> None:
     """List every merge the rules could make in PROTOTXT, with measured time, MACs and memory saved, and risk."""
 
     if data is not None and weights is None:
         raise api.DeepRebirthError("measuring the accuracy risk needs the trained weights (--weights)", file=prototxt)
+    if (max_drop is not None or budget is not None) and data is None:
+        raise api.DeepRebirthError("--max-drop and --budget need --data (images to measure the risks on)")
     if data is not None:
         api.require_pycaffe("plan --data (the accuracy risk: a short fine-tuning)")
     if runtime not in (None, "caffe"):
@@ -202,24 +223,30 @@ def plan_command(prototxt: str, weights: str | None, batch: int | None, threads:
     plan = api.plan_file(prototxt, weights, rules=rules, batch=batch, threads=threads, rounds=rounds, seed=seed,
                          clock=clock, reference=runtime or reference)
     risks: dict[int, Any] = {}
+    chosen = None
     if data is not None:
-
+        assert weights is not None
         if mirror is None and transform_from is None:
             mirror = True
-        options = api.FinetuneOptions(budget=risk_budget, seed=seed,
-                                  transform=_transform(transform_from, scale, mean, mean_file, crop, mirror, resize,
-                                                       rgb))
-        assert weights is not None
-
-        def progress(n: int, total: int, candidate: Any) -> None:
-            click.echo(f"risk {n}/{total}: {candidate.summary} (a {risk_budget} mimic)", err=True)
-
-        risks = {r.candidate: r for r in api.assess(prototxt, weights, plan.candidates, data, options,
-                                                 progress=progress)}
+        transform = _transform(transform_from, scale, mean, mean_file, crop, mirror, resize, rgb)
+        if budget is not None or max_drop is not None:  # the runs share the planned fine-tuning budget
+            chosen = api.measure_risks(plan, prototxt, weights, data, max_drop, budget=budget or api.FINETUNE_BUDGET,
+                                       transform=transform, seed=seed, progress=_risk_progress)
+            risks, risk_budget = chosen.risks, chosen.share
+        else:
+            options = api.risk_options(risk_budget, seed=seed, transform=transform)
+            risks = {r.candidate: r for r in api.assess(prototxt, weights, plan.candidates, data, options,
+                                                        progress=_risk_progress)}
     click.echo(render.plan_text(prototxt, plan, risks, risk_budget))
+    if chosen is not None and chosen.max_drop is not None:
+        click.echo(render.accuracy_text(chosen))
     if json_path:
-        api.save_plan(json_path, plan, risks)
+        api.save_plan(json_path, plan, risks, chosen)
         click.echo(f"wrote {json_path}")
+
+
+def _risk_progress(n: int, total: int, candidate: Any) -> None:
+    click.echo(f"risk {n}/{total}: {candidate.summary} (a short mimic)", err=True)
 
 
 @main.command("draw")

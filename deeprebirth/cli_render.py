@@ -156,13 +156,15 @@ def finetune_table(steps: Sequence[Any]) -> str:
 
 
 def next_step(relearn: Sequence[str], prototxt: str, weights: str | None, out_prototxt: str,
-              out_weights: str | None, report_path: str | None) -> str:
-    """After a lossy rewrite: which layers need fine-tuning, and the finetune command line that does it."""
+              out_weights: str | None, report_path: str | None, data: str | None = None,
+              budget: str = "10m") -> str:
+    """After a lossy rewrite: which layers need fine-tuning, and the finetune command line that does it (with the
+    data and budget the merges were chosen for, after ``--max-drop``)."""
     return "\n".join([f"\n{len(relearn)} layer(s) now need fine-tuning: {', '.join(relearn)}",
                       "next: deeprebirth finetune " + " ".join([
                           prototxt, weights or "ORIGINAL.caffemodel", out_prototxt, out_weights or "SLIM.caffemodel",
-                          "--report", report_path or "REPORT.json", "--data", "DATA", "--out", "FINAL.caffemodel",
-                          "--budget", "10m"])])
+                          "--report", report_path or "REPORT.json", "--data", data or "DATA", "--out", "FINAL.caffemodel",
+                          "--budget", budget])])
 
 
 def check_text(c: Any) -> str:
@@ -255,17 +257,21 @@ def plan_text(prototxt: str, plan: Any, risks: dict[int, Any], risk_budget: str)
                human(c.params_saved), human(c.memory_saved_bytes, "B")]
         if risks:
             r = risks.get(i - 1)
-            row += ["-", "-"] if r is None else [f"{pct(r.agreement_before)} -> {pct(r.agreement_after)}",
-                                                 f"{num(r.output_error_before)} -> {num(r.output_error_after)}"]
+            row += ["-"] * 4 if r is None else risk_cells(r)
         rows.append(row)
     headers = ["#", "rule", "group", "risk", "stage", "at", "removes", "time saved (ms)", "of net", "MACs saved",
                "params saved", "memory saved"]
     if risks:
-        headers += ["agrees (short mimic)", "error at output"]
+        headers += ["agrees (short mimic)", "error at output", "drop (points)", "updates"]
     lines.append(table(headers, rows))
     if risks:
+        some = next(iter(risks.values()))
+        measure = "top-1" if some.labelled else "agreement"
         lines.append(f"agrees: held-out top-1 agreement with the original of the net with only that merge (and "
-                     f"those it builds on), as merged -> after a {risk_budget} mimic; exact merges agree fully")
+                     f"those it builds on), as merged -> after a {risk_budget} mimic; exact merges agree fully; "
+                     f"drop: points of held-out {measure} lost ({some.held_out} images: one is "
+                     f"{some.resolution or 0:.2g} points); updates: solver iterations of the mimic (0: no update, "
+                     "so no figures after it)")
     if not plan.candidates:
         lines.append("no rule matches this net")
     for i, c in enumerate(plan.candidates, 1):
@@ -276,6 +282,52 @@ def plan_text(prototxt: str, plan: Any, risks: dict[int, Any], risk_budget: str)
     if any(c.stage for c in plan.candidates):
         lines.append("  stage n: matches once the candidates of the earlier stages are applied")
     return "\n".join(lines + skips_lines(plan.skips))
+
+
+def risk_cells(r: Any) -> list[str]:
+    """A measured risk's columns: agreement, error at the output and drop, as merged -> after the short run."""
+    if not r.updated:
+        return [f"{pct(r.agreement_before)} (no update)", f"{num(r.output_error_before)} (no update)",
+                f"{points(r.drop_before)} (no update)", "0"]
+    return [f"{pct(r.agreement_before)} -> {pct(r.agreement_after)}",
+            f"{num(r.output_error_before)} -> {num(r.output_error_after)}",
+            f"{points(r.drop_before)} -> {points(r.drop_after)}", str(r.iterations)]
+
+
+def points(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def accuracy_text(chosen: Any) -> str:
+    """``--max-drop``: what was kept and what was left out, with the measured risk and the time at stake."""
+    plan = chosen.plan
+    lines = [(f"accuracy-aware choice: lossy merges fine-tuning can bring back to within {chosen.max_drop:g} points "
+              f"with a {chosen.budget} budget (each measured by a short mimic of the net with it, the runs sharing "
+              f"the budget: {chosen.share} each to start with; {chosen.seconds:.0f} s in all); exact folds always "
+              "apply")]
+    rows = []
+    for d in chosen.decisions:
+        c = plan.candidates[d.candidate]
+        if c.risk == "exact":
+            continue
+        r = chosen.risks[d.candidate]
+        rows.append([d.candidate + 1, "kept" if d.kept else "LEFT OUT", c.rule, c.layers[0],
+                     f"{c.time_saved_ms:.2f} ms ({chosen.share_of_net(d.candidate):.1f}%)",
+                     f"{points(r.drop_before)} -> {points(r.drop_after)}" if r.updated
+                     else f"{points(r.drop_before)} (no update)", r.iterations, f"{r.seconds:.0f}", d.reason])
+    if rows:
+        lines.append(table(["#", "choice", "rule", "at", "time saved (of net)", "drop (points)", "updates",
+                            "seconds", "why"], rows))
+    else:
+        lines.append("no lossy merge to choose from")
+    out = chosen.left_out
+    if out:
+        saved = sum(chosen.share_of_net(d.candidate) for d in out)
+        lines.append(f"left out {len(out)} lossy merge(s), {saved:.1f}% of the net's Caffe time; kept "
+                     f"{len(chosen.kept_lossy)}")
+    for text in chosen.refused:
+        lines.append(f"  not made: {text} (a place the plan did not measure)")
+    return "\n".join(lines)
 
 
 def evaluate_text(result: Any, reference: bool) -> str:

@@ -190,10 +190,13 @@ def apply_one(graph: Graph, rule: Rule, found: Match, config: RuleConfig) -> Cha
 def stages(state: Graph, rules: Sequence[Rule], config: RuleConfig) -> Iterator[tuple[int, list[tuple[Rule, Match]]]]:
     """Every merge that could be made, stage by stage, on ``state`` (changed in place). Stage 0 is what matches
     the net as given; stage n is what newly matches (rule, anchor not seen before) once every earlier candidate is
-    applied in rule order, as ``rewrite`` would. Each stage is yielded before ``state`` advances past it."""
+    applied in rule order, as ``rewrite`` would. Each stage is yielded before ``state`` advances past it. As in
+    ``rewrite``, the opt-in rules (Tucker) come in only at a stage where the others have nothing new, so they are
+    planned on the slimmed convs that ``rewrite`` decomposes."""
     seen: set[tuple[str, str]] = set()  # (rule, anchor layer): one candidate per place
     for stage in range(MAX_STAGES):
-        new = [(rule, m) for rule, m in candidates(state, rules, config) if (rule.name, m.layers[0]) not in seen]
+        matching = [(rule, m) for rule, m in candidates(state, rules, config) if (rule.name, m.layers[0]) not in seen]
+        new = [(rule, m) for rule, m in matching if rule.group not in OPT_IN_GROUPS] or matching
         if not new:
             return
         seen |= {(rule.name, m.layers[0]) for rule, m in new}
@@ -205,9 +208,11 @@ def stages(state: Graph, rules: Sequence[Rule], config: RuleConfig) -> Iterator[
 
 
 def rewrite(graph: Graph, rules: Sequence[Rule] | None = None, only: Iterable[str] = (),
-            exclude: Iterable[str] = (), config: RuleConfig | None = None) -> RewriteReport:
+            exclude: Iterable[str] = (), config: RuleConfig | None = None,
+            permit: Callable[[Rule, Match], bool] | None = None) -> RewriteReport:
     """Rewrite ``graph`` in place with ``rules`` (default: ``select_rules("all")``). ``only``/``exclude`` restrict
-    rules to matches that involve those layer names."""
+    rules to matches that involve those layer names; ``permit`` (rule, match) has a further say over each match
+    (``rewrite --max-drop``: see deeprebirth.recoverable)."""
     rules = select_rules("all") if rules is None else rules
     only, exclude = set(only), set(exclude)
     config = config or RuleConfig()
@@ -230,7 +235,8 @@ def rewrite(graph: Graph, rules: Sequence[Rule] | None = None, only: Iterable[st
             if progress and rule.group in OPT_IN_GROUPS:
                 break
             while True:
-                found = next(candidates(graph, (rule,), config, allowed), None)
+                found = next((f for f in candidates(graph, (rule,), config, allowed)
+                              if permit is None or permit(rule, f[1])), None)
                 if found is None:
                     break
                 change = apply_one(graph, rule, found[1], config)

@@ -179,3 +179,22 @@ def test_cli_plan_bad_input(tmp_path: Path) -> None:
     code, _, err = run("plan", str(bad))
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "nothing" in lines[0], err
+
+
+def test_tucker_is_planned_on_the_slimmed_convs_as_the_rewrite_decomposes_them(tmp_path: Path) -> None:
+    from nets import tiny_inception
+
+    from deeprebirth.rewrite import rewrite, select_rules
+
+    graph = graph_from_text(tiny_inception(32), seed=1)
+    proto, model = save(graph, tmp_path, "net")
+    config = RuleConfig(rank_method="speedup:2")  # VBMF finds no structure in random weights
+    plan = plan_file(proto, model, rules="all,tucker", rounds=1, warmup=0, config=config)
+    tucker = [c for c in plan.candidates if c.rule == "decompose_conv_tucker"]
+    slimming = [c for c in plan.candidates if c.rule != "decompose_conv_tucker"]
+    assert tucker and slimming and min(c.stage for c in tucker) > max(c.stage for c in slimming)
+    rewritten = graph_from_text(tiny_inception(32), seed=1)
+    report = rewrite(rewritten, select_rules("all,tucker"), config=config)
+    made = {change.removed[0] for change in report.changes if change.rule == "decompose_conv_tucker"}
+    assert made == {c.layers[0] for c in tucker}  # e.g. conv1_merge, not conv1
+    assert "conv1_merge" in made
