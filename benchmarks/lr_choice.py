@@ -86,8 +86,12 @@ def run_one(case: rc.Case, row: rc.Variant, label: str, extra: list[str], budget
     if not fresh and record.is_file():
         saved = json.loads(record.read_text())
         if saved.get("key") == digest and (folder / "final.caffemodel").is_file():
-            log(f"{index} {row.name} {label} {budget}: cached ({describe(saved['result'], row)})")
-            return saved["result"]  # type: ignore[no-any-return]
+            result = saved["result"]
+            if "output_distance" not in result:  # runs recorded before the distance was measured
+                result["output_distance"] = output_distance(case, slim_prototxt, str(folder / "final.caffemodel"))
+                record.write_text(json.dumps(saved, indent=2))
+            log(f"{index} {row.name} {label} {budget}: cached ({describe(result, row)})")
+            return result  # type: ignore[no-any-return]
     log(f"{index} {row.name} {label} {budget}: finetune ... (log: {folder / 'finetune.log'})")
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", GLOG_minloglevel="2")
     started = time.perf_counter()
@@ -102,13 +106,14 @@ def run_one(case: rc.Case, row: rc.Variant, label: str, extra: list[str], budget
         return {"failed": True, "returncode": done.returncode, "log_tail": tail, "finetune_seconds": finetune_seconds}
     started = time.perf_counter()
     subprocess.run(evaluate, env=env, check=True, stdout=subprocess.DEVNULL)
+    distance = output_distance(case, slim_prototxt, str(folder / "final.caffemodel"))
     evaluate_seconds = time.perf_counter() - started
     report_json = json.loads((folder / "finetune.json").read_text())
     evaluation = json.loads((folder / "eval.json").read_text())
     steps = report_json.get("steps", [])
     result = {"label": label, "budget": budget, "extra": extra, "top1": evaluation.get("top1"),
               "agreement": evaluation.get("agreement"), "reference_top1": evaluation.get("reference_top1"),
-              "images": evaluation.get("images"),
+              "images": evaluation.get("images"), "output_distance": distance,
               "chosen": [{"name": s.get("name"), "solver": s.get("solver"), "lr": s.get("lr"),
                           "lr_search": s.get("lr_search"), "iterations": s.get("iterations"),
                           "best_iteration": s.get("best_iteration"), "stopped_early": s.get("stopped_early")}
@@ -121,6 +126,49 @@ def run_one(case: rc.Case, row: rc.Variant, label: str, extra: list[str], budget
     log(f"{index} {row.name} {label} {budget}: {describe(result, row)}, finetune {finetune_seconds:.0f} s + "
         f"evaluate {evaluate_seconds:.0f} s")
     return result
+
+
+def test_outputs(case: rc.Case, prototxt: str, weights: str) -> Any:
+    """The net's output (class probabilities) on the case's test images, in pycaffe (1 thread)."""
+    import numpy as np
+
+    from deeprebirth.caffe_runtime import import_caffe
+    from deeprebirth.data import Batches, open_data
+    from deeprebirth.evaluate import NetIO, predict
+    from deeprebirth.model import load_model
+
+    caffe = import_caffe()
+    io = NetIO.of(load_model(prototxt), prototxt)
+    transform = rc.TRANSFORMS[case.name].for_evaluation()
+    data = open_data(case.test, channels=io.channels, input_size=io.size, transform=transform)
+    net = caffe.Net(str(prototxt), caffe.TEST, weights=str(weights))
+    return predict(net, io, Batches(data, transform, io.size), np.arange(len(data)))
+
+
+def output_distance(case: rc.Case, prototxt: str, weights: str) -> float:
+    """Mean total-variation distance (in points) between the net's and the original's output probabilities on the
+    test images: a continuous measure where top-1 agreement saturates (open_nsfw calls every flower photo safe).
+    Cached in the case folder by the files' contents."""
+    import numpy as np
+
+    table_path = Path(case.folder) / "output_distances.json"
+    table = json.loads(table_path.read_text()) if table_path.is_file() else {}
+    original = case.original_files
+    key = rc.example.digest_of({"net": rc.example.file_key(Path(prototxt), Path(weights)), "test": data_key(case.test),
+                                "original": rc.example.file_key(*map(Path, original))})
+    if key not in table:
+        reference_key = rc.example.digest_of({"original": rc.example.file_key(*map(Path, original)),
+                                              "test": data_key(case.test)})
+        reference_path = Path(case.folder) / f"test_outputs_original.{reference_key}.npy"
+        if reference_path.is_file():
+            reference = np.load(reference_path)
+        else:
+            reference = test_outputs(case, *original)
+            np.save(reference_path, reference)
+        mine = test_outputs(case, prototxt, weights)
+        table[key] = float(100 * np.mean(0.5 * np.abs(mine - reference).sum(axis=1)))
+        table_path.write_text(json.dumps(table, indent=1))
+    return float(table[key])
 
 
 def score(result: dict[str, Any], row: rc.Variant) -> float | None:

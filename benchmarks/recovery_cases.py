@@ -400,6 +400,10 @@ def prepare_open_nsfw(cache: Path, fresh: bool, flowers: Path) -> Case:
     return finish(folder, case, NSFW_TRANSFORM, fresh)
 
 
+TRANSFORMS = {"fashion_mnist": example.TRANSFORM, "mnist": MNIST_TRANSFORM, "flowers17": FLOWERS_TRANSFORM,
+              "open_nsfw": NSFW_TRANSFORM}  # the library form of each case's transform flags
+
+
 def prepare(names: list[str], cache: Path = CACHE, fresh: bool = False, flowers: Path = FLOWERS17,
             flowers_iters: int = 2000) -> dict[str, Case]:
     """Prepare (or load from the cache) the named cases."""
