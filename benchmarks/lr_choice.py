@@ -80,7 +80,9 @@ def run_one(case: rc.Case, row: rc.Variant, label: str, extra: list[str], budget
                 "--work-dir", str(folder / "work"), "--budget", budget, "--mode", row.mode, *case.transform, *extra]
     evaluate = [cli, "evaluate", slim_prototxt, str(folder / "final.caffemodel"), "--data", case.test,
                 "--reference", *original, "--json", str(folder / "eval.json"), *case.transform]
-    key = {"finetune": finetune[1:], "evaluate": evaluate[1:], "code": code_key(),
+    in_process = row.score == "output_distance"
+    key = {"finetune": finetune[1:], "evaluate": "in-process (compare_outputs)" if in_process else evaluate[1:],
+           "code": code_key(),
            "inputs": rc.example.file_key(*map(Path, (*original, slim_prototxt, slim_weights, report))),
            "train": data_key(row.train), "test": data_key(case.test)}
     record = folder / "run.json"
@@ -107,11 +109,17 @@ def run_one(case: rc.Case, row: rc.Variant, label: str, extra: list[str], budget
         log(f"{index} {row.name} {label}: finetune FAILED (exit {done.returncode}): " + " | ".join(tail))
         return {"failed": True, "returncode": done.returncode, "log_tail": tail, "finetune_seconds": finetune_seconds}
     started = time.perf_counter()
-    subprocess.run(evaluate, env=env, check=True, stdout=subprocess.DEVNULL)
-    distance = output_distance(case, slim_prototxt, str(folder / "final.caffemodel"))
+    compared = compare_outputs(case, slim_prototxt, str(folder / "final.caffemodel"))
+    distance = compared["distance"]
+    if in_process:
+        # no labels to score: the agreement comes from the same outputs (`evaluate --reference` would run the
+        # original again on every run, which on open_nsfw costs as much as the fine-tuned net)
+        evaluation = {"top1": None, "agreement": compared["agreement"], "images": compared["images"]}
+    else:
+        subprocess.run(evaluate, env=env, check=True, stdout=subprocess.DEVNULL)
+        evaluation = json.loads((folder / "eval.json").read_text())
     evaluate_seconds = time.perf_counter() - started
     report_json = json.loads((folder / "finetune.json").read_text())
-    evaluation = json.loads((folder / "eval.json").read_text())
     steps = report_json.get("steps", [])
     result = {"label": label, "budget": budget, "extra": extra, "top1": evaluation.get("top1"),
               "agreement": evaluation.get("agreement"), "reference_top1": evaluation.get("reference_top1"),
@@ -147,10 +155,11 @@ def test_outputs(case: rc.Case, prototxt: str, weights: str) -> Any:
     return predict(net, io, Batches(data, transform, io.size), np.arange(len(data)))
 
 
-def output_distance(case: rc.Case, prototxt: str, weights: str) -> float:
-    """Mean total-variation distance (in points) between the net's and the original's output probabilities on the
-    test images: a continuous measure where top-1 agreement saturates (open_nsfw calls every flower photo safe).
-    Cached in the case folder by the files' contents."""
+def compare_outputs(case: rc.Case, prototxt: str, weights: str) -> dict[str, float]:
+    """The net against the original on the test images, from their output probabilities (the original's cached):
+    ``distance``, the mean total-variation distance in points (a continuous measure where top-1 agreement saturates:
+    open_nsfw calls every flower photo safe), and ``agreement``, the top-1 agreement (a fraction). Cached in the case
+    folder by the files' contents."""
     import numpy as np
 
     table_path = Path(case.folder) / "output_distances.json"
@@ -158,7 +167,7 @@ def output_distance(case: rc.Case, prototxt: str, weights: str) -> float:
     original = case.original_files
     key = rc.example.digest_of({"net": rc.example.file_key(Path(prototxt), Path(weights)), "test": data_key(case.test),
                                 "original": rc.example.file_key(*map(Path, original))})
-    if key not in table:
+    if not isinstance(table.get(key), dict):
         reference_key = rc.example.digest_of({"original": rc.example.file_key(*map(Path, original)),
                                               "test": data_key(case.test)})
         reference_path = Path(case.folder) / f"test_outputs_original.{reference_key}.npy"
@@ -168,9 +177,15 @@ def output_distance(case: rc.Case, prototxt: str, weights: str) -> float:
             reference = test_outputs(case, *original)
             np.save(reference_path, reference)
         mine = test_outputs(case, prototxt, weights)
-        table[key] = float(100 * np.mean(0.5 * np.abs(mine - reference).sum(axis=1)))
+        table[key] = {"distance": float(100 * np.mean(0.5 * np.abs(mine - reference).sum(axis=1))),
+                      "agreement": float(np.mean(mine.argmax(axis=1) == reference.argmax(axis=1))),
+                      "images": len(mine)}
         table_path.write_text(json.dumps(table, indent=1))
-    return float(table[key])
+    return table[key]  # type: ignore[no-any-return]
+
+
+def output_distance(case: rc.Case, prototxt: str, weights: str) -> float:
+    return float(compare_outputs(case, prototxt, weights)["distance"])
 
 
 LOWER_IS_BETTER = {"output_distance"}
