@@ -268,6 +268,8 @@ def lr_table(data: dict[str, Any], rates: list[float]) -> list[str]:
             if default.get("score") is not None:
                 gap = (known[best_rate] - default["score"]) if lower else (default["score"] - known[best_rate])
                 gap_text, ok = f"{gap:+.2f}", "yes" if gap >= -0.3 else "**no**"
+                if lower:
+                    ok = "n/a (distance)"
         budget = " ".join([entry["budget"], *entry.get("flags", [])])
         lines.append(f"| {name} | {entry['mode']} | {budget} | {entry['score']} | {entry['before']} | "
                      f"{default.get('chosen', '-')} | {pct(default.get('score'))} | "
@@ -281,6 +283,18 @@ def distance_table(data: dict[str, Any], names: list[str]) -> list[str]:
         cells = [entry["runs"].get(n, {}).get("output_distance") for n in names]
         before = entry.get("before_distance")
         lines.append(f"| {row_name} | {pct(before)} | " + " | ".join(pct(c) for c in cells) + " |")
+    return lines
+
+
+def search_table(data: dict[str, Any]) -> list[str]:
+    """What the default run's rate search saw (from its finetune report), per phase."""
+    lines = [("| row | phase | held-out loss after each candidate's short run | chose | kept / iterations | "
+              "stopped early |"), "|---|---|---|---|---|---|"]
+    for row_name, entry in data.items():
+        for step in entry["runs"].get("default", {}).get("chosen_steps", []) or []:
+            search = ", ".join(f"{rate}: {loss:.4g}" for rate, loss in (step.get("lr_search") or {}).items()) or "-"
+            lines.append(f"| {row_name} | {step.get('name')} | {search} | {step.get('solver')} {step.get('lr'):g} | "
+                         f"{step.get('best_iteration')} / {step.get('iterations')} | {step.get('stopped_early')} |")
     return lines
 
 
@@ -304,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loss-table", action="store_true", help="item 4: KD T=4 vs KD T=1 (+ --loss-variant)")
     parser.add_argument("--loss-variant", action="append", default=[], metavar="NAME=FLAGS",
                         help="another loss for --loss-table: a name and the finetune flags that select it")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="finetune --seed for every run (0: finetune's default); a repeat with another seed "
+                             "shows how much of a difference is noise (give it its own --tag)")
     parser.add_argument("--tag", default="", help="results go to lr_choice_TAG.md / loss_choice_TAG.md")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--replace", action="store_true", help="drop rows of an earlier run with the same tag")
@@ -330,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         plan = [(case, row, "default", "default", []) for case, row in rows]
         plan += [(case, row, f"lr{r:g}", f"lr{r:g}", ["--lr", f"{r:g}"]) for case, row in rows for r in rates]
         plan.sort(key=lambda p: rows.index((p[0], p[1])))
+    if args.seed:
+        plan = [(case, row, name, f"{label}_seed{args.seed}", [*flags, "--seed", str(args.seed)])
+                for case, row, name, label, flags in plan]
     started = time.perf_counter()
     results: dict[str, Any] = {}
     for i, (case, row, name, label, flags) in enumerate(plan, 1):
@@ -342,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
                                               "runs": {}})
         if entry["before"] is None:
             entry["before"], entry["before_distance"] = before_values(case, row)
-        entry["runs"][name] = {**result, "score": score(result, row), "chosen": chosen_text(result)}
+        entry["runs"][name] = {**result, "score": score(result, row), "chosen": chosen_text(result),
+                               "chosen_steps": result.get("chosen", [])}
     stem = "loss_choice" if args.loss_table else "lr_choice"
     stem += f"_{args.tag}" if args.tag else ""
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -351,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     raw_path.write_text(json.dumps({"machine": machine(), "rates": rates, "rows": data,
                                     "cases": {n: asdict(c) for n, c in cases.items()}}, indent=2, default=str))
     command = "benchmarks/lr_choice.py" + (" --loss-table" if args.loss_table else "") + (
-        f" --tag {args.tag}" if args.tag else "")
+        f" --seed {args.seed}" if args.seed else "") + (f" --tag {args.tag}" if args.tag else "")
     lines = [f"# {'Distillation loss' if args.loss_table else 'Learning-rate choice'} at a fixed epoch budget"
              + (f" ({args.tag})" if args.tag else ""), "",
              (f"`.venv/bin/python {command}` (cases from benchmarks/recovery_cases.py; {machine()['date']}, commit "
@@ -365,8 +386,10 @@ def main(argv: list[str] | None = None) -> int:
             runs = entry["runs"]
             cells = [f"{pct(runs[n]['score'])} ({runs[n]['chosen']})" if n in runs else "-" for n in names]
             scored = {n: runs[n]["score"] for n in names if n in runs and runs[n]["score"] is not None}
-            winner = max(scored, key=lambda n: scored[n]) if scored else "-"
-            lines.append(f"| {row_name} | {entry['mode']} | {entry['budget']} | {entry['score']} | {entry['before']} | "
+            pick = min if entry["score"] in LOWER_IS_BETTER else max
+            winner = pick(scored, key=lambda n: scored[n]) if scored else "-"
+            budget = " ".join([entry["budget"], *entry.get("flags", [])])
+            lines.append(f"| {row_name} | {entry['mode']} | {budget} | {entry['score']} | {entry['before']} | "
                          + " | ".join(cells) + f" | {winner} |")
     else:
         lines += lr_table(data, rates)
@@ -374,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", ("Output distance to the original on the test set (mean total-variation distance between the output "
                    "probabilities, in points; lower is better; it does not saturate where top-1 agreement does):"), "",
               *distance_table(data, names)]
+    if not args.loss_table:
+        lines += ["", "The default runs' learning-rate search (from their `finetune --json` reports):", "",
+                  *search_table(data)]
     lines += ["", "Wall time per run (1 thread, shared 2-core machine):", "", *times_table(data), ""]
     md_path = args.out_dir / f"{stem}.md"
     md_path.write_text("\n".join(lines))
