@@ -13,9 +13,10 @@ rate and solver the default run chose (from its `finetune --json` report), its r
 the best fixed rate in hindsight and the gap (default minus hindsight best, in points; the aim: >= -0.3).
 
 ``--loss-table`` (issue 16, item 4) instead compares distillation losses on the low-agreement rows (default:
-open_nsfw/mimic and flowers17/tucker): KD at T=4 (the default), KD at T=1 (`--temperature 1`), each with the
-default rate choice, at the same budget; `--loss-variant NAME=FLAGS` adds more (e.g. a logit regression, once
-`finetune` has a flag for it).
+open_nsfw/mimic and flowers17/tucker): the default (`--loss auto`: the search picks the loss where agreement
+starts low), and each loss fixed: KD at T=4 (`--loss kd`), KD at T=1 (`--loss kd --temperature 1`), regression on
+the logits (`--loss regression`), each with the default rate choice, at the same budget; `--loss-variant
+NAME=FLAGS` adds more.
 
     .venv/bin/python benchmarks/lr_choice.py --cases mnist,flowers17 --tag before
     .venv/bin/python benchmarks/lr_choice.py --cases flowers17/label --budget flowers17/label=4ep
@@ -52,7 +53,8 @@ import recovery_cases as rc
 
 RATES = (0.001, 0.003, 0.01, 0.03)
 LOSS_ROWS = ("open_nsfw/mimic", "flowers17/tucker")
-LOSS_VARIANTS = {"KD T=4 (default)": [], "KD T=1": ["--temperature", "1"]}
+LOSS_VARIANTS = {"default (auto)": [], "KD T=4": ["--loss", "kd"], "KD T=1": ["--loss", "kd", "--temperature", "1"],
+                 "logit regression": ["--loss", "regression"]}
 RESULTS = HERE / "results"
 log = rc.log
 
@@ -124,7 +126,8 @@ def run_one(case: rc.Case, row: rc.Variant, label: str, extra: list[str], budget
     result = {"label": label, "budget": budget, "extra": extra, "top1": evaluation.get("top1"),
               "agreement": evaluation.get("agreement"), "reference_top1": evaluation.get("reference_top1"),
               "images": evaluation.get("images"), "output_distance": distance,
-              "chosen": [{"name": s.get("name"), "solver": s.get("solver"), "lr": s.get("lr"),
+              "chosen": [{"name": s.get("name"), "solver": s.get("solver"), "lr": s.get("lr"), "loss": s.get("loss"),
+                          "backoffs": s.get("backoffs"), "search": s.get("search"),
                           "lr_search": s.get("lr_search"), "iterations": s.get("iterations"),
                           "best_iteration": s.get("best_iteration"), "stopped_early": s.get("stopped_early")}
                          for s in steps],
@@ -204,7 +207,9 @@ def score(result: dict[str, Any], row: rc.Variant) -> float | None:
 def chosen_text(result: dict[str, Any]) -> str:
     if result.get("failed"):
         return "failed"
-    parts = [f"{s['solver']} {s['lr']:.3g}" for s in result.get("chosen", []) if s.get("lr") is not None]
+    parts = [f"{s['solver']} {s['lr']:.3g}" + ("" if s.get("loss") in (None, "", "KD T=4") else f" {s['loss']}")
+             + (" (backed off)" if s.get("backoffs") else "")
+             for s in result.get("chosen", []) if s.get("lr") is not None]
     return ", ".join(parts) or "?"
 
 
@@ -315,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rates", default=",".join(f"{r:g}" for r in RATES), help="the fixed SGD rates")
     parser.add_argument("--budget", action="append", default=[], metavar="ROW=BUDGET",
                         help="override a row's budget (repeatable), e.g. open_nsfw/mimic=90s")
-    parser.add_argument("--loss-table", action="store_true", help="item 4: KD T=4 vs KD T=1 (+ --loss-variant)")
+    parser.add_argument("--loss-table", action="store_true", help="item 4: the default's loss choice vs each loss fixed (+ --loss-variant)")
     parser.add_argument("--loss-variant", action="append", default=[], metavar="NAME=FLAGS",
                         help="another loss for --loss-table: a name and the finetune flags that select it")
     parser.add_argument("--seed", type=int, default=0,
