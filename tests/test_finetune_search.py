@@ -166,3 +166,12 @@ def test_a_run_reports_its_pace_and_reuse(finetune_nets: dict[str, str], tmp_pat
     assert step.images_per_second > 0
     # 2 views (mirror) x 72 images = 144 distinct inputs at most among 216 drawn: at least a third reused
     assert step.teacher_reuse is not None and step.teacher_reuse >= 1 / 3 - 1e-9
+
+
+def test_small_data_holds_out_enough_images_to_mean_something() -> None:
+    from deeprebirth.finetune.context import held_out_share
+
+    assert round(500 * held_out_share(0.1, 500)) == 125  # a quarter, not 50
+    assert round(1088 * held_out_share(0.1, 1088)) == 200
+    assert held_out_share(0.1, 60000) == 0.1  # 6,000 is plenty
+    assert held_out_share(0.3, 500) == 0.3  # asked for more: kept

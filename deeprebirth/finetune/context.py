@@ -115,7 +115,7 @@ def prepare(original_prototxt: PathLike, original_weights: PathLike, slim_protot
         val_set = open_data(options.val, channels=io.channels, input_size=io.size,
                             transform=options.transform.for_evaluation(), classes=io.classes)
     elif options.holdout > 0 and len(dataset) >= 20:
-        train_indices, held = split_holdout(len(dataset), options.holdout, options.seed)
+        train_indices, held = split_holdout(len(dataset), held_out_share(options.holdout, len(dataset)), options.seed)
         val_set = dataset.subset(held)
     val_indices = np.arange(0 if val_set is None else len(val_set))
     if options.val_limit is not None:
@@ -133,6 +133,16 @@ def prepare(original_prototxt: PathLike, original_weights: PathLike, slim_protot
     ctx = Context(original, slim, original_proto, original.weights(), phases, whole.reproduces, shared, io, train,
                    train_indices, val, val_indices, work)
     return ctx, store, state, fingerprint
+
+
+MIN_HELD_OUT = 200  # fewer held-out images decide nothing (one image is half a point of top-1) ...
+MAX_HELD_OUT_SHARE = 0.25  # ... but small data keeps at least three quarters for training
+
+
+def held_out_share(asked: float, images: int) -> float:
+    """The share of ``images`` held out: ``asked``, raised towards ``MIN_HELD_OUT`` images (at most
+    ``MAX_HELD_OUT_SHARE``) where ``asked`` would hold out fewer: 500 images give 125, not 50."""
+    return max(asked, min(MIN_HELD_OUT / images, MAX_HELD_OUT_SHARE))
 
 
 def _shared_layers(original: Graph, slim: Graph) -> set[str]:

@@ -36,7 +36,7 @@ from deeprebirth.caffe_runtime import import_caffe, on_device
 from deeprebirth.data import Batches, PathLike
 from deeprebirth.evaluate import NetIO, predict, top_k
 from deeprebirth.finetune.budget import EVAL_SHARE, Budget, Clock, phase_weights, share_time
-from deeprebirth.finetune.context import Context, Teacher, phase_iterations, prepare
+from deeprebirth.finetune.context import MIN_HELD_OUT, Context, Teacher, phase_iterations, prepare
 from deeprebirth.finetune.options import (
     DEFAULT_BATCH,
     FinetuneOptions,
@@ -57,7 +57,6 @@ from deeprebirth.finetune.teacher_cache import TeacherCache
 from deeprebirth.train import write_text
 
 EVAL_COST = 0.01  # share of a time budget one held-out evaluation may cost
-MIN_HELD_OUT = 200  # fewer held-out images decide nothing (one image is half a point of top-1)
 BATCHES = (DEFAULT_BATCH, 16, 8)  # the batch sizes the pace rule picks from, largest first
 MIN_UPDATES = 400  # the pace rule halves the batch while the budget buys fewer updates than this
 TRAIN_COST = 4.0  # a training iteration per image: ~3 forwards of the student (forward, backward) and the

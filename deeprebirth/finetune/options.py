@@ -37,7 +37,8 @@ class FinetuneOptions:
     resume: bool = False  # continue a run that was interrupted (state.json in the work folder)
     transform: Transform = field(default_factory=lambda: Transform(mirror=True))  # training preprocessing
     val: PathLike | None = None  # held-out data; default: ``holdout`` of --data
-    holdout: float = 0.1  # fraction of --data held out when ``val`` is not given (0: no held-out metrics)
+    holdout: float = 0.1  # fraction of --data held out when ``val`` is not given (0: no held-out metrics); raised
+    # for small data towards 200 images, at most a quarter (``context.held_out_share``)
     val_limit: int | None = 2000  # held-out images per evaluation
     seed: int = 0
     patience: int = 3  # stop a phase when this many held-out checkpoints in a row did not improve (0: never)
