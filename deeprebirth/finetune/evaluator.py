@@ -9,6 +9,8 @@ every loss the search may try: ``(1 - w) · CE + w · KL₁`` with labels, ``KL�
 at T = 1, whose minimum is the original's top-1 itself), or the per-image relative error at the compared blob for a
 layer-wise step that does not reach the logits. Candidates evaluated on the same images are then compared image by
 image (``deeprebirth.finetune.search``), which removes most of the held-out sampling noise from the comparison.
+Losses are compared on per-image top-1 misses instead (``Evaluator.misses``: of the label, or of the original's
+top-1 without labels): a smooth score such as KL₁ is itself one of the losses and would favour it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Evaluator:
         self.cache_ok = True
         self.teacher_seconds = 0.0  # spent running the original (once, while its outputs fit the cache)
         self.scores = np.zeros(len(indices))  # the last evaluation's per-image search scores
+        self.misses = np.zeros(len(indices))  # ... and top-1 misses (of the label, else of the original's top-1)
 
     def _teacher(self, k: int, x: np.ndarray) -> dict[str, np.ndarray]:
         if self.cached is not None and k < len(self.cached):
@@ -87,11 +90,13 @@ class Evaluator:
             kl1 = distillation_losses(z, t, 1.0)
             metrics["kd1"] = float(np.mean(kl1))
             metrics["agreement"] = float(np.mean(z.argmax(1) == t.argmax(1)))
+            self.misses = (z.argmax(1) != t.argmax(1)).astype(np.float64)
             metrics["output_error"] = float(np.mean((z - t) ** 2) / max(float(np.var(t)), 1e-12))
             if spec.objective in ("label", "kd"):
                 scores = kl1
             if self.labels is not None:
                 metrics["accuracy"] = float(np.mean(z.argmax(1) == self.labels))
+                self.misses = (z.argmax(1) != self.labels).astype(np.float64)
                 ce = -np.log(softmax(z)[np.arange(len(z)), self.labels] + 1e-12)
                 metrics["ce"] = float(np.mean(ce))
                 if spec.objective == "label":

@@ -13,8 +13,9 @@ an allotment of seconds or iterations, and:
    power 1); under a time budget it measures its pace ``REPLANS`` times on the way and moves the end of the decay
    to where the deadline really falls (``Trainer.replan``: the solver's state carries over);
 4. **evaluates on held-out data** a few times (about ``EVAL_SHARE`` of the allotment) and keeps the best
-   checkpoint; after ``patience`` evaluations in a row without progress it stops early, except when it has never
-   improved on its start: then it **backs off** (``back_off``: from the start weights, Adam at 1e-4 for SGD's
+   checkpoint; after ``patience`` evaluations in a row without progress in the second half of the run
+   (``STOP_AFTER``: a plateau while the rate is still high often ends as it decays) it stops early; when it has
+   never improved on its start: then it **backs off** (``back_off``: from the start weights, Adam at 1e-4 for SGD's
    users, else a tenth of the rate) and goes on within the budget, at most ``MAX_BACKOFFS`` times; the outcome
    says so;
 5. stops at its deadline whatever the schedule says, so the run ends on time.
@@ -62,6 +63,7 @@ REPLANS = 8  # times a timed phase checks its pace against the deadline ...
 REPLAN_TOLERANCE = 0.03  # ... and re-plans when the iterations that fit differ from the plan by more than this
 MAX_EVALUATIONS = 8
 MAX_BACKOFFS = 2
+STOP_AFTER = 0.5  # early stopping only in the second half of a run: the decaying rate's later part often improves
 Notify = Callable[[str, dict[str, Any]], None]
 Variant = Callable[[str], PhaseSpec]  # the phase's spec with another loss (``spec.LOSSES``)
 
@@ -144,6 +146,7 @@ def _search(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: All
     judge(eval_net(spec, data.work, f"{tag}_start", None))
     start = judge.scores.copy()
     scores: dict[Candidate, np.ndarray] = {}
+    misses: dict[Candidate, np.ndarray] = {}
     weights: dict[Candidate, Weights] = {}
 
     def probe(candidate: Candidate) -> None:
@@ -156,6 +159,7 @@ def _search(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: All
             finite = bool(np.isfinite(trainer.step()))
         judge(eval_net(trial, data.work, f"{tag}_lr{k}", trainer))
         scores[candidate] = judge.scores.copy() if finite else np.full(len(start), np.inf)
+        misses[candidate] = judge.misses.copy() if finite else np.ones(len(start))
         weights[candidate] = trainer.read()
         notify("search", {"lr": candidate.lr, "solver": candidate.solver, "loss": float(np.mean(scores[candidate])),
                           "objective": candidate.loss})
@@ -170,7 +174,8 @@ def _search(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: All
     if variant is not None and before.get("agreement", 1.0) < LOW_AGREEMENT:
         for loss in ("kd1", "regression"):
             probe(Candidate(chosen.solver, chosen.lr, loss))
-        same_rate = {c: s for c, s in scores.items() if (c.solver, c.lr) == (chosen.solver, chosen.lr)}
+        # on top-1 misses: a smooth score would favour the loss it is made of
+        same_rate = {c: m for c, m in misses.items() if (c.solver, c.lr) == (chosen.solver, chosen.lr)}
         chosen = choose(same_rate, default_loss_first)
         note += f"; agreement at the start {before['agreement']:.0%}: losses compared at the chosen rate"
     winner = spec if chosen.loss == "kd" or variant is None else variant(chosen.loss)
@@ -253,15 +258,17 @@ class _TrainingRun:
                     since_best += 1
                     if self.data.patience and since_best >= self.data.patience:
                         assert self.best is not None
-                        if self.best[1] == 0 and len(self.backoffs) < MAX_BACKOFFS and self.back_off(i):
+                        never_improved = self.best[1] == 0
+                        if never_improved and len(self.backoffs) < MAX_BACKOFFS and self.back_off(i):
                             iterations, evaluations = self._plan(max(2, MAX_EVALUATIONS // 2))
                             self._restart_after_backoff(iterations)
                             every = max(1, iterations // max(evaluations, 1))
                             check_every = max(1, iterations // max(evaluations, REPLANS))
                             since_best, i = 0, 0
                             continue
-                        self.stopped_early = True
-                        break
+                        if never_improved or i >= STOP_AFTER * iterations:
+                            self.stopped_early = True
+                            break
             if self.deadline.end is not None and not last and i % check_every == 0:
                 target = self._refit(i, iterations, every)
                 if target is not None:
