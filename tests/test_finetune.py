@@ -155,7 +155,9 @@ def test_the_learning_rate_is_searched_on_held_out_data(nets: dict[str, str], tm
                                                                solver=SolverOptions("sgd", lr=None)))
     step = result.steps[0]
     rates = [c for c in step.lr_search if " " not in c]
-    assert [float(c) for c in rates] == pytest.approx([1e-3, 3e-3, 1e-2, 3e-2])
+    reference = 0.01 * 16 / 32  # batch 16, label mode (see search.reference_rate)
+    assert [float(c) for c in rates] == pytest.approx([reference * f for f in (0.1, 0.3, 1, 3)], rel=1e-2)
+    assert f"reference rate {reference:g}" in step.search
     assert step.search.startswith("4 rates x 15 iterations"), step.search
     assert step.lr in [float(c) for c in rates]
     others = [c for c in step.lr_search if " " in c]  # losses compared at the chosen rate

@@ -28,6 +28,7 @@ from deeprebirth.cli import main
 from deeprebirth.data import Transform, open_data, split_holdout, write_lmdb
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.finetune import FinetuneOptions, Progress, finetune_files
+from deeprebirth.finetune.context import held_out_share
 from deeprebirth.finetune.export import export_plan
 from deeprebirth.finetune.losses import softmax
 from deeprebirth.train import SolverOptions
@@ -99,14 +100,15 @@ def test_caffe_train_loads_the_weights_it_is_given(nets: dict[str, str], tmp_pat
 def test_export_writes_each_phase_as_caffe_files(nets: dict[str, str], tmp_path: Path) -> None:
     plan = export(nets, tmp_path / "plan", options(schedule="layerwise", budget="2ep", shuffle=True))
     folder = tmp_path / "plan"
-    epoch = int(IMAGES * 0.9) // 16
+    held = round(IMAGES * held_out_share(0.1, IMAGES))  # small data holds out more than a tenth
+    epoch = (IMAGES - held) // 16
     steps = json.loads((folder / "plan.json").read_text())["steps"]
     assert len(steps) == len(plan.steps) >= 4 and plan.steps[-1].name == "whole net"
     assert sum(s.iterations for s in plan.steps) == pytest.approx(2 * epoch, abs=len(steps))  # the in-process shares
     assert plan.steps[-1].iterations == epoch  # the whole-net phase gets half
     assert os.access(folder / "run.sh", os.X_OK) and (folder / "deploy.prototxt").is_file()
     stored = open_data(folder / "train_lmdb", channels=1, input_size=(28, 28))
-    train, _ = split_holdout(IMAGES, 0.1, 0)  # the in-process run's training images (the rest is held out)
+    train, _ = split_holdout(IMAGES, held_out_share(0.1, IMAGES), 0)  # the in-process run's training images
     source = np.load(nets["data"])
     key = np.lexsort(stored.array.reshape(len(stored), -1).T)  # type: ignore[union-attr]
     expected = source["x"][train][:, None].astype(np.float32)

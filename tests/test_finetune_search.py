@@ -19,8 +19,9 @@ from deeprebirth.finetune.search import (
     Candidate,
     choose,
     default_loss_first,
-    near_reference,
+    near,
     plan_probes,
+    reference_rate,
     significantly_worse,
 )
 from deeprebirth.finetune.teacher_cache import TeacherCache
@@ -44,13 +45,13 @@ def test_the_reference_rate_stays_unless_another_is_better_beyond_the_noise() ->
               Candidate("sgd", 3e-2): truth + rng.normal(0, 0.2, 300)}
     # 0.03 has the lowest mean, but only by noise: the reference 0.01 stays
     assert float(np.mean(scores[Candidate("sgd", 3e-2)])) < float(np.mean(scores[Candidate("sgd", 1e-2)]))
-    assert choose(scores, near_reference) == Candidate("sgd", 1e-2)
+    assert choose(scores, near({'sgd': 1e-2})) == Candidate("sgd", 1e-2)
     scores[Candidate("sgd", 3e-2)] = truth - 0.3  # now clearly better
-    assert choose(scores, near_reference) == Candidate("sgd", 3e-2)
+    assert choose(scores, near({'sgd': 1e-2})) == Candidate("sgd", 3e-2)
     # two contenders as far from the reference: the lower rate
     tie = {Candidate("sgd", 3e-3): truth, Candidate("sgd", 3e-2): truth + rng.normal(0, 0.01, 300),
            Candidate("sgd", 1e-2): truth + 1.0}
-    assert choose(tie, near_reference) == Candidate("sgd", 3e-3)
+    assert choose(tie, near({'sgd': 1e-2})) == Candidate("sgd", 3e-3)
 
 
 def test_another_loss_wins_only_beyond_the_noise() -> None:
@@ -66,17 +67,24 @@ def test_another_loss_wins_only_beyond_the_noise() -> None:
 
 def test_probes_shrink_where_iterations_are_expensive() -> None:
     cheap = plan_probes("sgd", fit_iterations=20000, seconds_per_iteration=0.01, seconds_per_image=1e-4,
-                        held_out=2000)
+                        held_out=2000, reference=0.01)
     assert [c.lr for c in cheap.candidates] == pytest.approx([0.01 * f for f in LR_FACTORS])
     assert cheap.iterations == 200 and cheap.images == 512  # capped
     middle = plan_probes("sgd", fit_iterations=300, seconds_per_iteration=1.0, seconds_per_image=0.01,
-                         held_out=500)
+                         held_out=500, reference=0.01)
     assert [c.lr for c in middle.candidates] == pytest.approx([0.01 * f for f in FEW_FACTORS])
     assert middle.iterations >= MIN_PROBE
     costly = plan_probes("sgd", fit_iterations=100, seconds_per_iteration=4.0, seconds_per_image=0.05,
-                         held_out=500)
+                         held_out=500, reference=0.01)
     assert costly.candidates == () and "too few iterations" in costly.reason
-    assert plan_probes("sgd", 1e6, None, 0.0, 0).candidates == ()
+    assert plan_probes("sgd", 1e6, None, 0.0, 0, 0.01).candidates == ()
+
+
+def test_the_reference_rate_follows_the_batch_and_the_losss_pull() -> None:
+    assert reference_rate("sgd", 32, 2.5) == pytest.approx(0.01)  # label mode: w 0.5, T 4
+    assert reference_rate("sgd", 8, 2.5) == pytest.approx(0.0025)  # linear scaling with the batch
+    assert reference_rate("sgd", 32, 4.0) == pytest.approx(0.00625)  # distillation alone at T=4 pulls harder
+    assert reference_rate("adam", 8, 4.0) == pytest.approx(3e-4)  # adaptive steps: unchanged
 
 
 def test_the_batch_follows_the_pace() -> None:

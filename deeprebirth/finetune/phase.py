@@ -44,14 +44,14 @@ from deeprebirth.finetune.search import (
     LOW_AGREEMENT,
     LR_FACTORS,
     MOMENTUM_SOLVERS,
-    REFERENCE_LR,
+    REFERENCE_GRADIENT,
     RESCUE,
     Candidate,
     choose,
     default_loss_first,
-    near_reference,
+    near,
     plan_probes,
-    rate_candidates,
+    reference_rate,
 )
 from deeprebirth.finetune.trainer import Trainer, eval_net, overlay, time_iterations
 from deeprebirth.train import SolverOptions
@@ -120,13 +120,13 @@ def _search(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: All
     if options.lr is not None:
         return Choice(spec, options, note="rate given")
     rescue = options.solver in MOMENTUM_SOLVERS
+    reference = reference_rate(options.solver, data.batch, gradient_scale(spec))
     # without a search: Adam's per-parameter steps are the safe choice for SGD's users
     fallback = (replace(options, solver=RESCUE[0], lr=RESCUE[1]) if rescue else
-                replace(options, lr=rate_candidates(options.solver, LR_FACTORS)[0].lr))
+                replace(options, lr=reference * LR_FACTORS[0]))
     seconds_per_iteration = None
     if allot.seconds is not None:
-        timer = Trainer(spec, data, replace(options, lr=REFERENCE_LR.get(options.solver, 1e-3), lr_policy="fixed"),
-                        10**6, f"{tag}_timing")
+        timer = Trainer(spec, data, replace(options, lr=reference, lr_policy="fixed"), 10**6, f"{tag}_timing")
         seconds_per_iteration = time_iterations(timer)
         del timer
     if evaluate is None:
@@ -138,7 +138,7 @@ def _search(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: All
     else:
         fit = float(allot.iterations or 0)
     plan = plan_probes(options.solver, fit, seconds_per_iteration, eval_seconds / len(evaluate.indices),
-                       len(evaluate.indices))
+                       len(evaluate.indices), reference)
     if not plan.candidates:
         return Choice(spec, fallback, note=f"no search ({plan.reason}): {fallback.solver} {fallback.lr:g}",
                       seconds_per_iteration=seconds_per_iteration)
@@ -169,8 +169,8 @@ def _search(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: All
     if rescue and all(np.mean(s) >= np.mean(start) for s in scores.values()):
         # every SGD rate made the held-out score worse than at the start: try Adam
         probe(Candidate(*RESCUE))
-    chosen = choose(scores, near_reference)
-    note = plan.reason
+    chosen = choose(scores, near({options.solver: reference}))
+    note = f"{plan.reason}; reference rate {reference:.3g}"
     if variant is not None and before.get("agreement", 1.0) < LOW_AGREEMENT:
         for loss in ("kd1", "regression"):
             probe(Candidate(chosen.solver, chosen.lr, loss))
@@ -182,6 +182,15 @@ def _search(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: All
     described = {c.describe(options.solver): float(np.mean(s)) for c, s in scores.items()}
     return Choice(winner, replace(options, solver=chosen.solver, lr=chosen.lr), weights[chosen], plan.iterations,
                   plan.iterations * len(scores), described, note, seconds_per_iteration)
+
+
+def gradient_scale(spec: PhaseSpec) -> float:
+    """``w·T + (1 - w)`` of the phase's loss (KD weight w at temperature T; see ``search.reference_rate``)."""
+    if spec.objective == "kd":
+        return spec.temperature
+    if spec.objective == "label":
+        return spec.kd_weight * spec.temperature + 1 - spec.kd_weight
+    return REFERENCE_GRADIENT
 
 
 class _TrainingRun:

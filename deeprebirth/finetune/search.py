@@ -8,13 +8,14 @@ held-out image (``Evaluator.scores``: one scale for every loss) and the candidat
     d = scores(a) - scores(b);   a is worse than b when mean(d) > SIGNIFICANCE · std(d) / sqrt(len(d))
 
 The **choice**: the candidates no worse than the best within that noise are the contenders; among them the one
-nearest the solver's reference rate (``REFERENCE_LR``, in half-decade steps) wins, the lower rate on a tie, and the
+nearest the phase's reference rate (``reference_rate``: ``REFERENCE_LR`` scaled to the batch and to the loss's
+gradient scale; the candidates are ``LR_FACTORS`` x it; in half-decade steps) wins, the lower rate on a tie, and the
 default loss (KD at ``--temperature``) unless another loss is better beyond the noise. So a rate far from the
 reference wins only by a margin the held-out data can tell apart, and noise picks nothing.
 
 **Cost** (``plan_probes``): the probes share ``SEARCH_SHARE`` of the phase's allotment, their training and their
 evaluations (on up to ``SEARCH_IMAGES`` held-out images, each costing what the phase's first evaluation cost per
-image). Four rates (``LR_FACTORS`` x the reference) when each probe still gets ``MIN_PROBE`` iterations, else two
+image). Four rates when each probe still gets ``MIN_PROBE`` iterations, else two
 (``FEW_FACTORS``), else no search: SGD's users then get Adam at 1e-4 (``RESCUE``), whose per-parameter steps need
 no tuning to be safe. The winner is not started over: training goes on from its probe's weights.
 
@@ -38,6 +39,8 @@ LR_FACTORS = (0.1, 0.3, 1.0, 3.0)
 FEW_FACTORS = (0.3, 1.0)
 REFERENCE_LR = {"sgd": 1e-2, "nesterov": 1e-2, "adam": 3e-4, "rmsprop": 3e-4, "adagrad": 1e-2, "adadelta": 1.0}
 MOMENTUM_SOLVERS = ("sgd", "nesterov")
+REFERENCE_BATCH = 32  # the batch REFERENCE_LR is for ...
+REFERENCE_GRADIENT = 2.5  # ... and the loss's gradient scale: label mode's w·T + (1 - w) at w = 0.5, T = 4
 RESCUE = ("adam", 1e-4)  # for SGD's users: without a search, or when every SGD rate diverges
 SEARCH_SHARE = 0.15  # of the phase's allotment (the winner's probe is not lost: training goes on from it)
 MIN_PROBE = 8  # iterations per probe; fewer say nothing
@@ -70,13 +73,24 @@ class ProbePlan:
     reason: str  # why this many candidates (or none)
 
 
-def rate_candidates(solver: str, factors: Sequence[float]) -> tuple[Candidate, ...]:
-    reference = REFERENCE_LR.get(solver, 1e-3)
-    return tuple(Candidate(solver, reference * f) for f in factors)
+def reference_rate(solver: str, batch: int, gradient_scale: float) -> float:
+    """The solver's reference rate for a phase. SGD-type rates follow the batch (the linear scaling rule: a batch
+    of 8 takes a quarter of a batch of 32's rate: the same step per image) and the loss's gradient scale
+    (``w·T + (1 - w)`` for KD weight w at temperature T: distillation alone at T=4 pulls 4 / 2.5 times as hard as
+    label mode's half-and-half mix, so it takes 2.5 / 4 of the rate). Adaptive solvers (Adam, ...) normalise their
+    steps: their reference stands."""
+    rate = REFERENCE_LR.get(solver, 1e-3)
+    if solver in MOMENTUM_SOLVERS:
+        rate *= batch / REFERENCE_BATCH * REFERENCE_GRADIENT / gradient_scale
+    return rate
+
+
+def rate_candidates(solver: str, reference: float, factors: Sequence[float]) -> tuple[Candidate, ...]:
+    return tuple(Candidate(solver, float(f"{reference * f:.3g}")) for f in factors)
 
 
 def plan_probes(solver: str, fit_iterations: float, seconds_per_iteration: float | None,
-                seconds_per_image: float, held_out: int) -> ProbePlan:
+                seconds_per_image: float, held_out: int, reference: float) -> ProbePlan:
     """How many candidates, probe iterations and probe images the search can afford (see the module docstring).
     ``fit_iterations``: the phase's allotment in iterations; ``seconds_per_iteration`` None for iteration budgets
     (then evaluations cost no iterations)."""
@@ -91,7 +105,7 @@ def plan_probes(solver: str, fit_iterations: float, seconds_per_iteration: float
             images = min(images, int(share / 2 / (k * max(seconds_per_image, 1e-9))))
             iterations = (share - k * images * seconds_per_image) / (k * seconds_per_iteration)
         if iterations >= MIN_PROBE and images >= min(MIN_SEARCH_IMAGES, held_out) and images > 0:
-            return ProbePlan(rate_candidates(solver, factors), int(min(iterations, MAX_PROBE)), images,
+            return ProbePlan(rate_candidates(solver, reference, factors), int(min(iterations, MAX_PROBE)), images,
                              f"{k} rates x {int(min(iterations, MAX_PROBE))} iterations, judged on {images} "
                              "held-out images")
     why = ("no held-out data" if held_out == 0 else
@@ -120,12 +134,15 @@ def choose(scores: dict[Candidate, np.ndarray], preference: Callable[[Candidate]
     return min(contenders, key=preference)
 
 
-def near_reference(candidate: Candidate) -> tuple[float, ...]:
+def near(references: dict[str, float]) -> Callable[[Candidate], tuple[float, ...]]:
     """Rate preference: fewest half-decade steps from the solver's reference rate (0.3x and 3x are one step
     each), then the lower rate."""
-    reference = REFERENCE_LR.get(candidate.solver, 1e-3)
-    return (float(round(2 * abs(math.log10(candidate.lr / reference)))), candidate.lr)
+
+    def key(candidate: Candidate) -> tuple[float, ...]:
+        reference = references.get(candidate.solver, REFERENCE_LR.get(candidate.solver, 1e-3))
+        return (float(round(2 * abs(math.log10(candidate.lr / reference)))), candidate.lr)
+    return key
 
 
 def default_loss_first(candidate: Candidate) -> tuple[float, ...]:
-    return (0.0 if candidate.loss == "kd" else 1.0, *near_reference(candidate))
+    return (0.0 if candidate.loss == "kd" else 1.0,)
