@@ -19,7 +19,7 @@ from deeprebirth.finetune.search import (
     Candidate,
     choose,
     default_loss_first,
-    near,
+    pick_rate,
     plan_probes,
     reference_rate,
     significantly_worse,
@@ -37,21 +37,22 @@ def test_a_difference_within_the_noise_is_not_significant() -> None:
     assert significantly_worse(np.full(10, np.inf), base[:10]) and not significantly_worse(base[:10], np.full(10, np.inf))
 
 
-def test_the_reference_rate_stays_unless_another_is_better_beyond_the_noise() -> None:
+def test_the_reference_rate_stays_unless_a_higher_one_is_better_beyond_the_noise() -> None:
     rng = np.random.default_rng(1)
     truth = rng.normal(1.0, 0.3, 300)
-    scores = {Candidate("sgd", 1e-3): truth + 0.5, Candidate("sgd", 3e-3): truth + 0.2,
-              Candidate("sgd", 1e-2): truth + 0.005 + rng.normal(0, 0.2, 300),
+    start = truth + 1.0
+    scores = {Candidate("sgd", 1e-3): truth - 0.3, Candidate("sgd", 3e-3): truth - 0.2,  # lower rates look better:
+              Candidate("sgd", 1e-2): truth + 0.005 + rng.normal(0, 0.2, 300),       # short probes favour them
               Candidate("sgd", 3e-2): truth + rng.normal(0, 0.2, 300)}
-    # 0.03 has the lowest mean, but only by noise: the reference 0.01 stays
-    assert float(np.mean(scores[Candidate("sgd", 3e-2)])) < float(np.mean(scores[Candidate("sgd", 1e-2)]))
-    assert choose(scores, near({'sgd': 1e-2})) == Candidate("sgd", 1e-2)
+    assert pick_rate(scores, start, 1e-2) == Candidate("sgd", 1e-2)  # 0.03 better only by noise, lower rates ignored
     scores[Candidate("sgd", 3e-2)] = truth - 0.3  # now clearly better
-    assert choose(scores, near({'sgd': 1e-2})) == Candidate("sgd", 3e-2)
-    # two contenders as far from the reference: the lower rate
-    tie = {Candidate("sgd", 3e-3): truth, Candidate("sgd", 3e-2): truth + rng.normal(0, 0.01, 300),
-           Candidate("sgd", 1e-2): truth + 1.0}
-    assert choose(tie, near({'sgd': 1e-2})) == Candidate("sgd", 3e-3)
+    assert pick_rate(scores, start, 1e-2) == Candidate("sgd", 3e-2)
+    # the reference made things worse than the start: the highest lower rate that improved on it
+    worse = dict(scores)
+    worse[Candidate("sgd", 1e-2)] = start + 0.5
+    worse[Candidate("sgd", 3e-2)] = np.full(300, np.inf)
+    assert pick_rate(worse, start, 1e-2) == Candidate("sgd", 3e-3)
+    assert pick_rate({c: start + 1 for c in scores}, start, 1e-2) is None  # nothing improved: the caller rescues
 
 
 def test_another_loss_wins_only_beyond_the_noise() -> None:
@@ -148,14 +149,17 @@ def test_the_originals_outputs_are_computed_once_per_image_and_view() -> None:
 
 
 def test_backoff_when_nothing_improves(finetune_nets: dict[str, str], tmp_path: Path) -> None:
-    """SGD at a rate that wrecks the net: the phase restarts from its start at Adam 1e-4 and goes on."""
-    options = FinetuneOptions(budget="240it", batch=16, transform=Transform(scale=1 / 255), holdout=0.25,
+    """SGD at a rate that wrecks the net: the phase restarts from its start at a third of the rate, which still
+    wrecks it, then at Adam 1e-4, and goes on."""
+    options = FinetuneOptions(budget="400it", batch=16, transform=Transform(scale=1 / 255), holdout=0.25,
                               mode="mimic", solver=SolverOptions("sgd", lr=50.0), patience=2)
     result = finetune_files(finetune_nets["original"], finetune_nets["original_weights"], finetune_nets["slim"],
                             finetune_nets["slim_weights"], finetune_nets["report"], finetune_nets["data"],
                             tmp_path / "final.caffemodel", options)
     step = result.steps[-1]
-    assert step.backoffs and "restarted from the start at adam 0.0001" in step.backoffs[0], step.backoffs
+    assert len(step.backoffs) == 2, step.backoffs  # SGD at a third of the rate first (still too high), then Adam
+    assert "restarted from the start at sgd 16.6667" in step.backoffs[0], step.backoffs
+    assert "restarted from the start at adam 0.0001" in step.backoffs[1], step.backoffs
     assert step.solver == "adam" and step.lr == pytest.approx(1e-4)
     assert step.best_iteration > 0, step.checkpoints  # after the back-off, it did improve on the start
     assert step.agreement_after >= step.agreement_before  # type: ignore[operator]

@@ -15,9 +15,9 @@ an allotment of seconds or iterations, and:
 4. **evaluates on held-out data** a few times (about ``EVAL_SHARE`` of the allotment) and keeps the best
    checkpoint; after ``patience`` evaluations in a row without progress in the second half of the run
    (``STOP_AFTER``: a plateau while the rate is still high often ends as it decays) it stops early; when it has
-   never improved on its start: then it **backs off** (``back_off``: from the start weights, Adam at 1e-4 for SGD's
-   users, else a tenth of the rate) and goes on within the budget, at most ``MAX_BACKOFFS`` times; the outcome
-   says so;
+   never improved on its start: then it **backs off** (``back_off``: from the start weights, SGD at a third of its
+   rate, then Adam at 1e-4; other solvers a tenth of the rate) and goes on within the budget, at most
+   ``MAX_BACKOFFS`` times; the outcome says so;
 5. stops at its deadline whatever the schedule says, so the run ends on time.
 """
 
@@ -49,7 +49,7 @@ from deeprebirth.finetune.search import (
     Candidate,
     choose,
     default_loss_first,
-    near,
+    pick_rate,
     plan_probes,
     reference_rate,
 )
@@ -166,10 +166,12 @@ def _search(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: All
 
     for candidate in plan.candidates:
         probe(candidate)
-    if rescue and all(np.mean(s) >= np.mean(start) for s in scores.values()):
-        # every SGD rate made the held-out score worse than at the start: try Adam
+    picked = pick_rate(scores, start, reference)
+    if picked is None and rescue:
+        # no SGD rate improved on the start: try Adam
         probe(Candidate(*RESCUE))
-    chosen = choose(scores, near({options.solver: reference}))
+        picked = pick_rate({Candidate(*RESCUE): scores[Candidate(*RESCUE)]}, start, RESCUE[1])
+    chosen = picked or min(scores, key=lambda c: c.lr)
     note = f"{plan.reason}; reference rate {reference:.3g}"
     if variant is not None and before.get("agreement", 1.0) < LOW_AGREEMENT:
         for loss in ("kd1", "regression"):
@@ -320,7 +322,9 @@ class _TrainingRun:
         """Never better than the start after ``patience`` evaluations: restart from the start with a safer
         solver or rate, when enough of the allotment is left for it to mean something."""
         options = self.options
-        if options.solver in MOMENTUM_SOLVERS:
+        if options.solver in MOMENTUM_SOLVERS and not self.backoffs:
+            safer = replace(options, lr=options.base_lr() / 3)
+        elif options.solver in MOMENTUM_SOLVERS:
             safer = replace(options, solver=RESCUE[0], lr=RESCUE[1])
         else:
             safer = replace(options, lr=options.base_lr() / 10)

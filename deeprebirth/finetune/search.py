@@ -7,11 +7,13 @@ held-out image (``Evaluator.scores``: one scale for every loss) and the candidat
 
     d = scores(a) - scores(b);   a is worse than b when mean(d) > SIGNIFICANCE · std(d) / sqrt(len(d))
 
-The **choice**: the candidates no worse than the best within that noise are the contenders; among them the one
-nearest the phase's reference rate (``reference_rate``: ``REFERENCE_LR`` scaled to the batch and to the loss's
-gradient scale; the candidates are ``LR_FACTORS`` x it; in half-decade steps) wins, the lower rate on a tie, and the
-default loss (KD at ``--temperature``) unless another loss is better beyond the noise. So a rate far from the
-reference wins only by a margin the held-out data can tell apart, and noise picks nothing.
+The **rate** (``pick_rate``) starts from the phase's reference rate (``reference_rate``: ``REFERENCE_LR`` scaled to
+the batch and to the loss's gradient scale; the candidates are ``LR_FACTORS`` x it). Short probes favour low rates
+(a few decaying steps at a low rate disturb the net least: the short-horizon bias of greedy rate tuning), so the
+evidence is read one way only: the reference stays while its probe improves the held-out score on the start; a
+higher rate replaces it only when it beats it beyond the noise; a lower rate only when the reference itself made
+things worse than the start (then the highest lower rate that improved). So noise picks nothing, and the bias
+cannot drag the rate down.
 
 **Cost** (``plan_probes``): the probes share ``SEARCH_SHARE`` of the phase's allotment, their training and their
 evaluations (on up to ``SEARCH_IMAGES`` held-out images, each costing what the phase's first evaluation cost per
@@ -134,15 +136,24 @@ def choose(scores: dict[Candidate, np.ndarray], preference: Callable[[Candidate]
     return min(contenders, key=preference)
 
 
-def near(references: dict[str, float]) -> Callable[[Candidate], tuple[float, ...]]:
-    """Rate preference: fewest half-decade steps from the solver's reference rate (0.3x and 3x are one step
-    each), then the lower rate."""
-
-    def key(candidate: Candidate) -> tuple[float, ...]:
-        reference = references.get(candidate.solver, REFERENCE_LR.get(candidate.solver, 1e-3))
-        return (float(round(2 * abs(math.log10(candidate.lr / reference)))), candidate.lr)
-    return key
+def pick_rate(scores: dict[Candidate, np.ndarray], start: np.ndarray, reference: float) -> Candidate | None:
+    """The rate rule (see the module docstring): the reference while its probe improves on the start; a higher rate
+    only when it beats the reference beyond the noise; a lower one only when the reference does not improve on the
+    start (then the highest lower rate that does). None: nothing improved on the start."""
+    start_mean = float(np.mean(start))
+    improved = sorted((c for c, s in scores.items() if np.all(np.isfinite(s)) and float(np.mean(s)) < start_mean),
+                      key=lambda c: c.lr)
+    at_reference = [c for c in improved if math.isclose(c.lr, reference, rel_tol=1e-2)]
+    if not at_reference:
+        lower = [c for c in improved if c.lr < reference]
+        return lower[-1] if lower else None
+    chosen = at_reference[0]
+    for higher in (c for c in improved if c.lr > chosen.lr):
+        if significantly_worse(scores[chosen], scores[higher]):
+            chosen = higher
+    return chosen
 
 
 def default_loss_first(candidate: Candidate) -> tuple[float, ...]:
+    """Loss preference among contenders: the default (KD at ``--temperature``) first."""
     return (0.0 if candidate.loss == "kd" else 1.0,)
