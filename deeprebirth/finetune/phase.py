@@ -126,9 +126,7 @@ def _search(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: All
                 replace(options, lr=reference * LR_FACTORS[0]))
     seconds_per_iteration = None
     if allot.seconds is not None:
-        timer = Trainer(spec, data, replace(options, lr=reference, lr_policy="fixed"), 10**6, f"{tag}_timing")
-        seconds_per_iteration = time_iterations(timer)
-        del timer
+        seconds_per_iteration = time_iterations(spec, data, replace(options, lr=reference, lr_policy="fixed"), tag)
     if evaluate is None:
         return Choice(spec, fallback, note="no held-out data: no search",
                       seconds_per_iteration=seconds_per_iteration)
@@ -223,10 +221,8 @@ class _TrainingRun:
         if left is None:
             assert self.allot.iterations is not None
             return max(1, self.allot.iterations - self.choice.spent - self.count), evaluations
-        if self.seconds_per_iteration is None:  # time a couple of iterations on a throw-away solver
-            timer = Trainer(self.spec, self.data, self.options, 10**6, f"{self.tag}_timing")
-            self.seconds_per_iteration = time_iterations(timer)
-            del timer
+        if self.seconds_per_iteration is None:
+            self.seconds_per_iteration = time_iterations(self.spec, self.data, self.options, self.tag)
             left = self.deadline.left() or 0.0
         if self.evaluate is not None:
             evaluations = int(np.clip(EVAL_SHARE * left / max(self.eval_seconds, 1e-3), 1, evaluations_wanted))

@@ -83,10 +83,11 @@ class Trainer:
         model.unlink()
 
 
-def time_iterations(trainer: Trainer) -> float:
-    """Seconds per iteration, for planning a time budget: the first iteration (allocations) is not timed, and the
-    estimate leans low (the fastest of three), so that a phase plans rather too many iterations, which its deadline
-    cuts short, than too few, which would leave the budget unused."""
+def time_iterations(spec: PhaseSpec, data: PhaseData, options: SolverOptions, tag: str) -> float:
+    """Seconds per iteration, for planning a time budget, timed on a throw-away solver: the first iteration
+    (allocations) is not timed, and the estimate leans low (the fastest of three), so that a phase plans rather too
+    many iterations, which its deadline cuts short, than too few, which would leave the budget unused."""
+    trainer = Trainer(spec, data, options, 10**6, f"{tag}_timing")
     trainer.step()
     times = []
     for _ in range(3):

