@@ -138,7 +138,7 @@ class RewriteOptions:
 # fastest configuration adds Tucker-2 decomposition with VBMF ranks (Kim et al. 2016).
 PRESETS: dict[str, dict[str, str]] = {
     "deeprebirth": {"rules": "all"},
-    "deeprebirth+tucker": {"rules": "all,tucker", "rank_method": "vbmf"},
+    "deeprebirth+tucker": {"rules": "all,tucker", "rank_method": DEFAULT["rank_method"]},
 }
 DEFAULT_PRESET = "deeprebirth"
 

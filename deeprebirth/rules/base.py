@@ -11,7 +11,7 @@ from typing import Any
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.graph import Graph
 from deeprebirth.weights.branches import WIDEN_MODES
-from deeprebirth.weights.tucker import RANK_METHODS, parse_rank_method
+from deeprebirth.weights.tucker import DEFAULT_RANK_METHOD, RANK_METHODS, parse_rank_method
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ RULE_OPTIONS: tuple[Option, ...] = (
     Option("widen", str, "balanced", choices=WIDEN_MODES, concept="widen mode",
            help="which inception branch receives the channels of the removed branches"),
     Option("seed", int, 0, help="seed for random inputs and new weights"),
-    Option("rank_method", str, "vbmf", parse=parse_rank_method, known=RANK_METHODS, concept="rank method",
+    Option("rank_method", str, DEFAULT_RANK_METHOD, parse=parse_rank_method, known=RANK_METHODS, concept="rank method",
            help=f"Tucker ranks per conv (rule decompose_conv_tucker): {RANK_METHODS}"),
 )
 RULE_OPTION: dict[str, Option] = {option.name: option for option in RULE_OPTIONS}

@@ -11,8 +11,8 @@ core = ``G``, expand = ``U_out``. With R1 = C and R2 = N the three convolutions 
 (zero padding commutes with the bias-free reduce); with lower ranks they are its best Tucker-2 approximation, which
 fine-tuning then improves. ``config.init == "filler"`` draws them from the conv's fillers instead.
 
-Ranks, per layer, by ``config.rank_method`` (see ``deeprebirth.weights.tucker``): "vbmf" (default, Kim et al.'s),
-"energy:F", "speedup:X", "ranks:R1,R2", "full". A factor whose chosen rank is full (R1 = C, e.g. GoogLeNet's conv1
+Ranks, per layer, by ``config.rank_method`` (see ``deeprebirth.weights.tucker``): "vbmf:0.5" (default: Kim et al.'s
+VBMF, raised to keep at least half of each unfolding's energy), "vbmf" (pure), "energy:F", "speedup:X", "ranks:R1,R2", "full". A factor whose chosen rank is full (R1 = C, e.g. GoogLeNet's conv1
 with C = 3) is an orthogonal change of basis: it is folded into the core and that 1x1 is not made (Tucker-1, as Kim
 et al. do for the first layer), except with "full", which always builds all three so the decomposition itself can be
 verified.
@@ -23,8 +23,8 @@ MACs (P_in, P_out = input and output pixels): ``P_in*C*R1 + P_out*R1*R2*kh*kw + 
 Preconditions: a Convolution (not Deconvolution) with one bottom, group 1, channel axis 1, a kernel larger than 1x1,
 known input shape, no shared (named) parameters; not itself a piece of an earlier decomposition (names
 ``*_tucker_reduce|core|expand``, so a second rewrite changes nothing); the decomposition saves MACs ("full" excepted);
-vbmf and energy need weights (they read the ranks off the kernel) and must find rank >= 1 on both modes: VBMF finds
-none in an untrained, random kernel. speedup, ranks and full also work without weights: then only the prototxt
+vbmf and energy need weights (they read the ranks off the kernel) and must find rank >= 1 on both modes: pure VBMF
+finds none in an untrained, random kernel (the default's energy floor does). speedup, ranks and full also work without weights: then only the prototxt
 changes, and the new layers start from their fillers whenever weights are later made.
 
 Change: exact=False; ``relearn`` = the new layers; ``reproduces`` = the Caffe name of the conv's output.

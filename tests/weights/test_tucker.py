@@ -139,8 +139,28 @@ def test_choose_ranks_clips_and_needs_signal() -> None:
     assert choose_ranks(RankMethod("vbmf"), noise, size) is None
 
 
+def test_the_energy_floor_raises_vbmf_only_on_flat_spectra() -> None:
+    """A flat spectrum (isotropic kernel): pure VBMF calls it all noise, the floor keeps half its energy. A kernel
+    with clear low-rank structure over weak noise: VBMF's ranks already keep more than half, the floor changes
+    nothing."""
+    rng = np.random.default_rng(1)
+    size = ConvSize(c=32, n=80, kernel=(3, 3), in_pixels=64, out_pixels=64)
+    flat = rng.standard_normal((80, 32, 3, 3))
+    assert choose_ranks(RankMethod("vbmf"), flat, size) is None
+    floored = choose_ranks(RankMethod("vbmf", 0.5), flat, size)
+    assert floored == energy_ranks(flat, 0.5)
+    assert floored is not None and 8 <= floored[0] < 32 and 8 <= floored[1] < 80
+    core = rng.standard_normal((6, 5, 3, 3))
+    structured = np.einsum("srhw,ns,cr->nchw", core, rng.standard_normal((80, 6)), rng.standard_normal((32, 5)))
+    structured += 0.01 * rng.standard_normal(structured.shape)
+    pure = choose_ranks(RankMethod("vbmf"), structured, size)
+    assert pure == (5, 6)
+    assert choose_ranks(RankMethod("vbmf", 0.5), structured, size) == pure
+
+
 @pytest.mark.parametrize("text, expected", [
-    ("vbmf", RankMethod("vbmf")), ("full", RankMethod("full")), ("energy:0.9", RankMethod("energy", 0.9)),
+    ("vbmf", RankMethod("vbmf")), ("vbmf:0.5", RankMethod("vbmf", 0.5)), ("vbmf:0", RankMethod("vbmf")),
+    ("full", RankMethod("full")), ("energy:0.9", RankMethod("energy", 0.9)),
     ("speedup:2", RankMethod("speedup", 2.0)), ("ranks:16,32", RankMethod("ranks", ranks=(16, 32))),
 ])
 def test_parse_rank_method(text: str, expected: RankMethod) -> None:
@@ -148,7 +168,7 @@ def test_parse_rank_method(text: str, expected: RankMethod) -> None:
 
 
 @pytest.mark.parametrize("text", ["", "svd", "energy", "energy:1.5", "energy:0", "speedup:1", "speedup:inf",
-                                  "ranks:4", "ranks:0,3", "ranks:a,b", "vbmf:2"])
+                                  "ranks:4", "ranks:0,3", "ranks:a,b", "vbmf:2", "vbmf:-0.1"])
 def test_parse_rank_method_refuses(text: str) -> None:
     with pytest.raises(ValueError, match="unknown rank method"):
         parse_rank_method(text)
