@@ -24,9 +24,7 @@ an allotment of seconds or iterations, and:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import replace
 
 import numpy as np
 
@@ -40,19 +38,8 @@ from deeprebirth.finetune.phase_types import (
     PhaseSpec,
     Weights,
 )
-from deeprebirth.finetune.search import (
-    LOW_AGREEMENT,
-    LR_FACTORS,
-    MOMENTUM_SOLVERS,
-    REFERENCE_GRADIENT,
-    RESCUE,
-    Candidate,
-    choose,
-    default_loss_first,
-    pick_rate,
-    plan_probes,
-    reference_rate,
-)
+from deeprebirth.finetune.probes import Choice, Notify, Variant, search
+from deeprebirth.finetune.search import MOMENTUM_SOLVERS, RESCUE
 from deeprebirth.finetune.trainer import Trainer, eval_net, overlay, time_iterations
 from deeprebirth.train import SolverOptions
 
@@ -64,8 +51,6 @@ REPLAN_TOLERANCE = 0.03  # ... and re-plans when the iterations that fit differ 
 MAX_EVALUATIONS = 8
 MAX_BACKOFFS = 2
 STOP_AFTER = 0.5  # early stopping only in the second half of a run: the decaying rate's later part often improves
-Notify = Callable[[str, dict[str, Any]], None]
-Variant = Callable[[str], PhaseSpec]  # the phase's spec with another loss (``spec.LOSSES``)
 
 
 class Deadline:
@@ -74,20 +59,6 @@ class Deadline:
 
     def left(self) -> float | None:
         return None if self.end is None else self.end - time.monotonic()
-
-
-@dataclass
-class Choice:
-    """What the search settled on, and the probe training goes on from."""
-
-    spec: PhaseSpec
-    options: SolverOptions  # solver and rate
-    weights: Weights | None = None  # the winning probe's weights (None: start from the phase's start)
-    done: int = 0  # the winning probe's iterations
-    spent: int = 0  # iterations all probes took (an iteration budget pays for them)
-    scores: dict[str, float] = field(default_factory=dict)  # candidate -> mean held-out search score
-    note: str = ""
-    seconds_per_iteration: float | None = None
 
 
 def run_phase(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: Allotment, notify: Notify,
@@ -108,89 +79,10 @@ def run_phase(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: A
         if evaluate.cached is not None:  # later evaluations reuse the original's outputs
             eval_seconds -= evaluate.teacher_seconds
         notify("evaluate", {"iteration": 0, "metrics": before})
-    choice = _search(spec, data, options, allot, evaluate, before, eval_seconds, tag, notify, variant)
+    choice = search(spec, data, options, allot, evaluate, before, eval_seconds, tag, notify, variant)
     run = _TrainingRun(choice, data, allot, deadline, evaluate, before, eval_seconds, tag, notify)
     run.train()
     return run.outcome(time.monotonic() - started)
-
-
-def _search(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: Allotment, evaluate: Evaluator | None,
-            before: dict[str, float], eval_seconds: float, tag: str, notify: Notify,
-            variant: Variant | None) -> Choice:
-    if options.lr is not None:
-        return Choice(spec, options, note="rate given")
-    rescue = options.solver in MOMENTUM_SOLVERS
-    reference = reference_rate(options.solver, data.batch, gradient_scale(spec))
-    # without a search: Adam's per-parameter steps are the safe choice for SGD's users
-    fallback = (replace(options, solver=RESCUE[0], lr=RESCUE[1]) if rescue else
-                replace(options, lr=reference * LR_FACTORS[0]))
-    seconds_per_iteration = None
-    if allot.seconds is not None:
-        seconds_per_iteration = time_iterations(spec, data, replace(options, lr=reference, lr_policy="fixed"), tag)
-    if evaluate is None:
-        return Choice(spec, fallback, note="no held-out data: no search",
-                      seconds_per_iteration=seconds_per_iteration)
-    if allot.seconds is not None:
-        assert seconds_per_iteration is not None
-        fit = allot.seconds / seconds_per_iteration
-    else:
-        fit = float(allot.iterations or 0)
-    plan = plan_probes(options.solver, fit, seconds_per_iteration, eval_seconds / len(evaluate.indices),
-                       len(evaluate.indices), reference)
-    if not plan.candidates:
-        return Choice(spec, fallback, note=f"no search ({plan.reason}): {fallback.solver} {fallback.lr:g}",
-                      seconds_per_iteration=seconds_per_iteration)
-    judge = Evaluator(spec, data, evaluate.indices[:plan.images])
-    judge(eval_net(spec, data.work, f"{tag}_start", None))
-    start = judge.scores.copy()
-    scores: dict[Candidate, np.ndarray] = {}
-    misses: dict[Candidate, np.ndarray] = {}
-    weights: dict[Candidate, Weights] = {}
-
-    def probe(candidate: Candidate) -> None:
-        trial = spec if candidate.loss == "kd" or variant is None else variant(candidate.loss)
-        k = len(scores)
-        trainer = Trainer(trial, data, replace(options, solver=candidate.solver, lr=candidate.lr, lr_policy="poly"),
-                          plan.iterations, f"{tag}_lr{k}")
-        finite = True
-        while trainer.done < plan.iterations and finite:
-            finite = bool(np.isfinite(trainer.step()))
-        judge(eval_net(trial, data.work, f"{tag}_lr{k}", trainer))
-        scores[candidate] = judge.scores.copy() if finite else np.full(len(start), np.inf)
-        misses[candidate] = judge.misses.copy() if finite else np.ones(len(start))
-        weights[candidate] = trainer.read()
-        notify("search", {"lr": candidate.lr, "solver": candidate.solver, "loss": float(np.mean(scores[candidate])),
-                          "objective": candidate.loss})
-
-    for candidate in plan.candidates:
-        probe(candidate)
-    picked = pick_rate(scores, start, reference)
-    if picked is None and rescue:
-        # no SGD rate improved on the start: try Adam
-        probe(Candidate(*RESCUE))
-        picked = pick_rate({Candidate(*RESCUE): scores[Candidate(*RESCUE)]}, start, RESCUE[1])
-    chosen = picked or min(scores, key=lambda c: c.lr)
-    note = f"{plan.reason}; reference rate {reference:.3g}"
-    if variant is not None and before.get("agreement", 1.0) < LOW_AGREEMENT:
-        for loss in ("kd1", "regression"):
-            probe(Candidate(chosen.solver, chosen.lr, loss))
-        # on top-1 misses: a smooth score would favour the loss it is made of
-        same_rate = {c: m for c, m in misses.items() if (c.solver, c.lr) == (chosen.solver, chosen.lr)}
-        chosen = choose(same_rate, default_loss_first)
-        note += f"; agreement at the start {before['agreement']:.0%}: losses compared at the chosen rate"
-    winner = spec if chosen.loss == "kd" or variant is None else variant(chosen.loss)
-    described = {c.describe(options.solver): float(np.mean(s)) for c, s in scores.items()}
-    return Choice(winner, replace(options, solver=chosen.solver, lr=chosen.lr), weights[chosen], plan.iterations,
-                  plan.iterations * len(scores), described, note, seconds_per_iteration)
-
-
-def gradient_scale(spec: PhaseSpec) -> float:
-    """``w·T + (1 - w)`` of the phase's loss (KD weight w at temperature T; see ``search.reference_rate``)."""
-    if spec.objective == "kd":
-        return spec.temperature
-    if spec.objective == "label":
-        return spec.kd_weight * spec.temperature + 1 - spec.kd_weight
-    return REFERENCE_GRADIENT
 
 
 class _TrainingRun:
@@ -243,49 +135,69 @@ class _TrainingRun:
             start = {name: [np.array(b, dtype=np.float32) for b in self.spec.init(name)] for name in self.spec.learned
                      if name in self.trainer.net.params}
             self.best = (self.evaluate.score(self.before), 0, start)
-        every = max(1, iterations // max(evaluations, 1))
-        check_every = max(1, iterations // max(evaluations, REPLANS))
-        since_best = 0
-        i = 0  # iterations of the current trainer
-        while i < iterations:
+        self._schedule(iterations, evaluations)
+        while self.i < self.iterations:
             if self.deadline.end is not None and time.monotonic() + self.reserve > self.deadline.end:
                 break
-            self.losses.append(self.trainer.step())
-            i += 1
-            self.count += 1
-            left = self.deadline.left()
-            self.notify("iteration", {"iteration": i, "iterations": iterations, "loss": self.losses[-1],
-                                      "seconds_left": None if left is None else max(0.0, left)})
-            last = i == iterations or (left is not None and self.seconds_per_iteration is not None
-                                       and left < self.reserve + self.seconds_per_iteration)
-            if self.evaluate is not None and (i % every == 0 or last):
-                if self._evaluate():
-                    since_best = 0
-                else:
-                    since_best += 1
-                    if self.data.patience and since_best >= self.data.patience:
-                        assert self.best is not None
-                        never_improved = self.best[1] == 0
-                        if never_improved and len(self.backoffs) < MAX_BACKOFFS and self.back_off(i):
-                            iterations, evaluations = self._plan(max(2, MAX_EVALUATIONS // 2))
-                            self._restart_after_backoff(iterations)
-                            every = max(1, iterations // max(evaluations, 1))
-                            check_every = max(1, iterations // max(evaluations, REPLANS))
-                            since_best, i = 0, 0
-                            continue
-                        if never_improved or i >= STOP_AFTER * iterations:
-                            self.stopped_early = True
-                            break
-            if self.deadline.end is not None and not last and i % check_every == 0:
-                target = self._refit(i, iterations, every)
-                if target is not None:
-                    self.trainer.replan(target)
-                    if self.net is not None:
-                        self.net.share_with(self.trainer.net)
-                    every = max(1, every * target // iterations)
-                    check_every = max(1, check_every * target // iterations)
-                    iterations = target
+            last = self._step()
+            if self.evaluate is not None and (self.i % self.every == 0 or last):
+                verdict = self._checkpoint()
+                if verdict == "restarted":
+                    continue
+                if verdict == "stop":
+                    self.stopped_early = True
+                    break
+            if self.deadline.end is not None and not last and self.i % self.check_every == 0:
+                self._follow_pace()
         self.images_seconds += self.trainer.images_seconds
+
+    def _schedule(self, iterations: int, evaluations: int) -> None:
+        """A fresh schedule for the current trainer: its length, and how often it evaluates and checks its pace."""
+        self.iterations = iterations
+        self.every = max(1, iterations // max(evaluations, 1))
+        self.check_every = max(1, iterations // max(evaluations, REPLANS))
+        self.since_best = 0
+        self.i = 0  # iterations of the current trainer
+
+    def _step(self) -> bool:
+        """One solver update; True when it is the schedule's last (by count, or by what is left of the time)."""
+        self.losses.append(self.trainer.step())
+        self.i += 1
+        self.count += 1
+        left = self.deadline.left()
+        self.notify("iteration", {"iteration": self.i, "iterations": self.iterations, "loss": self.losses[-1],
+                                  "seconds_left": None if left is None else max(0.0, left)})
+        return self.i == self.iterations or (left is not None and self.seconds_per_iteration is not None
+                                             and left < self.reserve + self.seconds_per_iteration)
+
+    def _checkpoint(self) -> str:
+        """A held-out evaluation and what follows from it: "go" on, "restarted" after a back-off, or "stop"."""
+        if self._evaluate():
+            self.since_best = 0
+            return "go"
+        self.since_best += 1
+        if not self.data.patience or self.since_best < self.data.patience:
+            return "go"
+        assert self.best is not None
+        never_improved = self.best[1] == 0
+        if never_improved and len(self.backoffs) < MAX_BACKOFFS and self.back_off(self.i):
+            iterations, evaluations = self._plan(max(2, MAX_EVALUATIONS // 2))
+            self._restart_after_backoff(iterations)
+            self._schedule(iterations, evaluations)
+            return "restarted"
+        return "stop" if never_improved or self.i >= STOP_AFTER * self.iterations else "go"
+
+    def _follow_pace(self) -> None:
+        """Move the end of the rate's decay to where the deadline really falls."""
+        target = self._refit(self.i, self.iterations, self.every)
+        if target is None:
+            return
+        self.trainer.replan(target)
+        if self.net is not None:
+            self.net.share_with(self.trainer.net)
+        self.every = max(1, self.every * target // self.iterations)
+        self.check_every = max(1, self.check_every * target // self.iterations)
+        self.iterations = target
 
     def _evaluate(self) -> bool:
         """One held-out evaluation; True when it is the best so far (then kept)."""

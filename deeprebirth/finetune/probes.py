@@ -1,0 +1,151 @@
+"""The learning-rate (and loss) search of a phase, run in pycaffe: the probes behind ``search``'s decisions.
+
+``search`` holds the rules (how many candidates, which rate wins, which loss); this module trains each candidate's
+probe from the phase's start, scores it on the same held-out images, and hands the winner's weights on, so that
+training goes on from its probe instead of starting over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from deeprebirth.finetune.evaluator import Evaluator
+from deeprebirth.finetune.phase_types import Allotment, PhaseData, PhaseSpec, Weights
+from deeprebirth.finetune.search import (
+    LOW_AGREEMENT,
+    LR_FACTORS,
+    MOMENTUM_SOLVERS,
+    REFERENCE_GRADIENT,
+    RESCUE,
+    Candidate,
+    ProbePlan,
+    choose,
+    default_loss_first,
+    pick_rate,
+    plan_probes,
+    reference_rate,
+)
+from deeprebirth.finetune.trainer import Trainer, eval_net, time_iterations
+from deeprebirth.train import SolverOptions
+
+Notify = Callable[[str, dict[str, Any]], None]
+Variant = Callable[[str], PhaseSpec]  # the phase's spec with another loss (``spec.LOSSES``)
+
+
+@dataclass
+class Choice:
+    """What the search settled on, and the probe training goes on from."""
+
+    spec: PhaseSpec
+    options: SolverOptions  # solver and rate
+    weights: Weights | None = None  # the winning probe's weights (None: start from the phase's start)
+    done: int = 0  # the winning probe's iterations
+    spent: int = 0  # iterations all probes took (an iteration budget pays for them)
+    scores: dict[str, float] = field(default_factory=dict)  # candidate -> mean held-out search score
+    note: str = ""
+    seconds_per_iteration: float | None = None
+
+
+def gradient_scale(spec: PhaseSpec) -> float:
+    """``w·T + (1 - w)`` of the phase's loss (KD weight w at temperature T; see ``search.reference_rate``)."""
+    if spec.objective == "kd":
+        return spec.temperature
+    if spec.objective == "label":
+        return spec.kd_weight * spec.temperature + 1 - spec.kd_weight
+    return REFERENCE_GRADIENT
+
+
+class Probes:
+    """Trains candidates' probes from the phase's start and keeps their per-image held-out scores and weights."""
+
+    def __init__(self, spec: PhaseSpec, data: PhaseData, options: SolverOptions, plan: ProbePlan, judge: Evaluator,
+                 tag: str, notify: Notify, variant: Variant | None) -> None:
+        self.spec, self.data, self.options, self.plan = spec, data, options, plan
+        self.judge, self.tag, self.notify, self.variant = judge, tag, notify, variant
+        judge(eval_net(spec, data.work, f"{tag}_start", None))
+        self.start = judge.scores.copy()
+        self.scores: dict[Candidate, np.ndarray] = {}
+        self.misses: dict[Candidate, np.ndarray] = {}
+        self.weights: dict[Candidate, Weights] = {}
+
+    def spec_for(self, candidate: Candidate) -> PhaseSpec:
+        return self.spec if candidate.loss == "kd" or self.variant is None else self.variant(candidate.loss)
+
+    def run(self, candidate: Candidate) -> None:
+        trial = self.spec_for(candidate)
+        k = len(self.scores)
+        options = replace(self.options, solver=candidate.solver, lr=candidate.lr, lr_policy="poly")
+        trainer = Trainer(trial, self.data, options, self.plan.iterations, f"{self.tag}_lr{k}")
+        finite = True
+        while trainer.done < self.plan.iterations and finite:
+            finite = bool(np.isfinite(trainer.step()))
+        self.judge(eval_net(trial, self.data.work, f"{self.tag}_lr{k}", trainer))
+        n = len(self.start)
+        self.scores[candidate] = self.judge.scores.copy() if finite else np.full(n, np.inf)
+        self.misses[candidate] = self.judge.misses.copy() if finite else np.ones(n)
+        self.weights[candidate] = trainer.read()
+        self.notify("search", {"lr": candidate.lr, "solver": candidate.solver,
+                               "loss": float(np.mean(self.scores[candidate])), "objective": candidate.loss})
+
+    def pick_rate(self, reference: float, rescue: bool) -> Candidate:
+        """``search.pick_rate`` over the probes run; Adam's rescue probe when no SGD rate improved on the start."""
+        picked = pick_rate(self.scores, self.start, reference)
+        if picked is None and rescue:
+            adam = Candidate(*RESCUE)
+            self.run(adam)
+            picked = pick_rate({adam: self.scores[adam]}, self.start, RESCUE[1])
+        return picked or min(self.scores, key=lambda c: c.lr)
+
+    def pick_loss(self, chosen: Candidate) -> Candidate:
+        """The other losses probed at the chosen rate, compared on top-1 misses: a smooth score would favour the
+        loss it is made of."""
+        for loss in ("kd1", "regression"):
+            self.run(Candidate(chosen.solver, chosen.lr, loss))
+        same_rate = {c: m for c, m in self.misses.items() if (c.solver, c.lr) == (chosen.solver, chosen.lr)}
+        return choose(same_rate, default_loss_first)
+
+
+def search(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: Allotment, evaluate: Evaluator | None,
+           before: dict[str, float], eval_seconds: float, tag: str, notify: Notify,
+           variant: Variant | None) -> Choice:
+    """The phase's solver, rate and loss (see ``deeprebirth.finetune.search``), and the probe to go on from."""
+    if options.lr is not None:
+        return Choice(spec, options, note="rate given")
+    rescue = options.solver in MOMENTUM_SOLVERS
+    reference = reference_rate(options.solver, data.batch, gradient_scale(spec))
+    # without a search: Adam's per-parameter steps are the safe choice for SGD's users
+    fallback = (replace(options, solver=RESCUE[0], lr=RESCUE[1]) if rescue else
+                replace(options, lr=reference * LR_FACTORS[0]))
+    seconds_per_iteration = None
+    if allot.seconds is not None:
+        seconds_per_iteration = time_iterations(spec, data, replace(options, lr=reference, lr_policy="fixed"), tag)
+    if evaluate is None:
+        return Choice(spec, fallback, note="no held-out data: no search",
+                      seconds_per_iteration=seconds_per_iteration)
+    if allot.seconds is not None:
+        assert seconds_per_iteration is not None
+        fit = allot.seconds / seconds_per_iteration
+    else:
+        fit = float(allot.iterations or 0)
+    plan = plan_probes(options.solver, fit, seconds_per_iteration, eval_seconds / len(evaluate.indices),
+                       len(evaluate.indices), reference)
+    if not plan.candidates:
+        return Choice(spec, fallback, note=f"no search ({plan.reason}): {fallback.solver} {fallback.lr:g}",
+                      seconds_per_iteration=seconds_per_iteration)
+    probes = Probes(spec, data, options, plan, Evaluator(spec, data, evaluate.indices[:plan.images]), tag, notify,
+                    variant)
+    for candidate in plan.candidates:
+        probes.run(candidate)
+    chosen = probes.pick_rate(reference, rescue)
+    note = f"{plan.reason}; reference rate {reference:.3g}"
+    if variant is not None and before.get("agreement", 1.0) < LOW_AGREEMENT:
+        chosen = probes.pick_loss(chosen)
+        note += f"; agreement at the start {before['agreement']:.0%}: losses compared at the chosen rate"
+    described = {c.describe(options.solver): float(np.mean(s)) for c, s in probes.scores.items()}
+    return Choice(probes.spec_for(chosen), replace(options, solver=chosen.solver, lr=chosen.lr),
+                  probes.weights[chosen], plan.iterations, plan.iterations * len(probes.scores), described, note,
+                  seconds_per_iteration)
