@@ -75,26 +75,10 @@ def prepare(original_prototxt: PathLike, original_weights: PathLike, slim_protot
             options: FinetuneOptions) -> tuple[Context, Weights, dict[str, Any], str]:
     """Check every input, plan the phases, open and validate the data, set up the work folder (or resume)."""
     inputs = [original_prototxt, original_weights, slim_prototxt, slim_weights, report_path]
-    for path in inputs:
-        if not Path(path).is_file():
-            raise DeepRebirthError("no such file", file=str(path))
-    for path in inputs:
-        if same_file(path, out):
-            raise DeepRebirthError("the output would overwrite an input; choose another path", file=str(out))
-    if not Path(out).parent.is_dir() and str(Path(out).parent):
-        raise DeepRebirthError("output folder does not exist", file=str(out))
+    _check_paths(inputs, out)
     original = load_model(original_prototxt, original_weights)
     slim = load_model(slim_prototxt, slim_weights)
-    try:
-        report = RewriteReport.from_json(json.loads(Path(report_path).read_text()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DeepRebirthError(f"not a JSON report ({type(err).__name__})", file=str(report_path)) from None
-    except DeepRebirthError as err:
-        raise DeepRebirthError(err.message, file=str(report_path)) from None
-    try:
-        steps = plan_steps(report, original, slim)
-    except DeepRebirthError as err:
-        raise DeepRebirthError(err.message, file=str(report_path)) from None
+    steps = _plan_from_report(report_path, original, slim)
     whole = final_step(steps, original, slim)
     phases = [*steps, whole] if options.schedule == "layerwise" else [whole]
     whole.index = len(phases)
@@ -107,6 +91,48 @@ def prepare(original_prototxt: PathLike, original_weights: PathLike, slim_protot
     if (o_io.channels, o_io.size, o_io.classes) != (io.channels, io.size, io.classes):
         raise DeepRebirthError("the original and the slim net differ in input or number of classes",
                                file=str(slim_prototxt))
+    train, train_indices, val, val_indices = _open_data(data, io, options)
+    work = Path(options.work_dir) if options.work_dir is not None else default_work_dir(out)
+    work.mkdir(parents=True, exist_ok=True)
+    original_proto = work / "original.prototxt"
+    caffe_io.write_prototxt(original_proto, original.to_net())
+    fingerprint = run_fingerprint([*inputs, data, *([options.val] if options.val else [])], options)
+    store = {layer.name: [np.array(b, dtype=np.float32) for b in layer.blobs] for layer in slim.layers()
+             if layer.blobs}
+    state = open_state(work, fingerprint, [s.name for s in phases], store, options.resume)
+    ctx = Context(original, slim, original_proto, original.weights(), phases, whole.reproduces, shared, io, train,
+                   train_indices, val, val_indices, work)
+    return ctx, store, state, fingerprint
+
+
+def _check_paths(inputs: list[PathLike], out: PathLike) -> None:
+    for path in inputs:
+        if not Path(path).is_file():
+            raise DeepRebirthError("no such file", file=str(path))
+    for path in inputs:
+        if same_file(path, out):
+            raise DeepRebirthError("the output would overwrite an input; choose another path", file=str(out))
+    if not Path(out).parent.is_dir() and str(Path(out).parent):
+        raise DeepRebirthError("output folder does not exist", file=str(out))
+
+
+def _plan_from_report(report_path: PathLike, original: Graph, slim: Graph) -> list[Step]:
+    """The layer-wise steps of the rewrite's report; its problems are named with the report's file."""
+    try:
+        report = RewriteReport.from_json(json.loads(Path(report_path).read_text()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DeepRebirthError(f"not a JSON report ({type(err).__name__})", file=str(report_path)) from None
+    except DeepRebirthError as err:
+        raise DeepRebirthError(err.message, file=str(report_path)) from None
+    try:
+        return plan_steps(report, original, slim)
+    except DeepRebirthError as err:
+        raise DeepRebirthError(err.message, file=str(report_path)) from None
+
+
+def _open_data(data: PathLike, io: NetIO,
+               options: FinetuneOptions) -> tuple[Batches, np.ndarray, Batches | None, np.ndarray]:
+    """The training batches and indices, and the held-out ones: ``--val``, else a share of ``data`` set aside."""
     dataset = open_data(data, channels=io.channels, input_size=io.size, transform=options.transform,
                         classes=io.classes, need_labels=options.mode == "label")
     train_indices = np.arange(len(dataset))
@@ -122,17 +148,7 @@ def prepare(original_prototxt: PathLike, original_weights: PathLike, slim_protot
         val_indices = val_indices[:options.val_limit]
     train = Batches(dataset, options.transform, io.size, options.cache_mb * 2**20 / 2, options.seed)
     val = Batches(val_set, options.transform.for_evaluation(), io.size) if val_set is not None else None
-    work = Path(options.work_dir) if options.work_dir is not None else default_work_dir(out)
-    work.mkdir(parents=True, exist_ok=True)
-    original_proto = work / "original.prototxt"
-    caffe_io.write_prototxt(original_proto, original.to_net())
-    fingerprint = run_fingerprint([*inputs, data, *([options.val] if options.val else [])], options)
-    store = {layer.name: [np.array(b, dtype=np.float32) for b in layer.blobs] for layer in slim.layers()
-             if layer.blobs}
-    state = open_state(work, fingerprint, [s.name for s in phases], store, options.resume)
-    ctx = Context(original, slim, original_proto, original.weights(), phases, whole.reproduces, shared, io, train,
-                   train_indices, val, val_indices, work)
-    return ctx, store, state, fingerprint
+    return train, train_indices, val, val_indices
 
 
 MIN_HELD_OUT = 200  # fewer held-out images decide nothing (one image is half a point of top-1) ...

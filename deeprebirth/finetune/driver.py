@@ -99,26 +99,7 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
         notify(Progress("baseline", steps=len(ctx.steps)))
         state["baseline"], state["final_eval_seconds"] = _baseline(ctx, teacher, slim_weights)
         save_state(ctx.work, state)
-    weights = phase_weights(len(ctx.steps) - 1, options.schedule == "layerwise")
-    iterations = None if budget.timed else phase_iterations(ctx, options, budget)
-    done_now = 0
-    for k, step in enumerate(ctx.steps):
-        if step.index in finished:
-            notify(Progress("skipped", step.index, len(ctx.steps), step.name, result=finished[step.index]))
-            continue
-        if options.max_steps is not None and done_now >= options.max_steps:
-            break
-        if iterations is not None:
-            allot = Allotment(iterations=iterations[k])
-        else:
-            left = (clock.left() or 0.0) - float(state.get("final_eval_seconds", 0.0))
-            allot = Allotment(seconds=share_time(left, weights, k), last=k == len(ctx.steps) - 1)
-        phase_started = time.monotonic()
-        step_result = _run_step(ctx, step, store, teacher, cache, options, allot, clock, notify)
-        finished[step.index] = step_result
-        done_now += 1
-        state["seconds"] = float(state.get("seconds", 0.0)) + time.monotonic() - phase_started
-        snapshot(ctx.work, ctx.slim, store, state, step_result)
+    _run_steps(ctx, store, state, finished, teacher, cache, options, budget, clock, notify)
     complete = len(finished) == len(ctx.steps)
     final_accuracy = None
     report = None
@@ -139,6 +120,32 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
         write_text(Path(report), json.dumps(payload, indent=2))
     notify(Progress("finished", len(finished), len(ctx.steps)))
     return result
+
+
+def _run_steps(ctx: Context, store: Weights, state: dict[str, Any], finished: dict[int, StepResult],
+               teacher: Teacher, cache: TeacherCache, options: FinetuneOptions, budget: Budget, clock: Clock,
+               notify: ProgressCallback) -> None:
+    """The steps not yet ``finished``, each with its share of the budget, snapshotted after each (resumable)."""
+    weights = phase_weights(len(ctx.steps) - 1, options.schedule == "layerwise")
+    iterations = None if budget.timed else phase_iterations(ctx, options, budget)
+    done_now = 0
+    for k, step in enumerate(ctx.steps):
+        if step.index in finished:
+            notify(Progress("skipped", step.index, len(ctx.steps), step.name, result=finished[step.index]))
+            continue
+        if options.max_steps is not None and done_now >= options.max_steps:
+            break
+        if iterations is not None:
+            allot = Allotment(iterations=iterations[k])
+        else:
+            left = (clock.left() or 0.0) - float(state.get("final_eval_seconds", 0.0))
+            allot = Allotment(seconds=share_time(left, weights, k), last=k == len(ctx.steps) - 1)
+        phase_started = time.monotonic()
+        step_result = _run_step(ctx, step, store, teacher, cache, options, allot, clock, notify)
+        finished[step.index] = step_result
+        done_now += 1
+        state["seconds"] = float(state.get("seconds", 0.0)) + time.monotonic() - phase_started
+        snapshot(ctx.work, ctx.slim, store, state, step_result)
 
 
 def choose_batch(given: int | None, budget: Budget, images: int, seconds_per_image: float) -> tuple[int, str]:

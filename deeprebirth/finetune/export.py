@@ -130,17 +130,7 @@ def _write(ctx: Context, store: dict[str, list[np.ndarray]], teacher: Teacher, o
     lr = options.solver.lr if options.solver.lr is not None else REFERENCE_LR.get(options.solver.solver, 1e-3)
     lr_note = "as given" if options.solver.lr is not None else "the search's reference rate; give a rate to choose"
     solver = replace(options.solver, lr=lr)
-    images: int | None = None
-    if train_val is not None:
-        data_layer = user_data_layer(train_val, batch)
-        described = f"the TRAIN data layer of {train_val}"
-    else:
-        order = ctx.train_indices
-        if options.shuffle:  # Caffe's Data layer reads in key order
-            order = order[np.random.default_rng(options.seed).permutation(len(order))]
-        images = write_lmdb(ctx.train.data, order, out / "train_lmdb")
-        data_layer = lmdb_data_layer("train_lmdb", options.transform, batch, out)
-        described = f"train_lmdb ({images} images{', shuffled' if options.shuffle else ''})"
+    data_layer, described, images = _training_data(ctx, options, batch, out, train_val)
     caffe_io.write_prototxt(out / "deploy.prototxt", ctx.slim.to_net())
 
     steps: list[ExportedStep] = []
@@ -151,18 +141,7 @@ def _write(ctx: Context, store: dict[str, list[np.ndarray]], teacher: Teacher, o
         validate_net(spec.train_net, f"step {step.index} train net")
         net = with_data_layer(spec.train_net, data_layer, ctx.io.input, spec.labels)
         params = _train_net_params(ctx, spec, student, store)
-        init: dict[str, list[np.ndarray]] = {}
-        for name, (identity, arrays) in params.items():
-            shapes = [a.shape for a in arrays]
-            if name in previous and previous[name][1] != shapes:
-                raise DeepRebirthError(f"step {step.index}: layer '{name}' has other parameter shapes in step "
-                                       f"{step.index - 1}'s net, whose snapshot Caffe would load into it")
-            if identity not in learned_before:
-                init[name] = arrays
-            elif previous.get(name, (None,))[0] != identity:
-                raise DeepRebirthError(f"step {step.index}: layer '{name}', learned in an earlier step, is not in "
-                                       f"step {step.index - 1}'s net under that name: this plan cannot be chained "
-                                       "with `caffe train -weights`")
+        init = _step_init(step.index, params, previous, learned_before)
         folder = out / f"step_{step.index}"
         folder.mkdir()
         caffe_io.write_prototxt(folder / "train_val.prototxt", net)
@@ -191,6 +170,39 @@ def _write(ctx: Context, store: dict[str, list[np.ndarray]], teacher: Teacher, o
                 deploy="deploy.prototxt", final="final.caffemodel")
     write_text(out / "plan.json", json.dumps(plan, indent=2))
     return result
+
+
+def _training_data(ctx: Context, options: FinetuneOptions, batch: int, out: Path,
+                   train_val: PathLike | None) -> tuple[pb.LayerParameter, str, int | None]:
+    """The exported nets' data layer, its description, and the images written (None: the user's train_val's)."""
+    if train_val is not None:
+        return user_data_layer(train_val, batch), f"the TRAIN data layer of {train_val}", None
+    order = ctx.train_indices
+    if options.shuffle:  # Caffe's Data layer reads in key order
+        order = order[np.random.default_rng(options.seed).permutation(len(order))]
+    images = write_lmdb(ctx.train.data, order, out / "train_lmdb")
+    data_layer = lmdb_data_layer("train_lmdb", options.transform, batch, out)
+    return data_layer, f"train_lmdb ({images} images{', shuffled' if options.shuffle else ''})", images
+
+
+def _step_init(index: int, params: dict[str, tuple[Identity, list[np.ndarray]]],
+               previous: dict[str, tuple[Identity, list[tuple[int, ...]]]],
+               learned_before: set[Identity]) -> dict[str, list[np.ndarray]]:
+    """A step's starting weights: those no earlier step learned (the learned ones come from the previous step's
+    snapshot, which Caffe loads first, so they must be there under the same name and shapes)."""
+    init: dict[str, list[np.ndarray]] = {}
+    for name, (identity, arrays) in params.items():
+        shapes = [a.shape for a in arrays]
+        if name in previous and previous[name][1] != shapes:
+            raise DeepRebirthError(f"step {index}: layer '{name}' has other parameter shapes in step {index - 1}'s "
+                                   "net, whose snapshot Caffe would load into it")
+        if identity not in learned_before:
+            init[name] = arrays
+        elif previous.get(name, (None,))[0] != identity:
+            raise DeepRebirthError(f"step {index}: layer '{name}', learned in an earlier step, is not in step "
+                                   f"{index - 1}'s net under that name: this plan cannot be chained with "
+                                   "`caffe train -weights`")
+    return init
 
 
 def _train_net_params(ctx: Context, spec: Any, student: StepNet,

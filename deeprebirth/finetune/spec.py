@@ -103,36 +103,11 @@ def phase_spec(ctx: Context, step: Step, store: Weights, teacher: Teacher, optio
     assert options.batch is not None
     counts = blob_counts(ctx, train_student, store)
     net = training_net(train_student.net, train_student.factor, counts, options.batch, "none", "")
-    original_counts = {name: len(blobs) for name, blobs in ctx.original_weights.items()}
-    losses: dict[str, float] = {}
     compare: dict[str, tuple[str, str]] = {}
     if not step.final:
         compare["blob"] = (eval_student.blob, step.reproduces)
     if target in ("labels+kd", "kd"):
-        assert train_student.output is not None or step.final
-        output = train_student.blob if step.final else train_student.output
-        logits = logits_of(net, output)  # type: ignore[arg-type]
-        sample = np.zeros(0)
-        if cached_teacher or loss == "regression":  # the logits' shape, their spread
-            x = ctx.train.batch(ctx.train_indices[:min(options.batch, 8)])
-            sample = teacher.outputs(x, [ctx.logits])[ctx.logits]
-        if cached_teacher:
-            teacher_input = teacher_name(ctx.logits)
-            fed = net.layer.add(name=teacher_input, type="Input", top=[teacher_input])
-            fed.input_param.shape.add(dim=[options.batch, *sample.shape[1:]])
-        else:
-            embed_teacher(net, ctx.original, ctx.io.input, [ctx.logits], original_counts)
-        kd_weight = options.kd_weight if target == "labels+kd" else 1.0
-        if kd_weight > 0 and loss == "regression":
-            top = add_logit_regression(net, logits, teacher_name(ctx.logits), kd_weight, float(np.var(sample)))
-            losses[top] = net.layer[-1].loss_weight[0]
-        elif kd_weight > 0:
-            temperature = 1.0 if loss == "kd1" else options.temperature
-            top = add_distillation(net, logits, teacher_name(ctx.logits), temperature, kd_weight, options.batch)
-            losses[top] = kd_weight / options.batch
-        if target == "labels+kd" and kd_weight < 1:
-            top = add_label_loss(net, logits, 1.0 - kd_weight, options.batch)
-            losses[top] = 1.0 - kd_weight
+        losses = _add_output_losses(ctx, net, step, train_student, target, teacher, options, loss, cached_teacher)
         objective = "label" if target == "labels+kd" else "kd"
     else:
         if target == "local":
@@ -142,17 +117,8 @@ def phase_spec(ctx: Context, step: Step, store: Weights, teacher: Teacher, optio
             student_blob, original_blob = train_student.until or "", target.split(":", 1)[1]
             compare["until"] = (student_blob, original_blob)
             objective = "until"
-        embed_teacher(net, ctx.original, ctx.io.input, [original_blob], original_counts)
-        sample = teacher.outputs(ctx.train.batch(ctx.train_indices[:options.batch]), [original_blob])[original_blob]
-        top = add_mimic_loss(net, student_blob, teacher_name(original_blob), int(np.prod(sample.shape[1:])),
-                             float(np.var(sample)))
-        losses[top] = net.layer[-1].loss_weight[0]
-    eval_net = pb.NetParameter()
-    eval_net.CopyFrom(eval_student.net)
-    for param in eval_net.layer:
-        if param.type == "Input":
-            for shape in param.input_param.shape:
-                shape.dim[0] = options.batch
+        losses = _add_blob_mimic_loss(ctx, net, student_blob, original_blob, teacher, options.batch)
+    eval_net = _batched(eval_student.net, options.batch)
     eval_logits: str | None = None
     if step.final:
         eval_logits = eval_student.blob
@@ -160,9 +126,67 @@ def phase_spec(ctx: Context, step: Step, store: Weights, teacher: Teacher, optio
         eval_logits = logits_of(eval_net, eval_student.output)
     # the student's layers learn; the teacher's and the suffix's frozen ones do not
     learned = [name for name, f in train_student.factor.items() if f > 0 and counts.get(name)]
-    spec = PhaseSpec(step.index, step.name, net, losses, _lookup(ctx, [train_student, eval_student], store), learned, eval_net,
-                     eval_logits, ctx.logits, compare, objective, options.mode == "label" and "label" in
-                     [p.name for p in net.layer], options.temperature, options.kd_weight,
+    spec = PhaseSpec(step.index, step.name, net, losses, _lookup(ctx, [train_student, eval_student], store), learned,
+                     eval_net, eval_logits, ctx.logits, compare, objective,
+                     options.mode == "label" and "label" in [p.name for p in net.layer], options.temperature,
+                     options.kd_weight,
                      teacher_name(ctx.logits) if cached_teacher and target in ("labels+kd", "kd") else None,
                      loss_label(loss, options.temperature))
     return spec, train_student, target
+
+
+def _add_output_losses(ctx: Context, net: pb.NetParameter, step: Step, student: StepNet, target: str,
+                       teacher: Teacher, options: FinetuneOptions, loss: str,
+                       cached_teacher: bool) -> dict[str, float]:
+    """The losses on the student's logits: distillation (or logit regression) against the original's logits,
+    plus the labels' cross-entropy in label mode. Returns loss top -> loss weight."""
+    assert options.batch is not None
+    assert student.output is not None or step.final
+    output = student.blob if step.final else student.output
+    logits = logits_of(net, output)  # type: ignore[arg-type]
+    sample = np.zeros(0)
+    if cached_teacher or loss == "regression":  # the logits' shape, their spread
+        x = ctx.train.batch(ctx.train_indices[:min(options.batch, 8)])
+        sample = teacher.outputs(x, [ctx.logits])[ctx.logits]
+    if cached_teacher:
+        teacher_input = teacher_name(ctx.logits)
+        fed = net.layer.add(name=teacher_input, type="Input", top=[teacher_input])
+        fed.input_param.shape.add(dim=[options.batch, *sample.shape[1:]])
+    else:
+        original_counts = {name: len(blobs) for name, blobs in ctx.original_weights.items()}
+        embed_teacher(net, ctx.original, ctx.io.input, [ctx.logits], original_counts)
+    losses: dict[str, float] = {}
+    kd_weight = options.kd_weight if target == "labels+kd" else 1.0
+    if kd_weight > 0 and loss == "regression":
+        top = add_logit_regression(net, logits, teacher_name(ctx.logits), kd_weight, float(np.var(sample)))
+        losses[top] = net.layer[-1].loss_weight[0]
+    elif kd_weight > 0:
+        temperature = 1.0 if loss == "kd1" else options.temperature
+        top = add_distillation(net, logits, teacher_name(ctx.logits), temperature, kd_weight, options.batch)
+        losses[top] = kd_weight / options.batch
+    if target == "labels+kd" and kd_weight < 1:
+        top = add_label_loss(net, logits, 1.0 - kd_weight, options.batch)
+        losses[top] = 1.0 - kd_weight
+    return losses
+
+
+def _add_blob_mimic_loss(ctx: Context, net: pb.NetParameter, student_blob: str, original_blob: str,
+                         teacher: Teacher, batch: int) -> dict[str, float]:
+    """A regression of the student's blob on the original's (layer-wise steps)."""
+    original_counts = {name: len(blobs) for name, blobs in ctx.original_weights.items()}
+    embed_teacher(net, ctx.original, ctx.io.input, [original_blob], original_counts)
+    sample = teacher.outputs(ctx.train.batch(ctx.train_indices[:batch]), [original_blob])[original_blob]
+    top = add_mimic_loss(net, student_blob, teacher_name(original_blob), int(np.prod(sample.shape[1:])),
+                         float(np.var(sample)))
+    return {top: net.layer[-1].loss_weight[0]}
+
+
+def _batched(net: pb.NetParameter, batch: int) -> pb.NetParameter:
+    """A copy of ``net`` whose Input blobs hold ``batch`` items."""
+    batched = pb.NetParameter()
+    batched.CopyFrom(net)
+    for param in batched.layer:
+        if param.type == "Input":
+            for shape in param.input_param.shape:
+                shape.dim[0] = batch
+    return batched
