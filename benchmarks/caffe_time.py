@@ -24,9 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from deeprebirth.initializers import random_weights
-from deeprebirth.model import load_model, save_model
-from deeprebirth.profile import profile_net, set_batch
+from deeprebirth.io.caffe_io import set_batch
+from deeprebirth.ir.initializers import random_weights
+from deeprebirth.ir.model import load_model, save_model
+from deeprebirth.measure.profile import profile_net
 
 CAFFE = Path(os.environ.get("DEEPREBIRTH_CAFFE", Path(sys.executable).parent / "caffe"))
 FORWARD = re.compile(r"Average Forward pass: ([0-9.]+) ms")
@@ -72,7 +73,7 @@ def main() -> None:
         save_model(graph, *original)
         slim = (str(folder / "slim.prototxt"), str(folder / "slim.caffemodel"))
         log("deeprebirth rewrite (all default rules)")
-        subprocess.run([sys.executable, "-c", "from deeprebirth.cli import main; main()", "rewrite", original[0],
+        subprocess.run([sys.executable, "-c", "from deeprebirth.cli.main import main; main()", "rewrite", original[0],
                         slim[0], "--weights", original[1], "--out-weights", slim[1]], check=True,
                        stdout=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         nets = {"original": batch_one(*original, folder / "original_b1"), "slim": batch_one(*slim, folder / "slim_b1")}

@@ -25,9 +25,9 @@ from deeprebirth.batch import (
     rewrite_model,
     run_batch,
 )
-from deeprebirth.cli import main
+from deeprebirth.cli.main import main
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.model import load_model, save_model
+from deeprebirth.ir.model import load_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def generated_model(folder: Path, stem: str, seed: int, weights_name: str | None
 def with_weights(folder: Path, text: str, stem: str = "deploy", weights_name: str | None = None) -> None:
     write(folder / "tmp.prototxt", text)
     graph = load_model(folder / "tmp.prototxt")
-    from deeprebirth.initializers import random_weights
+    from deeprebirth.ir.initializers import random_weights
 
     random_weights(graph, 1)
     (folder / "tmp.prototxt").unlink()
@@ -261,7 +261,7 @@ def test_ctrl_c_leaves_whole_outputs_or_none(tmp_path: Path) -> None:
     # a shell that runs the suite in the background starts it with SIGINT ignored, and children inherit that:
     # the child puts Python's own Ctrl-C handler back before it runs the CLI
     launcher = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                "sys.argv = ['deeprebirth', *sys.argv[1:]]; runpy.run_module('deeprebirth.cli', run_name='__main__')")
+                "sys.argv = ['deeprebirth', *sys.argv[1:]]; runpy.run_module('deeprebirth.cli.main', run_name='__main__')")
     child = subprocess.Popen([sys.executable, "-c", launcher, "batch", str(zoo), str(out), "--jobs", "2"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     assert child.stderr is not None

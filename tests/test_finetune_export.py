@@ -20,18 +20,18 @@ import pytest
 from click.testing import CliRunner
 from helpers import graph_from_text, save
 
-from deeprebirth import caffe_io
 from deeprebirth import caffe_pb2 as pb
 from deeprebirth.api import rewrite_files
-from deeprebirth.caffe_runtime import forward, open_net
-from deeprebirth.cli import main
-from deeprebirth.data import Transform, open_data, split_holdout, write_lmdb
+from deeprebirth.caffe.data import Transform, open_data, split_holdout, write_lmdb
+from deeprebirth.caffe.runtime import forward, open_net
+from deeprebirth.cli.main import main
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.finetune import FinetuneOptions, Progress, finetune_files
 from deeprebirth.finetune.context import held_out_share
 from deeprebirth.finetune.export import export_plan
 from deeprebirth.finetune.losses import softmax
-from deeprebirth.train import SolverOptions
+from deeprebirth.finetune.train import SolverOptions
+from deeprebirth.io import caffe_io
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "fashion_mnist"))

@@ -32,8 +32,8 @@ WORST = re.compile(r"worst relative error ([0-9.e+-]+) \(tolerance ([0-9.e+-]+)\
 ALTER_ONE_WEIGHT = """
 import sys
 import numpy as np
-from deeprebirth import api, cli
-
+from deeprebirth import api
+from deeprebirth.cli import main as cli
 LAYER = sys.argv.pop(1)
 saved = api.save_model
 

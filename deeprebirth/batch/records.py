@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from deeprebirth.api import RewriteOptions
+from deeprebirth.pipeline import RewriteOptions
 
 FAILED = ("check_failed", "failed", "crashed", "timeout")
 

@@ -53,8 +53,8 @@ from deeprebirth.finetune.search import (
     plan_probes,
     reference_rate,
 )
+from deeprebirth.finetune.train import SolverOptions
 from deeprebirth.finetune.trainer import Trainer, eval_net, overlay, time_iterations
-from deeprebirth.train import SolverOptions
 
 __all__ = ["PATIENCE", "Allotment", "PhaseData", "PhaseOutcome", "PhaseSpec", "run_phase"]
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.graph import Graph
+from deeprebirth.ir.graph import Graph
 from deeprebirth.weights.branches import WIDEN_MODES
 from deeprebirth.weights.tucker import RANK_METHODS, parse_rank_method
 

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from deeprebirth import caffe_pb2 as pb
+from deeprebirth.aliases import Shape
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.graph import Graph, Layer
+from deeprebirth.ir.graph import Graph, Layer
 
-Shape = tuple[int, ...]
 ShapeFn = Callable[[Layer, list[Shape]], list[Shape]]
 
 MAX_BLOB_ELEMENTS = 2**31 - 1  # Caffe's Blob refuses more (INT_MAX)

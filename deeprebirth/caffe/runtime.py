@@ -1,7 +1,7 @@
-"""Everything that runs a net in real Caffe (pycaffe) or OpenCV dnn: forward passes, equivalence checks.
+"""Everything that runs a net in real Caffe (pycaffe) or OpenCV dnn: forward passes and their inputs.
 
-Caffe aborts the whole process on a fatal check (glog ``LOG(FATAL)``), so comparisons run isolated
-(``deeprebirth.isolation``): a net Caffe refuses becomes a one-line error here instead of a dead interpreter.
+Caffe aborts the whole process on a fatal check (glog ``LOG(FATAL)``), so runs that may abort go isolated
+(``deeprebirth.caffe.isolation``): a net Caffe refuses becomes a one-line error here instead of a dead interpreter.
 """
 
 from __future__ import annotations
@@ -11,17 +11,18 @@ import subprocess
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+from deeprebirth.aliases import Feed
+from deeprebirth.caffe.isolation import quiet_glog, run_isolated
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.isolation import quiet_glog, run_isolated
 
-Feed = dict[str, np.ndarray]
+CAFFE_HINT = ("`make install` builds it, or put your own Caffe's python/ folder on PYTHONPATH; rewrite --check, "
+              "export --check, plan and profile run without it (OpenCV dnn reference)")
 IMAGENET_MEAN_BGR = (104.0, 117.0, 123.0)
 _SCOPED_GPU: ContextVar[int | None] = ContextVar("deeprebirth_scoped_gpu", default=None)
 
@@ -34,8 +35,6 @@ def import_caffe(gpu: int | None = None) -> ModuleType:
     try:
         import caffe
     except ImportError as err:
-        from deeprebirth.reference import CAFFE_HINT
-
         raise DeepRebirthError(f"pycaffe is not importable ({err}): {CAFFE_HINT}") from None
     if gpu is None:
         scoped = _SCOPED_GPU.get()
@@ -127,7 +126,7 @@ def image_feeds(paths: Sequence[str | os.PathLike[str]], input_name: str, shape:
                 mean: Sequence[float] = IMAGENET_MEAN_BGR, scale: float = 1.0) -> list[Feed]:
     """Real photos read as everywhere else (``data.read_image``: BGR, resized as Caffe's ImageData layer does),
     0-255 minus ``mean``, times ``scale``."""
-    from deeprebirth.data import read_image
+    from deeprebirth.caffe.data import read_image
 
     n, c, h, w = shape
     feeds = []
@@ -136,81 +135,6 @@ def image_feeds(paths: Sequence[str | os.PathLike[str]], input_name: str, shape:
         chw = (chw - np.asarray(mean[:c], dtype=np.float32).reshape(c, 1, 1)) * scale
         feeds.append({input_name: np.repeat(chw[None], n, axis=0)})
     return feeds
-
-
-@dataclass
-class BlobDiff:
-    blob: str
-    max_abs: float
-    max_rel: float  # max |a - b| / max |a|: the error relative to the blob's own range
-
-
-@dataclass
-class CheckResult:
-    inputs: int
-    tolerance: float
-    diffs: list[BlobDiff] = field(default_factory=list)
-    predictions_changed: int = 0
-    lossy: bool = False  # a lossy rewrite is only held to equal output shapes until it is fine-tuned
-    reference: str = "caffe"  # the runtime both nets ran in (deeprebirth.reference): "caffe" or "opencv"
-
-    @property
-    def passed(self) -> bool:
-        if self.lossy:
-            return True  # shapes were compared in compare_outputs; a mismatch raises there
-        return all(d.max_rel <= self.tolerance for d in self.diffs) and self.predictions_changed == 0
-
-    @property
-    def worst(self) -> BlobDiff:
-        return max(self.diffs, key=lambda d: d.max_rel)
-
-
-def compare_outputs(outputs_a: Sequence[dict[str, np.ndarray]], outputs_b: Sequence[dict[str, np.ndarray]],
-                    blobs: list[str], tolerance: float, lossy: bool, reference: str = "caffe") -> CheckResult:
-    """Per blob over every feed: max |a - b| and that over max |a|; predictions changed on the first blob."""
-    result = CheckResult(len(outputs_a), tolerance, lossy=lossy, reference=reference)
-    worst = {name: [0.0, 0.0] for name in blobs}  # per blob: max |a - b|, max |a|
-    for out_a, out_b in zip(outputs_a, outputs_b):
-        for name in blobs:
-            if out_a[name].shape != out_b[name].shape:
-                raise DeepRebirthError(f"blob '{name}' has shape {out_a[name].shape} in the original and "
-                                       f"{out_b[name].shape} in the rewritten net")
-            worst[name][0] = max(worst[name][0], float(np.max(np.abs(out_a[name] - out_b[name]), initial=0.0)))
-            worst[name][1] = max(worst[name][1], float(np.max(np.abs(out_a[name]), initial=0.0)))
-        final = out_a[blobs[0]]
-        if final.ndim >= 2 and final.shape[1] > 1:
-            result.predictions_changed += int(np.sum(final.argmax(axis=1) != out_b[blobs[0]].argmax(axis=1)))
-    for name, (max_abs, scale) in worst.items():
-        result.diffs.append(BlobDiff(name, max_abs, max_abs / scale if scale > 0 else max_abs))
-    return result
-
-
-def _compare_in_process(a: tuple[str, str], b: tuple[str, str], feeds: list[Feed], blobs: list[str],
-                        tolerance: float, lossy: bool) -> CheckResult:
-    net_a, net_b = open_net(*a), open_net(*b)
-    outputs_a = [forward(net_a, feed, blobs) for feed in feeds]
-    outputs_b = [forward(net_b, feed, blobs) for feed in feeds]
-    return compare_outputs(outputs_a, outputs_b, blobs, tolerance, lossy)
-
-
-def compare_nets(original: tuple[str, str], rewritten: tuple[str, str], feeds: list[Feed], blobs: list[str],
-                 tolerance: float = 1e-4, lossy: bool = False, reference: str = "caffe") -> CheckResult:
-    """Run both (prototxt, caffemodel) pairs in the reference runtime (``deeprebirth.reference``: real Caffe, or
-    OpenCV dnn) on every feed and compare the named blobs (values for an exact rewrite; shapes only for a lossy
-    one, whose new layers are not learned yet).
-
-    Caffe runs isolated (``deeprebirth.isolation``) so a Caffe abort cannot take the caller down; OpenCV raises
-    exceptions instead of aborting, so it runs here.
-    """
-    if reference == "opencv":
-        from deeprebirth.reference import opencv_outputs
-
-        return compare_outputs(opencv_outputs(*original, feeds, blobs), opencv_outputs(*rewritten, feeds, blobs),
-                               blobs, tolerance, lossy, reference)
-    what = f"{Path(original[0]).name} or {Path(rewritten[0]).name}"
-    result: CheckResult = run_isolated(_compare_in_process, original, rewritten, feeds, blobs, tolerance, lossy,
-                                       what=what)
-    return result
 
 
 def _caffe_outputs(prototxt: str, caffemodel: str, feeds: list[Feed], blobs: list[str]) -> list[dict[str, np.ndarray]]:

@@ -36,11 +36,11 @@ from pathlib import Path
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from deeprebirth import caffe_io
 from deeprebirth import caffe_pb2 as pb
+from deeprebirth.aliases import PathLike
 from deeprebirth.errors import DeepRebirthError
+from deeprebirth.io import caffe_io
 
-PathLike = str | os.PathLike[str]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".jpe")
 
 

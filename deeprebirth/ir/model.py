@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from deeprebirth import caffe_io
 from deeprebirth import caffe_pb2 as pb
+from deeprebirth.aliases import PathLike
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.graph import Graph, attach_weights
-from deeprebirth.shapes import expected_param_shapes, infer_shapes
-
-PathLike = str | os.PathLike[str]
+from deeprebirth.io import caffe_io
+from deeprebirth.ir.graph import Graph, attach_weights
+from deeprebirth.ir.shapes import expected_param_shapes, infer_shapes
 
 
 def load_model(prototxt: PathLike, weights: PathLike | None = None, phase: str = "TEST",

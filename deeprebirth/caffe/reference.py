@@ -31,14 +31,13 @@ from typing import Any
 
 import numpy as np
 
+from deeprebirth.aliases import Feed
+from deeprebirth.caffe.runtime import CAFFE_HINT, caffe_outputs
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.graph import Graph
+from deeprebirth.ir.graph import Graph
 
-Feed = dict[str, np.ndarray]
 REFERENCES = ("caffe", "opencv")
 LABELS = {"caffe": "real Caffe", "opencv": "OpenCV dnn"}
-CAFFE_HINT = ("`make install` builds it, or put your own Caffe's python/ folder on PYTHONPATH; rewrite --check, "
-              "export --check, plan and profile run without it (OpenCV dnn reference)")
 _CANNOT_CREATE = re.compile(r"Can't create layer \"([^\"]+)\" of type \"([^\"]+)\"")
 _OPENCV_ERROR = re.compile(r"error: \([^)]*\) (.*)")  # "OpenCV(4.x) file.cpp:12: error: (-2:...) what"
 
@@ -92,8 +91,6 @@ def reference_outputs(reference: str, prototxt: str | os.PathLike[str], caffemod
     """The named Caffe blobs after a forward pass of the reference runtime on each feed."""
     if reference == "opencv":
         return opencv_outputs(prototxt, caffemodel, feeds, blobs)
-    from deeprebirth.caffe_runtime import caffe_outputs
-
     return caffe_outputs(prototxt, caffemodel, list(feeds), list(blobs))
 
 
@@ -104,8 +101,8 @@ def opencv_outputs(prototxt: str | os.PathLike[str], caffemodel: str | os.PathLi
     runs the net the rules saw."""
     import cv2
 
-    from deeprebirth import caffe_io
-    from deeprebirth.model import load_model
+    from deeprebirth.io import caffe_io
+    from deeprebirth.ir.model import load_model
 
     graph = load_model(prototxt, phase=phase)
     writers = _writers(graph)

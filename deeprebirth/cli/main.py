@@ -15,18 +15,18 @@ from typing import Any
 import click
 
 from deeprebirth import api
-from deeprebirth import cli_render as render
+from deeprebirth.cli import render
 
 # underscored: helpers of the commands, not commands
-from deeprebirth.cli_options import click_option as _click_option
-from deeprebirth.cli_options import rewrite_options as _rewrite_options
-from deeprebirth.cli_options import split as _split
-from deeprebirth.cli_options import timing_options as _timing_options
-from deeprebirth.cli_options import transform as _transform
-from deeprebirth.cli_options import transform_options as _transform_options
-from deeprebirth.cli_options import user_errors as _user_errors
-from deeprebirth.cli_progress import FinetuneProgress as _FinetuneProgress
-from deeprebirth.cli_render import finetune_table, pct
+from deeprebirth.cli.options import click_option as _click_option
+from deeprebirth.cli.options import rewrite_options as _rewrite_options
+from deeprebirth.cli.options import split as _split
+from deeprebirth.cli.options import timing_options as _timing_options
+from deeprebirth.cli.options import transform as _transform
+from deeprebirth.cli.options import transform_options as _transform_options
+from deeprebirth.cli.options import user_errors as _user_errors
+from deeprebirth.cli.progress import FinetuneProgress as _FinetuneProgress
+from deeprebirth.cli.render import finetune_table, pct
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -93,7 +93,7 @@ def inspect(prototxt: str, weights: str | None, phase: str, input_shapes: tuple[
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# profile, plan, draw: library in deeprebirth.profile / deeprebirth.plan / deeprebirth.draw
+# profile, plan, draw: library in deeprebirth.measure.profile / deeprebirth.plan.candidates / deeprebirth.ir.draw
 
 
 @main.command("profile")
@@ -107,7 +107,7 @@ def inspect(prototxt: str, weights: str | None, phase: str, input_shapes: tuple[
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the measurements as JSON")
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
               help="list the N slowest layers (0: all)")
-@click.option("--runtime", type=click.Choice(["caffe", "opencv", "onnxruntime", "mnn", "ncnn"]),
+@click.option("--runtime", type=click.Choice(list(api.RUNTIMES)),
               help="where to time: real Caffe, OpenCV dnn, or the exported model (ONNX Runtime, MNN, ncnn); per "
                    "layer except in ncnn (whole forward passes)  [default: caffe where pycaffe imports, else opencv]")
 @click.option("--gpu", type=int, default=None, metavar="ID",
@@ -195,7 +195,7 @@ def _runtime_plan(prototxt: str, weights: str | None, runtime: str, *, json_path
 @click.option("--max-drop", type=click.FloatRange(min=0), help="with --data: mark the lossy merges fine-tuning "
               "cannot bring back to within this many points of top-1 (of agreement without labels), as `rewrite "
               "--max-drop` leaves them out")
-@click.option("--runtime", type=click.Choice(["caffe", "onnxruntime", "mnn", "ncnn"]),
+@click.option("--runtime", type=click.Choice(["caffe", *api.EXPORTED]),
               help="price merges in the reference's per-layer profile (caffe: real Caffe's), or measure each merge "
                    "alone on an exported runtime (batch 1 unless --batch)  [default: the reference's profile]")
 @_click_option(api.OPTION["reference"])
@@ -264,7 +264,7 @@ def draw_command(prototxt: str, out: str, highlight_from: str | None, phase: str
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# finetune, evaluate: library in deeprebirth.finetune / deeprebirth.evaluate / deeprebirth.data
+# finetune, evaluate: library in deeprebirth.finetune / deeprebirth.caffe.evaluate / deeprebirth.caffe.data
 
 
 @main.command("finetune")
@@ -452,7 +452,7 @@ def batch_command(zoo_dir: str, out_dir: str, jobs: int | None, timeout: float, 
 @click.argument("prototxt", type=click.Path(dir_okay=False))
 @click.argument("caffemodel", type=click.Path(dir_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
-@click.option("--to", "to", type=click.Choice(["onnx", "mnn", "ncnn"]),
+@click.option("--to", "to", type=click.Choice(list(api.FORMATS)),
               help="output format  [default: from OUT's suffix: .onnx, .mnn, .param]")
 @click.option("--opset", type=click.IntRange(min=1), default=13, show_default=True, help="ONNX opset")
 @click.option("--batch", type=click.IntRange(min=1), help="batch size of the inputs  [default: the net's]")

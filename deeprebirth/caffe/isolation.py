@@ -62,12 +62,12 @@ class Ended:
     died: str = ""
     timed_out: bool = False
 
-    def result(self, what: str) -> Any:
+    def result(self, what: str, runner: str = "Caffe") -> Any:
         """The value; the child's exception; or DeepRebirthError saying how ``what`` died."""
         if self.error is not None:
             raise self.error
         if self.died:
-            raise DeepRebirthError(f"Caffe aborted while running {what}: {self.died}" if not self.timed_out else
+            raise DeepRebirthError(f"{runner} aborted while running {what}: {self.died}" if not self.timed_out else
                                    f"{what}: {self.died}")
         return self.value
 
@@ -174,7 +174,7 @@ class Child:
 
 
 def run_isolated(target: Callable[..., Any], *args: Any, what: str, timeout: float | None = None,
-                 env: Mapping[str, str] | None = None) -> Any:
+                 env: Mapping[str, str] | None = None, runner: str = "Caffe") -> Any:
     """``target(*args)`` in an isolated child: its value, its exception, or DeepRebirthError saying how ``what``
-    died (with Caffe's fatal line) or ran past ``timeout`` seconds."""
-    return Child(target, *args, timeout=timeout, env=env).wait().result(what)
+    died (with Caffe's fatal line; ``runner``: what ran it) or ran past ``timeout`` seconds."""
+    return Child(target, *args, timeout=timeout, env=env).wait().result(what, runner)

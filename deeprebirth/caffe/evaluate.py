@@ -2,7 +2,7 @@
 with a reference net (the original, for a slimmed net: agreement says how faithfully it replaces it, labels aside).
 
 The net's prediction is its first output blob (a Softmax's probabilities or raw logits: the ranking is the same),
-flattened per image. Batches are written into the net's single Input blob (see deeprebirth.data).
+flattened per image. Batches are written into the net's single Input blob (see deeprebirth.caffe.data).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from deeprebirth.caffe_runtime import open_net
-from deeprebirth.data import Batches, DataSet, PathLike, Transform, open_data
+from deeprebirth.caffe.data import Batches, DataSet, PathLike, Transform, open_data
+from deeprebirth.caffe.isolation import run_isolated
+from deeprebirth.caffe.runtime import open_net
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.graph import Graph
-from deeprebirth.isolation import run_isolated
-from deeprebirth.model import load_model
-from deeprebirth.shapes import infer_shapes
+from deeprebirth.ir.graph import Graph
+from deeprebirth.ir.model import load_model
+from deeprebirth.ir.shapes import infer_shapes
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def _predict_files(prototxt: PathLike, caffemodel: PathLike, gpu: int | None, io
 
 def _isolated_predict(prototxt: PathLike, caffemodel: PathLike, gpu: int | None, io: NetIO, batches: Batches,
                       indices: np.ndarray, batch: int) -> np.ndarray:
-    """``predict`` in an isolated child (``deeprebirth.isolation``): a net Caffe refuses is a one-line error."""
+    """``predict`` in an isolated child (``deeprebirth.caffe.isolation``): a net Caffe refuses is a one-line error."""
     scores: np.ndarray = run_isolated(_predict_files, prototxt, caffemodel, gpu, io, batches, indices, batch,
                                       what=Path(prototxt).name)
     return scores

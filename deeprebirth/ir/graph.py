@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 import networkx as nx
 import numpy as np
 
-from deeprebirth import caffe_io
 from deeprebirth import caffe_pb2 as pb
-from deeprebirth.caffe_io import Weights, blob_to_array
 from deeprebirth.errors import DeepRebirthError
+from deeprebirth.io import caffe_io
+from deeprebirth.io.caffe_io import Weights, blob_to_array
 
 
 class GraphError(Exception):

@@ -25,18 +25,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deeprebirth.graph import Graph
-from deeprebirth.model import PathLike, load_model
-from deeprebirth.profile import (
-    TENSOR_TYPES,
-    NetProfile,
-    profile_reference,
-    random_caffemodel,
-    set_batch,
-)
+from deeprebirth.io.caffe_io import set_batch
+from deeprebirth.ir.classify import TENSOR_TYPES
+from deeprebirth.ir.graph import Graph
+from deeprebirth.ir.model import PathLike, load_model
+from deeprebirth.ir.shapes import LayerCost, layer_costs
+from deeprebirth.measure.layer_times import profile_reference
+from deeprebirth.measure.profile import NetProfile, random_caffemodel
 from deeprebirth.rewrite import apply_one, select_rules, skips, stages
 from deeprebirth.rules import Match, Rule, RuleConfig, Skip
-from deeprebirth.shapes import LayerCost, layer_costs
 
 
 @dataclass

@@ -16,12 +16,12 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from deeprebirth import caffe_io
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.graph import Graph, Layer
-from deeprebirth.model import PathLike, load_model
-from deeprebirth.profile import type_class
-from deeprebirth.shapes import Shape, infer_shapes
+from deeprebirth.io import caffe_io
+from deeprebirth.ir.classify import type_class
+from deeprebirth.ir.graph import Graph, Layer
+from deeprebirth.ir.model import PathLike, load_model
+from deeprebirth.ir.shapes import Shape, infer_shapes
 
 FILL = {"tensor": "#9ecae1", "non-tensor": "#fdd0a2", "other": "#e0e0e0"}
 HIGHLIGHT = "#d62728"

@@ -18,12 +18,9 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from deeprebirth import caffe_pb2 as pb
-from deeprebirth.atomic import atomic_write
+from deeprebirth.aliases import Weights
 from deeprebirth.errors import DeepRebirthError
-
-Weights = dict[str, list[np.ndarray]]
-
-
+from deeprebirth.io.atomic import atomic_write
 
 _WIRE_VARINT, _WIRE_I64, _WIRE_LEN, _WIRE_I32 = 0, 1, 2, 5
 _NET_LAYER, _NET_V1_LAYERS = 100, 2

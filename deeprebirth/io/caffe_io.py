@@ -7,8 +7,8 @@ a modern, phase-filtered ``NetParameter`` whose inputs are ``Input`` layers:
 * net-level ``input`` / ``input_dim`` / ``input_shape`` become one ``Input`` layer at the front;
 * train_val files are filtered by phase (and level/stage) as Caffe's ``Net::FilterNet`` does.
 
-Caffemodels (the wire-format scanner and streaming writer) live in ``deeprebirth.caffemodel`` and atomic output in
-``deeprebirth.atomic``; both are re-exported here, so ``caffe_io`` stays the one door to Caffe's files.
+Caffemodels (the wire-format scanner and streaming writer) live in ``deeprebirth.io.caffemodel`` and atomic output in
+``deeprebirth.io.atomic``; both are re-exported here, so ``caffe_io`` stays the one door to Caffe's files.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
 from deeprebirth import caffe_pb2 as pb
+from deeprebirth.errors import DeepRebirthError
 
 # re-exported (see __all__): callers read and write every Caffe file through caffe_io
-from deeprebirth.atomic import atomic_write, atomic_write_bytes
-from deeprebirth.caffemodel import Weights, blob_to_array, read_weights, write_caffemodel
-from deeprebirth.errors import DeepRebirthError
+from deeprebirth.io.atomic import atomic_write, atomic_write_bytes
+from deeprebirth.io.caffemodel import Weights, blob_to_array, read_weights, write_caffemodel
 
 __all__ = ["DATA_LAYER_TYPES", "PHASES", "V1_LAYER_TYPES", "FilteredLayer", "Weights", "atomic_write",
            "atomic_write_bytes", "blob_to_array", "data_layer_shapes", "format_prototxt", "load_net",

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from deeprebirth.cli_render import num, pct
+from deeprebirth.cli.render import num, pct
 
 
 class FinetuneProgress:

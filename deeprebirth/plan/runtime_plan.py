@@ -4,7 +4,7 @@ A lossy merge costs fine-tuning and some accuracy; it is worth it only where it 
 pooling and LRN are slow, so in Caffe nearly every merge pays; MNN, ncnn and ONNX Runtime run pooling fast, so a
 merge that trades a pooling for a strided conv may save nothing there.
 
-Candidates come in stages as in ``deeprebirth.plan``: stage 0 matches the net as given; stage n matches once every
+Candidates come in stages as in ``deeprebirth.plan.candidates``: stage 0 matches the net as given; stage n matches once every
 earlier candidate is applied. Each candidate is applied alone to its stage's graph; every stage graph and every
 trial is exported to the runtime and all of them are timed in one worker, interleaved (base, trial 1, trial 2, ...
 each round), so machine drift hits all alike. Time saved = median(stage graph) - median(trial).
@@ -28,11 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.export.latency import EXPORTED, exported_latency
-from deeprebirth.graph import Graph
-from deeprebirth.initializers import random_weights
-from deeprebirth.model import PathLike, load_model, save_model
-from deeprebirth.profile import TENSOR_TYPES, set_batch
+from deeprebirth.export.runtimes import EXPORTED
+from deeprebirth.io.caffe_io import set_batch
+from deeprebirth.ir.classify import TENSOR_TYPES
+from deeprebirth.ir.graph import Graph
+from deeprebirth.ir.initializers import random_weights
+from deeprebirth.ir.model import PathLike, load_model, save_model
+from deeprebirth.measure.latency import exported_latency
 from deeprebirth.rewrite import apply_one, select_rules
 from deeprebirth.rewrite import stages as staged
 from deeprebirth.rules import Change, Match, Rule, RuleConfig

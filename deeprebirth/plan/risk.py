@@ -10,7 +10,7 @@ merge made) is written out and briefly distilled from the original on the user's
 
 A merge whose agreement stays low after the short mimic is one the full fine-tuning will struggle with; next to
 its time saved, that is what lets a user leave it out (``rewrite --exclude``, or ``rewrite --max-drop``: see
-``deeprebirth.recoverable``).
+``deeprebirth.plan.recoverable``).
 
 The short runs are set up to buy real updates where an iteration costs seconds (an ImageNet-size net on a CPU):
 a small batch (``RISK_BATCH``) and a fixed solver and rate (``RISK_SOLVER``, Adam at 1e-4: what a phase falls back to
@@ -31,16 +31,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from deeprebirth import caffe_io
-from deeprebirth.data import PathLike
+from deeprebirth.caffe.data import PathLike
 from deeprebirth.finetune import FinetuneOptions, FinetuneResult, StepResult, finetune_files
 from deeprebirth.finetune.budget import Budget
-from deeprebirth.graph import Graph
-from deeprebirth.model import load_model
-from deeprebirth.plan import Candidate
+from deeprebirth.finetune.train import SolverOptions
+from deeprebirth.io import caffe_io
+from deeprebirth.ir.graph import Graph
+from deeprebirth.ir.model import load_model
+from deeprebirth.plan.candidates import Candidate
 from deeprebirth.rewrite import NetSummary, RewriteReport, apply_one, find_again
 from deeprebirth.rules import RULES, Change, RuleConfig
-from deeprebirth.train import SolverOptions
 
 DEFAULT_BUDGET = "30s"
 RISK_BATCH = 8  # a CPU's images per second hardly depend on the batch: small batches buy more updates

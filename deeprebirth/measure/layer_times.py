@@ -46,17 +46,27 @@ from typing import Any
 
 import numpy as np
 
+from deeprebirth.caffe.reference import pick_reference
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.export.runtimes import Session
-from deeprebirth.graph import Graph
-from deeprebirth.model import PathLike, load_model
-from deeprebirth.profile import RUNTIME_OP, LayerTime, TypeTime, by_type, input_shapes, random_caffemodel, type_class
+from deeprebirth.export.api import ExportOptions, export_files
+from deeprebirth.export.runtimes import RUNTIMES, Session, open_session
+from deeprebirth.ir.classify import RUNTIME_OP, type_class
+from deeprebirth.ir.graph import Graph
+from deeprebirth.ir.model import PathLike, load_model
+from deeprebirth.measure.profile import (
+    LayerTime,
+    NetProfile,
+    TypeTime,
+    by_type,
+    input_shapes,
+    profile_net,
+    random_caffemodel,
+)
+from deeprebirth.measure.worker import CLOCKS, check_timing, run_job
 
-LAYER_TIMED = ("onnxruntime", "mnn", "opencv")
-NOT_LAYER_TIMED = {
-    "ncnn": "ncnn's Python wheel exposes no per-layer timing (only a C++ build with NCNN_BENCHMARK prints it) and "
-            "pnnx renames the layers",
-}
+# Caffe's own per-layer times are deeprebirth.measure.profile's
+LAYER_TIMED = tuple(name for name, runtime in RUNTIMES.items() if not runtime.layer_times and name != "caffe")
+NOT_LAYER_TIMED = {name: runtime.layer_times for name, runtime in RUNTIMES.items() if runtime.layer_times}
 # What runtimes append to a layer's or blob's name when they rewrite or split a node, tried from the end.
 _SUFFIXES = tuple(re.compile(p) for p in (r"_kernel_time$", r":[A-Za-z]\w*$", r"_nchwc$", r"_token_\d+$",
                                          r"_raster_\d+$", r"_\d+$", r"@\d+$"))
@@ -180,16 +190,10 @@ def profile_on_runtime(prototxt: PathLike, weights: PathLike | None, runtime: st
                        clock: str = "wall") -> RuntimeProfile:
     """Export ``prototxt`` to ``runtime`` (OpenCV: the Caffe files as they are; random weights when none), run it
     in a fresh worker, time every op."""
-    from deeprebirth.export.api import ExportOptions, export_files
-    from deeprebirth.export.latency import CLOCKS, EXPORTED, run_worker
-
     if runtime not in LAYER_TIMED:
         why = NOT_LAYER_TIMED.get(runtime, f"unknown runtime {runtime!r}")
         raise DeepRebirthError(f"no per-layer times in {runtime}: {why}")
-    if clock not in CLOCKS:
-        raise DeepRebirthError(f"unknown clock {clock!r} ({', '.join(CLOCKS)})")
-    if rounds < 1 or warmup < 0 or threads < 1:
-        raise DeepRebirthError("threads and rounds must be at least 1, warm-up rounds at least 0")
+    check_timing(threads=threads, rounds=rounds, warmup=warmup, clock=clock, batch=batch)
     for path in (prototxt, weights):
         if path is not None and not Path(path).is_file():
             raise DeepRebirthError("no such file", file=str(path))
@@ -206,13 +210,13 @@ def profile_on_runtime(prototxt: PathLike, weights: PathLike | None, runtime: st
         if runtime == "opencv":
             inputs, outputs, path = input_shapes(prototxt, batch), {}, str(prototxt)
         else:
-            out = folder / f"net.{EXPORTED[runtime]}"
-            result = export_files(prototxt, model, out, ExportOptions(to=EXPORTED[runtime], batch=batch))
+            out = folder / f"net{RUNTIMES[runtime].suffix}"
+            result = export_files(prototxt, model, out, ExportOptions(to=RUNTIMES[runtime].format, batch=batch))
             inputs, outputs, path = result.inputs, result.outputs, str(out)
         request = {"job": "layers", "runtime": runtime, "path": path, "weights": str(model), "inputs": inputs,
                    "outputs": outputs, "threads": threads, "rounds": rounds, "warmup": warmup, "seed": seed,
                    "clock": clock, "trace": str(folder / "ort")}
-        found = run_worker(request, folder)
+        found = run_job(work_layers, request, threads=threads, what=Path(prototxt).name, runner=runtime)
     ops = [(name, op, statistics.median(times)) for name, op, times in found["ops"]]
     layers, no_op = attribute(graph, ops)
     return RuntimeProfile(str(prototxt), None if weights is None else str(weights), runtime,
@@ -221,15 +225,30 @@ def profile_on_runtime(prototxt: PathLike, weights: PathLike | None, runtime: st
                           statistics.median(found["op_share"]) if found["op_share"] else 0.0)
 
 
+def profile_reference(prototxt: PathLike, weights: PathLike | None = None, *, reference: str | None = None,
+                      batch: int | None = None, threads: int = 1, rounds: int = 10, warmup: int = 2, seed: int = 0,
+                      clock: str = "wall") -> NetProfile:
+    """Every layer's time in the reference runtime (``deeprebirth.caffe.reference``: real Caffe where pycaffe imports,
+    else OpenCV dnn). OpenCV's per-layer tick counters (``profile_on_runtime``, wall clock) become a NetProfile:
+    the layers OpenCV fused into a neighbour (BatchNorm, Scale, activations into the conv) count 0 ms, which is
+    what they cost there; memory is not measured (0) since OpenCV reports none."""
+    if pick_reference(reference) == "caffe":
+        return profile_net(prototxt, weights, batch=batch, threads=threads, rounds=rounds, warmup=warmup, seed=seed,
+                           clock=clock)
+    timed = profile_on_runtime(prototxt, weights, "opencv", batch=batch, threads=threads, rounds=rounds,
+                               warmup=warmup, seed=seed, clock=clock)
+    first = next(iter(timed.input_shapes.values()), [0])
+    return NetProfile(str(prototxt), timed.weights, first[0], timed.input_shapes, threads, None, rounds, warmup,
+                      [*timed.layers, *timed.no_op], timed.forward_ms, timed.clock, 0, 0, 0, 0, runtime="opencv")
+
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# the worker's side (in deeprebirth.export.latency's process)
+# the worker's side (in a deeprebirth.measure.worker process)
 
 
 def work_layers(request: dict[str, Any]) -> dict[str, Any]:
     """Time ``rounds`` whole passes (after ``warmup``) and every op of each; ops as [name, type, [ms per round]]."""
-    from deeprebirth.export.latency import CLOCKS
-    from deeprebirth.export.runtimes import open_session
-
     runtime, warmup, rounds = request["runtime"], request["warmup"], request["rounds"]
     clock = CLOCKS[request["clock"]]
     outputs = {name: tuple(shape) if shape else None for name, shape in request["outputs"].items()}

@@ -1,9 +1,7 @@
 """Where the time goes: run a net in real Caffe and time every layer (the paper's Table 1), plus its memory.
 
-Each measurement runs in a fresh Python process (``deeprebirth.isolation``: a spawned child) because
-OpenBLAS reads ``OPENBLAS_NUM_THREADS`` once, when Caffe loads it: a thread count can only be chosen before the
-process starts. The worker also gives a clean peak RSS per net, and a Caffe abort (glog ``LOG(FATAL)``) kills only
-the worker, never the caller. The worker reports the thread count OpenBLAS actually uses (it caps it at the cores).
+Each measurement runs in a fresh worker process (``deeprebirth.measure.worker``, which says why); it reports the
+thread count OpenBLAS actually uses (it caps it at the cores).
 
 Timing: pycaffe's ``net._forward(i, i)`` runs layer ``i`` alone; a few warm-up rounds, then the median of the timed
 rounds per layer. Every round also times one whole forward pass. Inputs are N(0, 1); a net without weights gets
@@ -16,7 +14,7 @@ Memory: Caffe's blob memory is the bytes of every distinct top blob (in-place to
 bottom's memory and count once) plus the parameter bytes; the worker's peak RSS is the kernel's ``VmHWM``.
 
 Kept as one module: the caller's side and the worker's side speak one request/result protocol (plain dicts through
-``deeprebirth.isolation``), which stays correct only while both halves change together.
+``deeprebirth.caffe.isolation``), which stays correct only while both halves change together.
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ import io
 import resource
 import statistics
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,28 +32,15 @@ from typing import Any
 
 import numpy as np
 
-from deeprebirth import caffe_io
-from deeprebirth.caffe_io import set_batch
-from deeprebirth.caffe_runtime import open_net
+from deeprebirth.caffe.runtime import open_net
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.initializers import random_weights
-from deeprebirth.isolation import run_isolated
-from deeprebirth.model import PathLike, load_model
-from deeprebirth.shapes import infer_shapes
-
-TENSOR_TYPES = frozenset({"Convolution", "Deconvolution", "InnerProduct"})
-UNCOUNTED_TYPES = frozenset({"Input"})  # neither tensor nor non-tensor: they do no work at forward time
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-RUNTIME_OP = "runtime:"  # type prefix of ops a runtime adds on its own (layout reorders): no Caffe layer's work
-
-
-def type_class(layer_type: str) -> str:
-    """'tensor', 'non-tensor' or 'other' (the paper's split; Input layers do no work and count as neither)."""
-    if layer_type in TENSOR_TYPES:
-        return "tensor"
-    return "other" if layer_type in UNCOUNTED_TYPES or layer_type.startswith(RUNTIME_OP) else "non-tensor"
+from deeprebirth.io import caffe_io
+from deeprebirth.io.caffe_io import set_batch
+from deeprebirth.ir.classify import type_class
+from deeprebirth.ir.initializers import random_weights
+from deeprebirth.ir.model import PathLike, load_model
+from deeprebirth.ir.shapes import infer_shapes
+from deeprebirth.measure.worker import CLOCKS, check_timing, run_job
 
 
 @dataclass
@@ -163,14 +147,9 @@ def _check_files(prototxt: PathLike, weights: PathLike | None) -> None:
 
 
 def run_worker(request: dict[str, Any], threads: int) -> dict[str, Any]:
-    """Run ``request`` in a fresh isolated process (``deeprebirth.isolation``) with OpenBLAS limited to
+    """Run ``request`` in a fresh isolated process (``deeprebirth.caffe.isolation``) with OpenBLAS limited to
     ``threads``."""
-    if threads < 1:
-        raise DeepRebirthError(f"threads must be at least 1, got {threads}")
-    env = {name: str(threads) for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    what = ", ".join(Path(net[0]).name for net in request["nets"])
-    result: dict[str, Any] = run_isolated(_work, request, what=what, env=env)
-    return result
+    return run_job(_work, request, threads=threads, what=", ".join(Path(net[0]).name for net in request["nets"]))
 
 
 def profile_net(prototxt: PathLike, weights: PathLike | None = None, *, batch: int | None = None,
@@ -179,11 +158,7 @@ def profile_net(prototxt: PathLike, weights: PathLike | None = None, *, batch: i
     """Time every layer of ``prototxt`` in real Caffe (see the module docstring); ``batch`` reshapes the inputs;
     ``gpu``: run on that GPU (a CUDA build; per-layer times then include waiting for the GPU to finish)."""
     _check_files(prototxt, weights)
-    if rounds < 1 or warmup < 0:
-        raise DeepRebirthError("rounds must be at least 1 and warm-up rounds at least 0")
-    if batch is not None and batch < 1:
-        raise DeepRebirthError(f"batch must be at least 1, got {batch}")
-    _check_clock(clock)
+    check_timing(threads=threads, rounds=rounds, warmup=warmup, clock=clock, batch=batch)
     graph = load_model(prototxt, weights)  # clear one-line errors here rather than a Caffe abort later
     with tempfile.TemporaryDirectory(prefix="deeprebirth-weights-") as tmp:
         model = str(weights) if weights is not None else str(Path(tmp) / "random.caffemodel")
@@ -197,27 +172,6 @@ def profile_net(prototxt: PathLike, weights: PathLike | None = None, *, batch: i
     return NetProfile.from_json(result)
 
 
-def profile_reference(prototxt: PathLike, weights: PathLike | None = None, *, reference: str | None = None,
-                      batch: int | None = None, threads: int = 1, rounds: int = 10, warmup: int = 2, seed: int = 0,
-                      clock: str = "wall") -> NetProfile:
-    """Every layer's time in the reference runtime (``deeprebirth.reference``: real Caffe where pycaffe imports,
-    else OpenCV dnn). OpenCV's per-layer tick counters (``export.layer_times``, wall clock) become a NetProfile:
-    the layers OpenCV fused into a neighbour (BatchNorm, Scale, activations into the conv) count 0 ms, which is
-    what they cost there; memory is not measured (0) since OpenCV reports none."""
-    from deeprebirth.reference import pick_reference
-
-    if pick_reference(reference) == "caffe":
-        return profile_net(prototxt, weights, batch=batch, threads=threads, rounds=rounds, warmup=warmup, seed=seed,
-                           clock=clock)
-    from deeprebirth.export.layer_times import profile_on_runtime
-
-    timed = profile_on_runtime(prototxt, weights, "opencv", batch=batch, threads=threads, rounds=rounds,
-                               warmup=warmup, seed=seed, clock=clock)
-    first = next(iter(timed.input_shapes.values()), [0])
-    return NetProfile(str(prototxt), timed.weights, first[0], timed.input_shapes, threads, None, rounds, warmup,
-                      [*timed.layers, *timed.no_op], timed.forward_ms, timed.clock, 0, 0, 0, 0, runtime="opencv")
-
-
 def interleaved_latency(nets: Sequence[tuple[PathLike, PathLike]], *, runtime: str = "caffe",
                         batch: int | None = None, threads: int = 1, rounds: int = 10, warmup: int = 2,
                         seed: int = 0, fusion: bool = True, clock: str = "wall",
@@ -225,7 +179,7 @@ def interleaved_latency(nets: Sequence[tuple[PathLike, PathLike]], *, runtime: s
     """Whole-forward times (ms) of several (prototxt, caffemodel) nets loaded in one worker and run in turn
     (A B A B ...), so slow drift of a shared machine hits every net alike. ``runtime``: "caffe" or "opencv"
     (OpenCV dnn, with ``fusion`` passed to ``enableFusion``). Returns one list of ``rounds`` times per net."""
-    _check_clock(clock)
+    check_timing(threads=threads, rounds=rounds, warmup=warmup, clock=clock, batch=batch)
     for prototxt, weights in nets:
         _check_files(prototxt, weights)
     if runtime not in ("caffe", "opencv"):
@@ -237,11 +191,6 @@ def interleaved_latency(nets: Sequence[tuple[PathLike, PathLike]], *, runtime: s
         request["inputs"] = [input_shapes(p, batch) for p, _ in nets]
     times: list[list[float]] = run_worker(request, threads)["times_ms"]
     return times
-
-
-def _check_clock(clock: str) -> None:
-    if clock not in CLOCKS:
-        raise DeepRebirthError(f"unknown clock {clock!r} ({', '.join(CLOCKS)})")
 
 
 def input_shapes(prototxt: PathLike, batch: int | None) -> dict[str, list[int]]:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from deeprebirth import caffe_pb2 as pb
-from deeprebirth.graph import Graph, Layer
-from deeprebirth.shapes import expected_param_shapes
+from deeprebirth.ir.graph import Graph, Layer
+from deeprebirth.ir.shapes import expected_param_shapes
 from deeprebirth.weights.fillers import Filler, plausible_blobs
 
 

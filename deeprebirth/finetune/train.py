@@ -1,6 +1,6 @@
 """Training nets from pycaffe: a train prototxt made from a deploy net (learning-rate multipliers per layer, a
 loss layer), a generated solver prototxt, and a loop that writes each batch into the nets' Input blobs and takes one
-solver step (this Caffe build has no data layers that could read files, see deeprebirth.data).
+solver step (this Caffe build has no data layers that could read files, see deeprebirth.caffe.data).
 
 Generated nets are shape-checked in the IR before Caffe sees them, so a mistake is a one-line error instead of a
 glog abort. Learning rates decay linearly to 0 over a run (Caffe's "poly" policy, power 1) unless "fixed" is asked.
@@ -16,18 +16,17 @@ from typing import Any
 
 import numpy as np
 
-from deeprebirth import caffe_io
 from deeprebirth import caffe_pb2 as pb
-from deeprebirth.caffe_io import set_batch
-from deeprebirth.caffe_runtime import import_caffe
-from deeprebirth.data import Batches, DataSet, PathLike, Transform, open_data
+from deeprebirth.aliases import Weights
+from deeprebirth.caffe.data import Batches, DataSet, PathLike, Transform, open_data
+from deeprebirth.caffe.evaluate import NetIO, predict, top_k
+from deeprebirth.caffe.runtime import import_caffe
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.evaluate import NetIO, predict, top_k
-from deeprebirth.graph import Graph, GraphError
-from deeprebirth.model import load_model
-from deeprebirth.shapes import expected_param_shapes, infer_shapes
-
-Weights = dict[str, list[np.ndarray]]
+from deeprebirth.io import caffe_io
+from deeprebirth.io.caffe_io import set_batch
+from deeprebirth.ir.graph import Graph, GraphError
+from deeprebirth.ir.model import load_model
+from deeprebirth.ir.shapes import expected_param_shapes, infer_shapes
 
 SOLVER_TYPES = {"sgd": "SGD", "nesterov": "Nesterov", "adam": "Adam", "rmsprop": "RMSProp", "adagrad": "AdaGrad",
                 "adadelta": "AdaDelta"}
@@ -112,10 +111,6 @@ def solver_text(net_path: Path | str, options: SolverOptions, iters: int, seed: 
     return "\n".join(lines) + "\n"
 
 
-def write_text(path: Path, text: str) -> None:
-    caffe_io.atomic_write_bytes(path, text)
-
-
 def load_params(net: Any, weights: Callable[[str], list[np.ndarray]]) -> None:
     for name, blobs in net.params.items():
         arrays = weights(name)
@@ -137,7 +132,7 @@ def make_solver(work: Path, tag: str, train_net: pb.NetParameter, options: Solve
     validate_net(train_net, f"{tag} train net")
     net_path, solver_path = work / f"{tag}_train.prototxt", work / f"{tag}_solver.prototxt"
     caffe_io.write_prototxt(net_path, train_net)
-    write_text(solver_path, solver_text(net_path, options, iters, seed, snapshot_prefix=str((work / tag).resolve())))
+    caffe_io.atomic_write_bytes(solver_path, solver_text(net_path, options, iters, seed, snapshot_prefix=str((work / tag).resolve())))
     caffe.set_random_seed(seed)
     return caffe.get_solver(str(solver_path))
 

@@ -1,8 +1,8 @@
 """Which lossy merges the user's data and fine-tuning budget can recover: the choice behind ``--max-drop``.
 
 ``rewrite --data D --max-drop P [--budget B]`` (and ``plan --data D --max-drop P``) measure each lossy candidate
-of the plan (``deeprebirth.plan``) with a short distillation run of the net with only that merge and the merges
-it builds on (``deeprebirth.risk``), and keep only the merges that run says fine-tuning can bring back to within
+of the plan (``deeprebirth.plan.candidates``) with a short distillation run of the net with only that merge and the merges
+it builds on (``deeprebirth.plan.risk``), and keep only the merges that run says fine-tuning can bring back to within
 ``P`` points of the original:
 
 * **budget**: the risk runs together cost about ``B``, the fine-tuning budget the user plans (default: that of
@@ -41,11 +41,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from deeprebirth.data import PathLike, Transform
+from deeprebirth.caffe.data import PathLike, Transform
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.finetune.budget import Budget
-from deeprebirth.plan import Candidate, Plan, plan_file
-from deeprebirth.risk import Risk, assess, dependencies, risk_options, share_budget
+from deeprebirth.plan.candidates import Candidate, Plan, plan_file
+from deeprebirth.plan.risk import Risk, assess, dependencies, risk_options, share_budget
 from deeprebirth.rules import Match, Rule, RuleConfig
 
 MIN_DROP = 0.1  # points: the least drop a merge is charged when ranking by time saved per point
