@@ -73,7 +73,7 @@ def main() -> None:
         save_model(graph, *original)
         slim = (str(folder / "slim.prototxt"), str(folder / "slim.caffemodel"))
         log("deeprebirth rewrite (all default rules)")
-        subprocess.run([sys.executable, "-c", "from deeprebirth.cli.main import main; main()", "rewrite", original[0],
+        subprocess.run([sys.executable, "-c", "from deeprebirth.cli import main; main()", "rewrite", original[0],
                         slim[0], "--weights", original[1], "--out-weights", slim[1]], check=True,
                        stdout=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         nets = {"original": batch_one(*original, folder / "original_b1"), "slim": batch_one(*slim, folder / "slim_b1")}

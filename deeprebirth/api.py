@@ -14,15 +14,20 @@ from statistics import median
 from typing import Any
 
 from deeprebirth.aliases import PathLike
+from deeprebirth.batch.records import BATCH_OPTIONS  # noqa: F401
 from deeprebirth.caffe.data import Transform, image_files  # noqa: F401
+from deeprebirth.caffe.options import EVALUATE_OPTIONS, TRANSFORM_NAMES, TRANSFORM_OPTIONS, pop_transform  # noqa: F401
 from deeprebirth.caffe.reference import describe as describe_reference  # noqa: F401
 from deeprebirth.caffe.reference import pick_reference, require_pycaffe  # noqa: F401
 from deeprebirth.errors import DeepRebirthError  # noqa: F401
+from deeprebirth.export.api import EXPORT_OPTIONS  # noqa: F401
 from deeprebirth.export.runtimes import EXPORTED, FORMATS, RUNTIMES  # noqa: F401
+from deeprebirth.finetune.settings import FINETUNE_OPTIONS, budget_for, finetune_options  # noqa: F401
 from deeprebirth.io import caffe_io
 from deeprebirth.ir.classify import type_class  # noqa: F401
 from deeprebirth.ir.graph import GraphError  # noqa: F401  (the CLI's exit code 3)
 from deeprebirth.ir.model import save_model  # noqa: F401
+from deeprebirth.measure.options import PROFILE_OPTIONS  # noqa: F401
 from deeprebirth.pipeline import (  # noqa: F401
     DEFAULT_PRESET,
     FINETUNE_BUDGET,
@@ -36,6 +41,7 @@ from deeprebirth.pipeline import (  # noqa: F401
     preset_options,
     rewrite_files,
 )
+from deeprebirth.plan.options import PLAN_OPTIONS  # noqa: F401
 from deeprebirth.rewrite import NetSummary, RewriteReport  # noqa: F401
 from deeprebirth.rules import RULE_LABELS  # noqa: F401
 

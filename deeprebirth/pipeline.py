@@ -17,40 +17,36 @@ from typing import Any
 from deeprebirth.aliases import PathLike
 from deeprebirth.caffe.compare import CheckResult, compare_nets, compared_blobs
 from deeprebirth.caffe.data import Transform, image_files
-from deeprebirth.caffe.reference import REFERENCES, pick_reference
+from deeprebirth.caffe.options import REFERENCE_OPTION
+from deeprebirth.caffe.reference import pick_reference
 from deeprebirth.caffe.runtime import image_feeds, random_feeds
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.export.runtimes import EXPORTED
+from deeprebirth.finetune import FinetuneOptions
 from deeprebirth.io import caffe_io
 from deeprebirth.io.caffe_io import DATA_LAYER_TYPES
 from deeprebirth.ir.graph import Graph
 from deeprebirth.ir.model import load_model, same_file, save_model
 from deeprebirth.ir.shapes import LayerCost, infer_shapes, layer_costs
-from deeprebirth.rewrite import OPT_IN_GROUPS, RewriteReport, candidates, rewrite, rule_groups, select_rules, skips
+from deeprebirth.rewrite import PHASE_OPTION, RULES_OPTION, RewriteReport, candidates, rewrite, select_rules, skips
 from deeprebirth.rules import RULE_OPTIONS, RULES, Option, Rule, RuleConfig, Skip
 
-PHASES = ("TEST", "TRAIN")
-FINETUNE_BUDGET = "10m"  # finetune's default budget (FinetuneOptions.budget; tests/test_recoverable.py keeps them equal)
+FINETUNE_BUDGET = FinetuneOptions().budget  # what --max-drop's risk runs plan with: what finetune will get
 
 # The options of a rewrite (``rewrite`` and ``batch``), each declared once: RewriteOptions takes its defaults from
 # here, ``validate_options`` checks a value against it, and the CLI builds its flags from it.
 REWRITE_OPTIONS: tuple[Option, ...] = (
-    Option("rules", str, "all", metavar="RULES",
-           help=f"rule names or groups ({', '.join(rule_groups())}, all), comma-separated; all leaves out the "
-                f"opt-in group(s) {', '.join(OPT_IN_GROUPS)}"),
+    RULES_OPTION,
     Option("skip", str, (), multiple=True, help="rule names or groups not to apply"),
     Option("only", str, (), multiple=True, help="apply rules only where they involve these layers"),
     Option("exclude", str, (), multiple=True, help="never apply rules that involve these layers"),
-    Option("phase", str, "TEST", choices=PHASES,
-           help="the phase of a train_val prototxt the rules see (the other phase's layers are kept as they are)"),
+    PHASE_OPTION,
     Option("input_shapes", str, (), multiple=True, flag="input-shape", metavar="BLOB:N,C,H,W",
            help="shape of a data layer's top (repeatable); default: from transform_param.crop_size and the first "
                 "record of its LMDB"),
     Option("check", int, 0, minimum=0, concept="number of check inputs",
            help="compare both nets in the reference runtime on N random inputs (needs weights)"),
-    Option("reference", str, None, choices=REFERENCES,
-           help="the reference runtime that runs the Caffe files for --check (and times them for plan): real "
-                "Caffe (pycaffe) or OpenCV dnn  [default: caffe where pycaffe imports, else opencv]"),
+    REFERENCE_OPTION,
     Option("images", str, (), multiple=True,
            help="real photos (files or a folder of them; repeatable) to compare on too"),
     Option("tolerance", float, 1e-4, help="largest allowed max|a-b|/max|a| on each compared blob"),

@@ -12,11 +12,16 @@ from deeprebirth.errors import DeepRebirthError
 from deeprebirth.io.caffe_io import DATA_LAYER_TYPES
 from deeprebirth.ir.graph import Graph, GraphError
 from deeprebirth.ir.shapes import SHAPE_FUNCTIONS, infer_shapes, layer_costs
+from deeprebirth.option import Option
 from deeprebirth.rules import RULES, Change, Match, Rule, RuleConfig, Skip
 
 MAX_CHANGES = 100_000  # a guard against a rule pair that undoes each other
 MAX_STAGES = 100  # a guard against rules that keep producing new matches (``stages``)
 OPT_IN_GROUPS = ("tucker",)  # groups that "all" leaves out: applied only when named
+PHASES = ("TEST", "TRAIN")
+PHASE_OPTION = Option("phase", str, "TEST", choices=PHASES,
+                      help="the phase of a train_val prototxt the rules see (the other phase's layers are kept as "
+                           "they are)")
 
 
 @dataclass
@@ -129,6 +134,11 @@ def _inherit_reproduces(change: Change, pending: dict[str, str], original_blobs:
 def rule_groups() -> list[str]:
     """The rule groups, in rule order."""
     return list(dict.fromkeys(rule.group for rule in RULES))
+
+
+RULES_OPTION = Option("rules", str, "all", metavar="RULES",
+                      help=f"rule names or groups ({', '.join(rule_groups())}, all), comma-separated; all leaves out "
+                           f"the opt-in group(s) {', '.join(OPT_IN_GROUPS)}")
 
 
 def select_rules(names: Sequence[str] | str = "all", skip: Iterable[str] = ()) -> tuple[Rule, ...]:

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scripts.import_graph import ROOT, cycle, folder_graph  # run as a script, from anywhere: the repo on the path first
 
 # the folders and modules only the package's own plumbing needs: drawn, they would only add arrows from everywhere
-LEFT_OUT = {"deeprebirth", "caffe_pb2", "errors", "aliases"}
+LEFT_OUT = {"deeprebirth", "caffe_pb2", "errors", "option", "aliases"}
 
 
 def dot_source(graph: dict[str, set[str]]) -> str:

@@ -25,7 +25,7 @@ from deeprebirth.batch import (
     rewrite_model,
     run_batch,
 )
-from deeprebirth.cli.main import main
+from deeprebirth.cli import main
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.ir.model import load_model, save_model
 
@@ -261,7 +261,7 @@ def test_ctrl_c_leaves_whole_outputs_or_none(tmp_path: Path) -> None:
     # a shell that runs the suite in the background starts it with SIGINT ignored, and children inherit that:
     # the child puts Python's own Ctrl-C handler back before it runs the CLI
     launcher = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                "sys.argv = ['deeprebirth', *sys.argv[1:]]; runpy.run_module('deeprebirth.cli.main', run_name='__main__')")
+                "sys.argv = ['deeprebirth', *sys.argv[1:]]; runpy.run_module('deeprebirth.cli', run_name='__main__')")
     child = subprocess.Popen([sys.executable, "-c", launcher, "batch", str(zoo), str(out), "--jobs", "2"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     assert child.stderr is not None

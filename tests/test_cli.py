@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import graph_from_text, save
 
-from deeprebirth.cli.main import main
+from deeprebirth.cli import main
 
 GOOD = """name: "small"
 input: "data"

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import graph_from_text, save
 
-from deeprebirth.cli.main import main
+from deeprebirth.cli import main
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.ir.draw import FILL, HIGHLIGHT, dot_source, draw_file, merged_layers
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from helpers import graph_from_text, save
 
 from deeprebirth.caffe.evaluate import evaluate_files, top_k
-from deeprebirth.cli.main import main
+from deeprebirth.cli import main
 from deeprebirth.errors import DeepRebirthError
 
 CLASSES = 10

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from helpers import graph_from_text, save
 from nets import tiny_inception
 
-from deeprebirth.cli.main import main
+from deeprebirth.cli import main
 from deeprebirth.export import runtimes
 
 

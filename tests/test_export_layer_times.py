@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from helpers import graph_from_text, save
 from nets import tiny_inception
 
-from deeprebirth.cli.main import main
+from deeprebirth.cli import main
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.ir.classify import RUNTIME_OP
 from deeprebirth.measure.layer_times import attribute, layer_owners, owner_of, profile_on_runtime

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from helpers import graph_from_text, save
 from nets import tiny_inception
 
-from deeprebirth.cli.main import main
+from deeprebirth.cli import main
 from deeprebirth.plan.runtime_plan import RuntimeCandidate, RuntimePlan, exclusions, plan_on_runtime
 
 

@@ -17,7 +17,7 @@ from helpers import graph_from_text, save
 from deeprebirth import caffe_pb2 as pb
 from deeprebirth.api import rewrite_files
 from deeprebirth.caffe.data import Transform
-from deeprebirth.cli.main import main
+from deeprebirth.cli import main
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.finetune import FinetuneOptions, Progress, finetune_files, plan_steps
 from deeprebirth.finetune.train import SolverOptions

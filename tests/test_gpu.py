@@ -13,7 +13,7 @@ from nets import squeezenet_v10
 
 from deeprebirth.caffe.evaluate import evaluate_files
 from deeprebirth.caffe.runtime import caffe_has_cuda, gpu_count, import_caffe
-from deeprebirth.cli.main import main
+from deeprebirth.cli import main
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.measure.profile import profile_net
 

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from helpers import graph_from_text, save
 
 from deeprebirth.batch import BatchOptions, FoundModel, ModelTask, rewrite_model
-from deeprebirth.cli.main import main
+from deeprebirth.cli import main
 from deeprebirth.io import caffe_io
 
 PROBE = "deeprebirth_hostile_probe"

@@ -31,6 +31,7 @@ LAYERS = (
     "deeprebirth",  # the package's __init__
     "caffe_pb2",  # generated from proto/caffe.proto
     "errors",  # the one user-facing error type
+    "option",  # a user choice declared once (flag, default, help, validation)
     "aliases",  # the shared type aliases
     "weights",  # pure numpy weight math
     "io",  # Caffe's files

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import graph_from_text, save
 
-from deeprebirth.cli.main import main
+from deeprebirth.cli import main
 from deeprebirth.ir.graph import Graph
 from deeprebirth.ir.shapes import layer_costs
 from deeprebirth.measure.profile import profile_net

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from helpers import graph_from_text, save
 
 from deeprebirth.caffe.isolation import fatal_line
-from deeprebirth.cli.main import main
+from deeprebirth.cli import main
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.io.caffe_io import set_batch
 from deeprebirth.ir.classify import type_class

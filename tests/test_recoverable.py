@@ -13,7 +13,7 @@ from helpers import graph_from_text, save
 from nets import tiny_inception
 
 from deeprebirth import api
-from deeprebirth.cli.main import main
+from deeprebirth.cli import main
 from deeprebirth.finetune import FinetuneOptions, FinetuneResult, StepResult
 from deeprebirth.io.caffe_io import read_prototxt
 from deeprebirth.plan.candidates import Candidate

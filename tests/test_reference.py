@@ -16,7 +16,7 @@ from deeprebirth.api import RewriteOptions, rewrite_files
 from deeprebirth.caffe import reference
 from deeprebirth.caffe.compare import compare_nets
 from deeprebirth.caffe.runtime import random_feeds
-from deeprebirth.cli.main import main
+from deeprebirth.cli import main
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.ir.model import load_model, save_model
 

@@ -11,7 +11,7 @@ from helpers import graph_from_text, save
 from nets import tiny_inception
 
 from deeprebirth.caffe.data import Transform
-from deeprebirth.cli.main import main
+from deeprebirth.cli import main
 from deeprebirth.finetune import FinetuneOptions
 from deeprebirth.plan.candidates import plan_file
 from deeprebirth.plan.risk import assess, dependencies, merged_graph

@@ -15,7 +15,7 @@ from nets import squeezenet_v10
 
 from deeprebirth import caffe_pb2 as pb
 from deeprebirth.api import RewriteOptions, rewrite_files
-from deeprebirth.cli.main import main
+from deeprebirth.cli import main
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.io import caffe_io
 

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from deeprebirth.caffe.options import REFERENCE_OPTION
 from deeprebirth.caffe.reference import pick_reference
 from deeprebirth.caffe.runtime import Feed, image_feeds, random_feeds
 from deeprebirth.errors import DeepRebirthError
@@ -19,6 +20,8 @@ from deeprebirth.io import caffe_io
 from deeprebirth.ir.graph import Graph
 from deeprebirth.ir.model import PathLike, load_model, same_file, save_model
 from deeprebirth.ir.shapes import infer_shapes
+from deeprebirth.option import Option
+from deeprebirth.rewrite import PHASE_OPTION
 
 SUFFIXES = {runtime.suffix: fmt for fmt, runtime in FORMATS.items()}
 
@@ -35,6 +38,29 @@ class ExportOptions:
     seed: int = 0
     phase: str = "TEST"
     reference: str | None = None  # what runs the original for --check: caffe, opencv; None: caffe where importable
+
+
+_DEFAULT = ExportOptions()
+# ``export``'s options, each declared once: the flags come from here, the defaults from ExportOptions
+EXPORT_OPTIONS: tuple[Option, ...] = (
+    Option("to", str, _DEFAULT.to, choices=tuple(FORMATS),
+           help=f"output format  [default: from OUT's suffix: {', '.join(r.suffix for r in FORMATS.values())}]"),
+    Option("opset", int, _DEFAULT.opset, minimum=1, help="ONNX opset"),
+    Option("batch", int, _DEFAULT.batch, minimum=1, help="batch size of the inputs  [default: the net's]"),
+    Option("outputs", str, _DEFAULT.outputs, multiple=True,
+           help="blob names to export up to (comma-separated)  [default: the net's outputs]"),
+    Option("check", int, _DEFAULT.check, minimum=0,
+           help="run Caffe and the exported model on N random inputs and compare"),
+    Option("images", str, _DEFAULT.images, multiple=True, path="any",
+           help="real photos (files or folders) to compare on too"),
+    Option("tolerance", float, _DEFAULT.tolerance,
+           help="largest allowed max|a-b|/max|a| per output  [default: "
+                + ", ".join(f"{runtime.name} {runtime.tolerance:.0e}".replace("e-0", "e-") for runtime in FORMATS.values())
+                + "]"),
+    Option("seed", int, _DEFAULT.seed, help="seed for the random inputs"),
+    PHASE_OPTION,
+    REFERENCE_OPTION,
+)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 
 from click.testing import CliRunner
 
-from deeprebirth.cli.main import main
+from deeprebirth.cli import main
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.ir.model import load_model
 

@@ -13,7 +13,7 @@ from nets import tiny_inception
 
 from deeprebirth.api import PRESETS, preset_options, rewrite_files
 from deeprebirth.caffe.runtime import opencv_forward
-from deeprebirth.cli.main import main
+from deeprebirth.cli import main
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.ir.graph import Graph
 from deeprebirth.ir.initializers import random_weights
