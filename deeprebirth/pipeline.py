@@ -213,7 +213,7 @@ def rewrite_files(prototxt: PathLike, out_prototxt: PathLike, weights: PathLike 
 
 def _runtime_exclusions(prototxt: PathLike, weights: PathLike | None, options: RewriteOptions, config: RuleConfig,
                         exclude: list[str]) -> tuple[list[str], list[str]]:
-    """``rewrite --runtime R --min-gain PCT``: measure every candidate merge on R (export.runtime_plan) and leave
+    """``rewrite --runtime R --min-gain PCT``: measure every candidate merge on R (plan.runtime_plan) and leave
     out the lossy ones that save less than PCT percent there; returns (exclude list, report lines)."""
     from deeprebirth.plan.runtime_plan import exclusions, plan_on_runtime
 

@@ -230,4 +230,7 @@ RUNTIMES: dict[str, Runtime] = {runtime.name: runtime for runtime in (
             "pnnx renames the layers", _ncnn),
 )}
 EXPORTED = tuple(name for name, runtime in RUNTIMES.items() if runtime.exported)  # what export targets run in
-FORMATS = {runtime.format: runtime for runtime in RUNTIMES.values() if runtime.exported}  # export --to
+FORMATS: dict[str, Runtime] = {}  # export --to: each format once, checked in the first runtime that runs it
+for _runtime in RUNTIMES.values():
+    if _runtime.exported:
+        FORMATS.setdefault(_runtime.format, _runtime)
