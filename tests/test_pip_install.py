@@ -125,7 +125,7 @@ def test_the_build_needs_no_protoc_and_ships_the_schema(fresh: dict[str, object]
 
     wheel = next((work / "dist").glob("*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "deeprebirth/caffe_pb2.py" in names and "deeprebirth/reference.py" in names
+    assert "deeprebirth/caffe_pb2.py" in names and "deeprebirth/caffe/reference.py" in names
     assert not any(name.endswith(".so") for name in names)  # pure Python
     with tarfile.open(next((work / "dist").glob("*.tar.gz"))) as sdist:
         shipped = {Path(n).relative_to(Path(n).parts[0]).as_posix() for n in sdist.getnames() if "/" in n}

@@ -13,8 +13,8 @@ work of all threads, not latency.
 Memory: Caffe's blob memory is the bytes of every distinct top blob (in-place tops and Split tops share their
 bottom's memory and count once) plus the parameter bytes; the worker's peak RSS is the kernel's ``VmHWM``.
 
-Kept as one module: the caller's side and the worker's side speak one request/result protocol (plain dicts through
-``deeprebirth.caffe.isolation``), which stays correct only while both halves change together.
+Kept as one module: the caller's side and the worker's side of each job speak one request/result protocol (plain
+dicts through ``deeprebirth.measure.worker``), which stays correct only while both halves change together.
 """
 
 from __future__ import annotations
