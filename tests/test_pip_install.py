@@ -32,10 +32,9 @@ WORST = re.compile(r"worst relative error ([0-9.e+-]+) \(tolerance ([0-9.e+-]+)\
 ALTER_ONE_WEIGHT = """
 import sys
 import numpy as np
-from deeprebirth import api
-from deeprebirth.cli import main as cli
+from deeprebirth import cli, pipeline
 LAYER = sys.argv.pop(1)
-saved = api.save_model
+saved = pipeline.save_model
 
 def save_altered(graph, prototxt, weights=None):
     layer = graph.layer(LAYER)
@@ -45,7 +44,7 @@ def save_altered(graph, prototxt, weights=None):
     layer.blobs[0] = altered
     saved(graph, prototxt, weights)
 
-api.save_model = save_altered
+pipeline.save_model = save_altered
 cli.main()
 """
 
