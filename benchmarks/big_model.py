@@ -62,9 +62,9 @@ def vgg16_bn_prototxt(size: int = 224, classes: int = 1000) -> str:
 def make_big_model(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     """Write vgg16_bn.prototxt and a caffemodel with random weights (He-normal, float32 straight from the generator;
     BatchNorm statistics with a real scale factor)."""
-    from deeprebirth import caffe_io
-    from deeprebirth.model import load_model
-    from deeprebirth.shapes import expected_param_shapes
+    from deeprebirth.io import caffe_io
+    from deeprebirth.ir.model import load_model
+    from deeprebirth.ir.shapes import expected_param_shapes
 
     proto = folder / "vgg16_bn.prototxt"
     proto.write_text(vgg16_bn_prototxt())
@@ -108,7 +108,7 @@ with open(sys.argv[3] + "/plain.caffemodel", "wb") as handle:
 """
 READ_BACK = """
 import sys
-from deeprebirth.model import load_model
+from deeprebirth.ir.model import load_model
 graph = load_model(sys.argv[3] + "/out.prototxt", sys.argv[3] + "/out.caffemodel")
 print(sum(b.size for layer in graph.layers() for b in layer.blobs or []), "weights read back")
 """
@@ -116,7 +116,7 @@ CAFFE = """
 import os, sys
 os.environ.setdefault("GLOG_minloglevel", "2")
 import numpy as np
-from deeprebirth.caffe_runtime import forward, open_net
+from deeprebirth.caffe.runtime import forward, open_net
 net = open_net(sys.argv[3] + "/out.prototxt", sys.argv[3] + "/out.caffemodel")
 out = forward(net, {"data": np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)}, ["prob"])
 print("Caffe forward: prob", out["prob"].shape, "sums to", float(out["prob"].sum()))

@@ -24,9 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from deeprebirth.initializers import random_weights
-from deeprebirth.model import load_model, save_model
-from deeprebirth.profile import profile_net, set_batch
+from deeprebirth.io.caffe_io import set_batch
+from deeprebirth.ir.initializers import random_weights
+from deeprebirth.ir.model import load_model, save_model
+from deeprebirth.measure.profile import profile_net
 
 CAFFE = Path(os.environ.get("DEEPREBIRTH_CAFFE", Path(sys.executable).parent / "caffe"))
 FORWARD = re.compile(r"Average Forward pass: ([0-9.]+) ms")

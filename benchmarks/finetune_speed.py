@@ -38,13 +38,13 @@ import numpy as np
 from golden.record import prepare
 
 from deeprebirth.api import rewrite_files
-from deeprebirth.data import Transform
-from deeprebirth.evaluate import NetIO
+from deeprebirth.caffe.data import Transform
+from deeprebirth.caffe.evaluate import NetIO
 from deeprebirth.finetune import FinetuneOptions, finetune_files
 from deeprebirth.finetune.budget import Budget
 from deeprebirth.finetune.driver import choose_batch
-from deeprebirth.model import load_model
-from deeprebirth.train import SolverOptions
+from deeprebirth.finetune.train import SolverOptions
+from deeprebirth.ir.model import load_model
 
 SETTINGS = {  # images, epochs: a few minutes per net on 2 cores
     "fashion_mnist": (1024, 6),

@@ -145,10 +145,10 @@ def test_outputs(case: rc.Case, prototxt: str, weights: str) -> Any:
     """The net's output (class probabilities) on the case's test images, in pycaffe (1 thread)."""
     import numpy as np
 
-    from deeprebirth.caffe_runtime import import_caffe
-    from deeprebirth.data import Batches, open_data
-    from deeprebirth.evaluate import NetIO, predict
-    from deeprebirth.model import load_model
+    from deeprebirth.caffe.data import Batches, open_data
+    from deeprebirth.caffe.evaluate import NetIO, predict
+    from deeprebirth.caffe.runtime import import_caffe
+    from deeprebirth.ir.model import load_model
 
     caffe = import_caffe()
     io = NetIO.of(load_model(prototxt), prototxt)

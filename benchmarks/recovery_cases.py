@@ -66,7 +66,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import net as example_net  # the example's layer helpers (_conv, _pool, _lrn, _inception)
 import run as example  # the example's stages and cache helpers (cached, file_key, fetch, split, ...)
 
-from deeprebirth.data import Transform
+from deeprebirth.caffe.data import Transform
 
 CACHE = Path(os.environ.get("DEEPREBIRTH_CACHE", Path.home() / ".cache" / "deeprebirth")) / "recovery"
 FASHION_CACHE = Path(os.environ.get("DEEPREBIRTH_CACHE", Path.home() / ".cache" / "deeprebirth")) / "fashion_mnist"
@@ -140,7 +140,7 @@ def folder_key(path: Path) -> list[str]:
 def train_stage(folder: Path, text: str, train: Path | str, transform: Transform, iters: int, lr: float, batch: int,
                 key_data: Any, fresh: bool) -> dict[str, Any]:
     """Train ``text`` (a deploy prototxt with fillers) from scratch in Caffe into original.caffemodel."""
-    from deeprebirth.train import SolverOptions, train_classifier
+    from deeprebirth.finetune.train import SolverOptions, train_classifier
 
     prototxt, weights = folder / "original.prototxt", folder / "original.caffemodel"
     key = {"net": text, "iters": iters, "lr": lr, "batch": batch, "transform": asdict(transform), "data": key_data}
@@ -189,7 +189,7 @@ def rewrite_stage(folder: Path, net: str, preset: str | None, fresh: bool) -> di
 
 def evaluate_stage(folder: Path, case: Case, transform: Transform, fresh: bool) -> None:
     """The original's test top-1, and each slim net's before fine-tuning (top-1, agreement with the original)."""
-    from deeprebirth.evaluate import evaluate_files
+    from deeprebirth.caffe.evaluate import evaluate_files
 
     nets = ["original", *case.nets]
     files = [Path(p) for n in nets for p in ((folder / f"{n}.prototxt"), (folder / f"{n}.caffemodel"))]

@@ -47,8 +47,8 @@ def measure(code: str, proto: str, model: str, workdir: str) -> tuple[float, flo
 
 
 def make_model(folder: Path) -> tuple[str, str]:
-    from deeprebirth.initializers import random_weights
-    from deeprebirth.model import load_model, save_model
+    from deeprebirth.ir.initializers import random_weights
+    from deeprebirth.ir.model import load_model, save_model
 
     zoo = json.loads(subprocess.check_output([sys.executable, str(ROOT / "scripts" / "fetch_assets.py")]))
     graph = load_model(Path(zoo["model_zoo"]) / "bvlc_alexnet" / "deploy.prototxt")

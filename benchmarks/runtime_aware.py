@@ -27,11 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from deeprebirth.api import RewriteOptions, rewrite_files
-from deeprebirth.caffe_io import atomic_write_bytes
-from deeprebirth.export.latency import latency
-from deeprebirth.initializers import random_weights
-from deeprebirth.model import load_model, save_model
-from deeprebirth.profile import set_batch
+from deeprebirth.io.caffe_io import atomic_write_bytes, set_batch
+from deeprebirth.ir.initializers import random_weights
+from deeprebirth.ir.model import load_model, save_model
+from deeprebirth.measure.latency import latency
 
 NAMES = {"mnn": "MNN", "onnxruntime": "ONNX Runtime"}
 

@@ -26,13 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from deeprebirth.api import RewriteOptions, rewrite_files
-from deeprebirth.caffe_io import atomic_write_bytes
 from deeprebirth.export.api import ExportOptions, export_files
-from deeprebirth.export.latency import latency
-from deeprebirth.initializers import random_weights
-from deeprebirth.model import load_model, save_model
-from deeprebirth.profile import set_batch
-from deeprebirth.shapes import layer_costs
+from deeprebirth.io.caffe_io import atomic_write_bytes, set_batch
+from deeprebirth.ir.initializers import random_weights
+from deeprebirth.ir.model import load_model, save_model
+from deeprebirth.ir.shapes import layer_costs
+from deeprebirth.measure.latency import latency
 
 RUNTIMES = ("caffe", "opencv", "onnxruntime", "mnn", "ncnn")
 EXPORTS = {"onnxruntime": "onnx", "mnn": "mnn", "ncnn": "ncnn"}
@@ -90,9 +89,9 @@ def nsfw_variants(folder: Path) -> dict[str, tuple[str, str]]:
 
 
 def logits(prototxt: str) -> list[str]:
-    from deeprebirth.export.check import logits_and_outputs
+    from deeprebirth.caffe.compare import compared_blobs
 
-    return logits_and_outputs(load_model(prototxt))
+    return compared_blobs(load_model(prototxt))
 
 
 def agreement(nets: dict[str, tuple[str, str]], images: list[str], folder: Path) -> dict[str, dict[str, str]]:

@@ -30,17 +30,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from deeprebirth.api import RewriteOptions, preset_options, rewrite_files
-from deeprebirth.caffe_io import atomic_write_bytes
-from deeprebirth.initializers import random_weights
-from deeprebirth.model import load_model, save_model
-from deeprebirth.profile import (
+from deeprebirth.io.caffe_io import atomic_write_bytes, set_batch
+from deeprebirth.ir.initializers import random_weights
+from deeprebirth.ir.model import load_model, save_model
+from deeprebirth.ir.shapes import LayerCost, layer_costs
+from deeprebirth.measure.profile import (
     NetProfile,
     interleaved_latency,
     plot_by_type,
     profile_net,
-    set_batch,
 )
-from deeprebirth.shapes import LayerCost, layer_costs
 
 
 def log(message: str) -> None:

@@ -31,11 +31,11 @@ from nets import squeezenet_v10
 from slim_speed import markdown, ratio  # the slim GoogLeNet benchmark's table helpers
 
 from deeprebirth.api import RewriteOptions, rewrite_files
-from deeprebirth.caffe_io import atomic_write_bytes
-from deeprebirth.initializers import random_weights
-from deeprebirth.model import load_model, save_model
-from deeprebirth.profile import interleaved_latency, profile_net, set_batch
-from deeprebirth.shapes import layer_costs
+from deeprebirth.io.caffe_io import atomic_write_bytes, set_batch
+from deeprebirth.ir.initializers import random_weights
+from deeprebirth.ir.model import load_model, save_model
+from deeprebirth.ir.shapes import layer_costs
+from deeprebirth.measure.profile import interleaved_latency, profile_net
 
 NEW_RULE = "merge_pooling_into_widened_branch_convs"
 LABELS = ("original", "slimmed without the new rule", "slimmed (all rules)")

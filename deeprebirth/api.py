@@ -1,372 +1,49 @@
 """The library calls behind each CLI command: files in, files and reports out. The library never prints.
 
-This module is the CLI's only door into the library: the rewrite calls live here, and the other commands' entry
-points (profile, plan, finetune, evaluate, batch, export, draw) are reached through it too, imported on first use
-(``_ELSEWHERE``) so that a command loads Caffe, OpenCV or the export runtimes only when it needs them.
-
-Kept as one module: it is the CLI's one door into the library, and its size is the rewrite calls and the option
-declarations the CLI builds its flags from."""
+This module is the CLI's only door into the library, and no library module imports it: the rewrite calls come from
+``deeprebirth.pipeline``, and the other commands' entry points (profile, plan, finetune, evaluate, batch, export,
+draw) are reached through it too, imported on first use (``_ELSEWHERE``) so that a command loads Caffe, OpenCV or
+the export runtimes only when it needs them."""
 
 from __future__ import annotations
 
-import copy
 import json
-import os
-import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import asdict
+from statistics import median
 from typing import Any
 
-from deeprebirth import caffe_io
-from deeprebirth.caffe_io import DATA_LAYER_TYPES
-from deeprebirth.caffe_runtime import (
-    CheckResult,
-    compare_nets,
-    image_feeds,
-    random_feeds,
+from deeprebirth.aliases import PathLike
+from deeprebirth.batch.records import BATCH_OPTIONS  # noqa: F401
+from deeprebirth.caffe.data import Transform, image_files  # noqa: F401
+from deeprebirth.caffe.options import EVALUATE_OPTIONS, TRANSFORM_NAMES, TRANSFORM_OPTIONS, pop_transform  # noqa: F401
+from deeprebirth.caffe.reference import describe as describe_reference  # noqa: F401
+from deeprebirth.caffe.reference import pick_reference, require_pycaffe  # noqa: F401
+from deeprebirth.errors import DeepRebirthError  # noqa: F401
+from deeprebirth.export.api import EXPORT_OPTIONS  # noqa: F401
+from deeprebirth.export.runtimes import EXPORTED, FORMATS, RUNTIMES  # noqa: F401
+from deeprebirth.finetune.settings import FINETUNE_OPTIONS, budget_for, finetune_options  # noqa: F401
+from deeprebirth.io import caffe_io
+from deeprebirth.ir.classify import type_class  # noqa: F401
+from deeprebirth.ir.graph import GraphError  # noqa: F401  (the CLI's exit code 3)
+from deeprebirth.ir.model import save_model  # noqa: F401
+from deeprebirth.measure.options import PROFILE_OPTIONS  # noqa: F401
+from deeprebirth.pipeline import (  # noqa: F401
+    DEFAULT_PRESET,
+    FINETUNE_BUDGET,
+    OPTION,
+    PRESETS,
+    REWRITE_OPTIONS,
+    RewriteOptions,
+    RewriteResult,
+    inspect_file,
+    parse_input_shapes,
+    preset_options,
+    rewrite_files,
 )
-from deeprebirth.data import Transform, image_files
-from deeprebirth.errors import DeepRebirthError
-from deeprebirth.export.runtimes import RUNTIMES
-from deeprebirth.graph import Graph, GraphError  # noqa: F401  (GraphError re-exported: the CLI's exit code 3)
-from deeprebirth.model import PathLike, load_model, same_file, save_model
-from deeprebirth.reference import REFERENCES, pick_reference, require_pycaffe  # noqa: F401  (CLI: finetune)
-from deeprebirth.reference import describe as describe_reference  # noqa: F401  (for rendering)
-from deeprebirth.rewrite import (  # noqa: F401  (NetSummary re-exported for rendering)
-    OPT_IN_GROUPS,
-    NetSummary,
-    RewriteReport,
-    candidates,
-    rewrite,
-    rule_groups,
-    select_rules,
-    skips,
-)
-from deeprebirth.rules import (  # noqa: F401  (RULE_LABELS re-exported for rendering)
-    RULE_LABELS,
-    RULE_OPTIONS,
-    RULES,
-    Option,
-    Rule,
-    RuleConfig,
-    Skip,
-)
-from deeprebirth.shapes import LayerCost, infer_shapes, layer_costs
-
-PHASES = ("TEST", "TRAIN")
-FINETUNE_BUDGET = "10m"  # finetune's default budget (FinetuneOptions.budget; tests/test_recoverable.py keeps them equal)
-
-# The options of a rewrite (``rewrite`` and ``batch``), each declared once: RewriteOptions takes its defaults from
-# here, ``validate_options`` checks a value against it, and the CLI builds its flags from it.
-REWRITE_OPTIONS: tuple[Option, ...] = (
-    Option("rules", str, "all", metavar="RULES",
-           help=f"rule names or groups ({', '.join(rule_groups())}, all), comma-separated; all leaves out the "
-                f"opt-in group(s) {', '.join(OPT_IN_GROUPS)}"),
-    Option("skip", str, (), multiple=True, help="rule names or groups not to apply"),
-    Option("only", str, (), multiple=True, help="apply rules only where they involve these layers"),
-    Option("exclude", str, (), multiple=True, help="never apply rules that involve these layers"),
-    Option("phase", str, "TEST", choices=PHASES,
-           help="the phase of a train_val prototxt the rules see (the other phase's layers are kept as they are)"),
-    Option("input_shapes", str, (), multiple=True, flag="input-shape", metavar="BLOB:N,C,H,W",
-           help="shape of a data layer's top (repeatable); default: from transform_param.crop_size and the first "
-                "record of its LMDB"),
-    Option("check", int, 0, minimum=0, concept="number of check inputs",
-           help="compare both nets in the reference runtime on N random inputs (needs weights)"),
-    Option("reference", str, None, choices=REFERENCES,
-           help="the reference runtime that runs the Caffe files for --check (and times them for plan): real "
-                "Caffe (pycaffe) or OpenCV dnn  [default: caffe where pycaffe imports, else opencv]"),
-    Option("images", str, (), multiple=True,
-           help="real photos (files or a folder of them; repeatable) to compare on too"),
-    Option("tolerance", float, 1e-4, help="largest allowed max|a-b|/max|a| on each compared blob"),
-    *RULE_OPTIONS,
-    Option("runtime", str, None, choices=RUNTIMES,
-           help="time every candidate merge on this runtime first and apply only the lossy ones that save at "
-                "least the minimum gain there (exact folds always apply)"),
-    Option("min_gain", float, 1.0, minimum=0.0, concept="minimum gain",
-           help="with a runtime: the percent of the net's time on it a lossy merge must save"),
-    Option("max_drop", float, None, minimum=0.0, concept="maximum drop",
-           help="measure each lossy merge's accuracy risk on --data first and apply only those fine-tuning can "
-                "bring back to within this many points of the original's top-1 (of agreement with it without "
-                "labels) in --budget (exact folds always apply)"),
-    Option("data", str, None, help="with a maximum drop: images (labels optional) to measure the risks on"),
-    Option("budget", str, FINETUNE_BUDGET,
-           help="with a maximum drop: the fine-tuning budget you plan (time, Nit or Nep); the risk runs share it"),
-)
-OPTION: dict[str, Option] = {option.name: option for option in REWRITE_OPTIONS}
-DEFAULT: dict[str, Any] = {option.name: option.default for option in REWRITE_OPTIONS}
-
-
-@dataclass
-class RewriteOptions:
-    """A rewrite's settings; each field's meaning, default and allowed values are declared in REWRITE_OPTIONS."""
-
-    rules: str | Sequence[str] = DEFAULT["rules"]
-    skip: Sequence[str] = DEFAULT["skip"]
-    only: Sequence[str] = DEFAULT["only"]
-    exclude: Sequence[str] = DEFAULT["exclude"]
-    phase: str = DEFAULT["phase"]
-    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # data layer top -> shape
-    check: int = DEFAULT["check"]
-    images: Sequence[PathLike] = DEFAULT["images"]
-    tolerance: float = DEFAULT["tolerance"]
-    reference: str | None = DEFAULT["reference"]  # None: real Caffe where pycaffe imports, else OpenCV dnn
-    seed: int = DEFAULT["seed"]
-    init: str = DEFAULT["init"]
-    widen: str = DEFAULT["widen"]
-    rank_method: str = DEFAULT["rank_method"]
-    runtime: str | None = DEFAULT["runtime"]
-    min_gain: float = DEFAULT["min_gain"]
-    runtime_rounds: int = 10  # interleaved timing rounds of the runtime plan (not a command-line option)
-    max_drop: float | None = DEFAULT["max_drop"]
-    data: str | None = DEFAULT["data"]
-    budget: str = DEFAULT["budget"]
-    transform: Transform | None = None  # the risk runs' preprocessing (as finetune's); None: Transform(mirror=True)
-
-    def rule_config(self) -> RuleConfig:
-        return RuleConfig(**{option.name: getattr(self, option.name) for option in RULE_OPTIONS})
-
-    def validate(self) -> RewriteOptions:
-        """Every value checked against its declaration, and the rule names known: one place, before any work."""
-        for option in REWRITE_OPTIONS:
-            option.validate(getattr(self, option.name))
-        select_rules(self.rules, self.skip)
-        return self
-
-
-# Named pipelines (``rewrite --preset``): settings of RewriteOptions. DeepRebirth's default is slimming alone; its
-# fastest configuration adds Tucker-2 decomposition with VBMF ranks (Kim et al. 2016).
-PRESETS: dict[str, dict[str, str]] = {
-    "deeprebirth": {"rules": "all"},
-    "deeprebirth+tucker": {"rules": "all,tucker", "rank_method": DEFAULT["rank_method"]},
-}
-DEFAULT_PRESET = "deeprebirth"
-
-
-def parse_input_shapes(texts: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    """``BLOB:N,C,H,W`` texts -> {blob: shape}."""
-    return dict(caffe_io.parse_input_shape(text) for text in texts)
-
-
-def preset_options(preset: str | None = None, options_type: type[RewriteOptions] | None = None,
-                   **settings: Any) -> RewriteOptions:
-    """Options from a preset (default: DEFAULT_PRESET); ``settings`` that are not None (nor empty lists) override
-    the preset's and the defaults. Text as a command line gives it is accepted: comma-separated names, input shapes
-    as ``BLOB:N,C,H,W``, image folders (their photos). ``options_type``: RewriteOptions or a subclass."""
-    preset = preset or DEFAULT_PRESET
-    if preset not in PRESETS:
-        raise DeepRebirthError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
-    given = {key: value for key, value in settings.items() if value is not None and value != ()}
-    for key in ("skip", "only", "exclude"):
-        if key in given and not isinstance(given[key], str):
-            given[key] = [part.strip() for value in given[key] for part in value.split(",") if part.strip()]
-    if "input_shapes" in given and not isinstance(given["input_shapes"], dict):
-        given["input_shapes"] = parse_input_shapes(given["input_shapes"])
-    if "images" in given:
-        given["images"] = image_files(given["images"])
-    return (options_type or RewriteOptions)(**{**PRESETS[preset], **given})
-
-
-@dataclass
-class RewriteResult:
-    report: RewriteReport
-    check: CheckResult | None
-    original: Graph | None = None  # the net as read (with ``keep_original``, or when checked)
-    graph: Graph | None = None  # the rewritten net
-    accuracy: Any = None  # with a maximum drop: the AccuracyPlan (deeprebirth.recoverable) it chose with
-
-
-def rewrite_files(prototxt: PathLike, out_prototxt: PathLike, weights: PathLike | None = None,
-                  out_weights: PathLike | None = None, report_path: PathLike | None = None,
-                  options: RewriteOptions | None = None, keep_original: bool = False,
-                  progress: Any = None) -> RewriteResult:
-    """Load (once), rewrite, save (atomically), then optionally compare both nets in real Caffe. The result holds
-    the rewritten graph, and the original one when checked or ``keep_original``. With ``options.max_drop`` the
-    lossy merges are chosen by their measured accuracy risk first (deeprebirth.recoverable; ``progress(n, total,
-    candidate)`` before each risk run)."""
-    options = options or RewriteOptions()
-    _refuse_overwrite(prototxt, weights, out_prototxt, out_weights, report_path)
-    if out_weights is not None and weights is None:
-        raise DeepRebirthError("output weights asked for, but no input weights given", options=("out_weights", "weights"))
-    if (options.check or options.images) and (weights is None or out_weights is None):
-        raise DeepRebirthError("checking in Caffe needs the input and the output weights",
-                               options=("check", "images", "weights", "out_weights"))
-    if options.check or options.images:
-        pick_reference(options.reference)  # before any work: a missing pycaffe is one line, not a lost rewrite
-    rules = select_rules(options.validate().rules, options.skip)
-    if options.max_drop is not None or options.data is not None:
-        from deeprebirth.recoverable import check_settings
-
-        check_settings(weights, options.max_drop, options.data, options.budget)
-    graph = load_model(prototxt, weights, phase=options.phase, input_shapes=options.input_shapes)
-    # the check compares with the net as read: a copy, rather than reading the files a second time
-    original = copy.deepcopy(graph) if options.check or options.images or keep_original else None
-    rules, kept_dropout = training_rules(graph, rules, options.rules)
-    config = options.rule_config()
-    exclude, notes = list(options.exclude), list[str]()
-    if options.runtime:
-        exclude, notes = _runtime_exclusions(prototxt, weights, options, config, exclude)
-    accuracy, permit = None, None
-    if options.max_drop is not None:  # measure, then let only the recoverable lossy merges through
-        from deeprebirth.recoverable import permit as permitted
-        from deeprebirth.recoverable import plan_for_accuracy
-
-        accuracy = plan_for_accuracy(prototxt, weights, options.data, options.max_drop, budget=options.budget,  # type: ignore[arg-type]
-                                     transform=options.transform, rules=[r.name for r in rules], only=options.only,
-                                     exclude=exclude, config=config, seed=options.seed, progress=progress)
-        permit = permitted(accuracy.plan.candidates, accuracy.decisions, accuracy.refused)
-    report = rewrite(graph, rules, only=options.only, exclude=exclude, config=config, permit=permit)
-    report.warnings += kept_dropout + notes
-    save_model(graph, out_prototxt, out_weights)
-    if out_weights is not None:
-        report.warnings += caffemodel_size_warnings(os.path.getsize(out_weights))
-    check = None
-    if options.check or options.images:
-        assert original is not None
-        lossy = any(not change.exact for change in report.changes)
-        check = check_rewrite(original, graph, prototxt, weights, out_prototxt, out_weights, options,  # type: ignore
-                              lossy=lossy)
-    if report_path is not None:
-        payload = report.to_json()
-        if check is not None:
-            payload["check"] = {"inputs": check.inputs, "tolerance": check.tolerance, "passed": check.passed,
-                                "lossy": check.lossy, "reference": check.reference,
-                                "predictions_changed": check.predictions_changed,
-                                "blobs": [vars(d) for d in check.diffs]}
-        if accuracy is not None:
-            payload["accuracy"] = accuracy.to_json()
-        caffe_io.atomic_write_bytes(report_path, json.dumps(payload, indent=2))
-    return RewriteResult(report, check, original, graph, accuracy)
-
-
-
-def _runtime_exclusions(prototxt: PathLike, weights: PathLike | None, options: RewriteOptions, config: RuleConfig,
-                        exclude: list[str]) -> tuple[list[str], list[str]]:
-    """``rewrite --runtime R --min-gain PCT``: measure every candidate merge on R (export.runtime_plan) and leave
-    out the lossy ones that save less than PCT percent there; returns (exclude list, report lines)."""
-    from deeprebirth.export.runtime_plan import exclusions, plan_on_runtime
-
-    plan = plan_on_runtime(prototxt, weights, options.runtime or "", rules=options.rules, seed=options.seed,
-                           rounds=options.runtime_rounds, clock="cpu", config=config)
-    names, dropped = exclusions(plan, options.min_gain)
-    notes = [f"not applied: {c.rule} at '{c.layers[0]}' saves {100 * plan.share(c):.1f}% of the net's time on "
-             f"{plan.runtime} (< {options.min_gain:g}%): a lossy merge that does not pay there is accuracy spent "
-             "for nothing" for c in dropped]
-    notes.append(f"runtime plan on {plan.runtime}: noise floor {100 * plan.noise:.1f}% of the net's time (identical "
-                 "copies measured that far apart)" + ("" if 100 * plan.noise < options.min_gain else
-                 f", over the minimum gain {options.min_gain:g}%: only merges that surely save less were left out (a "
-                 "quieter machine or more rounds resolves more)"))
-    return exclude + [n for n in names if n not in exclude], notes
-
-
-def training_rules(graph: Graph, rules: tuple[Rule, ...], asked: str | Sequence[str]) -> tuple[tuple[Rule, ...],
-                                                                                          list[str]]:
-    """A train_val net (data layers, or layers of another phase) is written back for training, where Dropout is
-    not the identity it is at inference: eliminate_dropout runs on it only when named explicitly."""
-    named = {n.strip() for n in (asked.split(",") if isinstance(asked, str) else asked)}
-    training = bool(graph.aside) or any(layer.type in DATA_LAYER_TYPES for layer in graph.layers())
-    if not training or "eliminate_dropout" in named or not any(r.name == "eliminate_dropout" for r in rules):
-        return rules, []
-    dropouts = [layer.name for layer in graph.layers() if layer.type == "Dropout"]
-    listed = ", ".join(dropouts[:3]) + (", ..." if len(dropouts) > 3 else "")
-    note = [f"train_val net: Dropout kept for training ({listed}); name eliminate_dropout in the rules to remove it"]
-    return tuple(r for r in rules if r.name != "eliminate_dropout"), note if dropouts else []
-
-
-def caffemodel_size_warnings(size: int) -> list[str]:
-    """deeprebirth reads and writes caffemodels of any size, but Caffe parses them with protobuf: 2 GiB is a hard
-    limit of the format, and some Caffe builds cap reads at 512 MiB (brocolli's util/io.cpp, the pycaffe here)."""
-    if size >= 2**31:
-        return [(f"the caffemodel is {size / 2**30:.1f} GiB: protobuf (and so Caffe) cannot parse messages of "
-                 "2 GiB or more")]
-    if size > 2**29:
-        return [(f"the caffemodel is {size / 2**20:.0f} MiB: BVLC Caffe reads it, but Caffe builds that cap "
-                 "protobuf reads at 512 MiB (e.g. brocolli-caffe) refuse it")]
-    return []
-
-
-CALLS_OUT_TYPES = (*DATA_LAYER_TYPES, "HDF5Output", "Python")
-
-
-def check_rewrite(original: Graph, rewritten: Graph, prototxt: PathLike, weights: PathLike,
-                  out_prototxt: PathLike, out_weights: PathLike, options: RewriteOptions,
-                  lossy: bool = False) -> CheckResult:
-    """Compare outputs (and the logits under a Softmax output) of the two nets in the reference runtime
-    (``options.reference``; None: real Caffe where pycaffe imports, else OpenCV dnn)."""
-    shapes = infer_shapes(original)
-    inputs = {original.caffe_name(b): shapes[b] for b in original.inputs()}
-    if any(s is None for s in inputs.values()) or not inputs:
-        raise DeepRebirthError("checking in Caffe needs a net with Input layers of known shape", file=str(prototxt),
-                               options=("check",))
-    # Caffe would open the files these layers name (data sources, mean files, HDF5 output) or import their module
-    risky = [f"'{layer.name}' ({layer.type})" for layer in original.layers() if layer.type in CALLS_OUT_TYPES]
-    if risky:
-        raise DeepRebirthError(f"checking would make Caffe open files or import code named in the net: "
-                               f"{', '.join(risky[:3])}; check a deploy net with Input layers", file=str(prototxt),
-                               options=("check",))
-    feeds = random_feeds(inputs, options.check, options.seed)  # type: ignore[arg-type]
-    if options.images:
-        name, shape = next(iter(inputs.items()))
-        feeds += image_feeds(options.images, name, shape)  # type: ignore[arg-type]
-    blobs = comparable_blobs(original, rewritten, lossy)
-    with tempfile.TemporaryDirectory(prefix="deeprebirth-check-") as tmp:
-        # compare the normalised original (V1 upgraded, phase filtered) so Caffe runs the same net we read
-        normalised = Path(tmp) / "original.prototxt"
-        caffe_io.write_prototxt(normalised, original.to_net())
-        return compare_nets((str(normalised), str(weights)), (str(out_prototxt), str(out_weights)), feeds, blobs,
-                            options.tolerance, lossy, pick_reference(options.reference))
-
-
-def comparable_blobs(original: Graph, rewritten: Graph, lossy: bool = False) -> list[str]:
-    """The rewritten net's outputs, plus the input of each Softmax output (logits say more than saturated
-    probabilities), restricted to names both nets have. A lossy rewrite changes values, so a DetectionOutput (how
-    many rows it has depends on the values) is judged by its inputs' shapes instead."""
-    known = set(original.caffe_blob_names().values())
-    names = rewritten.caffe_blob_names()
-    blobs: list[str] = []
-    for blob in rewritten.outputs():
-        producer = rewritten.producer(blob)
-        candidates = [names[blob]]
-        if producer.type == "Softmax":
-            candidates.append(names[producer.bottoms[0]])
-        if producer.type == "DetectionOutput" and lossy:
-            candidates = [names[b] for b in producer.bottoms]
-        blobs += [c for c in candidates if c in known and c not in blobs]
-    if not blobs:
-        raise DeepRebirthError("the rewritten net shares no output blob with the original")
-    return blobs
-
-
-@dataclass
-class Inspection:
-    graph: Graph
-    costs: list[LayerCost]
-    fires: list[tuple[str, tuple[str, ...]]]  # (rule, layers) where a rule would fire
-    skips: list[tuple[str, Skip]]  # (rule, skip) where it would not, and why
-
-
-def inspect_file(prototxt: PathLike, weights: PathLike | None = None, phase: str = "TEST",
-                 input_shapes: dict[str, tuple[int, ...]] | None = None) -> Inspection:
-    graph = load_model(prototxt, weights, phase=phase, input_shapes=input_shapes)
-    costs = layer_costs(graph)
-    fires = [(rule.name, found.layers) for rule, found in candidates(graph, RULES, RuleConfig())]
-    return Inspection(graph, costs, fires, skips(graph, RULES, RuleConfig()))
-
-
-def _refuse_overwrite(prototxt: PathLike, weights: PathLike | None, *outputs: PathLike | None) -> None:
-    inputs = [p for p in (prototxt, weights) if p is not None]
-    for out in outputs:
-        if out is None:
-            continue
-        for src in inputs:
-            if same_file(src, out):
-                raise DeepRebirthError("output would overwrite an input; choose another path", file=str(out))
-        if os.path.isdir(out):
-            raise DeepRebirthError("output path is a folder", file=str(out))
-    named = [str(Path(o).resolve()) for o in outputs if o is not None]
-    if len(set(named)) != len(named):
-        raise DeepRebirthError("two outputs share one path")
-
+from deeprebirth.plan.options import PLAN_OPTIONS  # noqa: F401
+from deeprebirth.rewrite import NetSummary, RewriteReport  # noqa: F401
+from deeprebirth.rules import RULE_LABELS  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------------------------
 # the JSON files commands write (each atomically: temp file + rename)
@@ -384,10 +61,9 @@ def save_profiles(path: PathLike, profiles: Sequence[Any]) -> None:
 def save_latency(path: PathLike, runtime: str, timing: dict[str, Any], nets: Sequence[tuple[str, str | None]],
                  times: Sequence[Sequence[float]]) -> None:
     """``profile --runtime R --json``: the whole-forward times of each net."""
-    import statistics
 
     _save_json(path, {"runtime": runtime, **timing,
-                      "nets": [{"prototxt": p, "weights": w, "times_ms": list(t), "median_ms": statistics.median(t)}
+                      "nets": [{"prototxt": p, "weights": w, "times_ms": list(t), "median_ms": median(t)}
                                for (p, w), t in zip(nets, times)]})
 
 
@@ -398,17 +74,13 @@ def save_runtime_profile(path: PathLike, profile: Any) -> None:
 
 def save_runtime_plan(path: PathLike, plan: Any) -> None:
     """``plan --runtime R --json``: the plan, with each candidate's time saved and share of the net."""
-    from dataclasses import asdict
-
     _save_json(path, {**asdict(plan), "candidates": [dict(asdict(c), saved_ms=c.saved_ms, share=plan.share(c))
                                                      for c in plan.candidates]})
 
 
 def save_plan(path: PathLike, plan: Any, risks: dict[int, Any], chosen: Any = None) -> None:
     """``plan --json``: the Caffe plan, each candidate with its memory saved and measured accuracy risk (and, with
-    ``--max-drop``, the choice: deeprebirth.recoverable.AccuracyPlan)."""
-    from dataclasses import asdict
-
+    ``--max-drop``, the choice: deeprebirth.plan.recoverable.AccuracyPlan)."""
     extra = {} if chosen is None else {"accuracy": chosen.to_json()}
     _save_json(path, {**extra, "prototxt": plan.prototxt, "random_weights": plan.random_weights,
                       "profile": plan.profile.to_json(), "conv_ms_per_mac": plan.conv_ms_per_mac,
@@ -423,8 +95,6 @@ def save_plan(path: PathLike, plan: Any, risks: dict[int, Any], chosen: Any = No
 
 def save_evaluation(path: PathLike, result: Any) -> None:
     """``evaluate --json``."""
-    from dataclasses import asdict
-
     _save_json(path, asdict(result))
 
 
@@ -432,21 +102,21 @@ def save_evaluation(path: PathLike, result: Any) -> None:
 # the other commands' entry points, imported on first use (PEP 562)
 
 _ELSEWHERE = {
-    "deeprebirth.profile": ("plot_by_type", "profile_net", "type_class"),
-    "deeprebirth.export.latency": ("latency",),
-    "deeprebirth.export.layer_times": ("LAYER_TIMED", "NOT_LAYER_TIMED", "profile_on_runtime"),
-    "deeprebirth.export.runtime_plan": ("plan_on_runtime",),
+    "deeprebirth.measure.profile": ("plot_by_type", "profile_net"),
+    "deeprebirth.measure.latency": ("latency",),
+    "deeprebirth.measure.layer_times": ("LAYER_TIMED", "NOT_LAYER_TIMED", "profile_on_runtime"),
+    "deeprebirth.plan.runtime_plan": ("plan_on_runtime",),
     "deeprebirth.export.api": ("ExportOptions", "export_files"),
-    "deeprebirth.data": ("Transform", "transform_from_prototxt"),
-    "deeprebirth.plan": ("plan_file",),
-    "deeprebirth.risk": ("assess", "risk_options"),
-    "deeprebirth.recoverable": ("measure_risks",),
+    "deeprebirth.caffe.data": ("transform_from_prototxt",),
+    "deeprebirth.plan.candidates": ("plan_file",),
+    "deeprebirth.plan.risk": ("assess", "risk_options"),
+    "deeprebirth.plan.recoverable": ("measure_risks",),
     "deeprebirth.finetune": ("FinetuneOptions", "finetune_files"),
     "deeprebirth.finetune.export": ("export_plan",),
-    "deeprebirth.train": ("SolverOptions",),
-    "deeprebirth.evaluate": ("evaluate_files",),
+    "deeprebirth.finetune.train": ("SolverOptions",),
+    "deeprebirth.caffe.evaluate": ("evaluate_files",),
     "deeprebirth.batch": ("BatchOptions", "ModelResult", "run_batch"),
-    "deeprebirth.draw": ("draw_file",),
+    "deeprebirth.ir.draw": ("draw_file",),
 }
 _HOME = {name: module for module, names in _ELSEWHERE.items() for name in names}
 

@@ -35,7 +35,3 @@ def _one_line(text: str) -> str:
     """Escape line breaks and other unprintable characters: messages quote names and text from the user's files,
     and an error must stay one line whatever those hold."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-
-
-class CheckFailed(Exception):
-    """A rewritten net whose outputs differ from the original's beyond the tolerance (exit code 1)."""

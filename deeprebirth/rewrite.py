@@ -8,15 +8,20 @@ from typing import Any
 
 import numpy as np
 
-from deeprebirth.caffe_io import DATA_LAYER_TYPES
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.graph import Graph, GraphError
+from deeprebirth.io.caffe_io import DATA_LAYER_TYPES
+from deeprebirth.ir.graph import Graph, GraphError
+from deeprebirth.ir.shapes import SHAPE_FUNCTIONS, infer_shapes, layer_costs
+from deeprebirth.option import Option
 from deeprebirth.rules import RULES, Change, Match, Rule, RuleConfig, Skip
-from deeprebirth.shapes import SHAPE_FUNCTIONS, infer_shapes, layer_costs
 
 MAX_CHANGES = 100_000  # a guard against a rule pair that undoes each other
 MAX_STAGES = 100  # a guard against rules that keep producing new matches (``stages``)
 OPT_IN_GROUPS = ("tucker",)  # groups that "all" leaves out: applied only when named
+PHASES = ("TEST", "TRAIN")
+PHASE_OPTION = Option("phase", str, "TEST", choices=PHASES,
+                      help="the phase of a train_val prototxt the rules see (the other phase's layers are kept as "
+                           "they are)")
 
 
 @dataclass
@@ -131,6 +136,11 @@ def rule_groups() -> list[str]:
     return list(dict.fromkeys(rule.group for rule in RULES))
 
 
+RULES_OPTION = Option("rules", str, "all", metavar="RULES",
+                      help=f"rule names or groups ({', '.join(rule_groups())}, all), comma-separated; all leaves out "
+                           f"the opt-in group(s) {', '.join(OPT_IN_GROUPS)}")
+
+
 def select_rules(names: Sequence[str] | str = "all", skip: Iterable[str] = ()) -> tuple[Rule, ...]:
     """Rules by name or group ("exact", "streamline", "branch", "tucker", "all"), kept in the canonical order.
 
@@ -212,7 +222,7 @@ def rewrite(graph: Graph, rules: Sequence[Rule] | None = None, only: Iterable[st
             permit: Callable[[Rule, Match], bool] | None = None) -> RewriteReport:
     """Rewrite ``graph`` in place with ``rules`` (default: ``select_rules("all")``). ``only``/``exclude`` restrict
     rules to matches that involve those layer names; ``permit`` (rule, match) has a further say over each match
-    (``rewrite --max-drop``: see deeprebirth.recoverable)."""
+    (``rewrite --max-drop``: see deeprebirth.plan.recoverable)."""
     rules = select_rules("all") if rules is None else rules
     only, exclude = set(only), set(exclude)
     config = config or RuleConfig()

@@ -32,7 +32,7 @@ def main() -> None:
     subprocess.run(command, check=True)
 
     print("\nOpenCV dnn, original vs rewritten, NSFW probability per photo:")
-    from deeprebirth.caffe_runtime import image_feeds, opencv_forward
+    from deeprebirth.caffe.runtime import image_feeds, opencv_forward
 
     for path, feed in zip(photos, image_feeds(photos, "data", (1, 3, 224, 224))):
         a = opencv_forward(assets["open_nsfw.prototxt"], assets["open_nsfw.caffemodel"], feed)

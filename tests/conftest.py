@@ -52,7 +52,7 @@ def finetune_nets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     from nets import tiny_inception
 
     from deeprebirth.api import rewrite_files
-    from deeprebirth.caffe_runtime import forward, open_net
+    from deeprebirth.caffe.runtime import forward, open_net
 
     folder = tmp_path_factory.mktemp("finetune")
     size = 32

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from deeprebirth import caffe_io
-from deeprebirth.caffe_runtime import forward, open_net
-from deeprebirth.graph import Graph
-from deeprebirth.initializers import random_weights
-from deeprebirth.model import save_model
-from deeprebirth.shapes import infer_shapes
+from deeprebirth.caffe.runtime import forward, open_net
+from deeprebirth.io import caffe_io
+from deeprebirth.ir.graph import Graph
+from deeprebirth.ir.initializers import random_weights
+from deeprebirth.ir.model import save_model
+from deeprebirth.ir.shapes import infer_shapes
 
 
 def graph_from_text(text: str, seed: int | None = 0) -> Graph:

@@ -27,7 +27,7 @@ from deeprebirth.batch import (
 )
 from deeprebirth.cli import main
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.model import load_model, save_model
+from deeprebirth.ir.model import load_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def generated_model(folder: Path, stem: str, seed: int, weights_name: str | None
 def with_weights(folder: Path, text: str, stem: str = "deploy", weights_name: str | None = None) -> None:
     write(folder / "tmp.prototxt", text)
     graph = load_model(folder / "tmp.prototxt")
-    from deeprebirth.initializers import random_weights
+    from deeprebirth.ir.initializers import random_weights
 
     random_weights(graph, 1)
     (folder / "tmp.prototxt").unlink()

@@ -11,7 +11,7 @@ from types import ModuleType
 
 import pytest
 
-from deeprebirth import caffe_io
+from deeprebirth.io import caffe_io
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from helpers import graph_from_text, input_feed, run_caffe, save
 
-from deeprebirth import caffe_io
 from deeprebirth import caffe_pb2 as pb
-from deeprebirth.model import load_model, save_model
+from deeprebirth.io import caffe_io
+from deeprebirth.ir.model import load_model, save_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -15,10 +15,10 @@ import pytest
 from helpers import graph_from_text, save
 from nets import squeezenet_v10
 
-from deeprebirth import caffe_io
 from deeprebirth import caffe_pb2 as pb
-from deeprebirth.model import load_model
-from deeprebirth.profile import profile_net
+from deeprebirth.io import caffe_io
+from deeprebirth.ir.model import load_model
+from deeprebirth.measure.profile import profile_net
 
 BIN = Path(sys.executable).parent
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deeprebirth.data import (
+from deeprebirth.caffe.data import (
     Batches,
     Transform,
     open_data,
@@ -81,7 +81,7 @@ def test_caffe_lmdb_raw_and_encoded_datums(tmp_path: Path) -> None:
     import lmdb
 
     from deeprebirth import caffe_pb2 as pb
-    from deeprebirth.data import open_data
+    from deeprebirth.caffe.data import open_data
 
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (6, 3, 5, 7), dtype=np.uint8)

@@ -1,4 +1,4 @@
-"""deeprebirth.draw and `deeprebirth draw`: graphviz diagrams of nets, merged layers highlighted."""
+"""deeprebirth.ir.draw and `deeprebirth draw`: graphviz diagrams of nets, merged layers highlighted."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from helpers import graph_from_text, save
 
 from deeprebirth.cli import main
-from deeprebirth.draw import FILL, HIGHLIGHT, dot_source, draw_file, merged_layers
 from deeprebirth.errors import DeepRebirthError
+from deeprebirth.ir.draw import FILL, HIGHLIGHT, dot_source, draw_file, merged_layers
 
 ORIGINAL = """name: "orig"
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 16 dim: 16 } } }

@@ -14,7 +14,7 @@ from nets import tiny_inception
 
 from deeprebirth.api import RewriteOptions, inspect_file, rewrite_files
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.plan import plan_graph
+from deeprebirth.plan.candidates import plan_graph
 from deeprebirth.rewrite import (
     RewriteReport,
     candidates,

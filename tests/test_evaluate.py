@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 from helpers import graph_from_text, save
 
+from deeprebirth.caffe.evaluate import evaluate_files, top_k
 from deeprebirth.cli import main
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.evaluate import evaluate_files, top_k
 
 CLASSES = 10
 PASS_THROUGH = f"""name: "pass_through"

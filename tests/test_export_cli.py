@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -134,10 +133,11 @@ def test_model_the_runtime_refuses_is_one_line_and_no_output(model: tuple[str, s
 
 
 def shadow_onnxruntime(folder: Path, body: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An ``onnxruntime`` found before the real one by the timing worker (a child process)."""
+    """An ``onnxruntime`` found before the real one by the timing worker (a spawned child: it starts with the
+    parent's sys.path)."""
     (folder / "onnxruntime").mkdir(parents=True)
     (folder / "onnxruntime" / "__init__.py").write_text(body)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.syspath_prepend(str(folder))
 
 
 @pytest.mark.parametrize("body, message", [

@@ -13,8 +13,8 @@ from nets import tiny_inception
 
 from deeprebirth.cli import main
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.export.layer_times import attribute, layer_owners, owner_of, profile_on_runtime
-from deeprebirth.profile import RUNTIME_OP
+from deeprebirth.ir.classify import RUNTIME_OP
+from deeprebirth.measure.layer_times import attribute, layer_owners, owner_of, profile_on_runtime
 
 # every type of tiny_inception does work except the activations runtimes fuse into the conv and the Dropout
 WORKING_TYPES = {"Convolution", "Pooling", "LRN", "InnerProduct", "Softmax"}

@@ -14,13 +14,13 @@ from nets import squeezenet_v10
 from streamline_zoo import ZOO, original
 
 from deeprebirth.api import RewriteOptions, rewrite_files
-from deeprebirth.caffe_runtime import forward, image_feeds, open_net, random_feeds
+from deeprebirth.caffe.compare import compared_blobs
+from deeprebirth.caffe.runtime import forward, image_feeds, open_net, random_feeds
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.export.api import ExportOptions, export_files
-from deeprebirth.export.check import logits_and_outputs
-from deeprebirth.graph import Graph
-from deeprebirth.model import load_model
-from deeprebirth.profile import set_batch
+from deeprebirth.io.caffe_io import set_batch
+from deeprebirth.ir.graph import Graph
+from deeprebirth.ir.model import load_model
 from deeprebirth.rewrite import rewrite, select_rules
 
 
@@ -28,7 +28,7 @@ def assert_matches_caffe(proto: str, weights: str, folder: Path, photos: list[st
                          outputs: list[str] | None = None) -> dict[str, float]:
     """Export (batch 1) through the public API, then compare Caffe and ONNX Runtime output by output."""
     graph = load_model(proto)
-    names = outputs or logits_and_outputs(graph)
+    names = outputs or compared_blobs(graph)
     out = folder / "model.onnx"
     result = export_files(proto, weights, out, ExportOptions(batch=1, outputs=names))  # runs onnx.checker too
     assert onnx.load(str(out), load_external_data=False).opset_import[0].version == 13

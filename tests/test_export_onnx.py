@@ -13,7 +13,7 @@ from helpers import graph_from_text, input_feed, relative_error, run_caffe, save
 
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.export.onnx import pool_pads, to_onnx
-from deeprebirth.shapes import pool_output_size
+from deeprebirth.ir.shapes import pool_output_size
 
 
 def net(body: str, *shapes: tuple[int, ...], tops: tuple[str, ...] = ("data",)) -> str:

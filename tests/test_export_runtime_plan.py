@@ -12,7 +12,7 @@ from helpers import graph_from_text, save
 from nets import tiny_inception
 
 from deeprebirth.cli import main
-from deeprebirth.export.runtime_plan import RuntimeCandidate, RuntimePlan, exclusions, plan_on_runtime
+from deeprebirth.plan.runtime_plan import RuntimeCandidate, RuntimePlan, exclusions, plan_on_runtime
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,16 @@ import pytest
 from click.testing import CliRunner
 from helpers import graph_from_text, save
 
-from deeprebirth import caffe_io
 from deeprebirth import caffe_pb2 as pb
 from deeprebirth.api import rewrite_files
+from deeprebirth.caffe.data import Transform
 from deeprebirth.cli import main
-from deeprebirth.data import Transform
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.finetune import FinetuneOptions, Progress, finetune_files, plan_steps
-from deeprebirth.model import load_model
+from deeprebirth.finetune.train import SolverOptions
+from deeprebirth.io import caffe_io
+from deeprebirth.ir.model import load_model
 from deeprebirth.rewrite import RewriteReport
-from deeprebirth.train import SolverOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32

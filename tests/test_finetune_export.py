@@ -20,18 +20,20 @@ import pytest
 from click.testing import CliRunner
 from helpers import graph_from_text, save
 
-from deeprebirth import caffe_io
 from deeprebirth import caffe_pb2 as pb
 from deeprebirth.api import rewrite_files
-from deeprebirth.caffe_runtime import forward, open_net
+from deeprebirth.caffe.data import Transform, open_data, split_holdout, write_lmdb
+from deeprebirth.caffe.runtime import forward, open_net
 from deeprebirth.cli import main
-from deeprebirth.data import Transform, open_data, split_holdout, write_lmdb
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.finetune import FinetuneOptions, Progress, finetune_files
+from deeprebirth.finetune.budget import Budget
 from deeprebirth.finetune.context import held_out_share
 from deeprebirth.finetune.export import export_plan
 from deeprebirth.finetune.losses import softmax
-from deeprebirth.train import SolverOptions
+from deeprebirth.finetune.settings import EXPORT_BUDGET, FINETUNE_OPTIONS, finetune_options
+from deeprebirth.finetune.train import SolverOptions
+from deeprebirth.io import caffe_io
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "fashion_mnist"))
@@ -233,7 +235,11 @@ def test_cli_export_and_its_one_line_errors(nets: dict[str, str], tmp_path: Path
     assert result.exit_code == 0, result.output
     assert "wrote" in result.stdout and "run.sh" in result.stdout and "sgd at 0.01" in result.stdout
     assert (tmp_path / "plan" / "step_1" / "init.caffemodel").is_file()
-    result = CliRunner().invoke(main, [*args, "--export", str(tmp_path / "plan2")])  # the default budget, 10m
+    result = CliRunner().invoke(main, [*args, "--export", str(tmp_path / "plan2")])  # no --budget: an exportable one
+    assert result.exit_code == 0, result.output
+    assert f"budget {EXPORT_BUDGET} (--export's default" in result.stdout
+    assert json.loads((tmp_path / "plan2" / "plan.json").read_text())["budget"] == EXPORT_BUDGET
+    result = CliRunner().invoke(main, [*args, "--export", str(tmp_path / "plan3"), "--budget", "10m"])
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "time budget cannot be exported" in result.stderr
     result = CliRunner().invoke(main, [*args, "--train-val", nets["report"], "--out", str(tmp_path / "o.caffemodel")])
@@ -242,3 +248,13 @@ def test_cli_export_and_its_one_line_errors(nets: dict[str, str], tmp_path: Path
     assert result.exit_code == 2 and "--out is required" in result.stderr
     layer = caffe_io.read_prototxt(tmp_path / "plan" / "step_1" / "train_val.prototxt").layer[0]
     assert layer.type == "Data" and layer.include[0].phase == pb.TRAIN and layer.transform_param.mirror
+
+
+DEFAULTS = {option.name: option.default for option in FINETUNE_OPTIONS}  # the settings as the CLI passes them
+
+
+def test_without_a_budget_finetune_trains_for_its_default_and_exports_for_an_exportable_one() -> None:
+    assert finetune_options({**DEFAULTS}).budget == FinetuneOptions().budget
+    exported = finetune_options({**DEFAULTS}, export=True).budget
+    assert exported == EXPORT_BUDGET and not Budget.parse(exported).timed
+    assert finetune_options({**DEFAULTS, "budget": "3000it"}, export=True).budget == "3000it"

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deeprebirth import caffe_io
 from deeprebirth import caffe_pb2 as pb
-from deeprebirth.caffe_runtime import import_caffe
+from deeprebirth.caffe.runtime import import_caffe
 from deeprebirth.finetune.losses import LOG_FLOOR, add_distillation, distillation_loss, softmax
+from deeprebirth.io import caffe_io
 
 N, C = 5, 7
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deeprebirth.data import CROP_BANK, Batches, DataSet, Transform
+from deeprebirth.caffe.data import CROP_BANK, Batches, DataSet, Transform
 from deeprebirth.finetune import FinetuneOptions, finetune_files
 from deeprebirth.finetune.budget import Budget
 from deeprebirth.finetune.driver import MIN_UPDATES, choose_batch
@@ -25,7 +25,7 @@ from deeprebirth.finetune.search import (
     significantly_worse,
 )
 from deeprebirth.finetune.teacher_cache import TeacherCache
-from deeprebirth.train import SolverOptions
+from deeprebirth.finetune.train import SolverOptions
 
 
 def test_a_difference_within_the_noise_is_not_significant() -> None:

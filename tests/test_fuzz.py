@@ -16,7 +16,7 @@ from fuzzing.mutators import Case
 from helpers import graph_from_text, save
 
 from deeprebirth import caffe_pb2 as pb
-from deeprebirth import caffemodel
+from deeprebirth.io import caffemodel
 from deeprebirth.rewrite import rewrite, select_rules
 
 GOOD = """name: "small"

@@ -11,11 +11,11 @@ from click.testing import CliRunner
 from helpers import graph_from_text, save
 from nets import squeezenet_v10
 
-from deeprebirth.caffe_runtime import caffe_has_cuda, gpu_count, import_caffe
+from deeprebirth.caffe.evaluate import evaluate_files
+from deeprebirth.caffe.runtime import caffe_has_cuda, gpu_count, import_caffe
 from deeprebirth.cli import main
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.evaluate import evaluate_files
-from deeprebirth.profile import profile_net
+from deeprebirth.measure.profile import profile_net
 
 SMALL = squeezenet_v10(size=48, classes=10, fires=((4, 8),) * 8, conv1=8)
 
@@ -72,7 +72,7 @@ def test_finetune_gpu_on_a_cpu_only_caffe_is_refused_in_one_line(tmp_path: Path)
 def test_finetune_on_the_gpu_trains(tmp_path: Path) -> None:
     from deeprebirth.api import rewrite_files
     from deeprebirth.finetune import FinetuneOptions, finetune_files
-    from deeprebirth.train import SolverOptions
+    from deeprebirth.finetune.train import SolverOptions
 
     proto, model = save(graph_from_text(SMALL, seed=0), tmp_path, "net")
     slim, slim_model, report = tmp_path / "slim.prototxt", tmp_path / "slim.caffemodel", tmp_path / "report.json"

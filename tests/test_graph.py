@@ -1,4 +1,4 @@
-"""The IR (deeprebirth.graph): use-def links kept in step by every mutation, in-place layers in single-assignment
+"""The IR (deeprebirth.ir.graph): use-def links kept in step by every mutation, in-place layers in single-assignment
 form and back, V1 nets, phase filtering, and ``check()`` catching a graph out of step."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from helpers import graph_from_text, input_feed, run_caffe, save
 
-from deeprebirth import caffe_io
 from deeprebirth import caffe_pb2 as pb
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.graph import Graph, GraphError
-from deeprebirth.model import load_model, save_model
+from deeprebirth.io import caffe_io
+from deeprebirth.ir.graph import Graph, GraphError
+from deeprebirth.ir.model import load_model, save_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -154,7 +154,7 @@ def test_v1_format_is_upgraded_like_caffe(tmp_path: Path) -> None:
 
     # Caffe reads the V1 file itself: with the same weights, our upgraded net must give the same outputs.
     graph = load_model(path)
-    from deeprebirth.initializers import random_weights
+    from deeprebirth.ir.initializers import random_weights
 
     random_weights(graph, seed=3)
     proto, model = save(graph, tmp_path, "upgraded")

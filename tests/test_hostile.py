@@ -20,9 +20,9 @@ import pytest
 from click.testing import CliRunner
 from helpers import graph_from_text, save
 
-from deeprebirth import caffe_io
 from deeprebirth.batch import BatchOptions, FoundModel, ModelTask, rewrite_model
 from deeprebirth.cli import main
+from deeprebirth.io import caffe_io
 
 PROBE = "deeprebirth_hostile_probe"
 

@@ -32,10 +32,9 @@ WORST = re.compile(r"worst relative error ([0-9.e+-]+) \(tolerance ([0-9.e+-]+)\
 ALTER_ONE_WEIGHT = """
 import sys
 import numpy as np
-from deeprebirth import api, cli
-
+from deeprebirth import cli, pipeline
 LAYER = sys.argv.pop(1)
-saved = api.save_model
+saved = pipeline.save_model
 
 def save_altered(graph, prototxt, weights=None):
     layer = graph.layer(LAYER)
@@ -45,7 +44,7 @@ def save_altered(graph, prototxt, weights=None):
     layer.blobs[0] = altered
     saved(graph, prototxt, weights)
 
-api.save_model = save_altered
+pipeline.save_model = save_altered
 cli.main()
 """
 
@@ -125,7 +124,7 @@ def test_the_build_needs_no_protoc_and_ships_the_schema(fresh: dict[str, object]
 
     wheel = next((work / "dist").glob("*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "deeprebirth/caffe_pb2.py" in names and "deeprebirth/reference.py" in names
+    assert "deeprebirth/caffe_pb2.py" in names and "deeprebirth/caffe/reference.py" in names
     assert not any(name.endswith(".so") for name in names)  # pure Python
     with tarfile.open(next((work / "dist").glob("*.tar.gz"))) as sdist:
         shipped = {Path(n).relative_to(Path(n).parts[0]).as_posix() for n in sdist.getnames() if "/" in n}

@@ -1,4 +1,4 @@
-"""deeprebirth.plan and `deeprebirth plan`: every candidate merge priced with a real Caffe profile."""
+"""deeprebirth.plan.candidates and `deeprebirth plan`: every candidate merge priced with a real Caffe profile."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from click.testing import CliRunner
 from helpers import graph_from_text, save
 
 from deeprebirth.cli import main
-from deeprebirth.graph import Graph
-from deeprebirth.plan import Plan, conv_ms_per_mac, plan_file, plan_graph
-from deeprebirth.profile import profile_net
+from deeprebirth.ir.graph import Graph
+from deeprebirth.ir.shapes import layer_costs
+from deeprebirth.measure.profile import profile_net
+from deeprebirth.plan.candidates import Plan, conv_ms_per_mac, plan_file, plan_graph
 from deeprebirth.rules import RULES, Change, Match, Rule, RuleConfig, Skip
-from deeprebirth.shapes import layer_costs
 
 NET = """name: "bn_net"
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 16 dim: 16 } } }

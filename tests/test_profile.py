@@ -1,4 +1,4 @@
-"""deeprebirth.profile and `deeprebirth profile`: per-layer timing of small nets in real Caffe, in a worker process."""
+"""deeprebirth.measure.profile and `deeprebirth profile`: per-layer timing of small nets in real Caffe, in a worker process."""
 
 from __future__ import annotations
 
@@ -11,19 +11,19 @@ import pytest
 from click.testing import CliRunner
 from helpers import graph_from_text, save
 
+from deeprebirth.caffe.isolation import fatal_line
 from deeprebirth.cli import main
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.isolation import fatal_line
-from deeprebirth.profile import (
+from deeprebirth.io.caffe_io import set_batch
+from deeprebirth.ir.classify import type_class
+from deeprebirth.ir.shapes import infer_shapes
+from deeprebirth.measure.profile import (
     NetProfile,
     interleaved_latency,
     plot_by_type,
     profile_net,
     run_worker,
-    set_batch,
-    type_class,
 )
-from deeprebirth.shapes import infer_shapes
 
 NET = """name: "small"
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 16 dim: 16 } } }

@@ -24,10 +24,10 @@ from fuzzing.nets import hypothesis_nets, net_graph
 from helpers import input_feed, relative_error
 from hypothesis import HealthCheck, given, settings
 
-from deeprebirth import caffe_io
 from deeprebirth.api import RewriteOptions, rewrite_files
-from deeprebirth.model import load_model, save_model
-from deeprebirth.shapes import infer_shapes
+from deeprebirth.io import caffe_io
+from deeprebirth.ir.model import load_model, save_model
+from deeprebirth.ir.shapes import infer_shapes
 
 # DEEPREBIRTH_EXAMPLES=2000 for a long hunt; CI keeps the test time to seconds
 SCALE = int(os.environ.get("DEEPREBIRTH_EXAMPLES", "60")) / 60

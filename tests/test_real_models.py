@@ -9,9 +9,9 @@ import pytest
 from helpers import save
 
 from deeprebirth.api import RewriteOptions, rewrite_files
-from deeprebirth.caffe_runtime import image_feeds, opencv_forward
-from deeprebirth.initializers import random_weights
-from deeprebirth.model import load_model
+from deeprebirth.caffe.runtime import image_feeds, opencv_forward
+from deeprebirth.ir.initializers import random_weights
+from deeprebirth.ir.model import load_model
 
 
 def test_open_nsfw_exact_folds(assets: dict[str, str], photos: list[str], tmp_path: Path) -> None:

@@ -13,12 +13,12 @@ from helpers import graph_from_text, save
 from nets import tiny_inception
 
 from deeprebirth import api
-from deeprebirth.caffe_io import read_prototxt
 from deeprebirth.cli import main
 from deeprebirth.finetune import FinetuneOptions, FinetuneResult, StepResult
-from deeprebirth.plan import Candidate
-from deeprebirth.recoverable import permit, select
-from deeprebirth.risk import RISK_BATCH, Risk, measured, risk_options, share_budget
+from deeprebirth.io.caffe_io import read_prototxt
+from deeprebirth.plan.candidates import Candidate
+from deeprebirth.plan.recoverable import permit, select
+from deeprebirth.plan.risk import RISK_BATCH, Risk, measured, risk_options, share_budget
 from deeprebirth.rules import RULES, Match
 
 SIZE = 32
@@ -245,8 +245,8 @@ def test_tucker_ranks_follow_the_maximum_drop(tiny: tuple[Path, str, str, str]) 
 
 
 def test_a_time_budget_covers_the_runs_and_what_it_cannot_cover_is_not_run(tiny: tuple[Path, str, str, str]) -> None:
-    from deeprebirth.plan import plan_file
-    from deeprebirth.recoverable import measure_risks
+    from deeprebirth.plan.candidates import plan_file
+    from deeprebirth.plan.recoverable import measure_risks
 
     _, proto, model, photos = tiny
     plan = plan_file(proto, model, rounds=1, warmup=0)
@@ -263,8 +263,8 @@ def test_a_time_budget_covers_the_runs_and_what_it_cannot_cover_is_not_run(tiny:
 
 def test_starved_runs_are_made_again_with_a_share_that_covers_their_fixed_cost(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fake runs on a fake clock: each costs 30 s before its first update, then its budget; the best merge first."""
-    from deeprebirth import recoverable
     from deeprebirth.finetune.budget import Budget
+    from deeprebirth.plan import recoverable
 
     clock = [0.0]
     calls: list[tuple[int, float]] = []
@@ -297,7 +297,7 @@ def test_starved_runs_are_made_again_with_a_share_that_covers_their_fixed_cost(m
 
 
 def test_a_run_without_an_update_is_shown_without_after_figures() -> None:
-    from deeprebirth.cli_render import risk_cells
+    from deeprebirth.cli.render import risk_cells
 
     cells = risk_cells(risk(0, None, iterations=0, drop_before=12.0))
     assert cells == ["88.00% (no update)", "0.5 (no update)", "12.0 (no update)", "0"]

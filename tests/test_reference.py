@@ -1,4 +1,4 @@
-"""deeprebirth.reference: the check's reference runtime. OpenCV dnn must give Caffe's values (in-place blobs included),
+"""deeprebirth.caffe.reference: the check's reference runtime. OpenCV dnn must give Caffe's values (in-place blobs included),
 catch a rewrite that changed the function, name a layer it cannot run, and be chosen only where pycaffe is missing
 or when asked; the commands that need real Caffe refuse in one line without it."""
 
@@ -12,12 +12,13 @@ import pytest
 from click.testing import CliRunner
 from helpers import graph_from_text, save
 
-from deeprebirth import reference
 from deeprebirth.api import RewriteOptions, rewrite_files
-from deeprebirth.caffe_runtime import compare_nets, random_feeds
+from deeprebirth.caffe import reference
+from deeprebirth.caffe.compare import compare_nets
+from deeprebirth.caffe.runtime import random_feeds
 from deeprebirth.cli import main
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.model import load_model, save_model
+from deeprebirth.ir.model import load_model, save_model
 
 # conv -> BatchNorm -> Scale -> ReLU, all in place on "conv": the exact folds remove BN and Scale
 NET = """name: "small"

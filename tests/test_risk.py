@@ -10,11 +10,11 @@ from click.testing import CliRunner
 from helpers import graph_from_text, save
 from nets import tiny_inception
 
+from deeprebirth.caffe.data import Transform
 from deeprebirth.cli import main
-from deeprebirth.data import Transform
 from deeprebirth.finetune import FinetuneOptions
-from deeprebirth.plan import plan_file
-from deeprebirth.risk import assess, dependencies, merged_graph
+from deeprebirth.plan.candidates import plan_file
+from deeprebirth.plan.risk import assess, dependencies, merged_graph
 from deeprebirth.rules import RuleConfig
 
 SIZE = 32
@@ -31,7 +31,7 @@ def test_each_lossy_merge_is_measured_alone_with_the_merges_it_builds_on(tmp_pat
                 and "pool1" in c.layers)
     assert dependencies(plan.candidates, lrn) == [pool]  # norm1 follows conv1 only once pool1 is merged into it
     assert dependencies(plan.candidates, pool) == []
-    from deeprebirth.model import load_model
+    from deeprebirth.ir.model import load_model
 
     graph, changes = merged_graph(load_model(proto, model), plan.candidates, [pool, lrn], RuleConfig())
     assert [c.rule for c in changes] == ["merge_pooling_into_conv", "merge_lrn_into_conv"]

@@ -1,4 +1,4 @@
-"""Shape inference and costs (deeprebirth.shapes): Caffe's output-size rounding against brute-force window counts,
+"""Shape inference and costs (deeprebirth.ir.shapes): Caffe's output-size rounding against brute-force window counts,
 parameter and MAC counts against their formulas, errors that name the layer, and every real net against Caffe."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.model import load_model, save_model
-from deeprebirth.shapes import conv_output_size, infer_shapes, layer_costs, pool_output_size
+from deeprebirth.ir.model import load_model, save_model
+from deeprebirth.ir.shapes import conv_output_size, infer_shapes, layer_costs, pool_output_size
 
 
 def zoo_prototxts(model_zoo: Path) -> list[Path]:
@@ -86,7 +86,7 @@ def test_a_layer_that_does_not_fit_is_named() -> None:
 def test_shapes_match_real_caffe(model_zoo: Path, assets: dict[str, str], tmp_path: Path) -> None:
     paths = [p for p in zoo_prototxts(model_zoo) if p.name == "deploy.prototxt"]
     paths += [Path(assets["open_nsfw.prototxt"]), Path(assets["ssd_face.prototxt"])]
-    from deeprebirth.caffe_runtime import open_net
+    from deeprebirth.caffe.runtime import open_net
 
     for path in paths:
         graph = load_model(path)

@@ -11,8 +11,8 @@ from helpers import graph_from_text
 from nets import tiny_inception
 from streamline_zoo import ZOO, caffe_shapes, feed, original, same_blobs, shapes_by_name
 
-from deeprebirth.caffe_runtime import opencv_forward
-from deeprebirth.graph import Graph
+from deeprebirth.caffe.runtime import opencv_forward
+from deeprebirth.ir.graph import Graph
 from deeprebirth.rewrite import rewrite, select_rules
 
 STOCK_CAFFE_TYPES = {"Input", "Convolution", "ReLU", "Pooling", "LRN", "Concat", "InnerProduct", "Dropout", "Softmax",

@@ -13,11 +13,11 @@ import pytest
 from click.testing import CliRunner
 from nets import squeezenet_v10
 
-from deeprebirth import caffe_io
 from deeprebirth import caffe_pb2 as pb
 from deeprebirth.api import RewriteOptions, rewrite_files
 from deeprebirth.cli import main
 from deeprebirth.errors import DeepRebirthError
+from deeprebirth.io import caffe_io
 
 ZOO = (("bvlc_googlenet", 224), ("bvlc_alexnet", 227), ("bvlc_reference_caffenet", 227))
 SMALL_FIRES = ((4, 8), (4, 8), (6, 12), (6, 12), (8, 16), (8, 16), (8, 16), (8, 16))

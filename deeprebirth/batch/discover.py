@@ -7,8 +7,8 @@ import os
 import re
 from pathlib import Path
 
-from deeprebirth import caffe_io
 from deeprebirth.batch.records import FoundModel
+from deeprebirth.io import caffe_io
 
 PROTOTXT_SUFFIXES = (".prototxt.txt", ".prototxt")
 CAFFEMODEL_SUFFIX = ".caffemodel"

@@ -10,11 +10,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from deeprebirth import caffe_io
-from deeprebirth.api import RewriteOptions
 from deeprebirth.batch.discover import stem
 from deeprebirth.batch.records import BatchOptions, FoundModel, ModelResult
 from deeprebirth.errors import DeepRebirthError
+from deeprebirth.io import caffe_io
+from deeprebirth.pipeline import RewriteOptions
 
 
 @dataclass
@@ -30,7 +30,7 @@ class ModelTask:
 
 def rewrite_model(task: ModelTask) -> ModelResult:
     """Rewrite one model into ``task.staging`` and, if asked and possible, check it in real Caffe."""
-    from deeprebirth.api import check_rewrite, rewrite_files
+    from deeprebirth.pipeline import check_rewrite, rewrite_files
 
     m, zoo, staging = task.model, Path(task.zoo_dir), Path(task.staging)
     prototxt = zoo / m.prototxt
@@ -89,7 +89,7 @@ def rewrite_options(options: BatchOptions) -> RewriteOptions:
 
 
 def _cannot_check(graph: Any) -> str:
-    from deeprebirth.shapes import SHAPE_FUNCTIONS, infer_shapes
+    from deeprebirth.ir.shapes import SHAPE_FUNCTIONS, infer_shapes
 
     shapes = infer_shapes(graph)
     inputs = graph.inputs()
@@ -103,7 +103,7 @@ def _cannot_check(graph: Any) -> str:
 
 
 def run_model(worker: Callable[[ModelTask], ModelResult], task: ModelTask) -> ModelResult:
-    """A worker's body (in an isolated child, ``deeprebirth.isolation``): a user error or a bug becomes the row of
+    """A worker's body (in an isolated child, ``deeprebirth.caffe.isolation``): a user error or a bug becomes the row of
     a failed model, and the batch goes on."""
     start = time.perf_counter()
     try:

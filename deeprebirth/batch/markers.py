@@ -11,7 +11,7 @@ from pathlib import Path
 from deeprebirth.batch.discover import stem
 from deeprebirth.batch.job import rewrite_options
 from deeprebirth.batch.records import BatchOptions, FoundModel, ModelResult
-from deeprebirth.fingerprint import fingerprint
+from deeprebirth.io.fingerprint import fingerprint
 
 STAGING_PREFIX = ".deeprebirth-staging-"
 
@@ -21,10 +21,9 @@ def marker_name(prototxt: str) -> str:
 
 
 def fingerprint_of(model: FoundModel, zoo: Path, options: BatchOptions) -> str:
-    """What a finished result depends on (``deeprebirth.fingerprint``): the input files' bytes, the rewrite
+    """What a finished result depends on (``deeprebirth.io.fingerprint``): the input files' bytes, the rewrite
     options, the tool's version."""
     from deeprebirth import __version__
-
     files = [zoo / rel for rel in (model.prototxt, model.weights) if rel]
     return fingerprint(files, {"options": asdict(rewrite_options(options)), "version": __version__})
 

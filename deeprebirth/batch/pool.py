@@ -18,14 +18,14 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
-from deeprebirth import caffe_io
 from deeprebirth.batch.discover import discover, stem
 from deeprebirth.batch.job import ModelTask, rewrite_model, run_model
 from deeprebirth.batch.markers import STAGING_PREFIX, cached_result, fingerprint_of, marker_name, remove_staging
 from deeprebirth.batch.records import BatchOptions, BatchSummary, FoundModel, ModelResult
 from deeprebirth.batch.summary import write_summary
+from deeprebirth.caffe.isolation import Child
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.isolation import Child
+from deeprebirth.io import caffe_io
 
 
 @dataclass

@@ -6,7 +6,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from deeprebirth.api import RewriteOptions
+from deeprebirth.option import Option
+from deeprebirth.pipeline import RewriteOptions
 
 FAILED = ("check_failed", "failed", "crashed", "timeout")
 
@@ -18,6 +19,17 @@ class BatchOptions(RewriteOptions):
     jobs: int | None = None  # worker processes; None: one per CPU
     timeout: float = 600.0  # seconds per model, rewrite and check together
     force: bool = False  # redo models that a previous run finished
+
+
+_DEFAULT = BatchOptions()
+# ``batch``'s own options (besides every rewrite option), each declared once: defaults from BatchOptions
+BATCH_OPTIONS: tuple[Option, ...] = (
+    Option("jobs", int, _DEFAULT.jobs, minimum=1, help="worker processes, one model each  [default: one per CPU]"),
+    Option("timeout", float, _DEFAULT.timeout, minimum=1, help="seconds per model before its worker is stopped"),
+    Option("force", bool, _DEFAULT.force, switch=True,
+           help="redo models a previous run finished (same inputs and options)"),
+    Option("strict", bool, False, switch=True, help="exit with 1 when any model failed"),
+)
 
 
 @dataclass

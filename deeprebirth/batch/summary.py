@@ -8,8 +8,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from deeprebirth import caffe_io
 from deeprebirth.batch.records import BatchSummary, ModelResult
+from deeprebirth.io import caffe_io
 
 CSV_COLUMNS = ["prototxt", "weights", "kind", "status", "cached", "layers_before", "layers_after", "params_before",
                "params_after", "macs_before", "macs_after", "activation_bytes_before", "activation_bytes_after",

@@ -9,20 +9,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from deeprebirth import caffe_io
-from deeprebirth.caffe_runtime import Feed, image_feeds, random_feeds
+from deeprebirth.caffe.options import REFERENCE_OPTION
+from deeprebirth.caffe.reference import pick_reference
+from deeprebirth.caffe.runtime import Feed, image_feeds, random_feeds
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.export.check import RuntimeCheck, check_export
-from deeprebirth.export.runtimes import Shape, model_files, require, require_installed
+from deeprebirth.export.runtimes import FORMATS, Shape, model_files, require, require_installed
 from deeprebirth.export.subgraph import output_blobs, prune
-from deeprebirth.graph import Graph
-from deeprebirth.model import PathLike, load_model, same_file, save_model
-from deeprebirth.reference import pick_reference
-from deeprebirth.shapes import infer_shapes
+from deeprebirth.io import caffe_io
+from deeprebirth.ir.graph import Graph
+from deeprebirth.ir.model import PathLike, load_model, same_file, save_model
+from deeprebirth.ir.shapes import infer_shapes
+from deeprebirth.option import Option
+from deeprebirth.rewrite import PHASE_OPTION
 
-FORMATS = ("onnx", "mnn", "ncnn")
-RUNTIME_OF = {"onnx": "onnxruntime", "mnn": "mnn", "ncnn": "ncnn"}
-SUFFIXES = {".onnx": "onnx", ".mnn": "mnn", ".param": "ncnn"}
+SUFFIXES = {runtime.suffix: fmt for fmt, runtime in FORMATS.items()}
 
 
 @dataclass
@@ -33,10 +34,33 @@ class ExportOptions:
     outputs: Sequence[str] = ()  # Caffe blob names to export up to (default: the net's outputs)
     check: int = 0  # random inputs to compare on
     images: Sequence[PathLike] = ()
-    tolerance: float | None = None  # None: the runtime's default (check.TOLERANCES)
+    tolerance: float | None = None  # None: the runtime's default (runtimes.RUNTIMES)
     seed: int = 0
     phase: str = "TEST"
     reference: str | None = None  # what runs the original for --check: caffe, opencv; None: caffe where importable
+
+
+_DEFAULT = ExportOptions()
+# ``export``'s options, each declared once: the flags come from here, the defaults from ExportOptions
+EXPORT_OPTIONS: tuple[Option, ...] = (
+    Option("to", str, _DEFAULT.to, choices=tuple(FORMATS),
+           help=f"output format  [default: from OUT's suffix: {', '.join(r.suffix for r in FORMATS.values())}]"),
+    Option("opset", int, _DEFAULT.opset, minimum=1, help="ONNX opset"),
+    Option("batch", int, _DEFAULT.batch, minimum=1, help="batch size of the inputs  [default: the net's]"),
+    Option("outputs", str, _DEFAULT.outputs, multiple=True,
+           help="blob names to export up to (comma-separated)  [default: the net's outputs]"),
+    Option("check", int, _DEFAULT.check, minimum=0,
+           help="run Caffe and the exported model on N random inputs and compare"),
+    Option("images", str, _DEFAULT.images, multiple=True, path="any",
+           help="real photos (files or folders) to compare on too"),
+    Option("tolerance", float, _DEFAULT.tolerance,
+           help="largest allowed max|a-b|/max|a| per output  [default: "
+                + ", ".join(f"{runtime.name} {runtime.tolerance:.0e}".replace("e-0", "e-") for runtime in FORMATS.values())
+                + "]"),
+    Option("seed", int, _DEFAULT.seed, help="seed for the random inputs"),
+    PHASE_OPTION,
+    REFERENCE_OPTION,
+)
 
 
 @dataclass
@@ -58,7 +82,7 @@ def export_format(out: PathLike, to: str | None) -> str:
     suffix = Path(out).suffix.lower()
     if suffix not in SUFFIXES:
         raise DeepRebirthError(f"cannot tell the format from the suffix {suffix or '(none)'!r}: name the format "
-                               f"({', '.join(FORMATS)}) or use .onnx, .mnn, .param", file=str(out), options=("to",))
+                               f"({', '.join(FORMATS)}) or use {', '.join(SUFFIXES)}", file=str(out), options=("to",))
     return SUFFIXES[suffix]
 
 
@@ -73,17 +97,17 @@ def _check_packages(fmt: str, check: bool) -> None:
 
         pnnx_binary()
     if check:
-        require_installed({"onnx": "onnxruntime", "mnn": "MNN", "ncnn": "ncnn"}[fmt])
+        require_installed(FORMATS[fmt].module, FORMATS[fmt].package)
 
 
 def export_files(prototxt: PathLike, caffemodel: PathLike, out: PathLike,
                  options: ExportOptions | None = None) -> ExportResult:
     """Export (prototxt, caffemodel) to ``out`` in one format; with ``check``/``images`` compare with Caffe."""
-    from deeprebirth.profile import set_batch
+    from deeprebirth.io.caffe_io import set_batch
 
     options = options or ExportOptions()
     fmt = export_format(out, options.to)
-    files = model_files(RUNTIME_OF[fmt], out)
+    files = model_files(FORMATS[fmt].name, out)
     for target in files:
         for source in (prototxt, caffemodel):
             if same_file(source, target):
@@ -128,9 +152,9 @@ def export_files(prototxt: PathLike, caffemodel: PathLike, out: PathLike,
         check = None
         if options.check or options.images:
             feeds = export_feeds(inputs, options.check, options.images, options.seed)
-            check = check_export(prototxt, caffemodel, RUNTIME_OF[fmt], staged, outputs,
+            check = check_export(prototxt, caffemodel, FORMATS[fmt].name, staged, outputs,
                                  feeds, options.tolerance, options.reference)
-        for made, target in zip(model_files(RUNTIME_OF[fmt], staged), files):
+        for made, target in zip(model_files(FORMATS[fmt].name, staged), files):
             os.replace(made, target)
     return ExportResult(fmt, files, inputs, outputs, nodes, check)
 

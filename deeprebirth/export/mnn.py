@@ -14,9 +14,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from deeprebirth import caffe_io
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.export.runtimes import require_installed
+from deeprebirth.io import caffe_io
 
 _CONVERT = ("import sys, _tools; _tools.mnnconvert(['mnnconvert', '-f', 'CAFFE', '--prototxt', sys.argv[1], "
             "'--modelFile', sys.argv[2], '--MNNModel', sys.argv[3], '--bizCode', 'deeprebirth'])")

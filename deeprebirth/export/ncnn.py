@@ -15,11 +15,10 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from deeprebirth import caffe_io
+from deeprebirth.aliases import Shape
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.export.runtimes import ncnn_files
-
-Shape = tuple[int, ...]
+from deeprebirth.io import caffe_io
 
 
 def pnnx_binary() -> Path:

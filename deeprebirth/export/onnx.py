@@ -35,8 +35,8 @@ from onnx import TensorProto, helper, numpy_helper
 from deeprebirth import caffe_pb2 as pb
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.export.subgraph import needed_layers, output_blobs
-from deeprebirth.graph import Graph, Layer
-from deeprebirth.shapes import Shape, conv_geometry, infer_shapes, pool_geometry
+from deeprebirth.ir.graph import Graph, Layer
+from deeprebirth.ir.shapes import Shape, conv_geometry, infer_shapes, pool_geometry
 
 DEFAULT_OPSET = 13
 MIN_OPSET = 13  # Softmax over one axis and Split's sizes as an input need 13

@@ -1,4 +1,5 @@
-"""Running an exported model in a deployment runtime (ONNX Runtime, MNN, ncnn), one thread, fp32.
+"""The runtimes, one entry each in ``RUNTIMES`` (what adding a runtime takes), and running an exported model in a
+deployment runtime (ONNX Runtime, MNN, ncnn), one thread, fp32.
 
 The runtime packages are optional extras (``pip install 'deeprebirth[runtimes]'`` and ``pip install --no-deps pnnx``);
 a missing one is a one-line error naming the package. Every session here takes feeds keyed by the Caffe input names
@@ -16,18 +17,16 @@ import importlib.util
 import os
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+from deeprebirth.aliases import Feed, Shape
 from deeprebirth.errors import DeepRebirthError
 
-Shape = tuple[int, ...]
-Feed = dict[str, np.ndarray]
-RUNTIMES = ("onnxruntime", "mnn", "ncnn")
-FORMAT_OF = {"onnxruntime": "onnx", "mnn": "mnn", "ncnn": "ncnn"}
 INSTALL_HINT = "pip install 'deeprebirth[runtimes]'"
 
 
@@ -66,15 +65,13 @@ def open_session(runtime: str, path: str | os.PathLike[str], outputs: Mapping[st
                  profile: str | None = None) -> Session:
     """Load ``path`` (a .onnx, a .mnn, or the prefix of an ncnn .param/.bin pair) in ``runtime``; ``profile``:
     ONNX Runtime's trace file prefix (the other runtimes ignore it)."""
-    if runtime == "onnxruntime":
-        return _onnxruntime(str(path), outputs, threads, profile)
-    opener = {"mnn": _mnn, "ncnn": _ncnn}.get(runtime)
-    if opener is None:
-        raise DeepRebirthError(f"unknown runtime {runtime!r} ({', '.join(RUNTIMES)})")
-    return opener(str(path), outputs, threads)
+    found = RUNTIMES.get(runtime)
+    if found is None or found.open is None:
+        raise DeepRebirthError(f"unknown runtime {runtime!r} ({', '.join(EXPORTED)})")
+    return found.open(str(path), outputs, threads, profile)
 
 
-def _onnxruntime(path: str, outputs: Mapping[str, Shape | None], threads: int, profile: str | None = None) -> Session:
+def _onnxruntime(path: str, outputs: Mapping[str, Shape | None], threads: int, profile: str | None) -> Session:
     ort = require("onnxruntime")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -95,7 +92,7 @@ def _onnxruntime(path: str, outputs: Mapping[str, Shape | None], threads: int, p
     return Session(run, end_profiling=session.end_profiling if profile is not None else None)
 
 
-def _mnn(path: str, outputs: Mapping[str, Shape | None], threads: int) -> Session:
+def _mnn(path: str, outputs: Mapping[str, Shape | None], threads: int, _profile: str | None) -> Session:
     mnn = require("MNN")
     interpreter = mnn.Interpreter(path)
     # saveTensors keeps intermediate outputs (e.g. the logits under a Softmax) readable after the run
@@ -152,7 +149,7 @@ def _mnn(path: str, outputs: Mapping[str, Shape | None], threads: int) -> Sessio
     return Session(run, run_ops)
 
 
-def _ncnn(path: str, outputs: Mapping[str, Shape | None], threads: int) -> Session:
+def _ncnn(path: str, outputs: Mapping[str, Shape | None], threads: int, _profile: str | None) -> Session:
     ncnn = require("ncnn")
     net = ncnn.Net()
     net.opt.num_threads = threads
@@ -195,13 +192,45 @@ def _first_line(err: BaseException) -> str:
 
 def model_files(runtime: str, path: str | os.PathLike[str]) -> list[str]:
     """The files that make up a model of ``runtime``'s format at ``path``."""
-    return list(ncnn_files(path)) if runtime == "ncnn" else [str(Path(path))]
+    return list(ncnn_files(path)) if RUNTIMES[runtime].format == "ncnn" else [str(Path(path))]
 
 
-def describe_runtime(runtime: str) -> dict[str, Any]:
-    """Version of a runtime package, for reports."""
-    module = {"onnxruntime": "onnxruntime", "mnn": "MNN", "ncnn": "ncnn"}[runtime]
-    try:
-        return {"runtime": runtime, "version": str(getattr(require(module), "__version__", "?"))}
-    except DeepRebirthError:
-        return {"runtime": runtime, "version": None}
+# ---------------------------------------------------------------------------------------------------------------
+# the registry
+
+Opener = Callable[[str, Mapping[str, Shape | None], int, "str | None"], Session]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What the project knows of one runtime. The reference runtimes (``format`` "caffe") run the Caffe files
+    themselves (``deeprebirth.caffe``); the others run what ``deeprebirth export`` writes for them."""
+
+    name: str  # as the command line names it (--runtime)
+    format: str  # the model format it runs: "caffe", or what export writes (export --to)
+    suffix: str  # the exported file's suffix, which names the format to export (ncnn: the .param of the pair)
+    module: str  # the Python module that runs it
+    package: str  # the pip package that provides the module
+    tolerance: float  # export --check: the default largest max|a-b|/max|a| per output (export/check.py says why)
+    layer_times: str  # "" where each layer can be timed inside the runtime, else why not
+    open: Opener | None = None  # loads an exported model as a Session (None: a reference runtime)
+
+    @property
+    def exported(self) -> bool:
+        return self.format != "caffe"
+
+
+RUNTIMES: dict[str, Runtime] = {runtime.name: runtime for runtime in (
+    Runtime("caffe", "caffe", "", "caffe", "pycaffe (make install)", 1e-4, ""),
+    Runtime("opencv", "caffe", "", "cv2", "opencv-python-headless", 1e-4, ""),
+    Runtime("onnxruntime", "onnx", ".onnx", "onnxruntime", "onnxruntime", 1e-4, "", _onnxruntime),
+    Runtime("mnn", "mnn", ".mnn", "MNN", "MNN", 1e-3, "", _mnn),
+    Runtime("ncnn", "ncnn", ".param", "ncnn", "ncnn", 1e-4,
+            "ncnn's Python wheel exposes no per-layer timing (only a C++ build with NCNN_BENCHMARK prints it) and "
+            "pnnx renames the layers", _ncnn),
+)}
+EXPORTED = tuple(name for name, runtime in RUNTIMES.items() if runtime.exported)  # what export targets run in
+FORMATS: dict[str, Runtime] = {}  # export --to: each format once, checked in the first runtime that runs it
+for _runtime in RUNTIMES.values():
+    if _runtime.exported:
+        FORMATS.setdefault(_runtime.format, _runtime)

@@ -6,7 +6,7 @@ import copy
 from collections.abc import Sequence
 
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.graph import Graph
+from deeprebirth.ir.graph import Graph
 
 
 def output_blobs(graph: Graph, names: Sequence[str] | None = None) -> list[str]:

@@ -11,17 +11,17 @@ from typing import Any
 
 import numpy as np
 
-from deeprebirth import caffe_io
-from deeprebirth.caffe_runtime import import_caffe
-from deeprebirth.data import Batches, DataSet, PathLike, open_data, split_holdout
+from deeprebirth.caffe.data import Batches, DataSet, PathLike, open_data, split_holdout
+from deeprebirth.caffe.evaluate import NetIO, set_input
+from deeprebirth.caffe.runtime import import_caffe
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.evaluate import NetIO, set_input
 from deeprebirth.finetune.budget import Budget, phase_weights, share_iterations
 from deeprebirth.finetune.options import DEFAULT_BATCH, FinetuneOptions, default_work_dir
 from deeprebirth.finetune.state import Weights, open_state, run_fingerprint
 from deeprebirth.finetune.steps import Step, build_step_net, final_step, final_writer, plan_steps
-from deeprebirth.graph import Graph
-from deeprebirth.model import load_model, same_file
+from deeprebirth.io import caffe_io
+from deeprebirth.ir.graph import Graph
+from deeprebirth.ir.model import load_model, same_file
 from deeprebirth.rewrite import RewriteReport
 
 

@@ -31,10 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from deeprebirth import caffe_io
-from deeprebirth.caffe_runtime import import_caffe, on_device
-from deeprebirth.data import Batches, PathLike
-from deeprebirth.evaluate import NetIO, predict, top_k
+from deeprebirth.caffe.data import Batches, PathLike
+from deeprebirth.caffe.evaluate import NetIO, predict, top_k
+from deeprebirth.caffe.runtime import import_caffe, on_device
 from deeprebirth.finetune.budget import EVAL_SHARE, Budget, Clock, phase_weights, share_time
 from deeprebirth.finetune.context import MIN_HELD_OUT, Context, Teacher, phase_iterations, prepare
 from deeprebirth.finetune.options import (
@@ -54,7 +53,8 @@ from deeprebirth.finetune.spec import blob_counts, phase_spec
 from deeprebirth.finetune.state import Weights, save_state, snapshot
 from deeprebirth.finetune.steps import Step
 from deeprebirth.finetune.teacher_cache import TeacherCache
-from deeprebirth.train import write_text
+from deeprebirth.io import caffe_io
+from deeprebirth.io.atomic import atomic_write_bytes as write_text
 
 EVAL_COST = 0.01  # share of a time budget one held-out evaluation may cost
 BATCHES = (DEFAULT_BATCH, 16, 8)  # the batch sizes the pace rule picks from, largest first

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from deeprebirth.evaluate import set_input
+from deeprebirth.caffe.evaluate import set_input
 from deeprebirth.finetune.losses import distillation_losses, softmax
 from deeprebirth.finetune.phase_types import PhaseData, PhaseSpec
 

@@ -33,19 +33,20 @@ from typing import Any
 
 import numpy as np
 
-from deeprebirth import caffe_io
 from deeprebirth import caffe_pb2 as pb
-from deeprebirth.atomic import umask
-from deeprebirth.data import PathLike, Transform, write_lmdb
+from deeprebirth.caffe.data import PathLike, Transform, write_lmdb
+from deeprebirth.caffe.evaluate import NetIO
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.evaluate import NetIO
 from deeprebirth.finetune.context import Context, Teacher, phase_iterations, prepare
 from deeprebirth.finetune.losses import TEACHER
 from deeprebirth.finetune.options import DEFAULT_BATCH, FinetuneOptions, check_options
 from deeprebirth.finetune.search import REFERENCE_LR
 from deeprebirth.finetune.spec import blob_counts, phase_spec
 from deeprebirth.finetune.steps import StepNet
-from deeprebirth.train import solver_text, validate_net, write_text
+from deeprebirth.finetune.train import solver_text, validate_net
+from deeprebirth.io import caffe_io
+from deeprebirth.io.atomic import atomic_write_bytes as write_text
+from deeprebirth.io.atomic import umask
 
 USER_DATA_LAYERS = ("Data", "ImageData")
 LABEL = "label"

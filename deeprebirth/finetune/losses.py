@@ -36,7 +36,7 @@ import numpy as np
 
 from deeprebirth import caffe_pb2 as pb
 from deeprebirth.finetune.steps import prefix
-from deeprebirth.graph import Graph
+from deeprebirth.ir.graph import Graph
 
 TEACHER = "teacher/"
 LOSS_PREFIX = "loss_"

@@ -8,10 +8,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deeprebirth.data import PathLike, Transform
+from deeprebirth.caffe.data import PathLike, Transform
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.finetune.budget import Budget
-from deeprebirth.train import SOLVER_TYPES, SolverOptions
+from deeprebirth.finetune.train import SOLVER_TYPES, SolverOptions
 
 MODES = ("label", "mimic")
 DEFAULT_BATCH = 32  # the largest batch the pace rule picks, and the batch of iteration budgets and exports

@@ -40,8 +40,8 @@ from deeprebirth.finetune.phase_types import (
 )
 from deeprebirth.finetune.probes import Choice, Notify, Variant, search
 from deeprebirth.finetune.search import MOMENTUM_SOLVERS, RESCUE
+from deeprebirth.finetune.train import SolverOptions
 from deeprebirth.finetune.trainer import Trainer, eval_net, overlay, time_iterations
-from deeprebirth.train import SolverOptions
 
 __all__ = ["PATIENCE", "Allotment", "PhaseData", "PhaseOutcome", "PhaseSpec", "run_phase"]
 

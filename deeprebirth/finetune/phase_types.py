@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 
 from deeprebirth import caffe_pb2 as pb
-from deeprebirth.data import Batches
+from deeprebirth.aliases import Weights
+from deeprebirth.caffe.data import Batches
 
-Weights = dict[str, list[np.ndarray]]
 PATIENCE = 3
 
 

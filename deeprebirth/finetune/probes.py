@@ -29,8 +29,8 @@ from deeprebirth.finetune.search import (
     plan_probes,
     reference_rate,
 )
+from deeprebirth.finetune.train import SolverOptions
 from deeprebirth.finetune.trainer import Trainer, eval_net, time_iterations
-from deeprebirth.train import SolverOptions
 
 Notify = Callable[[str, dict[str, Any]], None]
 Variant = Callable[[str], PhaseSpec]  # the phase's spec with another loss (``spec.LOSSES``)

@@ -24,8 +24,8 @@ from deeprebirth.finetune.options import FinetuneOptions
 from deeprebirth.finetune.phase_types import PhaseSpec
 from deeprebirth.finetune.state import Weights
 from deeprebirth.finetune.steps import Step, StepNet, build_step_net
-from deeprebirth.graph import GraphError
-from deeprebirth.train import training_net
+from deeprebirth.finetune.train import training_net
+from deeprebirth.ir.graph import GraphError
 
 
 def _lookup(ctx: Context, nets: Sequence[StepNet], store: Weights) -> Callable[[str], list[np.ndarray]]:

@@ -11,16 +11,16 @@ from typing import Any
 
 import numpy as np
 
-from deeprebirth import caffe_io
-from deeprebirth.data import PathLike
+from deeprebirth.aliases import Weights
+from deeprebirth.caffe.data import PathLike
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.finetune.options import FinetuneOptions, StepResult, options_json
-from deeprebirth.fingerprint import fingerprint
-from deeprebirth.graph import Graph
-from deeprebirth.train import write_text
+from deeprebirth.io import caffe_io
+from deeprebirth.io.atomic import atomic_write_bytes as write_text
+from deeprebirth.io.fingerprint import fingerprint
+from deeprebirth.ir.graph import Graph
 
 STATE_VERSION = 2
-Weights = dict[str, list[np.ndarray]]
 
 
 def run_fingerprint(paths: Sequence[PathLike], options: FinetuneOptions) -> str:

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 import networkx as nx
 
 from deeprebirth import caffe_pb2 as pb
+from deeprebirth.caffe.evaluate import NetIO
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.evaluate import NetIO
-from deeprebirth.graph import Graph
-from deeprebirth.shapes import infer_shapes
+from deeprebirth.ir.graph import Graph
+from deeprebirth.ir.shapes import infer_shapes
 
 if TYPE_CHECKING:
     from deeprebirth.rewrite import RewriteReport

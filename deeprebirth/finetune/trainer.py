@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from deeprebirth import caffe_io
-from deeprebirth.caffe_runtime import import_caffe
+from deeprebirth.caffe.runtime import import_caffe
 from deeprebirth.finetune.phase_types import PhaseData, PhaseSpec, Weights
-from deeprebirth.train import SolverOptions, load_params, make_solver
+from deeprebirth.finetune.train import SolverOptions, load_params, make_solver
+from deeprebirth.io import caffe_io
 
 
 class Trainer:

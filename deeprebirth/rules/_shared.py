@@ -21,10 +21,10 @@ import numpy as np
 
 from deeprebirth import caffe_pb2 as pb
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.graph import Graph, Layer
-from deeprebirth.initializers import layer_fillers
+from deeprebirth.ir.graph import Graph, Layer
+from deeprebirth.ir.initializers import layer_fillers
+from deeprebirth.ir.shapes import Shape, conv_geometry, conv_output_size, infer_shapes, pool_geometry
 from deeprebirth.rules.base import Change, Match, RuleConfig, Skip
-from deeprebirth.shapes import Shape, conv_geometry, conv_output_size, infer_shapes, pool_geometry
 from deeprebirth.weights.affine import fold_affine_into_linear
 from deeprebirth.weights.fillers import fill, layer_rng
 from deeprebirth.weights.pooling import merge_pool_into_kernel

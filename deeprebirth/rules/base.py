@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from deeprebirth.errors import DeepRebirthError
-from deeprebirth.graph import Graph
+from deeprebirth.ir.graph import Graph
+from deeprebirth.option import Option
 from deeprebirth.weights.branches import WIDEN_MODES
 from deeprebirth.weights.tucker import DEFAULT_RANK_METHOD, RANK_METHODS, parse_rank_method
 
@@ -42,43 +42,6 @@ class Change:
     summary: str
     relearn: list[str] = field(default_factory=list)  # new layers whose weights must be learned (lossy rules)
     reproduces: str | None = None  # the original blob whose activation the new layers should reproduce
-
-
-@dataclass(frozen=True)
-class Option:
-    """One user choice, declared once: its name (``--name-with-dashes`` on the command line), type, default, allowed
-    values (``choices`` for a closed set, ``parse`` raising ValueError for an open one) and help. ``concept`` names
-    it in error messages ("unknown widen mode '4x4'"); ``multiple`` options take a list; ``minimum`` bounds a
-    number from below; ``flag`` is the command-line name when it is not the attribute's."""
-
-    name: str
-    type: type
-    default: Any
-    help: str
-    choices: tuple[str, ...] = ()
-    parse: Callable[[str], object] | None = None
-    concept: str = ""
-    known: str = ""  # the allowed values of an open set, for messages and help
-    multiple: bool = False
-    minimum: float | None = None
-    metavar: str | None = None
-    flag: str | None = None
-    show_default: bool = True
-
-    def validate(self, value: Any) -> None:
-        """DeepRebirthError naming the concept and the allowed values when ``value`` is not one of them."""
-        if value is None or self.multiple:
-            return
-        concept = self.concept or self.name.replace("_", " ")
-        if self.choices and value not in self.choices:
-            raise DeepRebirthError(f"unknown {concept} {value!r} (known: {', '.join(self.choices)})")
-        if self.parse is not None:
-            try:
-                self.parse(value)
-            except ValueError:
-                raise DeepRebirthError(f"unknown {concept} {value!r} (known: {self.known})") from None
-        if self.minimum is not None and value < self.minimum:
-            raise DeepRebirthError(f"{concept} must be at least {self.minimum:g}, not {value!r}")
 
 
 RULE_OPTIONS: tuple[Option, ...] = (

@@ -39,10 +39,10 @@ from collections.abc import Iterator
 import numpy as np
 
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.graph import Graph, Layer
-from deeprebirth.initializers import layer_fillers
+from deeprebirth.ir.graph import Graph, Layer
+from deeprebirth.ir.initializers import layer_fillers
+from deeprebirth.ir.shapes import conv_geometry, infer_shapes
 from deeprebirth.rules.base import Change, Match, Rule, RuleConfig, Skip
-from deeprebirth.shapes import conv_geometry, infer_shapes
 from deeprebirth.weights.fillers import fill, layer_rng
 from deeprebirth.weights.tucker import (
     ConvSize,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from deeprebirth.graph import Graph
+from deeprebirth.ir.graph import Graph
 from deeprebirth.rules._shared import passthrough_blocker, remove_passthrough
 from deeprebirth.rules.base import Change, Match, Rule, RuleConfig, Skip
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from deeprebirth.graph import Graph
+from deeprebirth.ir.graph import Graph
 from deeprebirth.rules._shared import fold_affine, linear_producer, remove_passthrough
 from deeprebirth.rules.base import Change, Match, Rule, RuleConfig, Skip
 from deeprebirth.weights.affine import scale_affine

@@ -56,11 +56,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from deeprebirth.graph import Graph, Layer
-from deeprebirth.initializers import layer_fillers
+from deeprebirth.ir.graph import Graph, Layer
+from deeprebirth.ir.initializers import layer_fillers
+from deeprebirth.ir.shapes import Shape, conv_geometry, infer_shapes, pool_geometry
 from deeprebirth.rules._shared import merged
 from deeprebirth.rules.base import RULE_OPTION, Change, Match, Rule, RuleConfig, Skip
-from deeprebirth.shapes import Shape, conv_geometry, infer_shapes, pool_geometry
 from deeprebirth.weights.branches import (
     assign_freed,
     channel_layout,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from deeprebirth.graph import Graph
+from deeprebirth.ir.graph import Graph
 from deeprebirth.rules._shared import (
     conv_chain,
     merged_name,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from deeprebirth.graph import Graph
+from deeprebirth.ir.graph import Graph
 from deeprebirth.rules._shared import concat_pool_merges, merge_pool_into_branch_convs
 from deeprebirth.rules.base import Change, Match, Rule, RuleConfig, Skip
 

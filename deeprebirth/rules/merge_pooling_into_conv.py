@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from deeprebirth.graph import Graph
+from deeprebirth.ir.graph import Graph
 from deeprebirth.rules._shared import POOL_INTO_CONV, merge_pool_into_conv, pool_conv_merges
 from deeprebirth.rules.base import Change, Match, Rule, RuleConfig, Skip
 

@@ -1,5 +1,5 @@
 """New weights from numbers alone: Caffe's fillers (for re-learned layers) and plausible random blobs for a layer
-type (for nets without a caffemodel). Reading a layer's fillers from its prototxt is ``deeprebirth.initializers``."""
+type (for nets without a caffemodel). Reading a layer's fillers from its prototxt is ``deeprebirth.ir.initializers``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-Shape = tuple[int, ...]
+from deeprebirth.aliases import Shape
 
 
 @dataclass(frozen=True)

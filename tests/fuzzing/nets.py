@@ -8,10 +8,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from deeprebirth import caffe_io
-from deeprebirth.graph import Graph
-from deeprebirth.initializers import random_weights
-from deeprebirth.shapes import conv_output_size, infer_shapes, pool_output_size
+from deeprebirth.io import caffe_io
+from deeprebirth.ir.graph import Graph
+from deeprebirth.ir.initializers import random_weights
+from deeprebirth.ir.shapes import conv_output_size, infer_shapes, pool_output_size
 
 T = TypeVar("T")
 

@@ -59,8 +59,8 @@ def nets() -> tuple[str, ...]:
 
 def prepare(net: str, folder: Path) -> tuple[str, str]:
     """(prototxt, caffemodel) of ``net`` in ``folder``: real files where bundled, else seeded random weights."""
-    from deeprebirth.initializers import random_weights
-    from deeprebirth.model import load_model, save_model
+    from deeprebirth.ir.initializers import random_weights
+    from deeprebirth.ir.model import load_model, save_model
 
     found = assets()
     if net in ("open_nsfw", "ssd_face"):
@@ -93,7 +93,6 @@ def run_case(proto: str, model: str, settings: dict[str, Any], folder: Path) -> 
     from threadpoolctl import threadpool_limits
 
     from deeprebirth import api
-
     settings = dict(settings)
     options = api.preset_options(settings.pop("preset", "deeprebirth"), **settings)
     out_proto, out_model, report = folder / "out.prototxt", folder / "out.caffemodel", folder / "report.json"

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from helpers import run_caffe, save
 
-from deeprebirth.caffe_runtime import opencv_forward
-from deeprebirth.graph import Graph
-from deeprebirth.initializers import random_weights
-from deeprebirth.model import load_model
+from deeprebirth.caffe.runtime import opencv_forward
+from deeprebirth.ir.graph import Graph
+from deeprebirth.ir.initializers import random_weights
+from deeprebirth.ir.model import load_model
+from deeprebirth.ir.shapes import Shape, conv_geometry, infer_shapes
 from deeprebirth.rewrite import RewriteReport, rewrite
 from deeprebirth.rules import Rule
-from deeprebirth.shapes import Shape, conv_geometry, infer_shapes
 
 NETS = ("bvlc_googlenet", "bvlc_alexnet", "bvlc_reference_caffenet")
 # AlexNet and CaffeNet carry 61 M weights: seconds to draw, save and load

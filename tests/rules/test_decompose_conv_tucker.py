@@ -12,16 +12,16 @@ from helpers import graph_from_text, input_feed, relative_error, run_caffe, save
 from nets import tiny_inception
 
 from deeprebirth.api import PRESETS, preset_options, rewrite_files
-from deeprebirth.caffe_runtime import opencv_forward
+from deeprebirth.caffe.runtime import opencv_forward
 from deeprebirth.cli import main
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.graph import Graph
-from deeprebirth.initializers import random_weights
-from deeprebirth.model import load_model
+from deeprebirth.ir.graph import Graph
+from deeprebirth.ir.initializers import random_weights
+from deeprebirth.ir.model import load_model
+from deeprebirth.ir.shapes import layer_costs
 from deeprebirth.rewrite import RewriteReport, rewrite, select_rules
 from deeprebirth.rules import RULES, RuleConfig, Skip
 from deeprebirth.rules.decompose_conv_tucker import RULE, match
-from deeprebirth.shapes import layer_costs
 
 INPUT = 'input: "data" input_shape { dim: 2 dim: 8 dim: 11 dim: 9 }\n'
 CONV = ('layer { name: "conv" type: "TYPE" bottom: "data" top: "y" param { lr_mult: 1 } param { lr_mult: 2 } '

@@ -12,14 +12,14 @@ import pytest
 from helpers import graph_from_text, input_feed, relative_error, run_caffe, save
 from nets import tiny_inception
 
-from deeprebirth.caffe_runtime import open_net, opencv_forward
-from deeprebirth.graph import Graph
-from deeprebirth.initializers import random_weights
-from deeprebirth.model import load_model, save_model
+from deeprebirth.caffe.runtime import open_net, opencv_forward
+from deeprebirth.ir.graph import Graph
+from deeprebirth.ir.initializers import random_weights
+from deeprebirth.ir.model import load_model, save_model
+from deeprebirth.ir.shapes import infer_shapes, layer_costs
 from deeprebirth.rewrite import RewriteReport, rewrite
 from deeprebirth.rules import RULES, Match, RuleConfig, Skip
 from deeprebirth.rules.merge_inception_branches import RULE, match
-from deeprebirth.shapes import infer_shapes, layer_costs
 
 MODES = ("balanced", "3x3", "5x5")
 GOOGLENET_WIDTHS = [256, 480, 512, 512, 512, 528, 832, 832, 1024]

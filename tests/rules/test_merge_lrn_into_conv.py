@@ -10,8 +10,8 @@ import pytest
 from helpers import graph_from_text, input_feed, run_caffe, save
 from streamline_zoo import NETS, ZOO, geometry, rewrite_and_check, same_blobs
 
-from deeprebirth.graph import Graph
-from deeprebirth.model import load_model
+from deeprebirth.ir.graph import Graph
+from deeprebirth.ir.model import load_model
 from deeprebirth.rewrite import rewrite
 from deeprebirth.rules import RuleConfig, merge_lrn_into_conv, merge_pooling_into_conv
 

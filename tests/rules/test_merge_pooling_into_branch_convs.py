@@ -9,11 +9,11 @@ import numpy as np
 from helpers import graph_from_text, input_feed, run_caffe, save
 from nets import tiny_inception
 
-from deeprebirth.model import load_model
+from deeprebirth.ir.model import load_model
+from deeprebirth.ir.shapes import infer_shapes
 from deeprebirth.rewrite import rewrite, select_rules
 from deeprebirth.rules import merge_pooling_into_branch_convs
 from deeprebirth.rules._shared import distribute
-from deeprebirth.shapes import infer_shapes
 
 RULE = merge_pooling_into_branch_convs.RULE
 INPUT = 'input: "data" input_shape {{ dim: 2 dim: 3 dim: {size} dim: {size} }}\n'

@@ -12,11 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from streamline_zoo import ZOO, geometry, rewrite_and_check, same_blobs
 
-from deeprebirth.graph import Graph
+from deeprebirth.ir.graph import Graph
+from deeprebirth.ir.shapes import conv_output_size, infer_shapes, pool_output_size
 from deeprebirth.rewrite import rewrite
 from deeprebirth.rules import RuleConfig, merge_pooling_into_conv
 from deeprebirth.rules._shared import solve_axis
-from deeprebirth.shapes import conv_output_size, infer_shapes, pool_output_size
 
 RULES = (merge_pooling_into_conv.RULE,)
 # what merging the pooling alone does (norm1/norm2 sit between conv and pool in AlexNet and GoogLeNet conv2)

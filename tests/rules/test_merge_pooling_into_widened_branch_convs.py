@@ -9,9 +9,9 @@ import numpy as np
 from helpers import graph_from_text, input_feed, run_caffe, save
 from nets import fire_module, squeezenet_v10
 
+from deeprebirth.ir.shapes import infer_shapes
 from deeprebirth.rewrite import rewrite, select_rules
 from deeprebirth.rules import merge_pooling_into_branch_convs, merge_pooling_into_widened_branch_convs
-from deeprebirth.shapes import infer_shapes
 
 RULE = merge_pooling_into_widened_branch_convs.RULE
 SMALL_FIRES = ((4, 8), (4, 8), (6, 12), (6, 12), (8, 16), (8, 16), (8, 16), (8, 16))

@@ -176,7 +176,7 @@ def test_parse_rank_method_refuses(text: str) -> None:
 
 def test_vbmf_on_trained_kernels_keeps_some_but_not_all(assets: dict[str, str]) -> None:
     """On real trained weights (the open_nsfw ResNet-50) VBMF finds structure: ranks between 1 and full."""
-    from deeprebirth.model import load_model
+    from deeprebirth.ir.model import load_model
 
     graph = load_model(assets["open_nsfw.prototxt"], assets["open_nsfw.caffemodel"])
     convs = [layer for layer in graph.layers() if layer.type == "Convolution" and layer.blobs is not None

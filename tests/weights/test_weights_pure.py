@@ -12,6 +12,6 @@ def test_importing_the_weights_package_loads_no_graph_protobuf_or_caffe() -> Non
     modules = sorted(p.stem for p in (Path(__file__).parents[2] / "deeprebirth" / "weights").glob("[a-z]*.py"))
     code = (f"import importlib, json, sys; [importlib.import_module('deeprebirth.weights.' + m) for m in {modules}]; "
             "print(json.dumps(sorted(m for m in sys.modules if m in ('caffe', 'scipy', 'networkx', 'google.protobuf', "
-            "'deeprebirth.graph', 'deeprebirth.caffe_pb2', 'deeprebirth.shapes'))))")
+            "'deeprebirth.ir.graph', 'deeprebirth.caffe_pb2', 'deeprebirth.ir.shapes'))))")
     out = subprocess.check_output([sys.executable, "-c", code], cwd=Path(__file__).parents[2])
     assert len(modules) == 5 and json.loads(out) == []
