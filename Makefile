@@ -8,7 +8,7 @@ CAFFE_FLAVOUR := $(if $(filter 1 yes on,$(DEEPREBIRTH_CUDA)),cuda,$(if $(filter 
 	command -v nvcc >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU' && echo cuda || echo cpu),cpu))
 FLAVOUR_STAMP := $(VENV)/.caffe-$(CAFFE_FLAVOUR)
 
-.PHONY: install example test test-fast lint bench clean
+.PHONY: install example test check lint bench clean
 
 install: $(STAMP)
 
@@ -31,8 +31,15 @@ $(FLAVOUR_STAMP):
 example: install
 	$(PY) examples/open_nsfw.py
 
+# Tiers and markers: tests/conftest.py. One test file per worker (--dist loadfile): the files that share
+# module-scoped fixtures and caches build them once, and the two cores stay busy with the heavy files.
+JOBS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile
+
+# The fast tier for the edit loop: everything not marked slow (each slow test has a cheaper sibling in it).
+check: install
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check --line-length 120 --extend-exclude deeprebirth/caffe_pb2.py deeprebirth tests benchmarks examples scripts
