@@ -18,10 +18,9 @@ from test_finetune import run as finetune_run
 from test_finetune_export import CAFFE, export, nets  # noqa: F401  (nets: the module fixture, built here too)
 from test_finetune_export import options as export_options
 
+# the library through its facade, so the package's inner layout can move under these tests
 from deeprebirth import api, caffe_io
-from deeprebirth.batch import BatchOptions, run_batch
 from deeprebirth.cli import main
-from deeprebirth.train import SolverOptions
 
 
 def test_run_sh_chains_caffe_train_into_a_deploy_caffemodel(nets: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
@@ -42,7 +41,7 @@ def test_a_short_time_budget_ends_the_run_on_time(finetune_nets: dict[str, str],
     left: list[float] = []
     result = finetune_run(finetune_nets, tmp_path / "final.caffemodel",
                           finetune_options(budget=f"{seconds:g}s", patience=0, schedule="whole",
-                                           solver=SolverOptions("adam", lr=1e-3)),
+                                           solver=api.SolverOptions("adam", lr=1e-3)),
                           progress=lambda e: left.append(e.seconds_left) if e.event == "iteration" else None)
     # loose above: one iteration past the deadline on a loaded machine is the granularity of a time budget
     assert result.complete and 0.8 * seconds <= result.seconds <= 1.5 * seconds, result.seconds
@@ -68,7 +67,7 @@ def test_a_batch_records_a_caffe_abort_in_the_check_and_writes_its_summary(tmp_p
     zoo, out = tmp_path / "zoo", tmp_path / "out"
     with_weights(zoo / "tiny", DEPLOY)
     with_weights(zoo / "caffe_aborts", CAFFE_ABORTS)
-    rows = by_path(run_batch(zoo, out, BatchOptions(rules="exact", check=2, jobs=2)).results)
+    rows = by_path(api.run_batch(zoo, out, api.BatchOptions(rules="exact", check=2, jobs=2)).results)
     assert rows["tiny/deploy.prototxt"].status == "ok" and rows["tiny/deploy.prototxt"].check.startswith("passed")
     aborts = rows["caffe_aborts/deploy.prototxt"]
     assert aborts.status == "check_failed" and "Caffe aborted" in aborts.error
