@@ -8,7 +8,7 @@ CAFFE_FLAVOUR := $(if $(filter 1 yes on,$(DEEPREBIRTH_CUDA)),cuda,$(if $(filter 
 	command -v nvcc >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU' && echo cuda || echo cpu),cpu))
 FLAVOUR_STAMP := $(VENV)/.caffe-$(CAFFE_FLAVOUR)
 
-.PHONY: install example test test-fast lint bench clean
+.PHONY: install example test check docs lint bench clean
 
 install: $(STAMP)
 
@@ -27,12 +27,24 @@ $(FLAVOUR_STAMP):
 	rm -f $(VENV)/.caffe-*
 	touch $@
 
-# The main job end to end on a bundled example: exact folds on the real open_nsfw ResNet-50, checked in real Caffe.
+# The main job end to end on bundled models: exact folds on the real open_nsfw ResNet-50, checked in real Caffe, then
+# the model-zoo GoogLeNet slimmed with the default rules and timed in real Caffe.
 example: install
 	$(PY) examples/open_nsfw.py
 
+# Tiers and markers: tests/conftest.py. One test file per worker (--dist loadfile): the files that share
+# module-scoped fixtures and caches build them once, and the two cores stay busy with the heavy files.
+JOBS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile
+
+# The fast tier for the edit loop: everything not marked slow (each slow test has a cheaper sibling in it).
+check: install
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile -m "not slow"
+
+# The documentation site, warnings as errors (the option tables are generated from the CLI at build time).
+docs: install
+	$(PY) -m mkdocs build --strict
 
 lint: install
 	$(VENV)/bin/ruff check --line-length 120 --extend-exclude deeprebirth/caffe_pb2.py deeprebirth tests benchmarks examples scripts
@@ -45,4 +57,4 @@ bench: install
 	$(PY) -m benchmarks.fuzz --cases 10000
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info deeprebirth/caffe_pb2.py deeprebirth/caffe_pb2.pyi
+	rm -rf $(VENV) build dist site *.egg-info deeprebirth/caffe_pb2.py deeprebirth/caffe_pb2.pyi

@@ -115,6 +115,7 @@ _ELSEWHERE = {
     "deeprebirth.finetune.export": ("export_plan",),
     "deeprebirth.finetune.train": ("SolverOptions",),
     "deeprebirth.caffe.evaluate": ("evaluate_files",),
+    "deeprebirth.caffe.runtime": ("image_feeds",),
     "deeprebirth.batch": ("BatchOptions", "ModelResult", "run_batch"),
     "deeprebirth.ir.draw": ("draw_file",),
 }

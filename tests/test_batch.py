@@ -211,7 +211,8 @@ def test_crashed_and_hung_workers_are_recorded_and_the_batch_goes_on(tmp_path: P
         with_weights(zoo / name, DEPLOY)
     start = time.monotonic()
     summary = run_batch(zoo, out, BatchOptions(rules="exact", jobs=4, timeout=15), worker=misbehaving_worker)
-    assert time.monotonic() - start < 60
+    # the hung worker sleeps 120 s: well under that proves it was stopped, with room for a loaded machine's start-up
+    assert time.monotonic() - start < 100
     rows = by_path(summary.results)
     crash = rows["crash/deploy.prototxt"]
     assert crash.status == "crashed"

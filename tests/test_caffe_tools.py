@@ -41,12 +41,14 @@ def test_every_tool_is_linked_into_the_venv() -> None:
 
 def test_caffe_time_agrees_with_deeprebirth_profile(tmp_path: Path) -> None:
     proto, model = save(graph_from_text(SMALL, seed=0), tmp_path, "net")
-    out = tool("caffe", "time", "-model", proto, "-weights", model, "-iterations", "5").stderr
+    out = tool("caffe", "time", "-model", proto, "-weights", model, "-iterations", "20").stderr
     found = re.search(r"Average Forward pass: ([0-9.]+) ms", out)
     assert found, out[-2000:]
     caffe_ms = float(found.group(1))
-    ours = profile_net(proto, model, rounds=5, warmup=1, clock="cpu").forward_ms
-    assert caffe_ms > 0 and ours > 0 and 0.2 < caffe_ms / ours < 5  # same work, loose: the machine is shared
+    # what `caffe time` reports: the mean wall time of its passes. This net's pass is a tenth of a millisecond, so
+    # one preemption on a loaded machine moves a mean several-fold: the bounds only say it is the same work
+    ours = float(np.mean(profile_net(proto, model, rounds=20, warmup=1, clock="wall").forward_times_ms))
+    assert caffe_ms > 0 and ours > 0 and 0.1 < caffe_ms / ours < 10, (caffe_ms, ours)
 
 
 def test_convert_imageset_and_compute_image_mean(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 Schedules (``schedule``):
 
-* ``whole`` (the default, chosen by measurement: see README "Fine-tuning: what the defaults are and why"): one
+* ``whole`` (the default, chosen by measurement: docs/decisions/schedule.md): one
   phase over the whole slim net, every layer learning, distilled from the original: in ``label`` mode
   ``(1 - kd_weight) · CE(labels) + kd_weight · KD``, in ``mimic`` mode (no labels) ``KD`` alone, where KD is the
   soft-target cross-entropy at ``temperature`` (see ``deeprebirth.finetune.losses``).

@@ -21,9 +21,9 @@ image). Four rates when each probe still gets ``MIN_PROBE`` iterations, else two
 (``FEW_FACTORS``), else no search: SGD's users then get Adam at 1e-4 (``RESCUE``), whose per-parameter steps need
 no tuning to be safe. The winner is not started over: training goes on from its probe's weights.
 
-**Rescue**: when every SGD rate leaves the held-out score worse than at the start (seen on a BatchNorm-folded
-ResNet-50 whose merged first conv, reading raw pixels, has gradients 40,000x its weights), Adam at 1e-4 is probed
-too. **Losses**: where the slim net's top-1 agreement with the original starts below ``LOW_AGREEMENT``, KD at T=1
+**Rescue**: when every SGD rate leaves the held-out score worse than at the start, Adam at 1e-4 is probed too
+(why, measured: docs/decisions/adam-rescue.md).
+**Losses**: where the slim net's top-1 agreement with the original starts below ``LOW_AGREEMENT``, KD at T=1
 and regression on the logits (``spec.LOSSES``) are probed at the chosen rate beside KD at ``--temperature``,
 compared on per-image top-1 misses (the smooth search score is KL at T=1, itself one of the losses, and would
 favour it): another loss replaces KD only when it misses fewer images beyond the noise.

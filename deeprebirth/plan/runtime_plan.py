@@ -10,12 +10,10 @@ trial is exported to the runtime and all of them are timed in one worker, interl
 each round), so machine drift hits all alike. Time saved = median(stage graph) - median(trial).
 
 Noise: ``NULL_COPIES`` identical copies of the original net are exported and timed with the rest; how far their
-medians land from the original's is the plan's noise floor. On a quiet machine it is well under 1%; on a shared one
-it reached 15-35% of the net's time (identical copies of GoogLeNet, 10 rounds, 2 cores and a load of 8), far more
-than any one merge saves, and a plan read at face value there left out merges that pay (ONNX Runtime: 1.80x
-instead of 2.78x). So ``exclusions`` turns a plan into what ``rewrite --runtime R --min-gain PCT`` leaves out only
-where the measurement is sure: the lossy candidates whose saving *plus the noise floor* is still under PCT percent
-of the original net's time on R (exact folds always apply: they cost nothing).
+medians land from the original's is the plan's noise floor. ``exclusions`` turns a plan into what ``rewrite
+--runtime R --min-gain PCT`` leaves out only where the measurement is sure: the lossy candidates whose saving *plus
+the noise floor* is still under PCT percent of the original net's time on R (exact folds always apply: they cost
+nothing). Why, measured: docs/decisions/noise-floor.md.
 """
 
 from __future__ import annotations

