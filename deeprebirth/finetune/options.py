@@ -20,31 +20,45 @@ MIMIC_TARGETS = ("local", "next", "logits")
 LOSS_CHOICES = ("auto", "kd", "regression")  # auto: KD at --temperature, or the search's pick where far off
 
 
+def setting(default: Any, kind: type, help: str, **declaration: Any) -> Any:
+    """A FinetuneOptions field that is also a ``finetune`` flag: its declaration (``deeprebirth.option.Option``'s
+    type, help, choices, bounds) sits in the field's metadata, so the field is the one place a new setting is made;
+    ``finetune.settings`` builds the flags from these."""
+    return field(default=default, metadata={"option": {"type": kind, "help": help, **declaration}})
+
+
 @dataclass
 class FinetuneOptions:
-    mode: str = "label"  # "label" (labels + distillation) or "mimic" (the original's outputs only, no labels)
-    schedule: str = "whole"  # "whole" or "layerwise" (the paper's steps, then the whole net)
-    mimic_at: str = "logits"  # layer-wise steps in mimic mode: "local", "next" or "logits"
+    mode: str = setting("label", str, "label: the labels and the original's soft outputs; mimic: the original's "
+                        "outputs only (no labels)", choices=MODES)
+    schedule: str = setting("whole", str, "whole: distil the whole slim net at once; layerwise: the paper's steps, "
+                            "one merge at a time, then the whole net", choices=SCHEDULES)
+    mimic_at: str = setting("logits", str, "layer-wise steps in mimic mode: the merged blob, the next merge's blob, "
+                            "or the net's output", choices=MIMIC_TARGETS)
     budget: str = "10m"  # time (90s, 10m, 1.5h), solver iterations (3000it) or epochs (5ep) for the whole run
-    kd_weight: float = 0.5  # label mode: share of the distillation loss (the labels get the rest)
-    temperature: float = 4.0
-    loss: str = "auto"  # matching the original's logits: "kd" (at temperature), "regression", or "auto": KD unless
-    # the slim net starts far from the original (agreement < 50%), where KD at T=1 and regression are probed too
+    kd_weight: float = setting(0.5, float, "label mode: share of the distillation loss (the labels get the rest)",
+                               minimum=0, maximum=1)
+    temperature: float = setting(4.0, float, "softmax temperature of the distillation loss", minimum=0,
+                                 open_bounds="min")
+    loss: str = setting("auto", str, "what matches the original's logits: distillation at --temperature, "
+                        "regression on the logits, or auto: KD, and where the slim net starts far off (agreement "
+                        "< 50%) the better of KD at --temperature, KD at T=1 and regression, probed on held-out data",
+                        choices=LOSS_CHOICES)
     batch: int | None = None  # None: from the budget and the measured pace (``driver.choose_batch``)
     solver: SolverOptions = field(default_factory=lambda: SolverOptions(solver="sgd", lr=None))  # lr None: search
-    new_lr_mult: float = 10.0  # layer-wise steps: the step's new layers learn this much faster than the rest
-    freeze_rest: bool = False  # only the new layers learn
-    resume: bool = False  # continue a run that was interrupted (state.json in the work folder)
+    new_lr_mult: float = setting(10.0, float, "layer-wise steps: learning-rate multiplier of the step's new layers")
+    freeze_rest: bool = setting(False, bool, "only the new layers learn (the rest stays bit-identical)", switch=True)
+    resume: bool = setting(False, bool, "continue an interrupted run without redoing finished phases", switch=True)
     transform: Transform = field(default_factory=lambda: Transform(mirror=True))  # training preprocessing
     val: PathLike | None = None  # held-out data; default: ``holdout`` of --data
-    holdout: float = 0.1  # fraction of --data held out when ``val`` is not given (0: no held-out metrics); raised
-    # for small data towards 200 images, at most a quarter (``context.held_out_share``)
-    val_limit: int | None = 2000  # held-out images per evaluation
-    seed: int = 0
+    holdout: float = setting(0.1, float, "fraction of --data held out when --val is not given (raised for small "
+                             "data towards 200 images, at most a quarter)", minimum=0, maximum=1, open_bounds="max")
+    val_limit: int | None = setting(2000, int, "held-out images per evaluation", minimum=1)
+    seed: int = setting(0, int, "seed for the data order, the held-out split and new weights")
     patience: int = 3  # stop a phase when this many held-out checkpoints in a row did not improve (0: never)
-    max_steps: int | None = None  # stop after this many phases in this run (resume later)
-    cache_mb: float = 1024.0  # memory for decoded images (half), the original's outputs on them (a quarter) and on
-    # the held-out images (a quarter)
+    max_steps: int | None = setting(None, int, "stop after this many phases (continue with --resume)", minimum=1)
+    cache_mb: float = setting(1024.0, float, "memory for decoded images (half) and the original's outputs on them "
+                              "and on held-out images")
     work_dir: PathLike | None = None  # default: <out without suffix>.finetune next to --out
     report: PathLike | None = None  # default: <out without suffix>.finetune.json
     gpu: int | None = None  # run pycaffe on this GPU (a CUDA build of Caffe)

@@ -1,6 +1,8 @@
-"""``finetune``'s user settings, each declared once (``deeprebirth.option``): its flag, allowed values and help
-here, its default in ``FinetuneOptions`` (read from there, never restated); and the FinetuneOptions the settings
-make (``finetune_options``). A new setting is a FinetuneOptions field and one line in FINETUNE_OPTIONS."""
+"""``finetune``'s user settings, each declared once (``deeprebirth.option``), and the FinetuneOptions they make
+(``finetune_options``). A plain setting is declared where it lives, as a FinetuneOptions field made with
+``options.setting`` (default, type, help, bounds): that field is the one place a new setting is added. Declared
+here: the inputs and outputs, the budget (whose default depends on --export), the batch (None: chosen by pace), the
+solver's settings and the transform's."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import dataclasses
 from typing import Any
 
 from deeprebirth.caffe.options import GPU_OPTION, TRANSFORM_OPTIONS, pop_transform
-from deeprebirth.finetune.options import LOSS_CHOICES, MIMIC_TARGETS, MODES, SCHEDULES, FinetuneOptions
+from deeprebirth.finetune.options import FinetuneOptions
 from deeprebirth.finetune.train import SOLVER_TYPES, SolverOptions
 from deeprebirth.option import Option
 
@@ -30,51 +32,23 @@ FINETUNE_OPTIONS: tuple[Option, ...] = (
            help="with --export: read the training images with this train_val's TRAIN data layer (default: an "
                 "LMDB written from --data)"),
     GPU_OPTION,
-    Option("mode", str, DEFAULT.mode, choices=MODES,
-           help="label: the labels and the original's soft outputs; mimic: the original's outputs only (no labels)"),
+    *(Option(f.name, default=f.default, **f.metadata["option"]) for f in dataclasses.fields(FinetuneOptions)
+      if "option" in f.metadata),
     Option("budget", str, None,
            help="for the whole run: time (90s, 10m, 1.5h), solver iterations (3000it) or epochs (5ep)  "
                 f"[default: {DEFAULT.budget}; with --export: {EXPORT_BUDGET}]"),
-    Option("schedule", str, DEFAULT.schedule, choices=SCHEDULES,
-           help="whole: distil the whole slim net at once; layerwise: the paper's steps, one merge at a time, then "
-                "the whole net"),
-    Option("mimic_at", str, DEFAULT.mimic_at, choices=MIMIC_TARGETS,
-           help="layer-wise steps in mimic mode: the merged blob, the next merge's blob, or the net's output"),
-    Option("kd_weight", float, DEFAULT.kd_weight, minimum=0, maximum=1,
-           help="label mode: share of the distillation loss (the labels get the rest)"),
-    Option("temperature", float, DEFAULT.temperature, minimum=0, open_bounds="min",
-           help="softmax temperature of the distillation loss"),
-    Option("loss", str, DEFAULT.loss, choices=LOSS_CHOICES,
-           help="what matches the original's logits: distillation at --temperature, regression on the logits, or "
-                "auto: KD, and where the slim net starts far off (agreement < 50%) the better of KD at "
-                "--temperature, KD at T=1 and regression, probed on held-out data"),
     Option("batch", int, DEFAULT.batch, minimum=1,
            help="images per update  [default: 32, or 16 or 8 where the budget would buy fewer than 400 updates "
-                "(see README)]"),
+                "(see docs/finetune.md)]"),
     Option("lr", float, DEFAULT.solver.lr, help="base learning rate (default: searched per phase on held-out data)"),
     Option("solver", str, DEFAULT.solver.solver, choices=tuple(SOLVER_TYPES), help="the Caffe solver type"),
     Option("momentum", float, DEFAULT.solver.momentum, help="the solver's momentum"),
     Option("weight_decay", float, DEFAULT.solver.weight_decay, help="the solver's weight decay"),
-    Option("new_lr_mult", float, DEFAULT.new_lr_mult,
-           help="layer-wise steps: learning-rate multiplier of the step's new layers"),
-    Option("freeze_rest", bool, DEFAULT.freeze_rest, switch=True,
-           help="only the new layers learn (the rest stays bit-identical)"),
-    Option("resume", bool, DEFAULT.resume, switch=True,
-           help="continue an interrupted run without redoing finished phases"),
-    Option("max_steps", int, DEFAULT.max_steps, minimum=1,
-           help="stop after this many phases (continue with --resume)"),
     Option("val", str, None, path="any", help="held-out data (default: --holdout of --data)"),
-    Option("holdout", float, DEFAULT.holdout, minimum=0, maximum=1, open_bounds="max",
-           help="fraction of --data held out when --val is not given (raised for small data towards 200 images, at "
-                "most a quarter)"),
-    Option("val_limit", int, DEFAULT.val_limit, minimum=1, help="held-out images per evaluation"),
     Option("work_dir", str, None, path="dir",
            help="solver files, snapshots and state (default: OUT without suffix + .finetune)"),
     Option("json_path", str, None, flag="json", path="file",
            help="the report (default: OUT without suffix + .finetune.json)"),
-    Option("cache_mb", float, DEFAULT.cache_mb,
-           help="memory for decoded images (half) and the original's outputs on them and on held-out images"),
-    Option("seed", int, DEFAULT.seed, help="seed for the data order, the held-out split and new weights"),
     *TRANSFORM_OPTIONS,
 )
 # the settings that are not FinetuneOptions fields of the same name: where the run reads and writes, the solver's
