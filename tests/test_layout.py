@@ -157,3 +157,19 @@ def test_a_long_module_says_why_it_stays_one() -> None:
         if MARKER not in " ".join(doc.split()):
             unexplained.append(f"{path.relative_to(ROOT)} ({lines} lines)")
     assert unexplained == [], f"split these, or state the reason in the docstring after {MARKER!r}"
+
+
+def test_the_committed_drawing_shows_the_imports_as_they_are() -> None:
+    """docs/architecture.svg holds one titled edge per arrow (graphviz writes ``a->b`` as each edge's title): they
+    must be the arrows scripts/draw_architecture.py draws from the code today, else the picture is stale (redraw
+    it with ``python scripts/draw_architecture.py``)."""
+    import html
+    import re
+
+    from scripts.draw_architecture import dot_source
+    from scripts.import_graph import folder_graph
+
+    drawn = {html.unescape(t) for t in re.findall(r"<title>([^<]*&#45;&gt;[^<]*)</title>",
+                                                   (ROOT / "docs" / "architecture.svg").read_text())}
+    wanted = {f"{a}->{b}" for a, b in re.findall(r'^  "([^"]+)" -> "([^"]+)"', dot_source(folder_graph()), re.M)}
+    assert wanted and drawn == wanted, f"redraw docs/architecture.svg: missing {wanted - drawn}, stale {drawn - wanted}"
