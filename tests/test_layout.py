@@ -171,5 +171,5 @@ def test_the_committed_drawing_shows_the_imports_as_they_are() -> None:
 
     drawn = {html.unescape(t) for t in re.findall(r"<title>([^<]*&#45;&gt;[^<]*)</title>",
                                                    (ROOT / "docs" / "architecture.svg").read_text())}
-    wanted = {f"{a}->{b}" for a, b in re.findall(r'^  "([^"]+)" -> "([^"]+)"', dot_source(folder_graph()), re.M)}
+    wanted = {f"{a}->{b}" for a, b in re.findall(r'^  "([^"]+)" -> "([^"]+)"', dot_source(folder_graph()), re.MULTILINE)}
     assert wanted and drawn == wanted, f"redraw docs/architecture.svg: missing {wanted - drawn}, stale {drawn - wanted}"
