@@ -101,5 +101,7 @@ def test_plan_stages_reach_the_rewrite_fixed_point() -> None:
 def test_inspect_lists_what_the_driver_finds(tmp_path: Path) -> None:
     proto, weights = save(graph_from_text(BN_NET, seed=1), tmp_path, "in")
     found = inspect_file(proto, weights)
-    assert [rule for rule, _ in found.fires] == ["fuse_batchnorm_into_conv"]
+    # the opt-in Tucker rule is listed too: its default ranks keep half of each unfolding's energy, of a random
+    # kernel as of a trained one (pure VBMF would call a random kernel all noise and skip it)
+    assert [rule for rule, _ in found.fires] == ["fuse_batchnorm_into_conv", "decompose_conv_tucker"]
     assert found.skips == skips(found.graph, RULES, RuleConfig())

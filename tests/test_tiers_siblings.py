@@ -19,8 +19,9 @@ from test_finetune_export import CAFFE, export, nets  # noqa: F401  (nets: the m
 from test_finetune_export import options as export_options
 
 # the library through its facade, so the package's inner layout can move under these tests
-from deeprebirth import api, caffe_io
+from deeprebirth import api
 from deeprebirth.cli import main
+from deeprebirth.io import caffe_io
 
 
 def test_run_sh_chains_caffe_train_into_a_deploy_caffemodel(nets: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
