@@ -19,12 +19,9 @@ Ranks (``RankMethod``):
                 number of singular values above the noise's analytic threshold. Untrained (random) kernels are
                 all noise: rank 0.
     vbmf:F      VBMF's ranks, raised on each unfolding to keep at least a fraction F of its squared singular values
-                (the default, F = 0.5). VBMF reads a flat spectrum as noise, and kernels trained on little data have
-                flat spectra: on two small nets trained here (Fashion-MNIST; 1,088 flower photos) it kept 0-40%
-                of the energy, rank 1 on 3x3 convs of 32 -> 80 channels, and fine-tuning could not recover the
-                rank-1 bottlenecks (17-class flowers: 46.7% top-1 after 30 epochs, against 64.0% with the floor
-                and 74.3% for the slim net undecomposed). On the well-trained ResNet-50 (open_nsfw) VBMF keeps
-                more than half on 30 of its 34 unfoldings, so there the floor rarely binds.
+                (the default, F = 0.5): VBMF reads the flat spectrum of a kernel trained on little data as noise
+                and can leave a rank-1 bottleneck fine-tuning does not recover. Measured in
+                docs/decisions/tucker-ranks.md.
     energy:F    the smallest rank on each unfolding keeping a fraction F of its squared singular values.
     speedup:X   the largest R1, R2 with R1 / R2 ~= C / N whose three convolutions need at most 1/X of the MACs.
     ranks:R1,R2 the same ranks everywhere (clipped to C and N).
