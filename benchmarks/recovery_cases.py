@@ -156,16 +156,10 @@ def train_stage(folder: Path, text: str, train: Path | str, transform: Transform
 
     def run() -> dict[str, Any]:
         prototxt.write_text(text)
-        last = [0.0]
-
-        def progress(i: int, n: int, loss: float) -> None:
-            if time.monotonic() - last[0] > 15 or i == n:
-                last[0] = time.monotonic()
-                log(f"  iteration {i}/{n}: loss {loss:.4f}")
-
         result = train_classifier(prototxt, train, weights, iters=iters, batch=batch,
                                   solver=SolverOptions("sgd", lr=lr, momentum=0.9, weight_decay=5e-4),
-                                  transform=transform, work_dir=folder / "original.train", progress=progress)
+                                  transform=transform, work_dir=folder / "original.train",
+                                  progress=example.training_progress())
         return asdict(result)
 
     return example.cached(folder, "train_original", key, [prototxt, weights], fresh, run)

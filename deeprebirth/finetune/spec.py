@@ -153,8 +153,7 @@ def _add_output_losses(ctx: Context, net: pb.NetParameter, step: Step, student: 
         fed = net.layer.add(name=teacher_input, type="Input", top=[teacher_input])
         fed.input_param.shape.add(dim=[options.batch, *sample.shape[1:]])
     else:
-        original_counts = {name: len(blobs) for name, blobs in ctx.original_weights.items()}
-        embed_teacher(net, ctx.original, ctx.io.input, [ctx.logits], original_counts)
+        _embed_original(ctx, net, ctx.logits)
     losses: dict[str, float] = {}
     kd_weight = options.kd_weight if target == "labels+kd" else 1.0
     if kd_weight > 0 and loss == "regression":
@@ -173,12 +172,17 @@ def _add_output_losses(ctx: Context, net: pb.NetParameter, step: Step, student: 
 def _add_blob_mimic_loss(ctx: Context, net: pb.NetParameter, student_blob: str, original_blob: str,
                          teacher: Teacher, batch: int) -> dict[str, float]:
     """A regression of the student's blob on the original's (layer-wise steps)."""
-    original_counts = {name: len(blobs) for name, blobs in ctx.original_weights.items()}
-    embed_teacher(net, ctx.original, ctx.io.input, [original_blob], original_counts)
+    _embed_original(ctx, net, original_blob)
     sample = teacher.outputs(ctx.train.batch(ctx.train_indices[:batch]), [original_blob])[original_blob]
     top = add_mimic_loss(net, student_blob, teacher_name(original_blob), int(np.prod(sample.shape[1:])),
                          float(np.var(sample)))
     return {top: net.layer[-1].loss_weight[0]}
+
+
+def _embed_original(ctx: Context, net: pb.NetParameter, blob: str) -> None:
+    """A frozen copy of the original inside ``net``, up to ``blob`` (the target the student's loss reads)."""
+    counts = {name: len(blobs) for name, blobs in ctx.original_weights.items()}
+    embed_teacher(net, ctx.original, ctx.io.input, [blob], counts)
 
 
 def _batched(net: pb.NetParameter, batch: int) -> pb.NetParameter:

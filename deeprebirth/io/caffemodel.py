@@ -82,6 +82,17 @@ def _packed_varints(view: memoryview) -> list[int]:
     return values
 
 
+def _reals(value: memoryview, wire: int, kind: str) -> np.ndarray:
+    """BlobProto's ``data`` ("float") or ``double_data`` ("double"): a packed run (a view into the file, no copy) or
+    one unpacked element (copied: its few bytes would otherwise pin the whole buffer)."""
+    dtype = np.dtype("<f4" if kind == "float" else "<f8")
+    if wire != _WIRE_LEN:
+        return np.frombuffer(value, dtype=dtype).copy()
+    if len(value) % dtype.itemsize:
+        raise DecodeError(f"packed {kind} data of {len(value)} bytes")
+    return np.frombuffer(value, dtype=dtype)
+
+
 def _decode_blob(view: memoryview) -> np.ndarray:
     """BlobProto bytes -> float32 array; packed float data is a zero-copy view of the file."""
     shape: list[int] = []
@@ -96,18 +107,10 @@ def _decode_blob(view: memoryview) -> np.ndarray:
                     shape.extend(_packed_varints(dim_value))  # type: ignore[arg-type]
                 elif dim_number == 1 and dim_wire == _WIRE_VARINT:
                     shape.append(dim_value)  # type: ignore[arg-type]
-        elif number == 5 and wire == _WIRE_LEN:
-            if len(value) % 4:  # type: ignore[arg-type]
-                raise DecodeError(f"packed float data of {len(value)} bytes")  # type: ignore[arg-type]
-            chunks.append(np.frombuffer(value, dtype="<f4"))  # type: ignore[arg-type]
-        elif number == 5 and wire == _WIRE_I32:
-            chunks.append(np.frombuffer(value, dtype="<f4").copy())  # type: ignore[arg-type]
-        elif number == 8 and wire == _WIRE_LEN:
-            if len(value) % 8:  # type: ignore[arg-type]
-                raise DecodeError(f"packed double data of {len(value)} bytes")  # type: ignore[arg-type]
-            doubles.append(np.frombuffer(value, dtype="<f8"))  # type: ignore[arg-type]
-        elif number == 8 and wire == _WIRE_I64:
-            doubles.append(np.frombuffer(value, dtype="<f8").copy())  # type: ignore[arg-type]
+        elif number == 5 and wire in (_WIRE_LEN, _WIRE_I32):
+            chunks.append(_reals(value, wire, "float"))  # type: ignore[arg-type]
+        elif number == 8 and wire in (_WIRE_LEN, _WIRE_I64):
+            doubles.append(_reals(value, wire, "double"))  # type: ignore[arg-type]
         elif number in legacy and wire == _WIRE_VARINT:
             legacy[number] = value  # type: ignore[assignment]
             has_legacy = True

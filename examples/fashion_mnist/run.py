@@ -180,6 +180,18 @@ def split(everything: Path, folder: Path, config: Config) -> dict[str, Path]:
     return paths
 
 
+def training_progress(every: float = 15.0) -> Callable[[int, int, float], None]:
+    """A ``train_classifier`` progress callback that logs the loss every ``every`` seconds and at the end."""
+    last = [0.0]
+
+    def progress(i: int, n: int, loss: float) -> None:
+        if time.monotonic() - last[0] > every or i == n:
+            last[0] = time.monotonic()
+            log(f"  iteration {i}/{n}: loss {loss:.4f}")
+
+    return progress
+
+
 def train_original(folder: Path, data: dict[str, Path], config: Config, fresh: bool) -> dict[str, Any]:
     from deeprebirth.finetune.train import SolverOptions, train_classifier
 
@@ -189,17 +201,10 @@ def train_original(folder: Path, data: dict[str, Path], config: Config, fresh: b
 
     def run() -> dict[str, Any]:
         prototxt.write_text(text)
-        last = [0.0]
-
-        def progress(i: int, n: int, loss: float) -> None:
-            if time.monotonic() - last[0] > 15 or i == n:
-                last[0] = time.monotonic()
-                log(f"  iteration {i}/{n}: loss {loss:.4f}")
-
         result = train_classifier(prototxt, data["train"], weights, iters=config.train_iters, batch=64,
                                   solver=SolverOptions("sgd", lr=config.train_lr, momentum=0.9, weight_decay=5e-4),
                                   transform=TRANSFORM, val=data["val"], work_dir=folder / "original.train",
-                                  progress=progress)
+                                  progress=training_progress())
         return asdict(result)
 
     return cached(folder, "train_original", key, [prototxt, weights], fresh, run)
