@@ -59,9 +59,17 @@ RESULTS = HERE / "results"
 log = rc.log
 
 
-def code_key() -> list[str]:
-    """What a run's result depends on in the project's code: the whole package (fine-tuning, data, evaluation)."""
-    return rc.example.file_key(*sorted((ROOT / "deeprebirth").rglob("*.py")))
+SEARCH_CODE = ("deeprebirth/finetune/search.py", "deeprebirth/finetune/probes.py")
+
+
+def code_key(fixed_rate: bool) -> list[str]:
+    """What a run's result depends on in the project's code: the whole package (fine-tuning, data, evaluation),
+    less the rate search's two modules for a run given its rate (`--lr` skips the search), so a change to the
+    search reruns only the default runs."""
+    files = sorted((ROOT / "deeprebirth").rglob("*.py"))
+    if fixed_rate:
+        files = [f for f in files if f.relative_to(ROOT).as_posix() not in SEARCH_CODE]
+    return rc.example.file_key(*files)
 
 
 def data_key(path: str) -> Any:
@@ -84,7 +92,7 @@ def run_one(case: rc.Case, row: rc.Variant, label: str, extra: list[str], budget
                 "--reference", *original, "--json", str(folder / "eval.json"), *case.transform]
     in_process = row.score == "output_distance"
     key = {"finetune": finetune[1:], "evaluate": "in-process (compare_outputs)" if in_process else evaluate[1:],
-           "code": code_key(),
+           "code": code_key("--lr" in extra),
            "inputs": rc.example.file_key(*map(Path, (*original, slim_prototxt, slim_weights, report))),
            "train": data_key(row.train), "test": data_key(case.test)}
     record = folder / "run.json"

@@ -156,9 +156,11 @@ def test_the_learning_rate_is_searched_on_held_out_data(nets: dict[str, str], tm
     step = result.steps[0]
     rates = [c for c in step.lr_search if " " not in c]
     reference = 0.01 * 16 / 32  # batch 16, label mode (see search.reference_rate)
-    assert [float(c) for c in rates] == pytest.approx([reference * f for f in (0.1, 0.3, 1, 3)], rel=1e-2)
+    grid = [reference * f for f in (0.1, 0.3, 1, 3)]
+    assert float(rates[0]) == pytest.approx(reference, rel=1e-2)  # read outward from the reference
+    assert all(any(float(c) == pytest.approx(g, rel=1e-2) for g in grid) for c in rates) and len(set(rates)) == len(rates)
     assert f"reference rate {reference:g}" in step.search
-    assert step.search.startswith("4 rates x 15 iterations"), step.search
+    assert step.search.startswith("up to 4 rates x 15 iterations"), step.search
     assert step.lr in [float(c) for c in rates]
     others = [c for c in step.lr_search if " " in c]  # losses compared at the chosen rate
     if step.agreement_before is not None and step.agreement_before < 0.5:

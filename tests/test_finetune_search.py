@@ -19,6 +19,7 @@ from deeprebirth.finetune.search import (
     Candidate,
     choose,
     default_loss_first,
+    next_rate,
     pick_rate,
     plan_probes,
     reference_rate,
@@ -53,6 +54,27 @@ def test_the_reference_rate_stays_unless_a_higher_one_is_better_beyond_the_noise
     worse[Candidate("sgd", 3e-2)] = np.full(300, np.inf)
     assert pick_rate(worse, start, 1e-2) == Candidate("sgd", 3e-3)
     assert pick_rate({c: start + 1 for c in scores}, start, 1e-2) is None  # nothing improved: the caller rescues
+
+
+def test_probing_outward_from_the_reference_makes_the_full_grids_choice_with_fewer_probes() -> None:
+    rng = np.random.default_rng(3)
+    grid = tuple(Candidate("sgd", 0.01 * f) for f in LR_FACTORS)
+    probes_run = []
+    for trial in range(400):
+        start = rng.normal(2.0, 0.3, 200)
+        # each rate's probe: better or worse than the start by a random shift, some diverged, with per-image noise
+        full = {c: (np.full(200, np.inf) if rng.random() < 0.1 else
+                    start + rng.normal(0, 0.4) + rng.normal(0, 0.3, 200)) for c in grid}
+        run: dict[Candidate, np.ndarray] = {}
+        while (candidate := next_rate(grid, run, start, 0.01)) is not None:
+            assert candidate not in run
+            run[candidate] = full[candidate]
+        assert pick_rate(run, start, 0.01) == pick_rate(full, start, 0.01), trial
+        probes_run.append(len(run))
+    assert np.mean(probes_run) < 0.75 * len(grid)  # about 2.5 of 4 here (the reference improves half the time)
+    few = tuple(Candidate("sgd", 0.01 * f) for f in FEW_FACTORS)
+    start = np.full(50, 2.0)
+    assert next_rate(few, {few[1]: start - 0.5}, start, 0.01) is None  # the reference improved: nothing above it
 
 
 def test_another_loss_wins_only_beyond_the_noise() -> None:

@@ -25,6 +25,7 @@ from deeprebirth.finetune.search import (
     ProbePlan,
     choose,
     default_loss_first,
+    next_rate,
     pick_rate,
     plan_probes,
     reference_rate,
@@ -138,7 +139,7 @@ def search(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: Allo
                       seconds_per_iteration=seconds_per_iteration)
     probes = Probes(spec, data, options, plan, Evaluator(spec, data, evaluate.indices[:plan.images]), tag, notify,
                     variant)
-    for candidate in plan.candidates:
+    while (candidate := next_rate(plan.candidates, probes.scores, probes.start, reference)) is not None:
         probes.run(candidate)
     chosen = probes.pick_rate(reference, rescue)
     note = f"{plan.reason}; reference rate {reference:.3g}"
