@@ -12,6 +12,7 @@ from deeprebirth.caffe.data import CROP_BANK, Batches, DataSet, Transform
 from deeprebirth.finetune import FinetuneOptions, finetune_files
 from deeprebirth.finetune.budget import Budget
 from deeprebirth.finetune.driver import MIN_UPDATES, choose_batch
+from deeprebirth.finetune.phase import keeps
 from deeprebirth.finetune.search import (
     FEW_FACTORS,
     LR_FACTORS,
@@ -209,3 +210,22 @@ def test_small_data_holds_out_enough_images_to_mean_something() -> None:
     assert round(1088 * held_out_share(0.1, 1088)) == 200
     assert held_out_share(0.1, 60000) == 0.1  # 6,000 is plenty
     assert held_out_share(0.3, 500) == 0.3  # asked for more: kept
+
+
+def test_the_latest_checkpoint_is_kept_unless_worse_beyond_the_noise() -> None:
+    def misses(first: int, last: int) -> np.ndarray:  # top-1 misses on 1000 held-out images
+        return np.isin(np.arange(1000), np.arange(first, last)).astype(np.float64)
+
+    # four checkpoints of a decaying run: the best mean (13.0%, the second) is a lucky draw; the next two differ
+    # from it by a few images each way, within the noise (paired z 1.8 and 0.9)
+    checkpoints = [misses(0, 200), misses(0, 130), misses(10, 150), misses(20, 156)]
+    kept, leader, iteration = (0.5, 0), None, 0
+    for k, values in enumerate(checkpoints, 1):
+        keep, leader = keeps(float(np.mean(values)), values, kept, leader)
+        if keep:
+            kept, iteration = (float(np.mean(values)), k), k
+    assert leader is not None and float(np.mean(leader[1])) == pytest.approx(0.13)
+    assert iteration == 4  # picking the best mean would have thrown away half the decay
+    assert keeps(0.3, misses(0, 300), kept, leader)[0] is False  # clearly worse (overfitting): not kept
+    flat = np.full(1000, 0.5)  # never better than the start: the start stays, and the phase backs off
+    assert keeps(0.5, flat, (0.5, 0), None)[0] is False and keeps(0.49, flat, (0.5, 0), None)[0] is True

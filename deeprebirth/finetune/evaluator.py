@@ -41,6 +41,7 @@ class Evaluator:
         self.teacher_seconds = 0.0  # spent running the original (once, while its outputs fit the cache)
         self.scores = np.zeros(len(indices))  # the last evaluation's per-image search scores
         self.misses = np.zeros(len(indices))  # ... and top-1 misses (of the label, else of the original's top-1)
+        self.values = np.zeros(len(indices))  # ... and what ``score`` averages, per image (checkpoints compare them)
 
     def _teacher(self, k: int, x: np.ndarray) -> dict[str, np.ndarray]:
         if self.cached is not None and k < len(self.cached):
@@ -86,7 +87,8 @@ class Evaluator:
         scores = errors.get(spec.objective)
         if spec.logits is not None:
             z, t = np.concatenate(logits), np.concatenate(teacher_logits)
-            metrics["kd"] = float(np.mean(distillation_losses(z, t, spec.temperature)))
+            kd = distillation_losses(z, t, spec.temperature)
+            metrics["kd"] = float(np.mean(kd))
             kl1 = distillation_losses(z, t, 1.0)
             metrics["kd1"] = float(np.mean(kl1))
             metrics["agreement"] = float(np.mean(z.argmax(1) == t.argmax(1)))
@@ -102,6 +104,13 @@ class Evaluator:
                 if spec.objective == "label":
                     scores = (1 - spec.kd_weight) * ce + spec.kd_weight * kl1
         self.scores = np.nan_to_num(scores if scores is not None else np.zeros(len(self.indices)), nan=np.inf)
+        if spec.objective == "label" and self.labels is not None:
+            values = self.misses
+        elif spec.objective in ("label", "kd") and spec.logits is not None:
+            values = kd
+        else:
+            values = errors.get(spec.objective, np.zeros(len(self.indices)))
+        self.values = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=np.inf)
         metrics["search_score"] = float(np.mean(self.scores))
         metrics["loss"] = self.loss(metrics)
         return metrics
@@ -117,7 +126,7 @@ class Evaluator:
 
     def score(self, metrics: dict[str, float]) -> float:
         """What picks the kept checkpoint (lower is better): top-1 where labels train, else the objective (measured
-        the same way whichever loss trained)."""
+        the same way whichever loss trained); ``values`` holds it per image."""
         if self.spec.objective == "label" and "accuracy" in metrics:
             return -metrics["accuracy"] + 1e-6 * metrics["loss"]
         return metrics["loss"]

@@ -12,8 +12,11 @@ an allotment of seconds or iterations, and:
 3. **trains** with the winner, decaying linearly to 0 over the iterations that fit in what is left (Caffe's "poly",
    power 1); under a time budget it measures its pace ``REPLANS`` times on the way and moves the end of the decay
    to where the deadline really falls (``Trainer.replan``: the solver's state carries over);
-4. **evaluates on held-out data** a few times (about ``EVAL_SHARE`` of the allotment) and keeps the best
-   checkpoint; after ``patience`` evaluations in a row without progress in the second half of the run
+4. **evaluates on held-out data** a few times (about ``EVAL_SHARE`` of the allotment) and keeps the latest
+   checkpoint that beats the start and is not worse than the best one beyond the noise (their per-image values
+   compared as the search compares probes: picking the best of a few noisy means would keep an early checkpoint
+   on a lucky draw and throw away the rest of the decay); after ``patience`` evaluations in a row worse than that
+   beyond the noise, in the second half of the run
    (``STOP_AFTER``: a plateau while the rate is still high often ends as it decays) it stops early; when it has
    never improved on its start: then it **backs off** (``back_off``: from the start weights, SGD at a third of its
    rate, then Adam at 1e-4; other solvers a tenth of the rate) and goes on within the budget, at most
@@ -39,7 +42,7 @@ from deeprebirth.finetune.phase_types import (
     Weights,
 )
 from deeprebirth.finetune.probes import Choice, Notify, Variant, search
-from deeprebirth.finetune.search import MOMENTUM_SOLVERS, RESCUE
+from deeprebirth.finetune.search import MOMENTUM_SOLVERS, RESCUE, significantly_worse
 from deeprebirth.finetune.train import SolverOptions
 from deeprebirth.finetune.trainer import Trainer, eval_net, overlay, time_iterations
 
@@ -51,6 +54,21 @@ REPLAN_TOLERANCE = 0.03  # ... and re-plans when the iterations that fit differ 
 MAX_EVALUATIONS = 8
 MAX_BACKOFFS = 2
 STOP_AFTER = 0.5  # early stopping only in the second half of a run: the decaying rate's later part often improves
+
+
+def keeps(score: float, values: np.ndarray, kept: tuple[float, int] | None,
+          leader: tuple[float, np.ndarray] | None) -> tuple[bool, tuple[float, np.ndarray] | None]:
+    """Does a new checkpoint (its score and per-image values) replace the one ``kept`` (score, iteration; 0: the
+    start)? And the new leader, the lowest-scoring checkpoint so far. The start is left only for a better mean (a
+    run that stays flat must back off); after that the latest checkpoint wins unless it is worse than the leader
+    beyond the noise (``search.significantly_worse``)."""
+    if kept is not None and kept[1] == 0 and score >= kept[0]:
+        return False, leader
+    if leader is None or score < leader[0]:
+        leader = (score, values)
+    if kept is not None and kept[1] != 0 and significantly_worse(values, leader[1]):
+        return False, leader
+    return True, leader
 
 
 class Deadline:
@@ -103,7 +121,8 @@ class _TrainingRun:
         self.stopped_early = False
         self.count = 0  # iterations of this run (all trainers), the checkpoints' clock
         self.images_seconds = 0.0
-        self.best: tuple[float, int, Weights] | None = None  # score, count, weights
+        self.best: tuple[float, int, Weights] | None = None  # score, count, weights: the checkpoint kept
+        self.leader: tuple[float, np.ndarray] | None = None  # the lowest-scoring checkpoint: score, per-image values
 
     # -- planning
     def _plan(self, evaluations_wanted: int) -> tuple[int, int]:
@@ -208,11 +227,11 @@ class _TrainingRun:
         metrics["iteration"] = self.count
         self.history.append(metrics)
         self.notify("evaluate", {"iteration": self.count, "metrics": metrics})
-        score = self.evaluate.score(metrics)
-        if self.best is None or score < self.best[0]:
+        score, values = self.evaluate.score(metrics), self.evaluate.values.copy()
+        kept, self.leader = keeps(score, values, None if self.best is None else self.best[:2], self.leader)
+        if kept:
             self.best = (score, self.count, self.trainer.read())
-            return True
-        return False
+        return kept
 
     def _refit(self, i: int, iterations: int, every: int) -> int | None:
         """The plan came from a few timed iterations; the run so far says how many really fit."""
