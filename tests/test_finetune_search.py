@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from deeprebirth.caffe.data import CROP_BANK, Batches, DataSet, Transform
+from deeprebirth.errors import DeepRebirthError
 from deeprebirth.finetune import FinetuneOptions, finetune_files
 from deeprebirth.finetune.budget import Budget
 from deeprebirth.finetune.driver import MIN_UPDATES, choose_batch
@@ -229,3 +230,18 @@ def test_the_latest_checkpoint_is_kept_unless_worse_beyond_the_noise() -> None:
     assert keeps(0.3, misses(0, 300), kept, leader)[0] is False  # clearly worse (overfitting): not kept
     flat = np.full(1000, 0.5)  # never better than the start: the start stays, and the phase backs off
     assert keeps(0.5, flat, (0.5, 0), None)[0] is False and keeps(0.49, flat, (0.5, 0), None)[0] is True
+    diverged = np.full(1000, np.inf)
+    assert keeps(float("nan"), diverged, (0.5, 0), None)[0] is False and keeps(float("nan"), diverged, kept, leader)[0] is False
+
+
+def test_a_run_that_diverges_with_nothing_to_fall_back_on_writes_nothing(finetune_nets: dict[str, str],
+                                                                           tmp_path: Path) -> None:
+    """No held-out data (so no checkpoint to keep) and a rate that turns the weights into NaN: a clear error, no
+    caffemodel (it would load in Caffe and output NaN on the phone)."""
+    options = FinetuneOptions(budget="40it", batch=16, transform=Transform(scale=1 / 255), holdout=0.0,
+                              mode="mimic", solver=SolverOptions("sgd", lr=1e12), patience=0)
+    out = tmp_path / "final.caffemodel"
+    with pytest.raises(DeepRebirthError, match="NaN or Inf in weight blob"):
+        finetune_files(finetune_nets["original"], finetune_nets["original_weights"], finetune_nets["slim"],
+                       finetune_nets["slim_weights"], finetune_nets["report"], finetune_nets["data"], out, options)
+    assert not out.exists()

@@ -13,7 +13,8 @@ Schedules (``schedule``):
   original's layers between, which adapt), ``logits`` (KD on the net's output).
 
 The budget (``deeprebirth.finetune.budget``) covers the run; each phase searches its learning rate, trains with a
-decaying rate and keeps its best held-out checkpoint (``deeprebirth.finetune.phase``). After each phase: a
+decaying rate and keeps its latest held-out checkpoint that is not worse than the best beyond the noise
+(``deeprebirth.finetune.phase``). After each phase: a
 snapshot (the slim net's caffemodel with every phase so far) and ``state.json`` in a work folder next to the output;
 ``resume`` continues from there without redoing finished phases.
 
@@ -34,6 +35,7 @@ import numpy as np
 from deeprebirth.caffe.data import Batches, PathLike
 from deeprebirth.caffe.evaluate import NetIO, predict, top_k
 from deeprebirth.caffe.runtime import import_caffe, on_device
+from deeprebirth.errors import DeepRebirthError
 from deeprebirth.finetune.budget import EVAL_SHARE, Budget, Clock, phase_weights, share_time
 from deeprebirth.finetune.context import MIN_HELD_OUT, Context, Teacher, phase_iterations, prepare
 from deeprebirth.finetune.options import (
@@ -104,6 +106,12 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
     final_accuracy = None
     report = None
     if complete:
+        for name, blobs in store.items():  # a NaN caffemodel loads in Caffe and silently outputs NaN on the phone
+            bad = next((i for i, blob in enumerate(blobs) if not np.isfinite(blob).all()), None)
+            if bad is not None:
+                raise DeepRebirthError(f"fine-tuning left NaN or Inf in weight blob {bad}; nothing written (the "
+                                       "snapshots in the work folder hold the earlier phases)", file=str(out),
+                                       layer=name)
         caffe_io.write_caffemodel(out, ctx.slim.to_net(), store)
         if ctx.val is not None and ctx.val.data.labels is not None:
             final_accuracy = _accuracy(_slim_net(ctx, out), ctx.io, ctx.val, ctx.val_indices)

@@ -55,7 +55,7 @@ class FinetuneOptions:
                              "data towards 200 images, at most a quarter)", minimum=0, maximum=1, open_bounds="max")
     val_limit: int | None = setting(2000, int, "held-out images per evaluation", minimum=1)
     seed: int = setting(0, int, "seed for the data order, the held-out split and new weights")
-    patience: int = 3  # stop a phase when this many held-out checkpoints in a row did not improve (0: never)
+    patience: int = 3  # stop a phase when this many held-out checkpoints in a row are worse beyond the noise (0: never)
     max_steps: int | None = setting(None, int, "stop after this many phases (continue with --resume)", minimum=1)
     cache_mb: float = setting(1024.0, float, "memory for decoded images (half) and the original's outputs on them "
                               "and on held-out images")

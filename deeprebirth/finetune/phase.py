@@ -62,8 +62,8 @@ def keeps(score: float, values: np.ndarray, kept: tuple[float, int] | None,
     start)? And the new leader, the lowest-scoring checkpoint so far. The start is left only for a better mean (a
     run that stays flat must back off); after that the latest checkpoint wins unless it is worse than the leader
     beyond the noise (``search.significantly_worse``)."""
-    if kept is not None and kept[1] == 0 and score >= kept[0]:
-        return False, leader
+    if not np.isfinite(score) or (kept is not None and kept[1] == 0 and score >= kept[0]):
+        return False, leader  # a diverged checkpoint (NaN) compares False with everything: say no outright
     if leader is None or score < leader[0]:
         leader = (score, values)
     if kept is not None and kept[1] != 0 and significantly_worse(values, leader[1]):

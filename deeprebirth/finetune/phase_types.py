@@ -47,7 +47,7 @@ class Allotment:
 
 @dataclass
 class PhaseOutcome:
-    weights: Weights  # the learned layers' parameters at the best checkpoint
+    weights: Weights  # the learned layers' parameters at the kept checkpoint
     before: dict[str, float]  # held-out metrics at the start and at the kept checkpoint
     after: dict[str, float]
     lr: float
