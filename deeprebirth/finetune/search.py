@@ -139,13 +139,16 @@ def choose(scores: dict[Candidate, np.ndarray], preference: Callable[[Candidate]
     return min(contenders, key=preference)
 
 
+def improves(probe: np.ndarray, start: np.ndarray) -> bool:
+    """Did a probe end (finite and) below the start's mean held-out score?"""
+    return bool(np.all(np.isfinite(probe)) and float(np.mean(probe)) < float(np.mean(start)))
+
+
 def pick_rate(scores: dict[Candidate, np.ndarray], start: np.ndarray, reference: float) -> Candidate | None:
     """The rate rule (see the module docstring): the reference while its probe improves on the start; a higher rate
     only when it beats the reference beyond the noise; a lower one only when the reference does not improve on the
     start (then the highest lower rate that does). None: nothing improved on the start."""
-    start_mean = float(np.mean(start))
-    improved = sorted((c for c, s in scores.items() if np.all(np.isfinite(s)) and float(np.mean(s)) < start_mean),
-                      key=lambda c: c.lr)
+    improved = sorted((c for c, s in scores.items() if improves(s, start)), key=lambda c: c.lr)
     at_reference = [c for c in improved if math.isclose(c.lr, reference, rel_tol=1e-2)]
     if not at_reference:
         lower = [c for c in improved if c.lr < reference]
@@ -161,10 +164,8 @@ def next_rate(candidates: Sequence[Candidate], scores: dict[Candidate, np.ndarra
               reference: float) -> Candidate | None:
     """The next candidate whose probe ``pick_rate`` would read, given the probes run so far; None once the choice is
     settled (``pick_rate`` over the probes run then equals ``pick_rate`` over the whole grid)."""
-    start_mean = float(np.mean(start))
-
     def improved(c: Candidate) -> bool:
-        return bool(np.all(np.isfinite(scores[c])) and float(np.mean(scores[c])) < start_mean)
+        return improves(scores[c], start)
 
     at_reference = [c for c in candidates if math.isclose(c.lr, reference, rel_tol=1e-2)]
     if not at_reference:  # no reference in the grid: nothing to read outward from
