@@ -60,6 +60,16 @@ def gradient_scale(spec: PhaseSpec) -> float:
     return REFERENCE_GRADIENT
 
 
+def loss_rate(spec: PhaseSpec, loss: str, chosen: Candidate) -> float:
+    """The rate another loss is probed at: KD at T=1 pulls less hard than KD at ``--temperature`` (its gradient
+    scale, ``gradient_scale``, is ``w + (1 - w)`` instead of ``w·T + (1 - w)``), so SGD-type solvers take the
+    chosen rate times the ratio of the two scales, the rate a run given that loss would start from
+    (``search.reference_rate``). Probed at KD's rate it lost on a rate too low for it, not on the loss."""
+    if loss != "kd1" or chosen.solver not in MOMENTUM_SOLVERS:
+        return chosen.lr
+    return float(f"{chosen.lr * gradient_scale(spec) / gradient_scale(replace(spec, temperature=1.0)):.3g}")
+
+
 class Probes:
     """Trains candidates' probes from the phase's start and keeps their per-image held-out scores and weights."""
 
@@ -102,12 +112,13 @@ class Probes:
         return picked or min(self.scores, key=lambda c: c.lr)
 
     def pick_loss(self, chosen: Candidate) -> Candidate:
-        """The other losses probed at the chosen rate, compared on top-1 misses: a smooth score would favour the
-        loss it is made of."""
+        """The other losses probed at the chosen rate, moved by their gradient scale (``loss_rate``), compared on
+        top-1 misses: a smooth score would favour the loss it is made of."""
+        contenders = [chosen]
         for loss in ("kd1", "regression"):
-            self.run(Candidate(chosen.solver, chosen.lr, loss))
-        same_rate = {c: m for c, m in self.misses.items() if (c.solver, c.lr) == (chosen.solver, chosen.lr)}
-        return choose(same_rate, default_loss_first)
+            contenders.append(Candidate(chosen.solver, loss_rate(self.spec, loss, chosen), loss))
+            self.run(contenders[-1])
+        return choose({c: self.misses[c] for c in contenders}, default_loss_first)
 
 
 def search(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: Allotment, evaluate: Evaluator | None,
