@@ -162,7 +162,7 @@ def test_the_learning_rate_is_searched_on_held_out_data(nets: dict[str, str], tm
     assert f"reference rate {reference:g}" in step.search
     assert step.search.startswith("up to 4 rates x 15 iterations"), step.search
     assert step.lr in [float(c) for c in rates]
-    others = [c for c in step.lr_search if " " in c]  # losses compared at the chosen rate
+    others = [c for c in step.lr_search if " " in c]  # losses compared at the chosen rate (scaled per loss)
     if step.agreement_before is not None and step.agreement_before < 0.5:
         (kd1_rate, kd1), (regression_rate, regression) = (c.split() for c in others)
         assert (kd1, regression) == ("kd1", "regression") and regression_rate in rates, step.lr_search

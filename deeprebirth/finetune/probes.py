@@ -156,7 +156,7 @@ def search(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: Allo
     note = f"{plan.reason}; reference rate {reference:.3g}"
     if variant is not None and before.get("agreement", 1.0) < LOW_AGREEMENT:
         chosen = probes.pick_loss(chosen)
-        note += f"; agreement at the start {before['agreement']:.0%}: losses compared at the chosen rate"
+        note += f"; agreement at the start {before['agreement']:.0%}: losses compared (KD at T=1 at the rate scaled to its pull)"
     described = {c.describe(options.solver): float(np.mean(s)) for c, s in probes.scores.items()}
     return Choice(probes.spec_for(chosen), replace(options, solver=chosen.solver, lr=chosen.lr),
                   probes.weights[chosen], plan.iterations, plan.iterations * len(probes.scores), described, note,
