@@ -266,7 +266,7 @@ def before_values(case: rc.Case, row: rc.Variant) -> tuple[str, float]:
 
 def lr_table(data: dict[str, Any], rates: list[float]) -> list[str]:
     lines = [("| row | mode | budget | score | before fine-tuning | default: chosen | default | "
-              + " | ".join(f"lr {r:g}" for r in rates) + " | hindsight best | gap (pt) | within 0.3 pt |"),
+              + "".join(f"lr {r:g} | " for r in rates) + "hindsight best | gap (pt) | within 0.3 pt |"),
              "|" + "---|" * (10 + len(rates))]
     for name, entry in data.items():
         runs = entry["runs"]
@@ -286,7 +286,7 @@ def lr_table(data: dict[str, Any], rates: list[float]) -> list[str]:
         budget = " ".join([entry["budget"], *entry.get("flags", [])])
         lines.append(f"| {name} | {entry['mode']} | {budget} | {entry['score']} | {entry['before']} | "
                      f"{default.get('chosen', '-')} | {pct(default.get('score'))} | "
-                     + " | ".join(pct(fixed[r]) for r in rates) + f" | {best_text} | {gap_text} | {ok} |")
+                     + "".join(f"{pct(fixed[r])} | " for r in rates) + f"{best_text} | {gap_text} | {ok} |")
     return lines
 
 
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "cases": {n: asdict(c) for n, c in cases.items()}}, indent=2, default=str))
     command = "benchmarks/lr_choice.py" + (" --loss-table" if args.loss_table else "") + (
         f" --seed {args.seed}" if args.seed else "") + (f" --tag {args.tag}" if args.tag else "")
-    lines = [f"# {'Distillation loss' if args.loss_table else 'Learning-rate choice'} at a fixed epoch budget"
+    lines = [f"# {'Distillation loss' if args.loss_table else 'Learning-rate choice'} at a fixed budget"
              + (f" ({args.tag})" if args.tag else ""), "",
              (f"`.venv/bin/python {command}` (cases from benchmarks/recovery_cases.py; {machine()['date']}, commit "
               f"{machine()['commit']}, 1 OpenBLAS thread). Scores in %: test top-1 (labels) or top-1 agreement with "
