@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -12,6 +14,18 @@ from deeprebirth.ir.graph import Graph
 from deeprebirth.ir.initializers import random_weights
 from deeprebirth.ir.model import save_model
 from deeprebirth.ir.shapes import infer_shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative: str) -> ModuleType:
+    """A script of the project (``benchmarks/``, ``scripts/``: not packages) imported from its path."""
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def graph_from_text(text: str, seed: int | None = 0) -> Graph:

@@ -4,32 +4,21 @@ same thing at more length)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from helpers import load_script
 
 from deeprebirth.io import caffe_io
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def big_model_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("big_model", ROOT / "benchmarks" / "big_model.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
 def test_a_550_mb_caffemodel_rewrites_within_2_5x_its_size(tmp_path: Path) -> None:
     free = shutil.disk_usage(tmp_path).free
     assert free > 2e9, f"{tmp_path} has {free / 1e9:.1f} GB free; this test writes ~1.2 GB (a 550 MB model, its rewrite)"
-    big = big_model_module()
+    big = load_script("benchmarks/big_model.py")
     proto, model = big.make_big_model(tmp_path)
     size = model.stat().st_size
     assert size > 500e6
