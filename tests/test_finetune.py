@@ -110,6 +110,19 @@ def test_whole_schedule_distils_every_layer_at_once(nets: dict[str, str], tmp_pa
     assert {"conv1_merge", "conv2_reduce", "inception_1/3x3_reduce", "classifier"} <= changed
 
 
+def test_hints_match_intermediate_blobs_beside_the_logits(nets: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "final.caffemodel"
+    result = run(nets, out, options(schedule="whole", budget="40it", patience=0, hints=True,
+                                    work_dir=tmp_path / "work"))
+    step = result.steps[0]
+    assert step.loss.endswith("hints") and step.loss_end < step.loss_start
+    hints = int(step.loss.split("+ ")[1].split()[0])
+    train = caffe_io.read_prototxt(next((tmp_path / "work").glob("*train*.prototxt")))
+    losses = [layer for layer in train.layer if layer.name.startswith("loss_hint")]
+    assert 1 <= hints <= 4 and len(losses) == hints
+    assert all(layer.type == "EuclideanLoss" and layer.bottom[1] == "teacher/" + layer.bottom[0] for layer in losses)
+
+
 def test_without_freeze_rest_the_slim_layers_learn_too(nets: dict[str, str], tmp_path: Path) -> None:
     out = tmp_path / "final.caffemodel"
     result = run(nets, out, options(patience=0))

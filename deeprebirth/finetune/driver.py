@@ -51,7 +51,7 @@ from deeprebirth.finetune.options import (
 )
 from deeprebirth.finetune.phase import Allotment, PhaseData, PhaseOutcome, PhaseSpec, run_phase
 from deeprebirth.finetune.search import SEARCH_SHARE
-from deeprebirth.finetune.spec import blob_counts, phase_spec
+from deeprebirth.finetune.spec import blob_counts, phase_spec, uses_hints
 from deeprebirth.finetune.state import Weights, save_state, snapshot
 from deeprebirth.finetune.steps import Step
 from deeprebirth.finetune.teacher_cache import TeacherCache
@@ -232,11 +232,12 @@ def _run_step(ctx: Context, step: Step, store: Weights, teacher: Teacher, cache:
     notify(Progress("step", step.index, total, step.name))
     assert options.batch is not None
     fixed = "regression" if options.loss == "regression" else "kd"
-    spec, student, target = phase_spec(ctx, step, store, teacher, options, loss=fixed,
-                                       cached_teacher=options.cache_teacher)
+    # hints need the original's forward pass in the train net anyway: its logits then come from there too
+    cached = options.cache_teacher and not uses_hints(step, options)
+    spec, student, target = phase_spec(ctx, step, store, teacher, options, loss=fixed, cached_teacher=cached)
 
     def variant(loss: str) -> PhaseSpec:
-        return phase_spec(ctx, step, store, teacher, options, loss=loss, cached_teacher=options.cache_teacher)[0]
+        return phase_spec(ctx, step, store, teacher, options, loss=loss, cached_teacher=cached)[0]
 
     data = PhaseData(ctx.work, ctx.io.input, ctx.train, ctx.train_indices, ctx.val, ctx.val_indices, teacher,
                      options.batch, options.seed, options.cache_mb * 2**20 / 4, options.patience, options.shuffle,

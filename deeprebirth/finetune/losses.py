@@ -66,6 +66,7 @@ def embed_teacher(net: pb.NetParameter, original: Graph, input_blob: str, blobs:
         return input_blob if name in inputs else teacher_name(name)
 
     added: dict[str, str] = {}
+    present = {layer.name for layer in net.layer}  # embedded before, for another target
     for param in original.to_net().layer:
         if param.name not in needed or param.type == "Input":
             continue
@@ -73,6 +74,8 @@ def embed_teacher(net: pb.NetParameter, original: Graph, input_blob: str, blobs:
             for bottom, top in zip(param.bottom, param.top):
                 if top != bottom:
                     alias[top] = alias.get(bottom, bottom)
+            continue
+        if teacher_name(param.name) in present:
             continue
         layer = net.layer.add()
         layer.CopyFrom(param)
@@ -148,9 +151,9 @@ def add_label_loss(net: pb.NetParameter, logits: str, weight: float, batch: int)
 
 
 def add_mimic_loss(net: pb.NetParameter, student_blob: str, teacher_blob: str, elements: int,
-                   variance: float) -> str:
+                   variance: float, name: str = "mimic") -> str:
     """EuclideanLoss to the teacher's blob, as a relative mean squared error; returns the loss top."""
-    top = LOSS_PREFIX + "mimic"
+    top = LOSS_PREFIX + name
     net.layer.add(name=top, type="EuclideanLoss", bottom=[student_blob, teacher_blob], top=[top],
                   loss_weight=[2.0 / (elements * max(variance, 1e-12))])
     return top

@@ -11,6 +11,7 @@ import numpy as np
 from deeprebirth import caffe_pb2 as pb
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.finetune.context import Context, Teacher
+from deeprebirth.finetune.hints import hint_blobs
 from deeprebirth.finetune.losses import (
     add_distillation,
     add_label_loss,
@@ -104,10 +105,13 @@ def phase_spec(ctx: Context, step: Step, store: Weights, teacher: Teacher, optio
     counts = blob_counts(ctx, train_student, store)
     net = training_net(train_student.net, train_student.factor, counts, options.batch, "none", "")
     compare: dict[str, tuple[str, str]] = {}
+    hints: list[str] = []
     if not step.final:
         compare["blob"] = (eval_student.blob, step.reproduces)
     if target in ("labels+kd", "kd"):
         losses = _add_output_losses(ctx, net, step, train_student, target, teacher, options, loss, cached_teacher)
+        hints = hint_blobs(ctx.original, ctx.slim, step.relearn, ctx.logits) if uses_hints(step, options) else []
+        losses.update(_add_hint_losses(ctx, net, hints, teacher, options.batch))
         objective = "label" if target == "labels+kd" else "kd"
     else:
         if target == "local":
@@ -131,8 +135,28 @@ def phase_spec(ctx: Context, step: Step, store: Weights, teacher: Teacher, optio
                      options.mode == "label" and "label" in [p.name for p in net.layer], options.temperature,
                      options.kd_weight,
                      teacher_name(ctx.logits) if cached_teacher and target in ("labels+kd", "kd") else None,
-                     loss_label(loss, options.temperature))
+                     loss_label(loss, options.temperature) + (f" + {len(hints)} hints" if hints else ""))
     return spec, train_student, target
+
+
+def uses_hints(step: Step, options: FinetuneOptions) -> bool:
+    """Whether the phase matches intermediate blobs too (``finetune.hints``): only the whole-net phase does."""
+    return step.final and options.hints
+
+
+def _add_hint_losses(ctx: Context, net: pb.NetParameter, hints: list[str], teacher: Teacher,
+                     batch: int) -> dict[str, float]:
+    """A relative squared error to the original's blob per hint, the original embedded up to them."""
+    if not hints:
+        return {}
+    _embed_original(ctx, net, *hints)
+    sample = teacher.outputs(ctx.train.batch(ctx.train_indices[:min(batch, 8)]), hints)
+    losses = {}
+    for i, blob in enumerate(hints):
+        top = add_mimic_loss(net, blob, teacher_name(blob), int(np.prod(sample[blob].shape[1:])),
+                             float(np.var(sample[blob])), name=f"hint{i}")
+        losses[top] = net.layer[-1].loss_weight[0]
+    return losses
 
 
 def _add_output_losses(ctx: Context, net: pb.NetParameter, step: Step, student: StepNet, target: str,
@@ -179,10 +203,10 @@ def _add_blob_mimic_loss(ctx: Context, net: pb.NetParameter, student_blob: str, 
     return {top: net.layer[-1].loss_weight[0]}
 
 
-def _embed_original(ctx: Context, net: pb.NetParameter, blob: str) -> None:
-    """A frozen copy of the original inside ``net``, up to ``blob`` (the target the student's loss reads)."""
-    counts = {name: len(blobs) for name, blobs in ctx.original_weights.items()}
-    embed_teacher(net, ctx.original, ctx.io.input, [blob], counts)
+def _embed_original(ctx: Context, net: pb.NetParameter, *blobs: str) -> None:
+    """A frozen copy of the original inside ``net``, up to ``blobs`` (the targets the student's losses read)."""
+    counts = {name: len(weights) for name, weights in ctx.original_weights.items()}
+    embed_teacher(net, ctx.original, ctx.io.input, blobs, counts)
 
 
 def _batched(net: pb.NetParameter, batch: int) -> pb.NetParameter:
