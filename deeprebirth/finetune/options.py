@@ -44,9 +44,9 @@ class FinetuneOptions:
                         "regression on the logits, or auto: KD, and where the slim net starts far off (agreement "
                         "< 50%) the better of KD at --temperature, KD at T=1 and regression, probed on held-out data",
                         choices=LOSS_CHOICES)
-    hints: bool = setting(False, bool, "whole-net phase: also match up to 4 intermediate blobs of the original (cuts "
-                          "between the merges and the logits) by relative squared error; more per update, dearer "
-                          "updates (docs/decisions/hints.md)", switch=True)
+    hints: bool = setting(True, bool, "whole-net phase: also match up to 4 blobs of the original between the merges "
+                          "and the logits (cuts: block outputs) by relative squared error, beside the logits "
+                          "(docs/decisions/hints.md)", switch=True, negatable=True)
     batch: int | None = None  # None: from the budget and the measured pace (``driver.choose_batch``)
     solver: SolverOptions = field(default_factory=lambda: SolverOptions(solver="sgd", lr=None))  # lr None: search
     new_lr_mult: float = setting(10.0, float, "layer-wise steps: learning-rate multiplier of the step's new layers")
