@@ -15,6 +15,10 @@ size (the speed does not depend on what they show), random mirror (2 views per i
 them, a fixed rate (no search) and no held-out data (no evaluations): the phase's time is its training. Rounds
 alternate before/after; the ratio is the median of the rounds' ratios.
 
+Every setting matches the logits only (``hints="off"``): the hints, on by default since 2026-12-06 where updates
+are few, need the original's forward pass inside the train net at every iteration, so such a run pays the *before* column's
+pace per image at the pace rule's batch (docs/decisions/hints.md weighs that against what a hinted update gains).
+
     .venv/bin/python benchmarks/finetune_speed.py [--nets fashion_mnist,bvlc_googlenet,open_nsfw] [--rounds 2]
 """
 
@@ -87,7 +91,7 @@ def pace_batch(case: dict[str, str], images: int) -> tuple[int, str]:
 def run(case: dict[str, str], folder: Path, tag: str, batch: int, epochs: int, cache: bool) -> dict[str, float]:
     options = FinetuneOptions(mode="mimic", budget=f"{epochs}ep", batch=batch, holdout=0.0,
                               transform=Transform(scale=1 / 255, mirror=True), cache_teacher=cache,
-                              solver=SolverOptions("adam", lr=1e-4), patience=0, work_dir=folder / tag)
+                              solver=SolverOptions("adam", lr=1e-4), patience=0, work_dir=folder / tag, hints="off")
     result = finetune_files(case["original"], case["original_weights"], case["slim"], case["slim_weights"],
                             case["report"], case["data"], folder / f"{tag}.caffemodel", options)
     step = result.steps[-1]

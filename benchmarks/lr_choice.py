@@ -21,7 +21,7 @@ NAME=FLAGS` adds more.
     .venv/bin/python benchmarks/lr_choice.py --cases mnist,flowers17 --tag before
     .venv/bin/python benchmarks/lr_choice.py --cases flowers17/label --budget flowers17/label=4ep
     .venv/bin/python benchmarks/lr_choice.py --loss-table --tag before
-    .venv/bin/python benchmarks/lr_choice.py --rates "" --flags=--hints --tag hints   # every run with --hints
+    .venv/bin/python benchmarks/lr_choice.py --rates "" --flags="--hints on" --tag hints   # every run hinted
 
 Every run is cached in the case folder (runs/<row>/<run>/: the caffemodel, the finetune report and log, the
 evaluation), keyed by the command line, the inputs and the code of deeprebirth/ (so a changed fine-tuning
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loss-table", action="store_true", help="item 4: the default's loss choice vs each loss fixed (+ --loss-variant)")
     parser.add_argument("--loss-variant", action="append", default=[], metavar="NAME=FLAGS",
                         help="another loss for --loss-table: a name and the finetune flags that select it")
-    parser.add_argument("--flags", default="", help="more finetune flags for every run of the table, e.g. --hints")
+    parser.add_argument("--flags", default="", help="more finetune flags for every run of the table, e.g. \"--hints on\"")
     parser.add_argument("--seed", type=int, default=0,
                         help="finetune --seed for every run (0: finetune's default); a repeat with another seed "
                              "shows how much of a difference is noise (give it its own --tag)")

@@ -191,7 +191,7 @@ def test_backoff_when_nothing_improves(finetune_nets: dict[str, str], tmp_path: 
 
 def test_a_run_reports_its_pace_and_reuse(finetune_nets: dict[str, str], tmp_path: Path) -> None:
     options = FinetuneOptions(budget="3ep", transform=Transform(scale=1 / 255, mirror=True), holdout=0.25,
-                              mode="mimic", solver=SolverOptions("adam", lr=1e-3), patience=0)
+                              mode="mimic", solver=SolverOptions("adam", lr=1e-3), patience=0, hints="off")
     result = finetune_files(finetune_nets["original"], finetune_nets["original_weights"], finetune_nets["slim"],
                             finetune_nets["slim_weights"], finetune_nets["report"], finetune_nets["data"],
                             tmp_path / "final.caffemodel", replace(options))
@@ -202,6 +202,11 @@ def test_a_run_reports_its_pace_and_reuse(finetune_nets: dict[str, str], tmp_pat
     assert step.images_per_second > 0
     # 2 views (mirror) x 72 images = 144 distinct inputs at most among 216 drawn: at least a third reused
     assert step.teacher_reuse is not None and step.teacher_reuse >= 1 / 3 - 1e-9
+    # with hints (the default) the original runs inside the train net, for its blobs and its logits: nothing cached
+    hinted = finetune_files(finetune_nets["original"], finetune_nets["original_weights"], finetune_nets["slim"],
+                            finetune_nets["slim_weights"], finetune_nets["report"], finetune_nets["data"],
+                            tmp_path / "hinted.caffemodel", replace(options, hints="on"))
+    assert hinted.steps[-1].teacher_reuse is None and hinted.steps[-1].loss.endswith("hints")
 
 
 def test_small_data_holds_out_enough_images_to_mean_something() -> None:

@@ -90,7 +90,9 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
     if "batch" not in state:  # a resumed run keeps the batch it started with
         state["batch"], state["batch_rule"] = choose_batch(options.batch, budget, len(ctx.train_indices),
                                                            seconds_per_image)
-    options = replace(options, batch=int(state["batch"]))
+    if "hints" not in state:
+        state["hints"] = resolve_hints(options.hints, budget, len(ctx.train_indices), seconds_per_image)
+    options = replace(options, batch=int(state["batch"]), hints=str(state["hints"]))
     if budget.timed:
         ctx.val_indices = _affordable_held_out(ctx, budget.amount, seconds_per_image)
     cache = TeacherCache(teacher, ctx.logits, options.cache_mb * 2**20 / 4)
@@ -167,18 +169,32 @@ def choose_batch(given: int | None, budget: Budget, images: int, seconds_per_ima
     if budget.unit == "it":
         return DEFAULT_BATCH, "an iteration budget keeps the default batch"
     if budget.timed:
-        train_seconds = budget.amount * (1 - SEARCH_SHARE - EVAL_SHARE)
-        per_image = TRAIN_COST * seconds_per_image
-
-        def updates(batch: int) -> float:
-            return train_seconds / (batch * per_image)
-        unit = f"{budget} at {per_image * 1000:.1f} ms per training image"
+        unit = f"{budget} at {TRAIN_COST * seconds_per_image * 1000:.1f} ms per training image"
     else:
-        def updates(batch: int) -> float:
-            return budget.amount * images / batch
         unit = f"{budget} of {images} images"
-    batch = next((b for b in BATCHES if updates(b) >= MIN_UPDATES), BATCHES[-1])
-    return batch, f"{batch}: about {updates(batch):.0f} updates in {unit} (at least {MIN_UPDATES} wanted)"
+    batch = next((b for b in BATCHES if updates_bought(budget, images, seconds_per_image, b) >= MIN_UPDATES),
+                 BATCHES[-1])
+    return batch, (f"{batch}: about {updates_bought(budget, images, seconds_per_image, batch):.0f} updates in {unit} "
+                   f"(at least {MIN_UPDATES} wanted)")
+
+
+def updates_bought(budget: Budget, images: int, seconds_per_image: float, batch: int) -> float:
+    """Updates of ``batch`` the budget buys: its iterations; for time, ``seconds x (1 - search and evaluation
+    shares) / (batch x TRAIN_COST x the original's forward per image)``; for epochs, ``epochs x images / batch``."""
+    if budget.unit == "it":
+        return budget.amount
+    if budget.timed:
+        return budget.amount * (1 - SEARCH_SHARE - EVAL_SHARE) / (batch * TRAIN_COST * seconds_per_image)
+    return budget.amount * images / batch
+
+
+def resolve_hints(setting: str, budget: Budget, images: int, seconds_per_image: float) -> str:
+    """``--hints auto``: "on" where the budget buys fewer than ``MIN_UPDATES`` updates of ``DEFAULT_BATCH``,
+    where a hinted update is worth its cost (docs/decisions/hints.md); "on"/"off" as given."""
+    if setting != "auto":
+        return setting
+    few = updates_bought(budget, images, seconds_per_image, DEFAULT_BATCH) < MIN_UPDATES
+    return "on" if few else "off"
 
 
 def _forward_seconds_per_image(ctx: Context, teacher: Teacher) -> float:

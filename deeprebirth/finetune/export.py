@@ -38,6 +38,7 @@ from deeprebirth.caffe.data import PathLike, Transform, write_lmdb
 from deeprebirth.caffe.evaluate import NetIO
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.finetune.context import Context, Teacher, phase_iterations, prepare
+from deeprebirth.finetune.driver import resolve_hints
 from deeprebirth.finetune.losses import TEACHER
 from deeprebirth.finetune.options import DEFAULT_BATCH, FinetuneOptions, check_options
 from deeprebirth.finetune.search import REFERENCE_LR
@@ -112,6 +113,8 @@ def export_plan(original_prototxt: PathLike, original_weights: PathLike, slim_pr
             ctx, store, _, _ = prepare(original_prototxt, original_weights, slim_prototxt, slim_weights,
                                        report_path, data, staging / "final.caffemodel", opts)
             teacher = Teacher(ctx.original, ctx.original_proto, original_weights, NetIO.of(ctx.original).input)
+            # an exported budget counts iterations or epochs: the pace does not enter the hints' rule
+            opts = replace(opts, hints=resolve_hints(opts.hints, budget, len(ctx.train_indices), 0.0))
             result = _write(ctx, store, teacher, opts, budget, staging, train_val, display)
         os.chmod(staging, 0o777 & ~umask())
         if target.exists():

@@ -20,7 +20,8 @@ and in any plain ``caffe train`` (one or many GPUs): this Caffe has no Python la
   (a merged stem: agreement near chance), matching the logits themselves can pull harder than soft targets.
 * **Labels** (``add_label_loss``): SoftmaxWithLoss on the student's logits, loss_weight ``1 - w``.
 * **Activation mimic** (``add_mimic_loss``): EuclideanLoss between a student blob and the teacher's, weighted by
-  ``2 / (elements · variance of the teacher's blob)`` so that it reads as a relative mean squared error.
+  ``2 / (elements · variance of the teacher's blob)`` so that it reads as a relative mean squared error: the
+  layer-wise steps' target, and the whole-net phase's hints (``finetune.hints``).
 
 Every loss top is named ``loss_*``; ``LOSS_PREFIX`` lets the driver sum them with their weights.
 
@@ -51,7 +52,8 @@ def embed_teacher(net: pb.NetParameter, original: Graph, input_blob: str, blobs:
                   param_counts: dict[str, int]) -> dict[str, str]:
     """Append the original's layers that ``blobs`` (Caffe blob names of the original) depend on to ``net``, frozen,
     under ``teacher/`` names, reading ``input_blob``. Returns {original layer name: its name in ``net``} for the
-    layers added (their weights are the original's). ``param_counts``: parameter blobs per original layer."""
+    layers added (their weights are the original's); layers already in ``net`` (embedded for another target) are
+    not added again. ``param_counts``: parameter blobs per original layer."""
     names = original.caffe_blob_names()
     wanted = set(blobs)
     writers = {names[top]: layer.name for layer in original.layers() for top in layer.tops if names[top] in wanted}

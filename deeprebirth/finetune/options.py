@@ -18,6 +18,7 @@ DEFAULT_BATCH = 32  # the largest batch the pace rule picks, and the batch of it
 SCHEDULES = ("whole", "layerwise")
 MIMIC_TARGETS = ("local", "next", "logits")
 LOSS_CHOICES = ("auto", "kd", "regression")  # auto: KD at --temperature, or the search's pick where far off
+HINT_CHOICES = ("auto", "on", "off")  # ``finetune.hints``; auto: on where updates are few (``driver.resolve_hints``)
 
 
 def setting(default: Any, kind: type, help: str, **declaration: Any) -> Any:
@@ -44,9 +45,10 @@ class FinetuneOptions:
                         "regression on the logits, or auto: KD, and where the slim net starts far off (agreement "
                         "< 50%) the better of KD at --temperature, KD at T=1 and regression, probed on held-out data",
                         choices=LOSS_CHOICES)
-    hints: bool = setting(True, bool, "whole-net phase: also match up to 4 blobs of the original between the merges "
-                          "and the logits (cuts: block outputs) by relative squared error, beside the logits "
-                          "(docs/decisions/hints.md)", switch=True, negatable=True)
+    hints: str = setting("auto", str, "whole-net phase: also match up to 4 blobs of the original between the merges "
+                         "and the logits (cuts: block outputs) by relative squared error, beside the logits; auto: "
+                         "on where the budget buys fewer than 400 updates of 32 (docs/decisions/hints.md)",
+                         choices=HINT_CHOICES)
     batch: int | None = None  # None: from the budget and the measured pace (``driver.choose_batch``)
     solver: SolverOptions = field(default_factory=lambda: SolverOptions(solver="sgd", lr=None))  # lr None: search
     new_lr_mult: float = setting(10.0, float, "layer-wise steps: learning-rate multiplier of the step's new layers")

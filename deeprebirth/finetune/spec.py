@@ -140,8 +140,9 @@ def phase_spec(ctx: Context, step: Step, store: Weights, teacher: Teacher, optio
 
 
 def uses_hints(step: Step, options: FinetuneOptions) -> bool:
-    """Whether the phase matches intermediate blobs too (``finetune.hints``): only the whole-net phase does."""
-    return step.final and options.hints
+    """Whether the phase matches intermediate blobs too (``finetune.hints``): the whole-net phase, where the run
+    resolved ``--hints`` to "on" (``driver.resolve_hints``)."""
+    return step.final and options.hints == "on"
 
 
 def _add_hint_losses(ctx: Context, net: pb.NetParameter, hints: list[str], teacher: Teacher,
