@@ -92,7 +92,8 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
                                                            seconds_per_image)
     if "hints" not in state:
         state["hints"] = resolve_hints(options.hints, budget, len(ctx.train_indices), seconds_per_image)
-    options = replace(options, batch=int(state["batch"]), hints=str(state["hints"]))
+    batch = int(state["batch"])
+    options = replace(options, batch=batch, hints=str(state["hints"]))
     if budget.timed:
         ctx.val_indices = _affordable_held_out(ctx, budget.amount, seconds_per_image)
     cache = TeacherCache(teacher, ctx.logits, options.cache_mb * 2**20 / 4)
@@ -101,8 +102,7 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
     clock.start -= float(state.get("seconds", 0.0))  # what earlier runs of a resumed one spent
     if "baseline" not in state:
         notify(Progress("baseline", steps=len(ctx.steps)))
-        state["baseline"], state["final_eval_seconds"] = _baseline(ctx, teacher, slim_weights,
-                                                                   options.batch or DEFAULT_BATCH)
+        state["baseline"], state["final_eval_seconds"] = _baseline(ctx, teacher, slim_weights, batch)
         save_state(ctx.work, state)
     _run_steps(ctx, store, state, finished, teacher, cache, options, budget, clock, notify)
     complete = len(finished) == len(ctx.steps)
@@ -117,13 +117,13 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
                                        layer=name)
         caffe_io.write_caffemodel(out, ctx.slim.to_net(), store)
         if ctx.val is not None and ctx.val.data.labels is not None:
-            final_accuracy = _accuracy(_slim_net(ctx, out), ctx.io, ctx.val, ctx.val_indices, options.batch or DEFAULT_BATCH)
+            final_accuracy = _accuracy(_slim_net(ctx, out), ctx.io, ctx.val, ctx.val_indices, batch)
         report = str(options.report or default_report(out))
     result = FinetuneResult(options.mode, options.schedule, str(budget), [finished[i] for i in sorted(finished)],
                             [s.name for s in ctx.steps], complete, resumed, len(ctx.val_indices),
                             state["baseline"].get("original"), state["baseline"].get("slim"), final_accuracy,
                             str(out) if complete else None, report, str(ctx.work), time.perf_counter() - started,
-                            options.batch or DEFAULT_BATCH, state["batch_rule"])
+                            batch, state["batch_rule"])
     if report is not None:
         payload = result.to_json()
         payload["options"] = options_json(options)
@@ -173,10 +173,9 @@ def choose_batch(given: int | None, budget: Budget, images: int, seconds_per_ima
         unit = f"{budget} at {TRAIN_COST * seconds_per_image * 1000:.1f} ms per training image"
     else:
         unit = f"{budget} of {images} images"
-    batch = next((b for b in BATCHES if updates_bought(budget, images, seconds_per_image, b) >= MIN_UPDATES),
-                 BATCHES[-1])
-    return batch, (f"{batch}: about {updates_bought(budget, images, seconds_per_image, batch):.0f} updates in {unit} "
-                   f"(at least {MIN_UPDATES} wanted)")
+    bought = {b: updates_bought(budget, images, seconds_per_image, b) for b in BATCHES}
+    batch = next((b for b in BATCHES if bought[b] >= MIN_UPDATES), BATCHES[-1])
+    return batch, f"{batch}: about {bought[batch]:.0f} updates in {unit} (at least {MIN_UPDATES} wanted)"
 
 
 def updates_bought(budget: Budget, images: int, seconds_per_image: float, batch: int) -> float:

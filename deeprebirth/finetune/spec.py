@@ -147,17 +147,9 @@ def uses_hints(step: Step, options: FinetuneOptions) -> bool:
 
 def _add_hint_losses(ctx: Context, net: pb.NetParameter, hints: list[str], teacher: Teacher,
                      batch: int) -> dict[str, float]:
-    """A relative squared error to the original's blob per hint, the original embedded up to them."""
-    if not hints:
-        return {}
-    _embed_original(ctx, net, *hints)
-    sample = teacher.outputs(ctx.train.batch(ctx.train_indices[:min(batch, 8)]), hints)
-    losses = {}
-    for i, blob in enumerate(hints):
-        top = add_mimic_loss(net, blob, teacher_name(blob), int(np.prod(sample[blob].shape[1:])),
-                             float(np.var(sample[blob])), name=f"hint{i}")
-        losses[top] = net.layer[-1].loss_weight[0]
-    return losses
+    """A relative squared error to the original's blob per hint (the blob has the same name in both nets)."""
+    return _add_mimic_losses(ctx, net, [(blob, blob, f"hint{i}") for i, blob in enumerate(hints)], teacher,
+                             min(batch, 8))
 
 
 def _add_output_losses(ctx: Context, net: pb.NetParameter, step: Step, student: StepNet, target: str,
@@ -197,11 +189,25 @@ def _add_output_losses(ctx: Context, net: pb.NetParameter, step: Step, student: 
 def _add_blob_mimic_loss(ctx: Context, net: pb.NetParameter, student_blob: str, original_blob: str,
                          teacher: Teacher, batch: int) -> dict[str, float]:
     """A regression of the student's blob on the original's (layer-wise steps)."""
-    _embed_original(ctx, net, original_blob)
-    sample = teacher.outputs(ctx.train.batch(ctx.train_indices[:batch]), [original_blob])[original_blob]
-    top = add_mimic_loss(net, student_blob, teacher_name(original_blob), int(np.prod(sample.shape[1:])),
-                         float(np.var(sample)))
-    return {top: net.layer[-1].loss_weight[0]}
+    return _add_mimic_losses(ctx, net, [(student_blob, original_blob, "mimic")], teacher, batch)
+
+
+def _add_mimic_losses(ctx: Context, net: pb.NetParameter, pairs: list[tuple[str, str, str]], teacher: Teacher,
+                      sample: int) -> dict[str, float]:
+    """Per (student blob, original blob, loss name): a relative squared error to the original's blob, its
+    variance measured on ``sample`` training images; the original embedded up to those blobs."""
+    if not pairs:
+        return {}
+    originals = [original for _, original, _ in pairs]
+    _embed_original(ctx, net, *originals)
+    found = teacher.outputs(ctx.train.batch(ctx.train_indices[:sample]), originals)
+    losses = {}
+    for student_blob, original_blob, name in pairs:
+        target = found[original_blob]
+        top = add_mimic_loss(net, student_blob, teacher_name(original_blob), int(np.prod(target.shape[1:])),
+                             float(np.var(target)), name=name)
+        losses[top] = net.layer[-1].loss_weight[0]
+    return losses
 
 
 def _embed_original(ctx: Context, net: pb.NetParameter, *blobs: str) -> None:
