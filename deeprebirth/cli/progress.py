@@ -35,6 +35,10 @@ class FinetuneProgress:
             click.echo(f"phase {event.step}/{event.steps} {event.name}: done in an earlier run", err=True)
         elif event.event == "step":
             click.echo(f"phase {event.step}/{event.steps}: {event.name}", err=True)
+        elif event.event == "refit" and (event.iteration == 1 or event.iteration % 10 == 0
+                                         or event.iteration == event.iterations):
+            click.echo(f"  least-squares refit before phase {event.step}: layer {event.iteration}/{event.iterations}"
+                       f" {event.name}", err=True)
         elif event.event == "search":
             click.echo(f"  probe: learning rate {event.lr:.3g} ({event.solver}): held-out search score "
                        f"{event.loss:.4g}", err=True)

@@ -148,7 +148,22 @@ def finetune_table(steps: Sequence[Any]) -> str:
         lines.append(f"phase {s.index}: learning rate {s.lr:.3g} {s.solver} ({s.search or 'no search'}); loss "
                      f"{s.loss or '-'}; {s.iterations} updates, {s.images_per_second:.0f} training images/s{reuse}")
         lines += [f"  backed off: {b}" for b in s.backoffs]
+        if s.refit is not None:
+            lines.append("  " + refit_text(s.refit))
     return "\n".join(lines)
+
+
+def refit_text(rounds: list[dict[str, Any]]) -> str:
+    """The least-squares start before a phase (``finetune.refit.RefitResult.to_json`` per round), in a line."""
+    first, last = rounds[0], rounds[-1]
+    kls = [first["kl_before"], *(r["kl_after"] for r in rounds)]
+    kl = "" if None in kls else "; held-out KL to the original " + " -> ".join(f"{v:.3g}" for v in kls)
+    skipped = f", {len(last['skipped'])} left as they were" if last["skipped"] else ""
+    verdict = "kept" if first["kept"] else "not kept (the held-out outputs did not come closer)"
+    if len(rounds) > 1 and not last["kept"]:
+        verdict += f"; round {len(rounds)} not kept"
+    return (f"refit by least squares: {len(rounds)} round(s), {last['layers']} layer(s) on {last['images']} images "
+            f"each{skipped}, {sum(r['seconds'] for r in rounds):.0f} s{kl}: {verdict}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ from deeprebirth.finetune.options import (
     options_json,
 )
 from deeprebirth.finetune.phase import Allotment, PhaseData, PhaseOutcome, PhaseSpec, run_phase
+from deeprebirth.finetune.refit import refit_rounds
 from deeprebirth.finetune.search import SEARCH_SHARE
 from deeprebirth.finetune.spec import blob_counts, phase_spec, uses_hints
 from deeprebirth.finetune.state import Weights, save_state, snapshot
@@ -91,9 +93,12 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
         state["batch"], state["batch_rule"] = choose_batch(options.batch, budget, len(ctx.train_indices),
                                                            seconds_per_image)
     if "hints" not in state:
-        state["hints"] = resolve_hints(options.hints, budget, len(ctx.train_indices), seconds_per_image)
+        state["hints"] = resolve_auto(options.hints, budget, len(ctx.train_indices), seconds_per_image)
+    if "refit" not in state:
+        state["refit"] = resolve_refit(options.refit, options.schedule, budget, len(ctx.train_indices),
+                                       seconds_per_image)
     batch = int(state["batch"])
-    options = replace(options, batch=batch, hints=str(state["hints"]))
+    options = replace(options, batch=batch, hints=str(state["hints"]), refit=str(state["refit"]))
     if budget.timed:
         ctx.val_indices = _affordable_held_out(ctx, budget.amount, seconds_per_image)
     cache = TeacherCache(teacher, ctx.logits, options.cache_mb * 2**20 / 4)
@@ -104,7 +109,7 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
         notify(Progress("baseline", steps=len(ctx.steps)))
         state["baseline"], state["final_eval_seconds"] = _baseline(ctx, teacher, slim_weights, batch)
         save_state(ctx.work, state)
-    _run_steps(ctx, store, state, finished, teacher, cache, options, budget, clock, notify)
+    _run_steps(ctx, store, state, finished, teacher, cache, options, budget, clock, notify, original_weights)
     complete = len(finished) == len(ctx.steps)
     final_accuracy = None
     report = None
@@ -135,8 +140,9 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
 
 def _run_steps(ctx: Context, store: Weights, state: dict[str, Any], finished: dict[int, StepResult],
                teacher: Teacher, cache: TeacherCache, options: FinetuneOptions, budget: Budget, clock: Clock,
-               notify: ProgressCallback) -> None:
-    """The steps not yet ``finished``, each with its share of the budget, snapshotted after each (resumable)."""
+               notify: ProgressCallback, original_weights: PathLike) -> None:
+    """The steps not yet ``finished``, each with its share of the budget, snapshotted after each (resumable).
+    Before the whole-net phase, where ``--refit`` resolved on, the least-squares start (``finetune.refit``)."""
     weights = phase_weights(len(ctx.steps) - 1, options.schedule == "layerwise")
     iterations = None if budget.timed else phase_iterations(ctx, options, budget)
     done_now = 0
@@ -152,11 +158,23 @@ def _run_steps(ctx: Context, store: Weights, state: dict[str, Any], finished: di
             left = (clock.left() or 0.0) - float(state.get("final_eval_seconds", 0.0))
             allot = Allotment(seconds=share_time(left, weights, k), last=k == len(ctx.steps) - 1)
         phase_started = time.monotonic()
+        rounds = []
+        if step.final and options.refit == "on":
+            told = partial(_refit_progress, notify, step.index, len(ctx.steps))
+            rounds = refit_rounds(ctx, store, original_weights, options.seed, options.freeze_rest, allot.seconds,
+                                  told)
+            if allot.seconds is not None:
+                allot = replace(allot, seconds=max(0.0, allot.seconds - (time.monotonic() - phase_started)))
         step_result = _run_step(ctx, step, store, teacher, cache, options, allot, clock, notify)
+        step_result.refit = [r.to_json() for r in rounds] or None
         finished[step.index] = step_result
         done_now += 1
         state["seconds"] = float(state.get("seconds", 0.0)) + time.monotonic() - phase_started
         snapshot(ctx.work, ctx.slim, store, state, step_result)
+
+
+def _refit_progress(notify: ProgressCallback, step: int, steps: int, done: int, total: int, layer: str) -> None:
+    notify(Progress("refit", step, steps, layer, done, total))
 
 
 def choose_batch(given: int | None, budget: Budget, images: int, seconds_per_image: float) -> tuple[int, str]:
@@ -188,12 +206,27 @@ def updates_bought(budget: Budget, images: int, seconds_per_image: float, batch:
     return budget.amount * images / batch
 
 
-def resolve_hints(setting: str, budget: Budget, images: int, seconds_per_image: float) -> str:
-    """``--hints auto``: "on" where the budget buys fewer than ``MIN_UPDATES`` updates of ``DEFAULT_BATCH``,
-    where a hinted update is worth its cost (docs/decisions/hints.md); "on"/"off" as given."""
+def resolve_auto(setting: str, budget: Budget, images: int, seconds_per_image: float) -> str:
+    """``--hints auto``: "on" where the budget buys fewer than ``MIN_UPDATES`` updates of ``DEFAULT_BATCH``
+    (docs/decisions/hints.md); "on"/"off" as given."""
     if setting != "auto":
         return setting
     few = updates_bought(budget, images, seconds_per_image, DEFAULT_BATCH) < MIN_UPDATES
+    return "on" if few else "off"
+
+
+def resolve_refit(setting: str, schedule: str, budget: Budget, images: int, seconds_per_image: float) -> str:
+    """``--refit auto``: "on" with the whole schedule where the pace rule (``choose_batch``) comes down to its
+    smallest batch (the budget, in time or epochs, buys fewer than ``MIN_UPDATES`` updates of the next larger one):
+    an ImageNet-size net on a CPU. Where updates are more plentiful, SGD from the rewrite's weights ended better than
+    fine-tuning from the refit start (docs/decisions/refit.md). "on"/"off" as given."""
+    if schedule != "whole":
+        return "off"
+    if setting != "auto":
+        return setting
+    if budget.unit == "it":  # an iteration budget keeps the default batch: the pace rule does not apply
+        return "off"
+    few = updates_bought(budget, images, seconds_per_image, BATCHES[-2]) < MIN_UPDATES
     return "on" if few else "off"
 
 

@@ -38,9 +38,10 @@ from deeprebirth.caffe.data import PathLike, Transform, write_lmdb
 from deeprebirth.caffe.evaluate import NetIO
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.finetune.context import Context, Teacher, phase_iterations, prepare
-from deeprebirth.finetune.driver import resolve_hints
+from deeprebirth.finetune.driver import resolve_auto, resolve_refit
 from deeprebirth.finetune.losses import TEACHER
 from deeprebirth.finetune.options import DEFAULT_BATCH, FinetuneOptions, check_options
+from deeprebirth.finetune.refit import refit_rounds
 from deeprebirth.finetune.search import REFERENCE_LR
 from deeprebirth.finetune.spec import blob_counts, phase_spec
 from deeprebirth.finetune.steps import StepNet
@@ -114,7 +115,10 @@ def export_plan(original_prototxt: PathLike, original_weights: PathLike, slim_pr
                                        report_path, data, staging / "final.caffemodel", opts)
             teacher = Teacher(ctx.original, ctx.original_proto, original_weights, NetIO.of(ctx.original).input)
             # an exported budget counts iterations or epochs: the pace does not enter the hints' rule
-            opts = replace(opts, hints=resolve_hints(opts.hints, budget, len(ctx.train_indices), 0.0))
+            opts = replace(opts, hints=resolve_auto(opts.hints, budget, len(ctx.train_indices), 0.0))
+            # the whole phase's start, as in process: the exported init.caffemodel holds it
+            if resolve_refit(opts.refit, opts.schedule, budget, len(ctx.train_indices), 0.0) == "on":
+                refit_rounds(ctx, store, original_weights, opts.seed, opts.freeze_rest)
             result = _write(ctx, store, teacher, opts, budget, staging, train_val, display)
         os.chmod(staging, 0o777 & ~umask())
         if target.exists():

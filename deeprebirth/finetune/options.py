@@ -18,7 +18,8 @@ DEFAULT_BATCH = 32  # the largest batch the pace rule picks, and the batch of it
 SCHEDULES = ("whole", "layerwise")
 MIMIC_TARGETS = ("local", "next", "logits")
 LOSS_CHOICES = ("auto", "kd", "regression")  # auto: KD at --temperature, or the search's pick where far off
-HINT_CHOICES = ("auto", "on", "off")  # ``finetune.hints``; auto: on where updates are few (``driver.resolve_hints``)
+HINT_CHOICES = ("auto", "on", "off")  # ``finetune.hints``; auto: on where updates are few (``driver.resolve_auto``)
+REFIT_CHOICES = HINT_CHOICES  # ``finetune.refit``; auto: where updates are fewest (``driver.resolve_refit``)
 
 
 def setting(default: Any, kind: type, help: str, **declaration: Any) -> Any:
@@ -49,6 +50,11 @@ class FinetuneOptions:
                          "and the logits (cuts: block outputs) by relative squared error, beside the logits; auto: "
                          "on where the budget buys fewer than 400 updates of 32 (docs/decisions/hints.md)",
                          choices=HINT_CHOICES)
+    refit: str = setting("auto", str, "before the whole-net phase, refit each layer downstream of a merge by least "
+                         "squares onto the original's blob of the same name, on a sample of training images (kept "
+                         "only if the held-out outputs come closer; with --freeze-rest only the new layers); auto: with "
+                         "--schedule whole, where the budget buys fewer than 400 updates of 16 (the batch then comes "
+                         "down to 8; docs/decisions/refit.md)", choices=REFIT_CHOICES)
     batch: int | None = None  # None: from the budget and the measured pace (``driver.choose_batch``)
     solver: SolverOptions = field(default_factory=lambda: SolverOptions(solver="sgd", lr=None))  # lr None: search
     new_lr_mult: float = setting(10.0, float, "layer-wise steps: learning-rate multiplier of the step's new layers")
@@ -105,12 +111,14 @@ class StepResult:
     search: str = ""  # how the rate was chosen, in words
     images_per_second: float = 0.0  # training images per second of solver steps
     teacher_reuse: float | None = None  # share of the original's training outputs served from memory
+    refit: list[dict[str, Any]] | None = None  # the least-squares start's rounds (``RefitResult.to_json``)
 
 
 @dataclass
 class Progress:
-    """One thing that happened; ``event`` is "baseline", "step", "search", "iteration", "evaluate", "finished" or
-    "skipped" (a step finished by an earlier run, with ``resume``)."""
+    """One thing that happened; ``event`` is "baseline", "step", "refit" (layer ``name``, the ``iteration``-th of
+    ``iterations``), "search", "iteration", "evaluate", "finished" or "skipped" (a step finished by an earlier run,
+    with ``resume``)."""
 
     event: str
     step: int = 0
@@ -162,6 +170,12 @@ def check_options(options: FinetuneOptions) -> Budget:
         raise DeepRebirthError(f"unknown mimic target {options.mimic_at!r} ({', '.join(MIMIC_TARGETS)})")
     if options.loss not in LOSS_CHOICES:
         raise DeepRebirthError(f"unknown loss {options.loss!r} ({', '.join(LOSS_CHOICES)})")
+    for name, value in (("hints", options.hints), ("refit", options.refit)):
+        if value not in HINT_CHOICES:
+            raise DeepRebirthError(f"unknown {name} setting {value!r} ({', '.join(HINT_CHOICES)})")
+    if options.refit == "on" and options.schedule != "whole":
+        raise DeepRebirthError("--refit on starts the whole schedule; with --schedule layerwise the paper's steps are "
+                               "the start (use --refit auto or off)")
     if options.batch is not None and options.batch < 1:
         raise DeepRebirthError("the batch size must be at least 1")
     if not 0.0 <= options.kd_weight <= 1.0:

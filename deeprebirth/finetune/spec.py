@@ -141,7 +141,7 @@ def phase_spec(ctx: Context, step: Step, store: Weights, teacher: Teacher, optio
 
 def uses_hints(step: Step, options: FinetuneOptions) -> bool:
     """Whether the phase matches intermediate blobs too (``finetune.hints``): the whole-net phase, where the run
-    resolved ``--hints`` to "on" (``driver.resolve_hints``)."""
+    resolved ``--hints`` to "on" (``driver.resolve_auto``)."""
     return step.final and options.hints == "on"
 
 

@@ -1,0 +1,376 @@
+"""Refit: a least-squares start for the layers downstream of the lossy merges, before the whole-net phase's updates
+(``--refit``).
+
+Before:  the slim net starts from the rewrite's weights. The merged layer's are a guess, and every layer after it
+         still has the original's weights while its inputs have drifted, so each adds its own error to what it
+         receives. Where an update costs a second, a 7-minute budget buys a few hundred of them: too few to undo it.
+After:   layer by layer in network order, each Convolution and InnerProduct downstream of a relearned layer is
+         refit on a sample of training images so that, fed the slim net's own (already refit) inputs, it
+         reproduces the original's blob of the same name:
+
+             [W b] = argmin ‖X W + b − T‖² + λ ‖W − W₀‖²,   λ = α · tr(XᵀX) / columns
+
+         X: the layer's input patches (one row per output position), W₀: its weights before, T: the original's
+         blob there. Where the slim net applies a ReLU in place on the output (the original's blob is then
+         post-ReLU), T is made ReLU-aware in a few rounds: T = Y where Y > 0, else min(XW + b, −m), m a margin
+         of ``RELU_MARGIN`` x the channel's std (aimed at 0, the units sit on the ReLU's kink and the first SGD
+         steps flip them: measured, the loss doubled in 3 steps at a tenth of the reference rate). A merged
+         inception branch, whose blob is new, is aimed at its channels of the module's Concat. α is chosen per
+         layer from ``ALPHAS`` on rows of images left out of the fit. This is the layer-wise reconstruction of
+         channel pruning (He et al. 2017; ThiNet, Luo et al. 2017) and of few-sample distillation (Li et al. 2020),
+         applied to a merge's downstream layers; the updates that follow start from there.
+
+Preconditions on a refit layer: group 1 and dilation 1 (Convolution), a bias, an output blob whose Caffe name and
+shape are the same in both nets (or that is a part of a channel Concat's output that is), and at least as many
+sample rows as X has columns (a fully connected layer over 1,024 features wants 1,024 images; with fewer it is left
+as it is). The run keeps the refit weights only if they bring the slim net's held-out outputs closer to the
+original's (KL at T=1), and says so either way.
+
+``ridge_toward`` / ``fit_layer`` / ``conv_rows`` are pure weight math; ``refit_layers`` runs the two nets in
+pycaffe, one layer at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from deeprebirth.caffe.data import Batches, PathLike
+from deeprebirth.caffe.evaluate import set_input
+from deeprebirth.caffe.runtime import import_caffe
+from deeprebirth.finetune.context import Context
+from deeprebirth.finetune.losses import distillation_losses
+from deeprebirth.finetune.state import Weights
+from deeprebirth.io import caffe_io
+from deeprebirth.ir.graph import Graph
+from deeprebirth.ir.shapes import ConvGeometry, conv_geometry, infer_shapes
+
+ALPHAS = (0.01, 0.1, 1.0)  # ridge strengths tried per layer, relative to the mean diagonal of XᵀX
+RELU_ROUNDS = 3  # ReLU-aware rounds after the plain fit
+RELU_MARGIN = 0.5  # an output the original's ReLU zeroes is aimed this many of its channel's std below zero
+MIN_ROWS_PER_COLUMN = 1  # sample rows per column of X, at least
+MAX_ROWS = 32768  # sample rows per layer (output positions over the sampled images)
+MAX_IMAGES = 256
+MEMORY_BYTES = 4 * 2**30  # both nets' activations at the sample's batch
+VALIDATION_SHARE = 0.2  # of the sampled images, left out to choose α
+MAX_ROUNDS = 3  # refits, each on the next sample of images, from where the last left the weights ...
+MIN_ROUND_GAIN = 0.05  # ... another only after one that cut the held-out KL by at least this share
+TIME_SHARE = 0.5  # of a timed phase's allotment the refit may take; layers it has not reached then stay as they are
+
+
+@dataclass
+class RefitResult:
+    """What a refit did: layers refit and skipped (with why), held-out KL to the original before and after,
+    whether the refit weights were kept."""
+
+    images: int
+    refit: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    kl_before: float | None = None
+    kl_after: float | None = None
+    kept: bool = False
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"images": self.images, "layers": len(self.refit), "skipped": self.skipped,
+                "kl_before": self.kl_before, "kl_after": self.kl_after, "kept": self.kept,
+                "seconds": round(self.seconds, 1)}
+
+
+def conv_rows(x: np.ndarray, geometry: ConvGeometry, image: np.ndarray, oy: np.ndarray,
+              ox: np.ndarray) -> np.ndarray:
+    """Rows of X: the input patches of the output positions (``image``, ``oy``, ``ox``), columns in Caffe's weight
+    order (channel, kernel row, kernel column)."""
+    (kh, kw), (sh, sw), (ph, pw) = geometry.kernel, geometry.stride, geometry.pad
+    padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
+    columns = [padded[image, :, oy * sh + ky, ox * sw + kx] for ky in range(kh) for kx in range(kw)]
+    return np.stack(columns, axis=2).reshape(len(image), -1).astype(np.float64)
+
+
+def ridge_toward(x1: np.ndarray, gram: np.ndarray, t: np.ndarray, w0: np.ndarray, b0: np.ndarray,
+                 alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """``argmin ‖x W + b − t‖² + λ ‖W − w0‖²`` with ``λ = alpha · tr(xᵀx) / columns`` (the bias is not pulled);
+    ``x1``: x with a column of ones, ``gram``: x1ᵀx1 (computed once per sample), ``w0``: (outputs, columns).
+    Returns (W as outputs x columns, b)."""
+    columns = gram.shape[0] - 1
+    lam = alpha * float(np.trace(gram[:columns, :columns])) / max(columns, 1)
+    pull = np.full(columns + 1, lam)
+    pull[-1] = 0.0
+    prior = np.vstack([w0.T, b0[None, :]])
+    theta = np.linalg.solve(gram + np.diag(pull) + 1e-9 * np.eye(columns + 1), x1.T @ t + pull[:, None] * prior)
+    return theta[:-1].T, theta[-1]
+
+
+def fit_layer(x: np.ndarray, y: np.ndarray, w0: np.ndarray, b0: np.ndarray, relu: bool,
+              alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """The layer's weights for rows ``x`` and the original's values ``y`` (see the module docstring); ``relu``:
+    ``y`` is post-ReLU."""
+    return fit_layer_alphas(x, y, w0, b0, relu, [alpha])[0]
+
+
+def fit_layer_alphas(x: np.ndarray, y: np.ndarray, w0: np.ndarray, b0: np.ndarray, relu: bool,
+                     alphas: Sequence[float]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``fit_layer`` at each of ``alphas``, sharing the Gram matrix."""
+    x1 = np.hstack([x, np.ones((len(x), 1))])
+    gram = x1.T @ x1
+    off = -RELU_MARGIN * y.std(axis=0, keepdims=True)
+    fits = []
+    for alpha in alphas:
+        w, b = ridge_toward(x1, gram, y, w0, b0, alpha)
+        if relu:
+            for _ in range(RELU_ROUNDS):
+                w, b = ridge_toward(x1, gram, np.where(y > 0, y, np.minimum(x @ w.T + b, off)), w0, b0, alpha)
+        fits.append((w, b))
+    return fits
+
+
+def relative_error(z: np.ndarray, y: np.ndarray, relu: bool) -> float:
+    """Squared error of ``z`` (ReLU applied where ``y`` is post-ReLU) relative to the variance of ``y``."""
+    if relu:
+        z = np.maximum(z, 0.0)
+    return float(np.mean((z - y) ** 2) / max(float(np.var(y)), 1e-12))
+
+
+def choose_alpha(x: np.ndarray, y: np.ndarray, groups: np.ndarray, w0: np.ndarray, b0: np.ndarray,
+                 relu: bool) -> float:
+    """The ``ALPHAS`` entry whose fit on the rows of most images best predicts the rows of the images left out
+    (``groups``: each row's image; a ``VALIDATION_SHARE`` of them validate)."""
+    images = np.unique(groups)
+    held = images[:max(1, round(VALIDATION_SHARE * len(images)))]
+    test = np.isin(groups, held)
+    if test.all() or not test.any():
+        return ALPHAS[len(ALPHAS) // 2]
+    fits = fit_layer_alphas(x[~test], y[~test], w0, b0, relu, ALPHAS)
+    errors = [relative_error(x[test] @ w.T + b, y[test], relu) for w, b in fits]
+    return ALPHAS[int(np.argmin(errors))]
+
+
+Progress = Callable[[int, int, str], None]
+
+
+def sample_size(images: int, bytes_per_image: float) -> int:
+    """Images to refit on: all up to ``MAX_IMAGES``, fewer where both nets' activations would pass
+    ``MEMORY_BYTES``; at least 8."""
+    affordable = int(MEMORY_BYTES // max(2.0 * bytes_per_image, 1.0))
+    return max(min(8, images), min(images, MAX_IMAGES, affordable))
+
+
+def refit_layers(slim_net: Any, original_net: Any, input_name: str, logits: str, relearned: set[str],
+                 weights: dict[str, list[np.ndarray]], geometry: dict[str, ConvGeometry], concats: set[str],
+                 train: Batches,
+                 indices: np.ndarray, val: Batches | None, val_indices: np.ndarray, seed: int,
+                 only_relearned: bool = False, progress: Progress | None = None,
+                 deadline: float | None = None) -> RefitResult:
+    """Refit ``weights`` (the slim net's, by layer name; updated in place when the result is kept) layer by layer;
+    ``slim_net`` / ``original_net``: pycaffe TEST nets, reshaped here to the sample; ``geometry``: each refittable
+    Convolution's (layers missing from it are not refit); ``concats``: the Concat layers along channels;
+    ``relearned``: the layers the rewrite made anew
+    (``only_relearned``: only those are refit, not the layers downstream); ``deadline`` (``time.monotonic``): the
+    layers not reached by then are left as they are (and listed as skipped)."""
+    started = time.monotonic()
+    rng = np.random.default_rng(seed)
+    x = train.batch(indices, np.random.default_rng(seed))
+    result = RefitResult(images=len(indices))
+    set_input(original_net, input_name, x)
+    original_net.forward()
+    names = list(slim_net._layer_names)
+    for name in names:
+        if name in weights:
+            for blob, values in zip(slim_net.params[name], weights[name]):
+                blob.data[...] = values.reshape(blob.data.shape)
+    kl_before = _held_out_kl(slim_net, original_net, input_name, logits, val, val_indices, len(indices))
+    set_input(original_net, input_name, x)
+    original_net.forward()
+    set_input(slim_net, input_name, x)
+    tops = {n: list(slim_net.top_names[n]) for n in names}
+    bottoms = {n: list(slim_net.bottom_names[n]) for n in names}
+    drifted: set[str] = set()
+    new = dict(weights)
+    for name in names:
+        if name in relearned or any(b in drifted for b in bottoms[name]):
+            drifted.update(tops[name])
+    todo = [n for k, n in enumerate(names) if slim_net.layers[k].type in ("Convolution", "InnerProduct")
+            and (n in relearned or (not only_relearned and any(b in drifted for b in bottoms[n])))]
+    for k, name in enumerate(names):
+        if name in todo and deadline is not None and time.monotonic() > deadline:
+            result.skipped[name] = "out of time"
+        if name not in todo or name in result.skipped:
+            slim_net._forward(k, k)
+            continue
+        if progress is not None:
+            progress(todo.index(name) + 1, len(todo), name)
+        why = _refit_one(slim_net, original_net, k, name, names, tops, bottoms, geometry, concats, rng, new)
+        if why:
+            result.skipped[name] = why
+        else:
+            result.refit.append(name)
+        slim_net._forward(k, k)
+    if result.refit:
+        result.kl_before = kl_before
+        result.kl_after = _held_out_kl(slim_net, original_net, input_name, logits, val, val_indices, len(indices))
+        result.kept = result.kl_after is None or kl_before is None or result.kl_after < kl_before
+        if result.kept:
+            weights.update(new)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _refit_one(slim_net: Any, original_net: Any, k: int, name: str, names: list[str],
+               tops: dict[str, list[str]], bottoms: dict[str, list[str]],
+               geometry: dict[str, ConvGeometry], concats: set[str], rng: np.random.Generator,
+               new: dict[str, list[np.ndarray]]) -> str:
+    """Refit layer ``name`` (index ``k``) in ``slim_net`` and ``new``; returns why not, or ''."""
+    layer = slim_net.layers[k]
+    top = tops[name][0]
+    params = slim_net.params.get(name, [])
+    if len(params) != 2:
+        return "no bias"
+    if layer.type == "Convolution" and name not in geometry:
+        return "grouped or dilated"
+    later = [n for n in names[k + 1:] if top in bottoms[n]]
+    relu = bool(later) and _in_place_relu(slim_net, names, later[0], bottoms, tops)
+    target = _original_blob(slim_net, original_net, top, names, later, bottoms, tops, concats)
+    if target is None:
+        return "no blob of that name and shape in the original, nor a Concat's part of one"
+    x_in = np.asarray(slim_net.blobs[bottoms[name][0]].data)
+    w0 = np.asarray(params[0].data, dtype=np.float64).reshape(len(params[0].data), -1)
+    b0 = np.asarray(params[1].data, dtype=np.float64).reshape(-1)
+    columns = w0.shape[1] + 1
+    images = len(x_in)
+    if layer.type == "Convolution":
+        out_width = target.shape[3]
+        positions = target.shape[2] * out_width
+        total = images * positions
+        if total < MIN_ROWS_PER_COLUMN * columns:
+            return f"{total} sample rows for {columns} columns"
+        picks = np.sort(rng.choice(total, min(total, MAX_ROWS, max(8192, 4 * columns)), replace=False))
+        image, rest = np.divmod(picks, positions)
+        oy, ox = np.divmod(rest, out_width)
+        x_rows = conv_rows(x_in, geometry[name], image, oy, ox)
+        y = target[image, :, oy, ox].astype(np.float64)
+        groups = image
+    else:
+        if images < MIN_ROWS_PER_COLUMN * columns:
+            return f"{images} sample rows for {columns} columns"
+        x_rows = x_in.reshape(images, -1).astype(np.float64)
+        y = target.reshape(images, -1).astype(np.float64)
+        groups = np.arange(images)
+    alpha = choose_alpha(x_rows, y, groups, w0, b0, relu)
+    w, b = fit_layer(x_rows, y, w0, b0, relu, alpha)
+    if not (np.isfinite(w).all() and np.isfinite(b).all()):
+        return "the fit was not finite"
+    params[0].data[...] = w.reshape(params[0].data.shape)
+    params[1].data[...] = b.reshape(params[1].data.shape)
+    new[name] = [np.array(params[0].data, dtype=np.float32), np.array(params[1].data, dtype=np.float32)]
+    return ""
+
+
+def _original_blob(slim_net: Any, original_net: Any, top: str, names: list[str], later: list[str],
+                   bottoms: dict[str, list[str]], tops: dict[str, list[str]],
+                   concats: set[str]) -> np.ndarray | None:
+    """The original's values for the slim net's blob ``top``: its blob of the same name and shape; else, where
+    ``top`` goes (after in-place layers) into a channel Concat whose output the original has at the same shape
+    (a merged inception branch: the rewrite keeps the Concat's width and channel order), that output's channels at
+    ``top``'s place."""
+    shape = slim_net.blobs[top].data.shape
+    if top in original_net.blobs and original_net.blobs[top].data.shape == shape:
+        return np.asarray(original_net.blobs[top].data)
+    concat = next((n for n in later if bottoms[n] != tops[n]), None)
+    if concat is None or concat not in concats or tops[concat][0] not in original_net.blobs:
+        return None
+    whole = np.asarray(original_net.blobs[tops[concat][0]].data)
+    if whole.shape != slim_net.blobs[tops[concat][0]].data.shape:
+        return None
+    start = sum(slim_net.blobs[b].data.shape[1] for b in bottoms[concat][:bottoms[concat].index(top)])
+    return whole[:, start:start + shape[1]]
+
+
+def _in_place_relu(net: Any, names: list[str], consumer: str, bottoms: dict[str, list[str]],
+                   tops: dict[str, list[str]]) -> bool:
+    layer = net.layers[names.index(consumer)]
+    return layer.type == "ReLU" and bottoms[consumer] == tops[consumer]
+
+
+def _held_out_kl(slim_net: Any, original_net: Any, input_name: str, logits: str, val: Batches | None,
+                 indices: np.ndarray, chunk: int) -> float | None:
+    """Mean KL(original ‖ slim) at T=1 over the held-out images (None without them)."""
+    if val is None or not len(indices):
+        return None
+    losses = []
+    for start in range(0, len(indices), chunk):
+        x = val.batch(indices[start:start + chunk])
+        outputs = []
+        for net in (original_net, slim_net):
+            set_input(net, input_name, x)
+            net.forward()
+            outputs.append(np.array(net.blobs[logits].data, dtype=np.float64).reshape(len(x), -1))
+        losses.append(distillation_losses(outputs[1], outputs[0], 1.0))
+    return float(np.mean(np.concatenate(losses)))
+
+
+def refit_rounds(ctx: Context, store: Weights, original_weights: PathLike, seed: int, only_relearned: bool = False,
+                 seconds: float | None = None, progress: Progress | None = None) -> list[RefitResult]:
+    """Up to ``MAX_ROUNDS`` of ``refit_slim``, round k on the k-th sample of training images (a sample is what
+    memory allows: 60 images on a ResNet-50 at 224x224): another round while the last was kept and cut the held-out
+    KL by ``MIN_ROUND_GAIN`` or more, and, under a time budget of ``seconds`` for the phase, took at most a third of
+    what is left of it. Under a time budget the rounds end at ``TIME_SHARE`` of it, mid-round if need be."""
+    started = time.monotonic()
+    deadline = None if seconds is None else started + TIME_SHARE * seconds
+    rounds: list[RefitResult] = []
+    for k in range(MAX_ROUNDS):
+        result = refit_slim(ctx, store, original_weights, seed, only_relearned, progress, k, deadline)
+        rounds.append(result)
+        if not result.kept or result.kl_before is None or result.kl_after is None or \
+                result.kl_after > (1 - MIN_ROUND_GAIN) * result.kl_before:
+            break
+        if seconds is not None and result.seconds > (seconds - (time.monotonic() - started)) / 3:
+            break
+    return rounds
+
+
+def refit_slim(ctx: Context, store: Weights, original_weights: PathLike, seed: int, only_relearned: bool = False,
+               progress: Progress | None = None, round_index: int = 0,
+               deadline: float | None = None) -> RefitResult:
+    """``refit_layers`` for a fine-tuning run: the slim net as it stands in ``store`` (updated in place when kept),
+    the original from its files; the sample: the ``round_index``-th run of ``sample_size`` training images in an
+    order drawn with ``seed``; ``only_relearned`` (``--freeze-rest``): the layers the rewrite made anew, not those
+    downstream; ``deadline`` (``time.monotonic``): layers not reached by then stay as they are."""
+    caffe = import_caffe()
+    geometry: dict[str, ConvGeometry] = {}
+    concats: set[str] = set()
+    for layer in ctx.slim.layers():
+        if layer.type == "Convolution":
+            param = layer.proto.convolution_param
+            found = conv_geometry(param)
+            if param.group in (0, 1) and found.dilation == (1, 1):
+                geometry[layer.name] = found
+        elif layer.type == "Concat" and layer.proto.concat_param.axis == 1 and \
+                not layer.proto.concat_param.HasField("concat_dim"):
+            concats.add(layer.name)
+    images = sample_size(len(ctx.train_indices), _bytes_per_image(ctx.original))
+    order = np.random.default_rng(seed).permutation(ctx.train_indices)
+    indices = np.sort(np.roll(order, -(round_index * images) % max(len(order), 1))[:images])
+    path = ctx.work / "refit.prototxt"
+    caffe_io.write_prototxt(path, ctx.slim.to_net())
+    slim_net = caffe.Net(str(path), caffe.TEST)
+    original_net = caffe.Net(str(ctx.original_proto), caffe.TEST, weights=str(original_weights))
+    try:
+        return refit_layers(slim_net, original_net, ctx.io.input, ctx.logits, set(ctx.steps[-1].relearn), store,
+                            geometry, concats, ctx.train, indices, ctx.val, ctx.val_indices, seed + round_index,
+                            only_relearned, progress, deadline)
+    finally:
+        del slim_net, original_net  # their activations at the sample's batch are gigabytes on a big net
+
+
+def _bytes_per_image(graph: Graph) -> float:
+    """The activations of one image: each Caffe blob once (in-place layers share it), at its largest."""
+    names = graph.caffe_blob_names()
+    largest: dict[str, int] = {}
+    for blob, shape in infer_shapes(graph).items():
+        if shape is not None:
+            largest[names[blob]] = max(largest.get(names[blob], 0), int(np.prod(shape[1:])))
+    return 4.0 * sum(largest.values())

@@ -1,0 +1,196 @@
+"""The least-squares start (``finetune.refit``): its rows are Caffe's convolution, its solves do what the formula
+says, and on the tiny GoogLeNet slimmed by every rule it brings the slim net's held-out outputs closer to the
+original's, in real Caffe."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import graph_from_text, save
+
+from deeprebirth import caffe_pb2 as pb
+from deeprebirth.caffe.data import Transform
+from deeprebirth.caffe.runtime import forward, open_net
+from deeprebirth.errors import DeepRebirthError
+from deeprebirth.finetune import FinetuneOptions, finetune_files
+from deeprebirth.finetune.budget import Budget
+from deeprebirth.finetune.context import prepare
+from deeprebirth.finetune.driver import resolve_refit
+from deeprebirth.finetune.options import check_options
+from deeprebirth.finetune.refit import (
+    ALPHAS,
+    MAX_ROUNDS,
+    MIN_ROUND_GAIN,
+    choose_alpha,
+    conv_rows,
+    fit_layer,
+    refit_slim,
+    relative_error,
+    sample_size,
+)
+from deeprebirth.finetune.train import SolverOptions
+from deeprebirth.finetune.trainer import relative_steps
+from deeprebirth.ir.shapes import ConvGeometry
+
+CONV = """
+name: "one_conv"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 5 dim: 9 dim: 11 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 4 kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 1 pad_h: 1 pad_w: 0 } }
+"""
+
+
+def test_rows_times_weights_are_caffes_convolution(tmp_path: Path) -> None:
+    """A non-square kernel, stride and pad: every output position's row, times the weights, plus the bias, is what
+    Caffe computes there (float32 sums: 1e-5)."""
+    graph = graph_from_text(CONV, seed=3)
+    proto, model = save(graph, tmp_path, "conv")
+    x = np.random.default_rng(0).standard_normal((2, 5, 9, 11)).astype(np.float32)
+    out = forward(open_net(proto, model), {"data": x}, ["conv"])["conv"]
+    w, b = graph.layer("conv").blobs  # type: ignore[misc]
+    image, oy, ox = (a.ravel() for a in np.meshgrid(np.arange(2), np.arange(out.shape[2]), np.arange(out.shape[3]),
+                                                   indexing="ij"))
+    rows = conv_rows(x, ConvGeometry((3, 2), (2, 1), (1, 0), (1, 1)), image, oy, ox)
+    assert rows.shape == (len(image), 5 * 3 * 2)
+    ours = rows @ w.reshape(4, -1).T.astype(np.float64) + b
+    assert np.max(np.abs(ours - out[image, :, oy, ox])) < 1e-5
+
+
+def test_the_ridge_solves_least_squares_and_pulls_towards_the_start() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 12))
+    w_true, b_true = rng.standard_normal((3, 12)), rng.standard_normal(3)
+    w0, b0 = np.zeros((3, 12)), np.zeros(3)
+    w, b = fit_layer(x, x @ w_true.T + b_true, w0, b0, relu=False, alpha=1e-9)
+    assert np.max(np.abs(w - w_true)) < 1e-6 and np.max(np.abs(b - b_true)) < 1e-6
+    w_start = rng.standard_normal((3, 12))
+    w, _ = fit_layer(x, x @ w_true.T + b_true, w_start, b0, relu=False, alpha=1e6)
+    assert np.max(np.abs(w - w_start)) < 1e-3  # λ huge: the start wins
+
+
+def test_relu_aware_fit_beats_plain_least_squares_on_post_relu_targets() -> None:
+    """Where the original's blob is post-ReLU, fitting it as if it were linear lets the negative side leak in."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2000, 10))
+    w_true, b_true = rng.standard_normal((6, 10)), rng.standard_normal(6) - 0.5
+    y = np.maximum(x @ w_true.T + b_true, 0)
+    w0, b0 = np.zeros((6, 10)), np.zeros(6)
+    plain = fit_layer(x, y, w0, b0, relu=False, alpha=1e-6)
+    aware = fit_layer(x, y, w0, b0, relu=True, alpha=1e-6)
+    e_plain = relative_error(x @ plain[0].T + plain[1], y, relu=True)
+    e_aware = relative_error(x @ aware[0].T + aware[1], y, relu=True)
+    assert e_aware < 0.5 * e_plain, (e_aware, e_plain)  # measured: 0.0066 against 0.11
+
+
+def test_the_pull_is_chosen_on_left_out_images() -> None:
+    """Few rows and noisy targets: the strongest pull towards the start predicts the left-out rows best; many
+    clean rows: the weakest."""
+    rng = np.random.default_rng(2)
+    w_true = rng.standard_normal((4, 40))
+    w0, b0 = w_true + 0.1 * rng.standard_normal((4, 40)), np.zeros(4)
+    few = rng.standard_normal((50, 40))
+    noisy = few @ w_true.T + 3.0 * rng.standard_normal((50, 4))
+    assert choose_alpha(few, noisy, np.arange(50), w0, b0, relu=False) == max(ALPHAS)
+    many = rng.standard_normal((5000, 40))
+    w0 = np.zeros((4, 40))
+    assert choose_alpha(many, many @ w_true.T, np.arange(5000) // 50, w0, b0, relu=False) == min(ALPHAS)
+
+
+def test_auto_refits_where_the_pace_rule_comes_down_to_its_smallest_batch() -> None:
+    """Seconds per image of the original's forward pass: 0.03 s (a ResNet-50 at 224 on a CPU core) buys about 200
+    updates of 16 in 7 minutes; 0.3 ms (a 64x64 colour net) thousands."""
+    seven = Budget.parse("7m")
+    assert resolve_refit("auto", "whole", seven, 500, 0.03) == "on"
+    assert resolve_refit("auto", "whole", seven, 500, 0.0003) == "off"
+    assert resolve_refit("auto", "layerwise", seven, 500, 0.03) == "off"
+    assert resolve_refit("auto", "whole", Budget.parse("7ep"), 1000, 0.03) == "off"  # 437 updates of 16 ...
+    assert resolve_refit("auto", "whole", Budget.parse("6ep"), 1000, 0.03) == "on"  # ... 375: few
+    assert resolve_refit("auto", "whole", Budget.parse("100it"), 1000, 0.03) == "off"
+    assert resolve_refit("on", "whole", Budget.parse("100it"), 1000, 0.0) == "on"
+
+
+def test_the_sample_fits_in_memory() -> None:
+    assert sample_size(96, 1e5) == 96  # a small net: every image
+    assert sample_size(5000, 1e5) == 256
+    assert sample_size(500, 35e6) == 61  # open_nsfw at 224x224: 35 MB of activations an image, both nets in 4 GiB
+    assert sample_size(3, 35e6) == 3
+
+
+def options(**changes: object) -> FinetuneOptions:
+    base = FinetuneOptions(budget="40it", batch=16, transform=Transform(scale=1 / 255), holdout=0.25,
+                           schedule="whole", solver=SolverOptions("adam", lr=1e-3), patience=0)
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_refit_brings_the_slim_nets_outputs_closer_in_caffe(finetune_nets: dict[str, str], tmp_path: Path) -> None:
+    """Every rule's merges (a merged stem, widened inception branches): refit layer by layer, the held-out KL to the
+    original falls; with ``only_relearned`` only the rewrite's new layers change."""
+    nets = finetune_nets
+    opts = options(work_dir=tmp_path / "work")
+    ctx, store, _, _ = prepare(nets["original"], nets["original_weights"], nets["slim"], nets["slim_weights"],
+                               nets["report"], nets["data"], tmp_path / "out.caffemodel", opts)
+    start = {name: [b.copy() for b in blobs] for name, blobs in store.items()}
+    result = refit_slim(ctx, store, nets["original_weights"], seed=0)
+    assert result.kept and result.kl_before is not None and result.kl_after is not None
+    assert result.kl_after < 0.2 * result.kl_before, (result.kl_before, result.kl_after)  # measured: 0.047 -> 0.0032
+    changed = {name for name in store if not all(np.array_equal(a, b) for a, b in zip(store[name], start[name]))}
+    assert set(result.refit) == changed and "conv2_reduce" in changed  # downstream of conv1_merge
+    # a merged inception branch's blob is new: it is aimed at its channels of the module's Concat
+    assert {f"inception_{i}/{b}_merge" for i in (1, 2, 3) for b in ("3x3", "5x5")} <= changed
+    assert result.images == 72  # the training part of the 96 images: all of them
+    assert "classifier" in changed and not result.skipped  # an InnerProduct on 44 pooled features: 72 rows suffice
+
+    store = {name: [b.copy() for b in blobs] for name, blobs in start.items()}
+    late = refit_slim(ctx, store, nets["original_weights"], seed=0, deadline=time.monotonic() - 1)
+    assert not late.refit and not late.kept and set(late.skipped.values()) == {"out of time"}
+    assert all(np.array_equal(store[n][0], start[n][0]) for n in store)  # a refit out of time changes nothing
+
+    only = refit_slim(ctx, store, nets["original_weights"], seed=0, only_relearned=True)
+    relearned = set(ctx.steps[-1].relearn)
+    assert set(only.refit) | set(only.skipped) <= relearned
+    assert all(np.array_equal(store[n][0], start[n][0]) for n in store if n not in relearned)
+
+
+def test_finetune_reports_the_refit_and_refuses_it_with_the_layerwise_schedule(finetune_nets: dict[str, str],
+                                                                                tmp_path: Path) -> None:
+    result = finetune_files(finetune_nets["original"], finetune_nets["original_weights"], finetune_nets["slim"],
+                            finetune_nets["slim_weights"], finetune_nets["report"], finetune_nets["data"],
+                            tmp_path / "out.caffemodel", options(refit="on"))
+    rounds = result.steps[-1].refit
+    assert rounds is not None and 1 <= len(rounds) <= MAX_ROUNDS
+    assert rounds[0]["layers"] > 0 and rounds[0]["kept"] and rounds[0]["kl_after"] < rounds[0]["kl_before"]
+    for earlier, later in pairwise(rounds):  # each round goes on from where the last left the weights
+        assert later["kl_before"] == pytest.approx(earlier["kl_after"], rel=1e-5)
+        assert earlier["kl_after"] <= (1 - MIN_ROUND_GAIN) * earlier["kl_before"]  # ... only after a gain
+    # auto: an iteration budget keeps the default batch, so the pace rule never comes down to 8: no refit
+    auto = finetune_files(finetune_nets["original"], finetune_nets["original_weights"], finetune_nets["slim"],
+                          finetune_nets["slim_weights"], finetune_nets["report"], finetune_nets["data"],
+                          tmp_path / "auto.caffemodel", options(work_dir=tmp_path / "w2"))
+    assert auto.steps[-1].refit is None
+    with pytest.raises(DeepRebirthError, match="--refit on starts the whole schedule"):
+        check_options(options(refit="on", schedule="layerwise"))
+
+
+def test_per_weight_step_solvers_step_each_layer_by_the_same_share_of_its_weights() -> None:
+    """Adam moves every weight by about the rate: a layer whose weights are 100x smaller gets a 100x smaller
+    lr_mult (its weights' RMS over the median layer's), the bias with it."""
+    net = pb.NetParameter()
+    for name, mults in (("stem", (1.0, 2.0)), ("mid", (1.0, 2.0)), ("head", (1.0, 2.0)), ("frozen", (0.0, 0.0))):
+        layer = net.layer.add(name=name, type="Convolution")
+        for m in mults:
+            layer.param.add(lr_mult=m)
+    scale = {"stem": 5e-4, "mid": 0.05, "head": 0.5, "frozen": 1.0}
+    rng = np.random.default_rng(0)
+    weights = {n: [s * rng.choice([-1.0, 1.0], (8, 4)).astype(np.float32), np.zeros(8, np.float32)]
+               for n, s in scale.items()}
+    scaled = relative_steps(net, ["stem", "mid", "head"], lambda name: weights[name])
+    mults = {layer.name: [p.lr_mult for p in layer.param] for layer in scaled.layer}
+    assert mults["mid"] == pytest.approx([1.0, 2.0])
+    assert mults["stem"] == pytest.approx([0.01, 0.02]) and mults["head"] == pytest.approx([10.0, 20.0])
+    assert mults["frozen"] == [0.0, 0.0]
+    assert [p.lr_mult for p in net.layer[0].param] == [1.0, 2.0]  # the spec's own net is left as it was
