@@ -161,16 +161,17 @@ def sample_size(images: int, bytes_per_image: float) -> int:
 
 def refit_layers(slim_net: Any, original_net: Any, input_name: str, logits: str, relearned: set[str],
                  weights: dict[str, list[np.ndarray]], geometry: dict[str, ConvGeometry], concats: set[str],
-                 train: Batches,
-                 indices: np.ndarray, val: Batches | None, val_indices: np.ndarray, seed: int,
+                 train: Batches, indices: np.ndarray, val: Batches | None, val_indices: np.ndarray, seed: int,
                  only_relearned: bool = False, progress: Progress | None = None,
                  deadline: float | None = None) -> RefitResult:
-    """Refit ``weights`` (the slim net's, by layer name; updated in place when the result is kept) layer by layer;
+    """Refit ``weights`` (the slim net's, by layer name; updated in place when the result is kept) layer by layer
+    on the training images ``indices``, judged on the held-out ``val_indices``.
+
     ``slim_net`` / ``original_net``: pycaffe TEST nets, reshaped here to the sample; ``geometry``: each refittable
     Convolution's (layers missing from it are not refit); ``concats``: the Concat layers along channels;
-    ``relearned``: the layers the rewrite made anew
-    (``only_relearned``: only those are refit, not the layers downstream); ``deadline`` (``time.monotonic``): the
-    layers not reached by then are left as they are (and listed as skipped)."""
+    ``relearned``: the layers the rewrite made anew (``only_relearned``: only those are refit, not the layers
+    downstream); ``deadline`` (``time.monotonic``): the layers not reached by then are left as they are (and listed
+    as skipped)."""
     started = time.monotonic()
     rng = np.random.default_rng(seed)
     x = train.batch(indices, np.random.default_rng(seed))
