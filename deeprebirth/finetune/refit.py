@@ -55,7 +55,8 @@ RELU_MARGIN = 0.5  # an output the original's ReLU zeroes is aimed this many of 
 MIN_ROWS_PER_COLUMN = 1  # sample rows per column of X, at least
 MAX_ROWS = 32768  # sample rows per layer (output positions over the sampled images)
 MAX_IMAGES = 256
-MEMORY_BYTES = 4 * 2**30  # both nets' activations at the sample's batch
+MEMORY_BYTES = 4 * 2**30  # both nets at the sample's batch: about the peak the refit adds to the process
+NET_BYTES_PER_ACTIVATION = 8  # measured: a pycaffe TEST net held twice its activations' float32 bytes (ResNet-50)
 VALIDATION_SHARE = 0.2  # of the sampled images, left out to choose α
 MAX_ROUNDS = 3  # refits, each on the next sample of images, from where the last left the weights ...
 MIN_ROUND_GAIN = 0.05  # ... another only after one that cut the held-out KL by at least this share
@@ -152,10 +153,10 @@ def choose_alpha(x: np.ndarray, y: np.ndarray, groups: np.ndarray, w0: np.ndarra
 Progress = Callable[[int, int, str], None]
 
 
-def sample_size(images: int, bytes_per_image: float) -> int:
-    """Images to refit on: all up to ``MAX_IMAGES``, fewer where both nets' activations would pass
-    ``MEMORY_BYTES``; at least 8."""
-    affordable = int(MEMORY_BYTES // max(2.0 * bytes_per_image, 1.0))
+def sample_size(images: int, activations_per_image: float) -> int:
+    """Images to refit on: all up to ``MAX_IMAGES``, fewer where both nets would pass ``MEMORY_BYTES`` (open_nsfw
+    at 224x224, 8.8 M activations an image: 30 images, peak 4.6 GB measured); at least 8."""
+    affordable = int(MEMORY_BYTES // max(2.0 * NET_BYTES_PER_ACTIVATION * activations_per_image, 1.0))
     return max(min(8, images), min(images, MAX_IMAGES, affordable))
 
 
@@ -316,7 +317,7 @@ def _held_out_kl(slim_net: Any, original_net: Any, input_name: str, logits: str,
 def refit_rounds(ctx: Context, store: Weights, original_weights: PathLike, seed: int, only_relearned: bool = False,
                  seconds: float | None = None, progress: Progress | None = None) -> list[RefitResult]:
     """Up to ``MAX_ROUNDS`` of ``refit_slim``, round k on the k-th sample of training images (a sample is what
-    memory allows: 60 images on a ResNet-50 at 224x224): another round while the last was kept and cut the held-out
+    memory allows: 30 images on a ResNet-50 at 224x224): another round while the last was kept and cut the held-out
     KL by ``MIN_ROUND_GAIN`` or more, and, under a time budget of ``seconds`` for the phase, took at most a third of
     what is left of it. Under a time budget the rounds end at ``TIME_SHARE`` of it, mid-round if need be."""
     started = time.monotonic()
@@ -352,7 +353,7 @@ def refit_slim(ctx: Context, store: Weights, original_weights: PathLike, seed: i
         elif layer.type == "Concat" and layer.proto.concat_param.axis == 1 and \
                 not layer.proto.concat_param.HasField("concat_dim"):
             concats.add(layer.name)
-    images = sample_size(len(ctx.train_indices), _bytes_per_image(ctx.original))
+    images = sample_size(len(ctx.train_indices), _activations_per_image(ctx.original))
     order = np.random.default_rng(seed).permutation(ctx.train_indices)
     indices = np.sort(np.roll(order, -(round_index * images) % max(len(order), 1))[:images])
     path = ctx.work / "refit.prototxt"
@@ -367,11 +368,11 @@ def refit_slim(ctx: Context, store: Weights, original_weights: PathLike, seed: i
         del slim_net, original_net  # their activations at the sample's batch are gigabytes on a big net
 
 
-def _bytes_per_image(graph: Graph) -> float:
+def _activations_per_image(graph: Graph) -> float:
     """The activations of one image: each Caffe blob once (in-place layers share it), at its largest."""
     names = graph.caffe_blob_names()
     largest: dict[str, int] = {}
     for blob, shape in infer_shapes(graph).items():
         if shape is not None:
             largest[names[blob]] = max(largest.get(names[blob], 0), int(np.prod(shape[1:])))
-    return 4.0 * sum(largest.values())
+    return float(sum(largest.values()))
