@@ -150,7 +150,7 @@ def choose_alpha(x: np.ndarray, y: np.ndarray, groups: np.ndarray, w0: np.ndarra
     return ALPHAS[int(np.argmin(errors))]
 
 
-Progress = Callable[[int, int, str], None]
+LayerProgress = Callable[[int, int, str], None]  # (layers done, layers to refit, layer name)
 
 
 def sample_size(images: int, activations_per_image: float) -> int:
@@ -163,7 +163,7 @@ def sample_size(images: int, activations_per_image: float) -> int:
 def refit_layers(slim_net: Any, original_net: Any, input_name: str, logits: str, relearned: set[str],
                  weights: dict[str, list[np.ndarray]], geometry: dict[str, ConvGeometry], concats: set[str],
                  train: Batches, indices: np.ndarray, val: Batches | None, val_indices: np.ndarray, seed: int,
-                 only_relearned: bool = False, progress: Progress | None = None,
+                 only_relearned: bool = False, progress: LayerProgress | None = None,
                  deadline: float | None = None) -> RefitResult:
     """Refit ``weights`` (the slim net's, by layer name; updated in place when the result is kept) layer by layer
     on the training images ``indices``, judged on the held-out ``val_indices``.
@@ -315,7 +315,7 @@ def _held_out_kl(slim_net: Any, original_net: Any, input_name: str, logits: str,
 
 
 def refit_rounds(ctx: Context, store: Weights, original_weights: PathLike, seed: int, only_relearned: bool = False,
-                 seconds: float | None = None, progress: Progress | None = None) -> list[RefitResult]:
+                 seconds: float | None = None, progress: LayerProgress | None = None) -> list[RefitResult]:
     """Up to ``MAX_ROUNDS`` of ``refit_slim``, round k on the k-th sample of training images (a sample is what
     memory allows: 30 images on a ResNet-50 at 224x224): another round while the last was kept and cut the held-out
     KL by ``MIN_ROUND_GAIN`` or more, and, under a time budget of ``seconds`` for the phase, took at most a third of
@@ -335,7 +335,7 @@ def refit_rounds(ctx: Context, store: Weights, original_weights: PathLike, seed:
 
 
 def refit_slim(ctx: Context, store: Weights, original_weights: PathLike, seed: int, only_relearned: bool = False,
-               progress: Progress | None = None, round_index: int = 0,
+               progress: LayerProgress | None = None, round_index: int = 0,
                deadline: float | None = None) -> RefitResult:
     """``refit_layers`` for a fine-tuning run: the slim net as it stands in ``store`` (updated in place when kept),
     the original from its files; the sample: the ``round_index``-th run of ``sample_size`` training images in an
