@@ -84,7 +84,7 @@ def test_relu_aware_fit_beats_plain_least_squares_on_post_relu_targets() -> None
     aware = fit_layer(x, y, w0, b0, relu=True, alpha=1e-6)
     e_plain = relative_error(x @ plain[0].T + plain[1], y, relu=True)
     e_aware = relative_error(x @ aware[0].T + aware[1], y, relu=True)
-    assert e_aware < 0.5 * e_plain, (e_aware, e_plain)  # measured: 0.0066 against 0.11
+    assert e_aware < 0.5 * e_plain, (e_aware, e_plain)  # measured: 0.050 against 0.24
 
 
 def test_the_pull_is_chosen_on_left_out_images() -> None:
@@ -137,7 +137,7 @@ def test_refit_brings_the_slim_nets_outputs_closer_in_caffe(finetune_nets: dict[
     start = {name: [b.copy() for b in blobs] for name, blobs in store.items()}
     result = refit_slim(ctx, store, nets["original_weights"], seed=0)
     assert result.kept and result.kl_before is not None and result.kl_after is not None
-    assert result.kl_after < 0.2 * result.kl_before, (result.kl_before, result.kl_after)  # measured: 0.047 -> 0.0032
+    assert result.kl_after < 0.2 * result.kl_before, (result.kl_before, result.kl_after)  # measured: 0.047 -> 0.0030
     changed = {name for name in store if not all(np.array_equal(a, b) for a, b in zip(store[name], start[name]))}
     assert set(result.refit) == changed and "conv2_reduce" in changed  # downstream of conv1_merge
     # a merged inception branch's blob is new: it is aimed at its channels of the module's Concat
