@@ -33,8 +33,7 @@ from deeprebirth.finetune.refit import (
     relative_error,
     sample_size,
 )
-from deeprebirth.finetune.train import SolverOptions
-from deeprebirth.finetune.trainer import relative_steps
+from deeprebirth.finetune.train import SolverOptions, relative_steps
 from deeprebirth.ir.shapes import ConvGeometry
 
 CONV = """

@@ -206,12 +206,13 @@ def updates_bought(budget: Budget, images: int, seconds_per_image: float, batch:
     return budget.amount * images / batch
 
 
-def resolve_auto(setting: str, budget: Budget, images: int, seconds_per_image: float) -> str:
-    """``--hints auto``: "on" where the budget buys fewer than ``MIN_UPDATES`` updates of ``DEFAULT_BATCH``
+def resolve_auto(setting: str, budget: Budget, images: int, seconds_per_image: float,
+                 batch: int = DEFAULT_BATCH) -> str:
+    """``--hints auto``: "on" where the budget buys fewer than ``MIN_UPDATES`` updates of ``batch``
     (docs/decisions/hints.md); "on"/"off" as given."""
     if setting != "auto":
         return setting
-    few = updates_bought(budget, images, seconds_per_image, DEFAULT_BATCH) < MIN_UPDATES
+    few = updates_bought(budget, images, seconds_per_image, batch) < MIN_UPDATES
     return "on" if few else "off"
 
 
@@ -222,12 +223,9 @@ def resolve_refit(setting: str, schedule: str, budget: Budget, images: int, seco
     fine-tuning from the refit start (docs/decisions/refit.md). "on"/"off" as given."""
     if schedule != "whole":
         return "off"
-    if setting != "auto":
-        return setting
-    if budget.unit == "it":  # an iteration budget keeps the default batch: the pace rule does not apply
+    if setting == "auto" and budget.unit == "it":  # an iteration budget keeps the default batch: no pace rule
         return "off"
-    few = updates_bought(budget, images, seconds_per_image, BATCHES[-2]) < MIN_UPDATES
-    return "on" if few else "off"
+    return resolve_auto(setting, budget, images, seconds_per_image, BATCHES[-2])
 
 
 def _forward_seconds_per_image(ctx: Context, teacher: Teacher) -> float:

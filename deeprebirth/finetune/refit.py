@@ -177,14 +177,13 @@ def refit_layers(slim_net: Any, original_net: Any, input_name: str, logits: str,
     rng = np.random.default_rng(seed)
     x = train.batch(indices, np.random.default_rng(seed))
     result = RefitResult(images=len(indices))
-    set_input(original_net, input_name, x)
-    original_net.forward()
     names = list(slim_net._layer_names)
     for name in names:
         if name in weights:
             for blob, values in zip(slim_net.params[name], weights[name]):
                 blob.data[...] = values.reshape(blob.data.shape)
-    kl_before = _held_out_kl(slim_net, original_net, input_name, logits, val, val_indices, len(indices))
+    reference = _outputs(original_net, input_name, logits, val, val_indices, len(indices))
+    kl_before = _held_out_kl(slim_net, reference, input_name, logits, val, val_indices, len(indices))
     set_input(original_net, input_name, x)
     original_net.forward()
     set_input(slim_net, input_name, x)
@@ -213,7 +212,7 @@ def refit_layers(slim_net: Any, original_net: Any, input_name: str, logits: str,
         slim_net._forward(k, k)
     if result.refit:
         result.kl_before = kl_before
-        result.kl_after = _held_out_kl(slim_net, original_net, input_name, logits, val, val_indices, len(indices))
+        result.kl_after = _held_out_kl(slim_net, reference, input_name, logits, val, val_indices, len(indices))
         result.kept = result.kl_after is None or kl_before is None or result.kl_after < kl_before
         if result.kept:
             weights.update(new)
@@ -297,21 +296,27 @@ def _in_place_relu(net: Any, names: list[str], consumer: str, bottoms: dict[str,
     return layer.type == "ReLU" and bottoms[consumer] == tops[consumer]
 
 
-def _held_out_kl(slim_net: Any, original_net: Any, input_name: str, logits: str, val: Batches | None,
-                 indices: np.ndarray, chunk: int) -> float | None:
-    """Mean KL(original ‖ slim) at T=1 over the held-out images (None without them)."""
+def _outputs(net: Any, input_name: str, logits: str, val: Batches | None, indices: np.ndarray,
+             chunk: int) -> np.ndarray | None:
+    """``net``'s logits on the held-out images, ``chunk`` at a time (None without them)."""
     if val is None or not len(indices):
         return None
-    losses = []
+    found = []
     for start in range(0, len(indices), chunk):
         x = val.batch(indices[start:start + chunk])
-        outputs = []
-        for net in (original_net, slim_net):
-            set_input(net, input_name, x)
-            net.forward()
-            outputs.append(np.array(net.blobs[logits].data, dtype=np.float64).reshape(len(x), -1))
-        losses.append(distillation_losses(outputs[1], outputs[0], 1.0))
-    return float(np.mean(np.concatenate(losses)))
+        set_input(net, input_name, x)
+        net.forward()
+        found.append(np.array(net.blobs[logits].data, dtype=np.float64).reshape(len(x), -1))
+    return np.concatenate(found)
+
+
+def _held_out_kl(slim_net: Any, reference: np.ndarray | None, input_name: str, logits: str, val: Batches | None,
+                 indices: np.ndarray, chunk: int) -> float | None:
+    """Mean KL(original ‖ slim) at T=1 over the held-out images, the original's logits given (None without)."""
+    mine = _outputs(slim_net, input_name, logits, val, indices, chunk)
+    if reference is None or mine is None:
+        return None
+    return float(np.mean(distillation_losses(mine, reference, 1.0)))
 
 
 def refit_rounds(ctx: Context, store: Weights, original_weights: PathLike, seed: int, only_relearned: bool = False,
