@@ -18,6 +18,7 @@ from deeprebirth.caffe.data import Transform
 from deeprebirth.caffe.runtime import forward, open_net
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.finetune import FinetuneOptions, finetune_files
+from deeprebirth.finetune import refit as refit_module
 from deeprebirth.finetune.budget import Budget
 from deeprebirth.finetune.context import prepare
 from deeprebirth.finetune.driver import resolve_refit
@@ -27,6 +28,7 @@ from deeprebirth.finetune.refit import (
     MAX_ROUNDS,
     MIN_ROUND_GAIN,
     choose_alpha,
+    chunk_size,
     conv_rows,
     fit_layer,
     refit_slim,
@@ -113,11 +115,15 @@ def test_auto_refits_where_the_pace_rule_comes_down_to_its_smallest_batch() -> N
     assert resolve_refit("on", "whole", Budget.parse("100it"), 1000, 0.0) == "on"
 
 
-def test_the_sample_fits_in_memory() -> None:
+def test_the_sample_and_its_chunks_fit_in_memory() -> None:
     assert sample_size(96, 25e3) == 96  # a small net: every image
     assert sample_size(5000, 25e3) == 256
-    assert sample_size(500, 8.8e6) == 30  # open_nsfw at 224x224: both nets in about 4 GiB (4.6 GB peak measured)
-    assert sample_size(3, 8.8e6) == 3
+    assert sample_size(500, 1.2e6) == 256  # open_nsfw's slim net at 224x224: 1.2 M live activations at most
+    assert sample_size(500, 2e7) == 26
+    assert sample_size(3, 2e7) == 3
+    assert chunk_size(256, 25e3) == 256
+    assert chunk_size(256, 8.8e6) == 15  # open_nsfw at 224x224: both nets in about 2 GiB
+    assert chunk_size(256, 1e9) == 1
 
 
 def options(**changes: object) -> FinetuneOptions:
@@ -153,6 +159,26 @@ def test_refit_brings_the_slim_nets_outputs_closer_in_caffe(finetune_nets: dict[
     relearned = set(ctx.steps[-1].relearn)
     assert set(only.refit) | set(only.skipped) <= relearned
     assert all(np.array_equal(store[n][0], start[n][0]) for n in store if n not in relearned)
+
+
+def test_the_refit_in_chunks_is_the_refit_in_one_pass(finetune_nets: dict[str, str], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The original once over the sample, the slim net layer by layer over chunks of it: the same fit as with the
+    whole sample in one batch."""
+    nets = finetune_nets
+    ctx, store, _, _ = prepare(nets["original"], nets["original_weights"], nets["slim"], nets["slim_weights"],
+                               nets["report"], nets["data"], tmp_path / "out.caffemodel",
+                               options(work_dir=tmp_path / "work"))
+    start = {name: [b.copy() for b in blobs] for name, blobs in store.items()}
+    whole = refit_slim(ctx, store, nets["original_weights"], seed=0)
+    monkeypatch.setattr(refit_module, "NET_BYTES", 1.0)  # chunks of one image
+    chunked_store = {name: [b.copy() for b in blobs] for name, blobs in start.items()}
+    chunked = refit_slim(ctx, chunked_store, nets["original_weights"], seed=0)
+    assert chunked.refit == whole.refit and chunked.kept
+    assert chunked.kl_after == pytest.approx(whole.kl_after, rel=1e-3)
+    for name in whole.refit:
+        for a, b in zip(store[name], chunked_store[name]):
+            assert np.max(np.abs(a - b)) <= 1e-4 * max(1.0, float(np.max(np.abs(a)))), name
 
 
 def test_finetune_reports_the_refit_and_refuses_it_with_the_layerwise_schedule(finetune_nets: dict[str, str],

@@ -26,6 +26,11 @@ sample rows as X has columns (a fully connected layer over 1,024 features wants 
 as it is). The run keeps the refit weights only if they bring the slim net's held-out outputs closer to the
 original's (KL at T=1), and says so either way.
 
+Memory: the original runs once over the sample in chunks (as many images as ``NET_BYTES`` of both nets hold),
+keeping only each layer's target rows; the slim net runs one layer at a time over the chunks, its blobs that a later
+layer reads kept as numpy (``LIVE_BYTES``). So the sample is not what the nets hold at once: 256 images on a
+ResNet-50 at 224x224 (1.2 M live activations an image, chunks of 15), where a one-batch refit held 30.
+
 ``ridge_toward`` / ``fit_layer`` / ``conv_rows`` are pure weight math; ``refit_layers`` runs the two nets in
 pycaffe, one layer at a time.
 """
@@ -55,8 +60,9 @@ RELU_MARGIN = 0.5  # an output the original's ReLU zeroes is aimed this many of 
 MIN_ROWS_PER_COLUMN = 1  # sample rows per column of X, at least
 MAX_ROWS = 32768  # sample rows per layer (output positions over the sampled images)
 MAX_IMAGES = 256
-MEMORY_BYTES = 4 * 2**30  # both nets at the sample's batch: about the peak the refit adds to the process
+NET_BYTES = 2 * 2**30  # both pycaffe nets at a chunk's batch ...
 NET_BYTES_PER_ACTIVATION = 8  # measured: a pycaffe TEST net held twice its activations' float32 bytes (ResNet-50)
+LIVE_BYTES = 2 * 2**30  # ... and the slim net's live blobs over the whole sample: about the peak the refit adds
 VALIDATION_SHARE = 0.2  # of the sampled images, left out to choose α
 MAX_ROUNDS = 3  # refits, each on the next sample of images, from where the last left the weights ...
 MIN_ROUND_GAIN = 0.05  # ... another only after one that cut the held-out KL by at least this share
@@ -153,66 +159,97 @@ def choose_alpha(x: np.ndarray, y: np.ndarray, groups: np.ndarray, w0: np.ndarra
 LayerProgress = Callable[[int, int, str], None]  # (layers done, layers to refit, layer name)
 
 
-def sample_size(images: int, activations_per_image: float) -> int:
-    """Images to refit on: all up to ``MAX_IMAGES``, fewer where both nets would pass ``MEMORY_BYTES`` (open_nsfw
-    at 224x224, 8.8 M activations an image: 30 images, peak 4.6 GB measured); at least 8."""
-    affordable = int(MEMORY_BYTES // max(2.0 * NET_BYTES_PER_ACTIVATION * activations_per_image, 1.0))
+def chunk_size(images: int, activations_per_image: float) -> int:
+    """Images per pass of the two pycaffe nets: all up to ``MAX_IMAGES``, fewer where both nets would pass
+    ``NET_BYTES`` (open_nsfw at 224x224, 8.8 M activations an image: 15); at least 1."""
+    affordable = int(NET_BYTES // max(2.0 * NET_BYTES_PER_ACTIVATION * activations_per_image, 1.0))
+    return max(1, min(images, MAX_IMAGES, affordable))
+
+
+def sample_size(images: int, live_activations_per_image: float) -> int:
+    """Images to refit on: all up to ``MAX_IMAGES``, fewer where the slim net's live blobs over the sample (kept
+    between its layer-by-layer passes) would pass ``LIVE_BYTES``; at least 8 (or all there are)."""
+    affordable = int(LIVE_BYTES // max(4.0 * live_activations_per_image, 1.0))
     return max(min(8, images), min(images, MAX_IMAGES, affordable))
+
+
+@dataclass
+class _Plan:
+    """One layer to refit: where its target comes from and which of its output positions are rows."""
+
+    name: str
+    relu: bool
+    blob: str  # the original's blob holding the target ...
+    channels: slice  # ... these channels of it (a merged inception branch: its part of the Concat)
+    image: np.ndarray  # sample rows: the image (index into the sample), output row, output column
+    oy: np.ndarray | None  # None: an InnerProduct, one row per image
+    ox: np.ndarray | None
 
 
 def refit_layers(slim_net: Any, original_net: Any, input_name: str, logits: str, relearned: set[str],
                  weights: dict[str, list[np.ndarray]], geometry: dict[str, ConvGeometry], concats: set[str],
                  train: Batches, indices: np.ndarray, val: Batches | None, val_indices: np.ndarray, seed: int,
                  only_relearned: bool = False, progress: LayerProgress | None = None,
-                 deadline: float | None = None) -> RefitResult:
+                 deadline: float | None = None, chunk: int | None = None) -> RefitResult:
     """Refit ``weights`` (the slim net's, by layer name; updated in place when the result is kept) layer by layer
     on the training images ``indices``, judged on the held-out ``val_indices``.
 
-    ``slim_net`` / ``original_net``: pycaffe TEST nets, reshaped here to the sample; ``geometry``: each refittable
-    Convolution's (layers missing from it are not refit); ``concats``: the Concat layers along channels;
-    ``relearned``: the layers the rewrite made anew (``only_relearned``: only those are refit, not the layers
-    downstream); ``deadline`` (``time.monotonic``): the layers not reached by then are left as they are (and listed
-    as skipped)."""
+    ``slim_net`` / ``original_net``: pycaffe TEST nets, reshaped here to ``chunk`` images (default: the whole
+    sample). The original runs once over the sample, keeping only the target rows; the slim net runs one layer at a
+    time over every chunk, its live blobs kept between layers, so the sample is not bounded by what the nets hold
+    at once. ``geometry``: each refittable Convolution's (layers missing from it are not refit); ``concats``: the
+    Concat layers along channels; ``relearned``: the layers the rewrite made anew (``only_relearned``: only those
+    are refit, not the layers downstream); ``deadline`` (``time.monotonic``): the layers not reached by then are
+    left as they are (and listed as skipped)."""
     started = time.monotonic()
     rng = np.random.default_rng(seed)
+    chunk = min(chunk or len(indices), len(indices))
     x = train.batch(indices, np.random.default_rng(seed))
+    parts = [slice(start, min(start + chunk, len(indices))) for start in range(0, len(indices), chunk)]
     result = RefitResult(images=len(indices))
     names = list(slim_net._layer_names)
     for name in names:
         if name in weights:
             for blob, values in zip(slim_net.params[name], weights[name]):
                 blob.data[...] = values.reshape(blob.data.shape)
-    reference = _outputs(original_net, input_name, logits, val, val_indices, len(indices))
-    kl_before = _held_out_kl(slim_net, reference, input_name, logits, val, val_indices, len(indices))
-    set_input(original_net, input_name, x)
-    original_net.forward()
-    set_input(slim_net, input_name, x)
+    reference = _outputs(original_net, input_name, logits, val, val_indices, chunk)
+    kl_before = _held_out_kl(slim_net, reference, input_name, logits, val, val_indices, chunk)
+    set_input(original_net, input_name, x[parts[0]])  # every blob at a chunk's shape, for the plans
+    set_input(slim_net, input_name, x[parts[0]])
     tops = {n: list(slim_net.top_names[n]) for n in names}
     bottoms = {n: list(slim_net.bottom_names[n]) for n in names}
     drifted: set[str] = set()
-    new = dict(weights)
     for name in names:
         if name in relearned or any(b in drifted for b in bottoms[name]):
             drifted.update(tops[name])
     todo = [n for k, n in enumerate(names) if slim_net.layers[k].type in ("Convolution", "InnerProduct")
             and (n in relearned or (not only_relearned and any(b in drifted for b in bottoms[n])))]
-    for k, name in enumerate(names):
-        if name in todo and deadline is not None and time.monotonic() > deadline:
-            result.skipped[name] = "out of time"
-        if name not in todo or name in result.skipped:
-            slim_net._forward(k, k)
-            continue
-        if progress is not None:
-            progress(todo.index(name) + 1, len(todo), name)
-        why = _refit_one(slim_net, original_net, k, name, names, tops, bottoms, geometry, concats, rng, new)
-        if why:
-            result.skipped[name] = why
+    plans: dict[str, _Plan] = {}
+    for name in todo:
+        plan = _plan(slim_net, original_net, name, names, tops, bottoms, geometry, concats, len(indices), rng)
+        if isinstance(plan, str):
+            result.skipped[name] = plan
         else:
-            result.refit.append(name)
-        slim_net._forward(k, k)
+            plans[name] = plan
+    targets = _target_rows(original_net, input_name, x, parts, plans)
+    new = dict(weights)
+    live = _SlimPasses(slim_net, names, tops, bottoms, {input_name: [x[p] for p in parts]})
+    del x
+    for k, name in enumerate(names):
+        if name in plans and deadline is not None and time.monotonic() > deadline:
+            result.skipped[name] = "out of time"
+        if name in plans and name not in result.skipped:
+            if progress is not None:
+                progress(todo.index(name) + 1, len(todo), name)
+            why = _refit_one(slim_net, k, plans[name], targets.pop(name), live.rows(k, plans[name], geometry), new)
+            if why:
+                result.skipped[name] = why
+            else:
+                result.refit.append(name)
+        live.forward(k)
     if result.refit:
         result.kl_before = kl_before
-        result.kl_after = _held_out_kl(slim_net, reference, input_name, logits, val, val_indices, len(indices))
+        result.kl_after = _held_out_kl(slim_net, reference, input_name, logits, val, val_indices, chunk)
         result.kept = result.kl_after is None or kl_before is None or result.kl_after < kl_before
         if result.kept:
             weights.update(new)
@@ -220,74 +257,134 @@ def refit_layers(slim_net: Any, original_net: Any, input_name: str, logits: str,
     return result
 
 
-def _refit_one(slim_net: Any, original_net: Any, k: int, name: str, names: list[str],
-               tops: dict[str, list[str]], bottoms: dict[str, list[str]],
-               geometry: dict[str, ConvGeometry], concats: set[str], rng: np.random.Generator,
-               new: dict[str, list[np.ndarray]]) -> str:
-    """Refit layer ``name`` (index ``k``) in ``slim_net`` and ``new``; returns why not, or ''."""
+def _plan(slim_net: Any, original_net: Any, name: str, names: list[str], tops: dict[str, list[str]],
+          bottoms: dict[str, list[str]], geometry: dict[str, ConvGeometry], concats: set[str], images: int,
+          rng: np.random.Generator) -> _Plan | str:
+    """What refitting layer ``name`` takes (its target's source, its sample rows), or why it is not refit."""
+    k = names.index(name)
     layer = slim_net.layers[k]
-    top = tops[name][0]
     params = slim_net.params.get(name, [])
     if len(params) != 2:
         return "no bias"
     if layer.type == "Convolution" and name not in geometry:
         return "grouped or dilated"
+    top = tops[name][0]
     later = [n for n in names[k + 1:] if top in bottoms[n]]
     relu = bool(later) and _in_place_relu(slim_net, names, later[0], bottoms, tops)
-    target = _original_blob(slim_net, original_net, top, names, later, bottoms, tops, concats)
-    if target is None:
+    source = _original_source(slim_net, original_net, top, later, bottoms, tops, concats)
+    if source is None:
         return "no blob of that name and shape in the original, nor a Concat's part of one"
-    x_in = np.asarray(slim_net.blobs[bottoms[name][0]].data)
-    w0 = np.asarray(params[0].data, dtype=np.float64).reshape(len(params[0].data), -1)
-    b0 = np.asarray(params[1].data, dtype=np.float64).reshape(-1)
-    columns = w0.shape[1] + 1
-    images = len(x_in)
-    if layer.type == "Convolution":
-        out_width = target.shape[3]
-        positions = target.shape[2] * out_width
-        total = images * positions
-        if total < MIN_ROWS_PER_COLUMN * columns:
-            return f"{total} sample rows for {columns} columns"
-        picks = np.sort(rng.choice(total, min(total, MAX_ROWS, max(8192, 4 * columns)), replace=False))
-        image, rest = np.divmod(picks, positions)
-        oy, ox = np.divmod(rest, out_width)
-        x_rows = conv_rows(x_in, geometry[name], image, oy, ox)
-        y = target[image, :, oy, ox].astype(np.float64)
-        groups = image
-    else:
+    columns = int(np.prod(params[0].data.shape[1:])) + 1
+    if layer.type == "InnerProduct":
         if images < MIN_ROWS_PER_COLUMN * columns:
             return f"{images} sample rows for {columns} columns"
-        x_rows = x_in.reshape(images, -1).astype(np.float64)
-        y = target.reshape(images, -1).astype(np.float64)
-        groups = np.arange(images)
-    alpha = choose_alpha(x_rows, y, groups, w0, b0, relu)
-    w, b = fit_layer(x_rows, y, w0, b0, relu, alpha)
-    if not (np.isfinite(w).all() and np.isfinite(b).all()):
-        return "the fit was not finite"
-    params[0].data[...] = w.reshape(params[0].data.shape)
-    params[1].data[...] = b.reshape(params[1].data.shape)
-    new[name] = [np.array(params[0].data, dtype=np.float32), np.array(params[1].data, dtype=np.float32)]
-    return ""
+        return _Plan(name, relu, *source, np.arange(images), None, None)
+    shape = slim_net.blobs[top].data.shape
+    positions = shape[2] * shape[3]
+    total = images * positions
+    if total < MIN_ROWS_PER_COLUMN * columns:
+        return f"{total} sample rows for {columns} columns"
+    picks = np.sort(rng.choice(total, min(total, MAX_ROWS, max(8192, 4 * columns)), replace=False))
+    image, rest = np.divmod(picks, positions)
+    oy, ox = np.divmod(rest, shape[3])
+    return _Plan(name, relu, *source, image, oy, ox)
 
 
-def _original_blob(slim_net: Any, original_net: Any, top: str, names: list[str], later: list[str],
-                   bottoms: dict[str, list[str]], tops: dict[str, list[str]],
-                   concats: set[str]) -> np.ndarray | None:
-    """The original's values for the slim net's blob ``top``: its blob of the same name and shape; else, where
+def _original_source(slim_net: Any, original_net: Any, top: str, later: list[str], bottoms: dict[str, list[str]],
+                     tops: dict[str, list[str]], concats: set[str]) -> tuple[str, slice] | None:
+    """Where the original holds the slim net's blob ``top``: its blob of the same name and shape; else, where
     ``top`` goes (after in-place layers) into a channel Concat whose output the original has at the same shape
     (a merged inception branch: the rewrite keeps the Concat's width and channel order), that output's channels at
     ``top``'s place."""
     shape = slim_net.blobs[top].data.shape
     if top in original_net.blobs and original_net.blobs[top].data.shape == shape:
-        return np.asarray(original_net.blobs[top].data)
+        return top, slice(None)
     concat = next((n for n in later if bottoms[n] != tops[n]), None)
     if concat is None or concat not in concats or tops[concat][0] not in original_net.blobs:
         return None
-    whole = np.asarray(original_net.blobs[tops[concat][0]].data)
-    if whole.shape != slim_net.blobs[tops[concat][0]].data.shape:
+    whole = tops[concat][0]
+    if original_net.blobs[whole].data.shape != slim_net.blobs[whole].data.shape:
         return None
     start = sum(slim_net.blobs[b].data.shape[1] for b in bottoms[concat][:bottoms[concat].index(top)])
-    return whole[:, start:start + shape[1]]
+    return whole, slice(start, start + shape[1])
+
+
+def _target_rows(original_net: Any, input_name: str, x: np.ndarray, parts: list[slice],
+                 plans: dict[str, _Plan]) -> dict[str, np.ndarray]:
+    """The original's values at each plan's sample rows (rows x output channels), one forward pass per chunk; kept
+    as float32 until their layer is fit (every layer's are held at once)."""
+    found: dict[str, list[np.ndarray]] = {name: [] for name in plans}
+    for part in parts:
+        set_input(original_net, input_name, x[part])
+        original_net.forward()
+        for name, plan in plans.items():
+            mine = (plan.image >= part.start) & (plan.image < part.stop)
+            data = original_net.blobs[plan.blob].data[:, plan.channels]
+            image = plan.image[mine] - part.start
+            rows = data[image] if plan.oy is None or plan.ox is None else data[image, :, plan.oy[mine], plan.ox[mine]]
+            found[name].append(np.array(rows, dtype=np.float32).reshape(len(image), -1))  # Caffe's own precision
+    return {name: np.concatenate(rows) for name, rows in found.items()}
+
+
+class _SlimPasses:
+    """The slim net run one layer at a time over every chunk of the sample; the blobs a later layer reads are kept
+    (as numpy, per chunk) and dropped after their last reader."""
+
+    def __init__(self, net: Any, names: list[str], tops: dict[str, list[str]], bottoms: dict[str, list[str]],
+                 inputs: dict[str, list[np.ndarray]]) -> None:
+        self.net, self.names, self.tops, self.bottoms = net, names, tops, bottoms
+        self.blobs = dict(inputs)
+        self.last_read = {b: k for k, n in enumerate(names) for b in bottoms[n]}
+
+    def rows(self, k: int, plan: _Plan, geometry: dict[str, ConvGeometry]) -> np.ndarray:
+        """Layer ``k``'s input rows at ``plan``'s sample rows."""
+        found, offset = [], 0
+        for x in self.blobs[self.bottoms[self.names[k]][0]]:
+            mine = (plan.image >= offset) & (plan.image < offset + len(x))
+            image = plan.image[mine] - offset
+            if plan.oy is None or plan.ox is None:
+                found.append(x[image].reshape(len(image), -1).astype(np.float64))
+            else:
+                found.append(conv_rows(x, geometry[plan.name], image, plan.oy[mine], plan.ox[mine]))
+            offset += len(x)
+        return np.concatenate(found)
+
+    def forward(self, k: int) -> None:
+        """Run layer ``k`` on every chunk; keep its tops where a later layer reads them."""
+        name = self.names[k]
+        layer = self.net.layers[k]
+        if layer.type == "Split":  # Caffe's split tops share the bottom's data
+            for top in self.tops[name]:
+                self.blobs[top] = self.blobs[self.bottoms[name][0]]
+        elif self.bottoms[name]:
+            outputs: dict[str, list[np.ndarray]] = {top: [] for top in self.tops[name]}
+            for j, first in enumerate(self.blobs[self.bottoms[name][0]]):
+                for bottom in self.bottoms[name]:
+                    self.net.blobs[bottom].data[:len(first)] = self.blobs[bottom][j]
+                self.net._forward(k, k)
+                for top in self.tops[name]:
+                    outputs[top].append(np.array(self.net.blobs[top].data[:len(first)]))
+            self.blobs.update(outputs)
+        for blob in list(self.blobs):
+            if self.last_read.get(blob, -1) <= k:
+                del self.blobs[blob]
+
+
+def _refit_one(slim_net: Any, k: int, plan: _Plan, y: np.ndarray, x_rows: np.ndarray,
+               new: dict[str, list[np.ndarray]]) -> str:
+    """Refit layer ``plan.name`` (index ``k``) in ``slim_net`` and ``new`` from its rows; returns why not, or ''."""
+    params = slim_net.params[plan.name]
+    w0 = np.asarray(params[0].data, dtype=np.float64).reshape(len(params[0].data), -1)
+    b0 = np.asarray(params[1].data, dtype=np.float64).reshape(-1)
+    y = y.astype(np.float64)
+    alpha = choose_alpha(x_rows, y, plan.image, w0, b0, plan.relu)
+    w, b = fit_layer(x_rows, y, w0, b0, plan.relu, alpha)
+    if not (np.isfinite(w).all() and np.isfinite(b).all()):
+        return "the fit was not finite"
+    params[0].data[...] = w.reshape(params[0].data.shape)
+    params[1].data[...] = b.reshape(params[1].data.shape)
+    new[plan.name] = [np.array(params[0].data, dtype=np.float32), np.array(params[1].data, dtype=np.float32)]
+    return ""
 
 
 def _in_place_relu(net: Any, names: list[str], consumer: str, bottoms: dict[str, list[str]],
@@ -321,8 +418,8 @@ def _held_out_kl(slim_net: Any, reference: np.ndarray | None, input_name: str, l
 
 def refit_rounds(ctx: Context, store: Weights, original_weights: PathLike, seed: int, only_relearned: bool = False,
                  seconds: float | None = None, progress: LayerProgress | None = None) -> list[RefitResult]:
-    """Up to ``MAX_ROUNDS`` of ``refit_slim``, round k on the k-th sample of training images (a sample is what
-    memory allows: 30 images on a ResNet-50 at 224x224): another round while the last was kept and cut the held-out
+    """Up to ``MAX_ROUNDS`` of ``refit_slim``, round k on the k-th sample of training images (``sample_size``: 256
+    on a ResNet-50 at 224x224): another round while the last was kept and cut the held-out
     KL by ``MIN_ROUND_GAIN`` or more, and, under a time budget of ``seconds`` for the phase, took at most a third of
     what is left of it. Under a time budget the rounds end at ``TIME_SHARE`` of it, mid-round if need be."""
     started = time.monotonic()
@@ -358,19 +455,20 @@ def refit_slim(ctx: Context, store: Weights, original_weights: PathLike, seed: i
         elif layer.type == "Concat" and layer.proto.concat_param.axis == 1 and \
                 not layer.proto.concat_param.HasField("concat_dim"):
             concats.add(layer.name)
-    images = sample_size(len(ctx.train_indices), _activations_per_image(ctx.original))
-    order = np.random.default_rng(seed).permutation(ctx.train_indices)
-    indices = np.sort(np.roll(order, -(round_index * images) % max(len(order), 1))[:images])
     path = ctx.work / "refit.prototxt"
     caffe_io.write_prototxt(path, ctx.slim.to_net())
     slim_net = caffe.Net(str(path), caffe.TEST)
     original_net = caffe.Net(str(ctx.original_proto), caffe.TEST, weights=str(original_weights))
     try:
+        images = sample_size(len(ctx.train_indices), _live_activations_per_image(slim_net))
+        order = np.random.default_rng(seed).permutation(ctx.train_indices)
+        indices = np.sort(np.roll(order, -(round_index * images) % max(len(order), 1))[:images])
+        chunk = chunk_size(images, _activations_per_image(ctx.original))
         return refit_layers(slim_net, original_net, ctx.io.input, ctx.logits, set(ctx.steps[-1].relearn), store,
                             geometry, concats, ctx.train, indices, ctx.val, ctx.val_indices, seed + round_index,
-                            only_relearned, progress, deadline)
+                            only_relearned, progress, deadline, chunk)
     finally:
-        del slim_net, original_net  # their activations at the sample's batch are gigabytes on a big net
+        del slim_net, original_net  # their activations at a chunk's batch are gigabytes on a big net
 
 
 def _activations_per_image(graph: Graph) -> float:
@@ -381,3 +479,19 @@ def _activations_per_image(graph: Graph) -> float:
         if shape is not None:
             largest[names[blob]] = max(largest.get(names[blob], 0), int(np.prod(shape[1:])))
     return float(sum(largest.values()))
+
+
+def _live_activations_per_image(net: Any) -> float:
+    """The most activations of one image that the slim net's layer-by-layer passes keep at once: the blobs
+    written so far that a later layer reads (a Split's tops are its bottom)."""
+    names = list(net._layer_names)
+    last_read = {b: k for k, n in enumerate(names) for b in net.bottom_names[n]}
+    live: dict[str, int] = {}
+    most = 0
+    for k, name in enumerate(names):
+        if net.layers[k].type != "Split":
+            for top in net.top_names[name]:
+                live[top] = int(np.prod(net.blobs[top].data.shape[1:]))
+        most = max(most, sum(live.values()))
+        live = {b: size for b, size in live.items() if last_read.get(b, -1) > k}
+    return float(most)
