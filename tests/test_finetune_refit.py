@@ -23,20 +23,9 @@ from deeprebirth.finetune.budget import Budget
 from deeprebirth.finetune.context import prepare
 from deeprebirth.finetune.driver import resolve_refit
 from deeprebirth.finetune.options import check_options
-from deeprebirth.finetune.refit import (
-    ALPHAS,
-    MAX_ROUNDS,
-    MIN_ROUND_GAIN,
-    choose_alpha,
-    chunk_size,
-    conv_rows,
-    fit_layer,
-    refit_slim,
-    relative_error,
-    sample_size,
-)
+from deeprebirth.finetune.refit import MAX_ROUNDS, MIN_ROUND_GAIN, chunk_size, refit_slim, sample_size
 from deeprebirth.finetune.train import SolverOptions, relative_steps
-from deeprebirth.ir.shapes import ConvGeometry
+from deeprebirth.weights.ridge import ALPHAS, choose_alpha, conv_rows, fit_layer, relative_error
 
 CONV = """
 name: "one_conv"
@@ -56,7 +45,7 @@ def test_rows_times_weights_are_caffes_convolution(tmp_path: Path) -> None:
     w, b = graph.layer("conv").blobs  # type: ignore[misc]
     image, oy, ox = (a.ravel() for a in np.meshgrid(np.arange(2), np.arange(out.shape[2]), np.arange(out.shape[3]),
                                                    indexing="ij"))
-    rows = conv_rows(x, ConvGeometry((3, 2), (2, 1), (1, 0), (1, 1)), image, oy, ox)
+    rows = conv_rows(x, (3, 2), (2, 1), (1, 0), image, oy, ox)  # kernel, stride, pad
     assert rows.shape == (len(image), 5 * 3 * 2)
     ours = rows @ w.reshape(4, -1).T.astype(np.float64) + b
     assert np.max(np.abs(ours - out[image, :, oy, ox])) < 1e-5

@@ -6,17 +6,9 @@ Before:  the slim net starts from the rewrite's weights. The merged layer's are 
          receives. Where an update costs a second, a 7-minute budget buys a few hundred of them: too few to undo it.
 After:   layer by layer in network order, each Convolution and InnerProduct downstream of a relearned layer is
          refit on a sample of training images so that, fed the slim net's own (already refit) inputs, it
-         reproduces the original's blob of the same name:
-
-             [W b] = argmin ‖X W + b − T‖² + λ ‖W − W₀‖²,   λ = α · tr(XᵀX) / columns
-
-         X: the layer's input patches (one row per output position), W₀: its weights before, T: the original's
-         blob there. Where the slim net applies a ReLU in place on the output (the original's blob is then
-         post-ReLU), T is made ReLU-aware in a few rounds: T = Y where Y > 0, else min(XW + b, −m), m a margin
-         of ``RELU_MARGIN`` x the channel's std (aimed at 0, the units sit on the ReLU's kink and the first SGD
-         steps flip them: measured, the loss doubled in 3 steps at a tenth of the reference rate). A merged
-         inception branch, whose blob is new, is aimed at its channels of the module's Concat. α is chosen per
-         layer from ``ALPHAS`` on rows of images left out of the fit. This is the layer-wise reconstruction of
+         reproduces the original's blob of the same name, by ``deeprebirth.weights.ridge`` (ridge regression towards its weights before, ReLU-aware where the slim
+         net applies a ReLU in place on the output, the pull chosen on left-out images). A merged inception branch,
+         whose blob is new, is aimed at its channels of the module's Concat. This is the layer-wise reconstruction of
          channel pruning (He et al. 2017; ThiNet, Luo et al. 2017) and of few-sample distillation (Li et al. 2020),
          applied to a merge's downstream layers; the updates that follow start from there.
 
@@ -31,14 +23,14 @@ keeping only each layer's target rows; the slim net runs one layer at a time ove
 layer reads kept as numpy (``LIVE_BYTES``). So the sample is not what the nets hold at once: 256 images on a
 ResNet-50 at 224x224 (1.2 M live activations an image, chunks of 15), where a one-batch refit held 30.
 
-``ridge_toward`` / ``fit_layer`` / ``conv_rows`` are pure weight math; ``refit_layers`` runs the two nets in
-pycaffe, one layer at a time.
+The weight math is ``deeprebirth.weights.ridge``; ``refit_layers`` runs the two nets in pycaffe, one layer at a
+time.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +38,7 @@ import numpy as np
 
 from deeprebirth.caffe.data import Batches, PathLike
 from deeprebirth.caffe.evaluate import set_input
+from deeprebirth.caffe.layer_by_layer import LayerByLayer, live_activations_per_image
 from deeprebirth.caffe.runtime import import_caffe
 from deeprebirth.finetune.context import Context
 from deeprebirth.finetune.losses import distillation_losses
@@ -53,17 +46,14 @@ from deeprebirth.finetune.state import Weights
 from deeprebirth.io import caffe_io
 from deeprebirth.ir.graph import Graph
 from deeprebirth.ir.shapes import ConvGeometry, conv_geometry, infer_shapes
+from deeprebirth.weights.ridge import choose_alpha, conv_rows, fit_layer
 
-ALPHAS = (0.01, 0.1, 1.0)  # ridge strengths tried per layer, relative to the mean diagonal of XᵀX
-RELU_ROUNDS = 3  # ReLU-aware rounds after the plain fit
-RELU_MARGIN = 0.5  # an output the original's ReLU zeroes is aimed this many of its channel's std below zero
 MIN_ROWS_PER_COLUMN = 1  # sample rows per column of X, at least
 MAX_ROWS = 32768  # sample rows per layer (output positions over the sampled images)
 MAX_IMAGES = 256
 NET_BYTES = 2 * 2**30  # both pycaffe nets at a chunk's batch ...
 NET_BYTES_PER_ACTIVATION = 8  # measured: a pycaffe TEST net held twice its activations' float32 bytes (ResNet-50)
 LIVE_BYTES = 2 * 2**30  # ... and the slim net's live blobs over the whole sample: about the peak the refit adds
-VALIDATION_SHARE = 0.2  # of the sampled images, left out to choose α
 MAX_ROUNDS = 3  # refits, each on the next sample of images, from where the last left the weights ...
 MIN_ROUND_GAIN = 0.05  # ... another only after one that cut the held-out KL by at least this share
 TIME_SHARE = 0.5  # of a timed phase's allotment the refit may take; layers it has not reached then stay as they are
@@ -86,74 +76,6 @@ class RefitResult:
         return {"images": self.images, "layers": len(self.refit), "skipped": self.skipped,
                 "kl_before": self.kl_before, "kl_after": self.kl_after, "kept": self.kept,
                 "seconds": round(self.seconds, 1)}
-
-
-def conv_rows(x: np.ndarray, geometry: ConvGeometry, image: np.ndarray, oy: np.ndarray,
-              ox: np.ndarray) -> np.ndarray:
-    """Rows of X: the input patches of the output positions (``image``, ``oy``, ``ox``), columns in Caffe's weight
-    order (channel, kernel row, kernel column)."""
-    (kh, kw), (sh, sw), (ph, pw) = geometry.kernel, geometry.stride, geometry.pad
-    padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
-    columns = [padded[image, :, oy * sh + ky, ox * sw + kx] for ky in range(kh) for kx in range(kw)]
-    return np.stack(columns, axis=2).reshape(len(image), -1).astype(np.float64)
-
-
-def ridge_toward(x1: np.ndarray, gram: np.ndarray, t: np.ndarray, w0: np.ndarray, b0: np.ndarray,
-                 alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """``argmin ‖x W + b − t‖² + λ ‖W − w0‖²`` with ``λ = alpha · tr(xᵀx) / columns`` (the bias is not pulled);
-    ``x1``: x with a column of ones, ``gram``: x1ᵀx1 (computed once per sample), ``w0``: (outputs, columns).
-    Returns (W as outputs x columns, b)."""
-    columns = gram.shape[0] - 1
-    lam = alpha * float(np.trace(gram[:columns, :columns])) / max(columns, 1)
-    pull = np.full(columns + 1, lam)
-    pull[-1] = 0.0
-    prior = np.vstack([w0.T, b0[None, :]])
-    theta = np.linalg.solve(gram + np.diag(pull) + 1e-9 * np.eye(columns + 1), x1.T @ t + pull[:, None] * prior)
-    return theta[:-1].T, theta[-1]
-
-
-def fit_layer(x: np.ndarray, y: np.ndarray, w0: np.ndarray, b0: np.ndarray, relu: bool,
-              alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """The layer's weights for rows ``x`` and the original's values ``y`` (see the module docstring); ``relu``:
-    ``y`` is post-ReLU."""
-    return fit_layer_alphas(x, y, w0, b0, relu, [alpha])[0]
-
-
-def fit_layer_alphas(x: np.ndarray, y: np.ndarray, w0: np.ndarray, b0: np.ndarray, relu: bool,
-                     alphas: Sequence[float]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``fit_layer`` at each of ``alphas``, sharing the Gram matrix."""
-    x1 = np.hstack([x, np.ones((len(x), 1))])
-    gram = x1.T @ x1
-    off = -RELU_MARGIN * y.std(axis=0, keepdims=True)
-    fits = []
-    for alpha in alphas:
-        w, b = ridge_toward(x1, gram, y, w0, b0, alpha)
-        if relu:
-            for _ in range(RELU_ROUNDS):
-                w, b = ridge_toward(x1, gram, np.where(y > 0, y, np.minimum(x @ w.T + b, off)), w0, b0, alpha)
-        fits.append((w, b))
-    return fits
-
-
-def relative_error(z: np.ndarray, y: np.ndarray, relu: bool) -> float:
-    """Squared error of ``z`` (ReLU applied where ``y`` is post-ReLU) relative to the variance of ``y``."""
-    if relu:
-        z = np.maximum(z, 0.0)
-    return float(np.mean((z - y) ** 2) / max(float(np.var(y)), 1e-12))
-
-
-def choose_alpha(x: np.ndarray, y: np.ndarray, groups: np.ndarray, w0: np.ndarray, b0: np.ndarray,
-                 relu: bool) -> float:
-    """The ``ALPHAS`` entry whose fit on the rows of most images best predicts the rows of the images left out
-    (``groups``: each row's image; a ``VALIDATION_SHARE`` of them validate)."""
-    images = np.unique(groups)
-    held = images[:max(1, round(VALIDATION_SHARE * len(images)))]
-    test = np.isin(groups, held)
-    if test.all() or not test.any():
-        return ALPHAS[len(ALPHAS) // 2]
-    fits = fit_layer_alphas(x[~test], y[~test], w0, b0, relu, ALPHAS)
-    errors = [relative_error(x[test] @ w.T + b, y[test], relu) for w, b in fits]
-    return ALPHAS[int(np.argmin(errors))]
 
 
 LayerProgress = Callable[[int, int, str], None]  # (layers done, layers to refit, layer name)
@@ -233,7 +155,7 @@ def refit_layers(slim_net: Any, original_net: Any, input_name: str, logits: str,
             plans[name] = plan
     targets = _target_rows(original_net, input_name, x, parts, plans)
     new = dict(weights)
-    live = _SlimPasses(slim_net, names, tops, bottoms, {input_name: [x[p] for p in parts]})
+    live = LayerByLayer(slim_net, {input_name: [x[p] for p in parts]})
     del x
     for k, name in enumerate(names):
         if name in plans and deadline is not None and time.monotonic() > deadline:
@@ -241,7 +163,8 @@ def refit_layers(slim_net: Any, original_net: Any, input_name: str, logits: str,
         if name in plans and name not in result.skipped:
             if progress is not None:
                 progress(todo.index(name) + 1, len(todo), name)
-            why = _refit_one(slim_net, k, plans[name], targets.pop(name), live.rows(k, plans[name], geometry), new)
+            rows = _input_rows(live.chunks[bottoms[name][0]], plans[name], geometry)
+            why = _refit_one(slim_net, k, plans[name], targets.pop(name), rows, new)
             if why:
                 result.skipped[name] = why
             else:
@@ -326,48 +249,19 @@ def _target_rows(original_net: Any, input_name: str, x: np.ndarray, parts: list[
     return {name: np.concatenate(rows) for name, rows in found.items()}
 
 
-class _SlimPasses:
-    """The slim net run one layer at a time over every chunk of the sample; the blobs a later layer reads are kept
-    (as numpy, per chunk) and dropped after their last reader."""
-
-    def __init__(self, net: Any, names: list[str], tops: dict[str, list[str]], bottoms: dict[str, list[str]],
-                 inputs: dict[str, list[np.ndarray]]) -> None:
-        self.net, self.names, self.tops, self.bottoms = net, names, tops, bottoms
-        self.blobs = dict(inputs)
-        self.last_read = {b: k for k, n in enumerate(names) for b in bottoms[n]}
-
-    def rows(self, k: int, plan: _Plan, geometry: dict[str, ConvGeometry]) -> np.ndarray:
-        """Layer ``k``'s input rows at ``plan``'s sample rows."""
-        found, offset = [], 0
-        for x in self.blobs[self.bottoms[self.names[k]][0]]:
-            mine = (plan.image >= offset) & (plan.image < offset + len(x))
-            image = plan.image[mine] - offset
-            if plan.oy is None or plan.ox is None:
-                found.append(x[image].reshape(len(image), -1).astype(np.float64))
-            else:
-                found.append(conv_rows(x, geometry[plan.name], image, plan.oy[mine], plan.ox[mine]))
-            offset += len(x)
-        return np.concatenate(found)
-
-    def forward(self, k: int) -> None:
-        """Run layer ``k`` on every chunk; keep its tops where a later layer reads them."""
-        name = self.names[k]
-        layer = self.net.layers[k]
-        if layer.type == "Split":  # Caffe's split tops share the bottom's data
-            for top in self.tops[name]:
-                self.blobs[top] = self.blobs[self.bottoms[name][0]]
-        elif self.bottoms[name]:
-            outputs: dict[str, list[np.ndarray]] = {top: [] for top in self.tops[name]}
-            for j, first in enumerate(self.blobs[self.bottoms[name][0]]):
-                for bottom in self.bottoms[name]:
-                    self.net.blobs[bottom].data[:len(first)] = self.blobs[bottom][j]
-                self.net._forward(k, k)
-                for top in self.tops[name]:
-                    outputs[top].append(np.array(self.net.blobs[top].data[:len(first)]))
-            self.blobs.update(outputs)
-        for blob in list(self.blobs):
-            if self.last_read.get(blob, -1) <= k:
-                del self.blobs[blob]
+def _input_rows(chunks: list[np.ndarray], plan: _Plan, geometry: dict[str, ConvGeometry]) -> np.ndarray:
+    """A layer's input rows at ``plan``'s sample rows, from its input blob's ``chunks``."""
+    found, offset = [], 0
+    for x in chunks:
+        mine = (plan.image >= offset) & (plan.image < offset + len(x))
+        image = plan.image[mine] - offset
+        if plan.oy is None or plan.ox is None:
+            found.append(x[image].reshape(len(image), -1).astype(np.float64))
+        else:
+            g = geometry[plan.name]
+            found.append(conv_rows(x, g.kernel, g.stride, g.pad, image, plan.oy[mine], plan.ox[mine]))
+        offset += len(x)
+    return np.concatenate(found)
 
 
 def _refit_one(slim_net: Any, k: int, plan: _Plan, y: np.ndarray, x_rows: np.ndarray,
@@ -460,7 +354,7 @@ def refit_slim(ctx: Context, store: Weights, original_weights: PathLike, seed: i
     slim_net = caffe.Net(str(path), caffe.TEST)
     original_net = caffe.Net(str(ctx.original_proto), caffe.TEST, weights=str(original_weights))
     try:
-        images = sample_size(len(ctx.train_indices), _live_activations_per_image(slim_net))
+        images = sample_size(len(ctx.train_indices), live_activations_per_image(slim_net))
         order = np.random.default_rng(seed).permutation(ctx.train_indices)
         indices = np.sort(np.roll(order, -(round_index * images) % max(len(order), 1))[:images])
         chunk = chunk_size(images, _activations_per_image(ctx.original))
@@ -479,19 +373,3 @@ def _activations_per_image(graph: Graph) -> float:
         if shape is not None:
             largest[names[blob]] = max(largest.get(names[blob], 0), int(np.prod(shape[1:])))
     return float(sum(largest.values()))
-
-
-def _live_activations_per_image(net: Any) -> float:
-    """The most activations of one image that the slim net's layer-by-layer passes keep at once: the blobs
-    written so far that a later layer reads (a Split's tops are its bottom)."""
-    names = list(net._layer_names)
-    last_read = {b: k for k, n in enumerate(names) for b in net.bottom_names[n]}
-    live: dict[str, int] = {}
-    most = 0
-    for k, name in enumerate(names):
-        if net.layers[k].type != "Split":
-            for top in net.top_names[name]:
-                live[top] = int(np.prod(net.blobs[top].data.shape[1:]))
-        most = max(most, sum(live.values()))
-        live = {b: size for b, size in live.items() if last_read.get(b, -1) > k}
-    return float(most)

@@ -6,4 +6,5 @@
     branches   inception branch merging: which branch gets freed channels, widening, channel permutations
     tucker     Tucker-2 (HOSVD + HOOI) of conv kernels and its ranks (VBMF, energy, a MAC budget)
     fillers    Caffe's fillers and plausible random blobs for a layer type
+    ridge      one layer's weights refit onto target outputs (ridge regression, ReLU-aware), for ``finetune.refit``
 """
