@@ -1,6 +1,6 @@
-"""The least-squares start (``finetune.refit``): its rows are Caffe's convolution, its solves do what the formula
-says, and on the tiny GoogLeNet slimmed by every rule it brings the slim net's held-out outputs closer to the
-original's, in real Caffe."""
+"""The least-squares start (``finetune.refit``): its rows are Caffe's convolution, and on the tiny GoogLeNet slimmed
+by every rule it brings the slim net's held-out outputs closer to the original's, in real Caffe, in chunks as in one
+pass. (The solves' own tests: tests/weights/test_ridge.py.)"""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from deeprebirth.finetune.driver import resolve_refit
 from deeprebirth.finetune.options import check_options
 from deeprebirth.finetune.refit import MAX_ROUNDS, MIN_ROUND_GAIN, chunk_size, refit_slim, sample_size
 from deeprebirth.finetune.train import SolverOptions, relative_steps
-from deeprebirth.weights.ridge import ALPHAS, choose_alpha, conv_rows, fit_layer, relative_error
+from deeprebirth.weights.ridge import conv_rows
 
 CONV = """
 name: "one_conv"
@@ -49,46 +49,6 @@ def test_rows_times_weights_are_caffes_convolution(tmp_path: Path) -> None:
     assert rows.shape == (len(image), 5 * 3 * 2)
     ours = rows @ w.reshape(4, -1).T.astype(np.float64) + b
     assert np.max(np.abs(ours - out[image, :, oy, ox])) < 1e-5
-
-
-def test_the_ridge_solves_least_squares_and_pulls_towards_the_start() -> None:
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((500, 12))
-    w_true, b_true = rng.standard_normal((3, 12)), rng.standard_normal(3)
-    w0, b0 = np.zeros((3, 12)), np.zeros(3)
-    w, b = fit_layer(x, x @ w_true.T + b_true, w0, b0, relu=False, alpha=1e-9)
-    assert np.max(np.abs(w - w_true)) < 1e-6 and np.max(np.abs(b - b_true)) < 1e-6
-    w_start = rng.standard_normal((3, 12))
-    w, _ = fit_layer(x, x @ w_true.T + b_true, w_start, b0, relu=False, alpha=1e6)
-    assert np.max(np.abs(w - w_start)) < 1e-3  # λ huge: the start wins
-
-
-def test_relu_aware_fit_beats_plain_least_squares_on_post_relu_targets() -> None:
-    """Where the original's blob is post-ReLU, fitting it as if it were linear lets the negative side leak in."""
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((2000, 10))
-    w_true, b_true = rng.standard_normal((6, 10)), rng.standard_normal(6) - 0.5
-    y = np.maximum(x @ w_true.T + b_true, 0)
-    w0, b0 = np.zeros((6, 10)), np.zeros(6)
-    plain = fit_layer(x, y, w0, b0, relu=False, alpha=1e-6)
-    aware = fit_layer(x, y, w0, b0, relu=True, alpha=1e-6)
-    e_plain = relative_error(x @ plain[0].T + plain[1], y, relu=True)
-    e_aware = relative_error(x @ aware[0].T + aware[1], y, relu=True)
-    assert e_aware < 0.5 * e_plain, (e_aware, e_plain)  # measured: 0.050 against 0.24
-
-
-def test_the_pull_is_chosen_on_left_out_images() -> None:
-    """Few rows and noisy targets: the strongest pull towards the start predicts the left-out rows best; many
-    clean rows: the weakest."""
-    rng = np.random.default_rng(2)
-    w_true = rng.standard_normal((4, 40))
-    w0, b0 = w_true + 0.1 * rng.standard_normal((4, 40)), np.zeros(4)
-    few = rng.standard_normal((50, 40))
-    noisy = few @ w_true.T + 3.0 * rng.standard_normal((50, 4))
-    assert choose_alpha(few, noisy, np.arange(50), w0, b0, relu=False) == max(ALPHAS)
-    many = rng.standard_normal((5000, 40))
-    w0 = np.zeros((4, 40))
-    assert choose_alpha(many, many @ w_true.T, np.arange(5000) // 50, w0, b0, relu=False) == min(ALPHAS)
 
 
 def test_auto_refits_where_the_pace_rule_comes_down_to_its_smallest_batch() -> None:

@@ -14,4 +14,4 @@ def test_importing_the_weights_package_loads_no_graph_protobuf_or_caffe() -> Non
             "print(json.dumps(sorted(m for m in sys.modules if m in ('caffe', 'scipy', 'networkx', 'google.protobuf', "
             "'deeprebirth.ir.graph', 'deeprebirth.caffe_pb2', 'deeprebirth.ir.shapes'))))")
     out = subprocess.check_output([sys.executable, "-c", code], cwd=Path(__file__).parents[2])
-    assert len(modules) == 5 and json.loads(out) == []
+    assert len(modules) == 6 and json.loads(out) == []
