@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import graph_from_text, save
 
-from deeprebirth.caffe.evaluate import evaluate_files, top_k
+from deeprebirth.caffe.evaluate import activations_per_image, evaluate_files, evaluation_batch, top_k
 from deeprebirth.cli import main
 from deeprebirth.errors import DeepRebirthError
 
@@ -114,3 +114,21 @@ def test_cli(tmp_path: Path, data) -> None:  # type: ignore[no-untyped-def]
     assert json.loads(out.read_text())["top1"] == 0.5
     bad = CliRunner().invoke(main, ["evaluate", *net, "--data", str(tmp_path / "nowhere")])
     assert bad.exit_code == 2 and bad.output.count("\n") == 1
+
+
+WIDE = """name: "wide"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 10 dim: 3 dim: 224 dim: 224 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 256 kernel_size: 3 pad: 1 } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool" pooling_param { pool: AVE global_pooling: true } }
+"""
+
+
+def test_the_default_batch_follows_the_nets_activations() -> None:
+    """An in-place ReLU shares its blob; 3x224x224 + 256x224x224 + 256 activations an image, 8 bytes each in a
+    pycaffe net: 104 MB, so 10 images in 1 GiB; a small net: the cap of 100."""
+    wide = graph_from_text(WIDE)
+    assert activations_per_image(wide) == 3 * 224 * 224 + 256 * 224 * 224 + 256
+    assert evaluation_batch(wide) == 10
+    assert evaluation_batch(graph_from_text(PASS_THROUGH)) == 100

@@ -24,6 +24,28 @@ from deeprebirth.ir.graph import Graph
 from deeprebirth.ir.model import load_model
 from deeprebirth.ir.shapes import infer_shapes
 
+NET_BYTES_PER_ACTIVATION = 8  # measured: a pycaffe TEST net held twice its activations' float32 bytes (ResNet-50)
+EVALUATION_BYTES = 2**30  # a net at the evaluation batch, by default
+MAX_EVALUATION_BATCH = 100
+
+
+def activations_per_image(graph: Graph) -> float:
+    """The activations of one image in a pycaffe net: each Caffe blob once (in-place layers share it), at its
+    largest."""
+    names = graph.caffe_blob_names()
+    largest: dict[str, int] = {}
+    for blob, shape in infer_shapes(graph).items():
+        if shape is not None:
+            largest[names[blob]] = max(largest.get(names[blob], 0), int(np.prod(shape[1:])))
+    return float(sum(largest.values()))
+
+
+def evaluation_batch(graph: Graph) -> int:
+    """Images per forward pass where none is given: as many as ``EVALUATION_BYTES`` of the net holds, at most
+    ``MAX_EVALUATION_BATCH`` (a ResNet-50 at 224x224, 8.8 M activations an image: 15; at 100 it held 7 GB)."""
+    per_image = NET_BYTES_PER_ACTIVATION * activations_per_image(graph)
+    return max(1, min(MAX_EVALUATION_BATCH, int(EVALUATION_BYTES // max(per_image, 1.0))))
+
 
 @dataclass(frozen=True)
 class NetIO:
@@ -112,15 +134,17 @@ def _isolated_predict(prototxt: PathLike, caffemodel: PathLike, gpu: int | None,
 
 def evaluate_files(prototxt: PathLike, caffemodel: PathLike, data: PathLike | DataSet, *,
                    reference: tuple[PathLike, PathLike] | None = None, transform: Transform | None = None,
-                   batch: int = 100, limit: int | None = None, gpu: int | None = None) -> Evaluation:
+                   batch: int | None = None, limit: int | None = None, gpu: int | None = None) -> Evaluation:
     """Top-1/top-5 of the net on ``data`` (validated before any forward pass), and agreement with ``reference``;
-    on GPU ``gpu`` when given (a CUDA build of Caffe), else on the CPU."""
+    on GPU ``gpu`` when given (a CUDA build of Caffe), else on the CPU; ``batch`` images per forward pass (default:
+    ``evaluation_batch`` of each net)."""
     start = time.perf_counter()
     graph = load_model(prototxt, caffemodel)
     io = NetIO.of(graph, str(prototxt))
-    ref_io = None
+    ref_io, ref_graph = None, None
     if reference is not None:
-        ref_io = NetIO.of(load_model(*reference), str(reference[0]))
+        ref_graph = load_model(*reference)
+        ref_io = NetIO.of(ref_graph, str(reference[0]))
         if (ref_io.channels, ref_io.size, ref_io.classes) != (io.channels, io.size, io.classes):
             raise DeepRebirthError(f"the reference takes {ref_io.channels}x{ref_io.size} and predicts "
                                    f"{ref_io.classes} classes; the net {io.channels}x{io.size}, {io.classes}",
@@ -134,12 +158,12 @@ def evaluate_files(prototxt: PathLike, caffemodel: PathLike, data: PathLike | Da
     indices = np.arange(len(dataset) if limit is None else min(limit, len(dataset)))
     batches = Batches(dataset, transform, io.size)
     labels = dataset.labels[indices]
-    scores = _isolated_predict(prototxt, caffemodel, gpu, io, batches, indices, batch)
+    scores = _isolated_predict(prototxt, caffemodel, gpu, io, batches, indices, batch or evaluation_batch(graph))
     five = io.classes > 5
     result = Evaluation(len(indices), top_k(scores, labels, 1), top_k(scores, labels, 5) if five else None,
                         io.classes)
-    if reference is not None and ref_io is not None:
-        ref_scores = _isolated_predict(*reference, gpu, ref_io, batches, indices, batch)
+    if reference is not None and ref_io is not None and ref_graph is not None:
+        ref_scores = _isolated_predict(*reference, gpu, ref_io, batches, indices, batch or evaluation_batch(ref_graph))
         result.agreement = float(np.mean(scores.argmax(axis=1) == ref_scores.argmax(axis=1)))
         result.reference_top1 = top_k(ref_scores, labels, 1)
         result.reference_top5 = top_k(ref_scores, labels, 5) if five else None

@@ -36,7 +36,8 @@ EVALUATE_OPTIONS: tuple[Option, ...] = (
            help="labelled data: an image folder (a subfolder per class), a list file (path label) or an .npz"),
     Option("reference", str, None, path="file", nargs=2, metavar="PROTOTXT CAFFEMODEL",
            help="another net (e.g. the original): report its accuracy and how often the top-1 agrees"),
-    Option("batch", int, 100, minimum=1, help="images per forward pass"),
+    Option("batch", int, None, minimum=1, help="images per forward pass (default: as many as about 1 GiB of the net "
+           "holds, at most 100)"),
     Option("limit", int, None, minimum=1, help="evaluate only the first N images"),
     Option("json_path", str, None, flag="json", path="file", help="write the result as JSON"),
     *TRANSFORM_OPTIONS,

@@ -62,7 +62,7 @@ def finetune_command(original_prototxt: str, original_weights: str, slim_prototx
 @click.argument("weights", type=click.Path(dir_okay=False))
 @declared_options(api.EVALUATE_OPTIONS)
 @user_errors
-def evaluate_command(prototxt: str, weights: str, data: str, reference: tuple[str, str] | None, batch: int,
+def evaluate_command(prototxt: str, weights: str, data: str, reference: tuple[str, str] | None, batch: int | None,
                      limit: int | None, json_path: str | None, gpu: int | None, **settings: Any) -> None:
     """Top-1 / top-5 accuracy of PROTOTXT + WEIGHTS on --data in real Caffe."""
 

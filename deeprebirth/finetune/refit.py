@@ -37,22 +37,20 @@ from typing import Any
 import numpy as np
 
 from deeprebirth.caffe.data import Batches, PathLike
-from deeprebirth.caffe.evaluate import set_input
+from deeprebirth.caffe.evaluate import NET_BYTES_PER_ACTIVATION, activations_per_image, set_input
 from deeprebirth.caffe.layer_by_layer import LayerByLayer, live_activations_per_image
 from deeprebirth.caffe.runtime import import_caffe
 from deeprebirth.finetune.context import Context
 from deeprebirth.finetune.losses import distillation_losses
 from deeprebirth.finetune.state import Weights
 from deeprebirth.io import caffe_io
-from deeprebirth.ir.graph import Graph
-from deeprebirth.ir.shapes import ConvGeometry, conv_geometry, infer_shapes
+from deeprebirth.ir.shapes import ConvGeometry, conv_geometry
 from deeprebirth.weights.ridge import choose_alpha, conv_rows, fit_layer
 
 MIN_ROWS_PER_COLUMN = 1  # sample rows per column of X, at least
 MAX_ROWS = 32768  # sample rows per layer (output positions over the sampled images)
 MAX_IMAGES = 256
 NET_BYTES = 2 * 2**30  # both pycaffe nets at a chunk's batch ...
-NET_BYTES_PER_ACTIVATION = 8  # measured: a pycaffe TEST net held twice its activations' float32 bytes (ResNet-50)
 LIVE_BYTES = 2 * 2**30  # ... and the slim net's live blobs over the whole sample: about the peak the refit adds
 MAX_ROUNDS = 3  # refits, each on the next sample of images, from where the last left the weights ...
 MIN_ROUND_GAIN = 0.05  # ... another only after one that cut the held-out KL by at least this share
@@ -357,19 +355,9 @@ def refit_slim(ctx: Context, store: Weights, original_weights: PathLike, seed: i
         images = sample_size(len(ctx.train_indices), live_activations_per_image(slim_net))
         order = np.random.default_rng(seed).permutation(ctx.train_indices)
         indices = np.sort(np.roll(order, -(round_index * images) % max(len(order), 1))[:images])
-        chunk = chunk_size(images, _activations_per_image(ctx.original))
+        chunk = chunk_size(images, activations_per_image(ctx.original))
         return refit_layers(slim_net, original_net, ctx.io.input, ctx.logits, set(ctx.steps[-1].relearn), store,
                             geometry, concats, ctx.train, indices, ctx.val, ctx.val_indices, seed + round_index,
                             only_relearned, progress, deadline, chunk)
     finally:
         del slim_net, original_net  # their activations at a chunk's batch are gigabytes on a big net
-
-
-def _activations_per_image(graph: Graph) -> float:
-    """The activations of one image: each Caffe blob once (in-place layers share it), at its largest."""
-    names = graph.caffe_blob_names()
-    largest: dict[str, int] = {}
-    for blob, shape in infer_shapes(graph).items():
-        if shape is not None:
-            largest[names[blob]] = max(largest.get(names[blob], 0), int(np.prod(shape[1:])))
-    return float(sum(largest.values()))
