@@ -6,15 +6,16 @@ Before:  the slim net starts from the rewrite's weights. The merged layer's are 
          receives. Where an update costs a second, a 7-minute budget buys a few hundred of them: too few to undo it.
 After:   layer by layer in network order, each Convolution and InnerProduct downstream of a relearned layer is
          refit on a sample of training images so that, fed the slim net's own (already refit) inputs, it
-         reproduces the original's blob of the same name, by ``deeprebirth.weights.ridge`` (ridge regression towards its weights before, ReLU-aware where the slim
-         net applies a ReLU in place on the output, the pull chosen on left-out images). A merged inception branch,
-         whose blob is new, is aimed at its channels of the module's Concat. This is the layer-wise reconstruction of
-         channel pruning (He et al. 2017; ThiNet, Luo et al. 2017) and of few-sample distillation (Li et al. 2020),
-         applied to a merge's downstream layers; the updates that follow start from there.
+         reproduces the original's blob of the same name, by ``deeprebirth.weights.ridge`` (ridge regression
+         towards its weights before, ReLU-aware where the slim net applies a ReLU in place on the output, the pull
+         chosen on left-out images). A merged inception branch, whose blob is new, is aimed at its channels of
+         the module's Concat. This is the layer-wise reconstruction of channel pruning (He et al. 2017; ThiNet, Luo
+         et al. 2017) and of few-sample distillation (Li et al. 2020), applied to a merge's downstream layers; the
+         updates that follow start from there.
 
 Preconditions on a refit layer: group 1 and dilation 1 (Convolution), a bias, an output blob whose Caffe name and
 shape are the same in both nets (or that is a part of a channel Concat's output that is), and at least as many
-sample rows as X has columns (a fully connected layer over 1,024 features wants 1,024 images; with fewer it is left
+sample rows as X has columns (a fully connected layer over 1,024 features wants 1,025 images; with fewer it is left
 as it is). The run keeps the refit weights only if they bring the slim net's held-out outputs closer to the
 original's (KL at T=1), and says so either way.
 
