@@ -70,6 +70,11 @@ def test_the_sample_and_its_chunks_fit_in_memory() -> None:
     assert sample_size(500, 1.2e6) == 256  # open_nsfw's slim net at 224x224: 1.2 M live activations at most
     assert sample_size(500, 2e7) == 26
     assert sample_size(3, 2e7) == 3
+    # under a time budget the two nets' passes over the sample take at most a third of the time to the deadline:
+    # open_nsfw's original at 62.5 ms an image (1 thread)
+    assert sample_size(500, 1.2e6, seconds=200.0, seconds_per_image=0.0625) == 256  # a 7-minute finetune
+    assert sample_size(500, 1.2e6, seconds=12.5, seconds_per_image=0.0625) == 33  # a 30-second risk run
+    assert sample_size(500, 1.2e6, seconds=1.0, seconds_per_image=0.0625) == 8
     assert chunk_size(256, 25e3) == 256
     assert chunk_size(256, 8.8e6) == 15  # open_nsfw at 224x224: both nets in about 2 GiB
     assert chunk_size(256, 1e9) == 1

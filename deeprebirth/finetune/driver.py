@@ -109,7 +109,8 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
         notify(Progress("baseline", steps=len(ctx.steps)))
         state["baseline"], state["final_eval_seconds"] = _baseline(ctx, teacher, slim_weights, batch)
         save_state(ctx.work, state)
-    _run_steps(ctx, store, state, finished, teacher, cache, options, budget, clock, notify, original_weights)
+    _run_steps(ctx, store, state, finished, teacher, cache, options, budget, clock, notify, original_weights,
+               seconds_per_image)
     complete = len(finished) == len(ctx.steps)
     final_accuracy = None
     report = None
@@ -140,9 +141,10 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
 
 def _run_steps(ctx: Context, store: Weights, state: dict[str, Any], finished: dict[int, StepResult],
                teacher: Teacher, cache: TeacherCache, options: FinetuneOptions, budget: Budget, clock: Clock,
-               notify: ProgressCallback, original_weights: PathLike) -> None:
+               notify: ProgressCallback, original_weights: PathLike, seconds_per_image: float) -> None:
     """The steps not yet ``finished``, each with its share of the budget, snapshotted after each (resumable).
-    Before the whole-net phase, where ``--refit`` resolved on, the least-squares start (``finetune.refit``)."""
+    Before the whole-net phase, where ``--refit`` resolved on, the least-squares start (``finetune.refit``;
+    ``seconds_per_image``: the original's forward pass, which sizes its sample under a time budget)."""
     weights = phase_weights(len(ctx.steps) - 1, options.schedule == "layerwise")
     iterations = None if budget.timed else phase_iterations(ctx, options, budget)
     done_now = 0
@@ -162,7 +164,7 @@ def _run_steps(ctx: Context, store: Weights, state: dict[str, Any], finished: di
         if step.final and options.refit == "on":
             told = partial(_refit_progress, notify, step.index, len(ctx.steps))
             rounds = refit_rounds(ctx, store, original_weights, options.seed, options.freeze_rest, allot.seconds,
-                                  told)
+                                  told, seconds_per_image)
             if allot.seconds is not None:
                 allot = replace(allot, seconds=max(0.0, allot.seconds - (time.monotonic() - phase_started)))
         step_result = _run_step(ctx, step, store, teacher, cache, options, allot, clock, notify)

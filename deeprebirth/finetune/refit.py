@@ -56,6 +56,7 @@ LIVE_BYTES = 2 * 2**30  # ... and the slim net's live blobs over the whole sampl
 MAX_ROUNDS = 3  # refits, each on the next sample of images, from where the last left the weights ...
 MIN_ROUND_GAIN = 0.05  # ... another only after one that cut the held-out KL by at least this share
 TIME_SHARE = 0.5  # of a timed phase's allotment the refit may take; layers it has not reached then stay as they are
+FORWARD_SHARE = 1 / 3  # of the time to that deadline, what the sample's forward passes (original and slim) may take
 
 
 @dataclass
@@ -87,10 +88,15 @@ def chunk_size(images: int, activations_per_image: float) -> int:
     return max(1, min(images, MAX_IMAGES, affordable))
 
 
-def sample_size(images: int, live_activations_per_image: float) -> int:
+def sample_size(images: int, live_activations_per_image: float, seconds: float | None = None,
+                seconds_per_image: float = 0.0) -> int:
     """Images to refit on: all up to ``MAX_IMAGES``, fewer where the slim net's live blobs over the sample (kept
-    between its layer-by-layer passes) would pass ``LIVE_BYTES``; at least 8 (or all there are)."""
+    between its layer-by-layer passes) would pass ``LIVE_BYTES``, or where, with ``seconds`` to the refit's
+    deadline, the two nets' passes over them (each about the original's ``seconds_per_image``) would take more
+    than ``FORWARD_SHARE`` of it; at least 8 (or all there are)."""
     affordable = int(LIVE_BYTES // max(4.0 * live_activations_per_image, 1.0))
+    if seconds is not None and seconds_per_image > 0:
+        affordable = min(affordable, int(FORWARD_SHARE * seconds / (2 * seconds_per_image)))
     return max(min(8, images), min(images, MAX_IMAGES, affordable))
 
 
@@ -310,16 +316,20 @@ def _held_out_kl(slim_net: Any, reference: np.ndarray | None, input_name: str, l
 
 
 def refit_rounds(ctx: Context, store: Weights, original_weights: PathLike, seed: int, only_relearned: bool = False,
-                 seconds: float | None = None, progress: LayerProgress | None = None) -> list[RefitResult]:
+                 seconds: float | None = None, progress: LayerProgress | None = None,
+                 seconds_per_image: float = 0.0) -> list[RefitResult]:
     """Up to ``MAX_ROUNDS`` of ``refit_slim``, round k on the k-th sample of training images (``sample_size``: 256
     on a ResNet-50 at 224x224): another round while the last was kept and cut the held-out
     KL by ``MIN_ROUND_GAIN`` or more, and, under a time budget of ``seconds`` for the phase, took at most a third of
-    what is left of it. Under a time budget the rounds end at ``TIME_SHARE`` of it, mid-round if need be."""
+    what is left of it. Under a time budget the rounds end at ``TIME_SHARE`` of it, mid-round if need be, and a
+    round's sample is what fits the time to that end (``sample_size``; ``seconds_per_image``: the original's forward
+    pass, measured by the caller)."""
     started = time.monotonic()
     deadline = None if seconds is None else started + TIME_SHARE * seconds
     rounds: list[RefitResult] = []
     for k in range(MAX_ROUNDS):
-        result = refit_slim(ctx, store, original_weights, seed, only_relearned, progress, k, deadline)
+        result = refit_slim(ctx, store, original_weights, seed, only_relearned, progress, k, deadline,
+                            seconds_per_image)
         rounds.append(result)
         if not result.kept or result.kl_before is None or result.kl_after is None or \
                 result.kl_after > (1 - MIN_ROUND_GAIN) * result.kl_before:
@@ -331,7 +341,7 @@ def refit_rounds(ctx: Context, store: Weights, original_weights: PathLike, seed:
 
 def refit_slim(ctx: Context, store: Weights, original_weights: PathLike, seed: int, only_relearned: bool = False,
                progress: LayerProgress | None = None, round_index: int = 0,
-               deadline: float | None = None) -> RefitResult:
+               deadline: float | None = None, seconds_per_image: float = 0.0) -> RefitResult:
     """``refit_layers`` for a fine-tuning run: the slim net as it stands in ``store`` (updated in place when kept),
     the original from its files; the sample: the ``round_index``-th run of ``sample_size`` training images in an
     order drawn with ``seed``; ``only_relearned`` (``--freeze-rest``): the layers the rewrite made anew, not those
@@ -353,7 +363,9 @@ def refit_slim(ctx: Context, store: Weights, original_weights: PathLike, seed: i
     slim_net = caffe.Net(str(path), caffe.TEST)
     original_net = caffe.Net(str(ctx.original_proto), caffe.TEST, weights=str(original_weights))
     try:
-        images = sample_size(len(ctx.train_indices), live_activations_per_image(slim_net))
+        to_deadline = None if deadline is None else max(0.0, deadline - time.monotonic())
+        images = sample_size(len(ctx.train_indices), live_activations_per_image(slim_net), to_deadline,
+                             seconds_per_image)
         order = np.random.default_rng(seed).permutation(ctx.train_indices)
         indices = np.sort(np.roll(order, -(round_index * images) % max(len(order), 1))[:images])
         chunk = chunk_size(images, activations_per_image(ctx.original))
