@@ -45,7 +45,7 @@ from deeprebirth.finetune.refit import refit_rounds
 from deeprebirth.finetune.search import REFERENCE_LR
 from deeprebirth.finetune.spec import blob_counts, phase_spec
 from deeprebirth.finetune.steps import StepNet
-from deeprebirth.finetune.train import PER_WEIGHT_STEP_SOLVERS, relative_steps, solver_text, validate_net
+from deeprebirth.finetune.train import relative_steps, solver_text, validate_net
 from deeprebirth.io import caffe_io
 from deeprebirth.io.atomic import atomic_write_bytes as write_text
 from deeprebirth.io.atomic import umask
@@ -147,8 +147,7 @@ def _write(ctx: Context, store: dict[str, list[np.ndarray]], teacher: Teacher, o
     for k, step in enumerate(ctx.steps):
         spec, student, target = phase_spec(ctx, step, store, teacher, options)
         validate_net(spec.train_net, f"step {step.index} train net")
-        train_net = (relative_steps(spec.train_net, spec.learned, spec.init)
-                     if solver.solver in PER_WEIGHT_STEP_SOLVERS else spec.train_net)  # as the in-process Trainer
+        train_net = relative_steps(spec.train_net, spec.learned, spec.init, solver.solver)  # as the Trainer does
         net = with_data_layer(train_net, data_layer, ctx.io.input, spec.labels)
         params = _train_net_params(ctx, spec, student, store)
         init = _step_init(step.index, params, previous, learned_before)

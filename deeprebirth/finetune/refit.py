@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from deeprebirth.caffe.data import Batches, PathLike
-from deeprebirth.caffe.evaluate import NET_BYTES_PER_ACTIVATION, activations_per_image, set_input
+from deeprebirth.caffe.evaluate import NET_BYTES_PER_ACTIVATION, NetIO, activations_per_image, predict, set_input
 from deeprebirth.caffe.layer_by_layer import LayerByLayer, live_activations_per_image
 from deeprebirth.caffe.runtime import import_caffe
 from deeprebirth.finetune.context import Context
@@ -117,7 +117,8 @@ def refit_layers(slim_net: Any, original_net: Any, input_name: str, logits: str,
                  weights: dict[str, list[np.ndarray]], geometry: dict[str, ConvGeometry], concats: set[str],
                  train: Batches, indices: np.ndarray, val: Batches | None, val_indices: np.ndarray, seed: int,
                  only_relearned: bool = False, progress: LayerProgress | None = None,
-                 deadline: float | None = None, chunk: int | None = None) -> RefitResult:
+                 deadline: float | None = None, chunk: int | None = None,
+                 reference: np.ndarray | None = None) -> RefitResult:
     """Refit ``weights`` (the slim net's, by layer name; updated in place when the result is kept) layer by layer
     on the training images ``indices``, judged on the held-out ``val_indices``.
 
@@ -127,7 +128,8 @@ def refit_layers(slim_net: Any, original_net: Any, input_name: str, logits: str,
     at once. ``geometry``: each refittable Convolution's (layers missing from it are not refit); ``concats``: the
     Concat layers along channels; ``relearned``: the layers the rewrite made anew (``only_relearned``: only those
     are refit, not the layers downstream); ``deadline`` (``time.monotonic``): the layers not reached by then are
-    left as they are (and listed as skipped)."""
+    left as they are (and listed as skipped). ``reference``: the original's held-out logits, where a caller keeps
+    them between rounds (else forwarded here)."""
     started = time.monotonic()
     rng = np.random.default_rng(seed)
     chunk = min(chunk or len(indices), len(indices))
@@ -139,7 +141,8 @@ def refit_layers(slim_net: Any, original_net: Any, input_name: str, logits: str,
         if name in weights:
             for blob, values in zip(slim_net.params[name], weights[name]):
                 blob.data[...] = values.reshape(blob.data.shape)
-    reference = _outputs(original_net, input_name, logits, val, val_indices, chunk)
+    if reference is None:
+        reference = _outputs(original_net, input_name, logits, val, val_indices, chunk)
     kl_before = _held_out_kl(slim_net, reference, input_name, logits, val, val_indices, chunk)
     set_input(original_net, input_name, x[parts[0]])  # every blob at a chunk's shape, for the plans
     set_input(slim_net, input_name, x[parts[0]])
@@ -297,13 +300,8 @@ def _outputs(net: Any, input_name: str, logits: str, val: Batches | None, indice
     """``net``'s logits on the held-out images, ``chunk`` at a time (None without them)."""
     if val is None or not len(indices):
         return None
-    found = []
-    for start in range(0, len(indices), chunk):
-        x = val.batch(indices[start:start + chunk])
-        set_input(net, input_name, x)
-        net.forward()
-        found.append(np.array(net.blobs[logits].data, dtype=np.float64).reshape(len(x), -1))
-    return np.concatenate(found)
+    io = NetIO(input_name, 0, (0, 0), logits, int(np.prod(net.blobs[logits].data.shape[1:])))
+    return predict(net, io, val, indices, chunk).astype(np.float64)
 
 
 def _held_out_kl(slim_net: Any, reference: np.ndarray | None, input_name: str, logits: str, val: Batches | None,
@@ -323,13 +321,13 @@ def refit_rounds(ctx: Context, store: Weights, original_weights: PathLike, seed:
     KL by ``MIN_ROUND_GAIN`` or more, and, under a time budget of ``seconds`` for the phase, took at most a third of
     what is left of it. Under a time budget the rounds end at ``TIME_SHARE`` of it, mid-round if need be, and a
     round's sample is what fits the time to that end (``sample_size``; ``seconds_per_image``: the original's forward
-    pass, measured by the caller)."""
+    pass, measured by the caller). The two nets are opened once for all rounds."""
     started = time.monotonic()
     deadline = None if seconds is None else started + TIME_SHARE * seconds
     rounds: list[RefitResult] = []
+    nets = _RefitNets(ctx, original_weights)
     for k in range(MAX_ROUNDS):
-        result = refit_slim(ctx, store, original_weights, seed, only_relearned, progress, k, deadline,
-                            seconds_per_image)
+        result = nets.round(store, seed, only_relearned, progress, k, deadline, seconds_per_image)
         rounds.append(result)
         if not result.kept or result.kl_before is None or result.kl_after is None or \
                 result.kl_after > (1 - MIN_ROUND_GAIN) * result.kl_before:
@@ -342,35 +340,49 @@ def refit_rounds(ctx: Context, store: Weights, original_weights: PathLike, seed:
 def refit_slim(ctx: Context, store: Weights, original_weights: PathLike, seed: int, only_relearned: bool = False,
                progress: LayerProgress | None = None, round_index: int = 0,
                deadline: float | None = None, seconds_per_image: float = 0.0) -> RefitResult:
-    """``refit_layers`` for a fine-tuning run: the slim net as it stands in ``store`` (updated in place when kept),
-    the original from its files; the sample: the ``round_index``-th run of ``sample_size`` training images in an
-    order drawn with ``seed``; ``only_relearned`` (``--freeze-rest``): the layers the rewrite made anew, not those
-    downstream; ``deadline`` (``time.monotonic``): layers not reached by then stay as they are."""
-    caffe = import_caffe()
-    geometry: dict[str, ConvGeometry] = {}
-    concats: set[str] = set()
-    for layer in ctx.slim.layers():
-        if layer.type == "Convolution":
-            param = layer.proto.convolution_param
-            found = conv_geometry(param)
-            if param.group in (0, 1) and found.dilation == (1, 1):
-                geometry[layer.name] = found
-        elif layer.type == "Concat" and layer.proto.concat_param.axis == 1 and \
-                not layer.proto.concat_param.HasField("concat_dim"):
-            concats.add(layer.name)
-    path = ctx.work / "refit.prototxt"
-    caffe_io.write_prototxt(path, ctx.slim.to_net())
-    slim_net = caffe.Net(str(path), caffe.TEST)
-    original_net = caffe.Net(str(ctx.original_proto), caffe.TEST, weights=str(original_weights))
-    try:
+    """One round of ``refit_layers`` for a fine-tuning run: the slim net as it stands in ``store`` (updated in place
+    when kept), the original from its files; the sample: the ``round_index``-th run of ``sample_size`` training
+    images in an order drawn with ``seed``; ``only_relearned`` (``--freeze-rest``): the layers the rewrite made
+    anew, not those downstream; ``deadline`` (``time.monotonic``): layers not reached by then stay as they are."""
+    return _RefitNets(ctx, original_weights).round(store, seed, only_relearned, progress, round_index, deadline,
+                                                   seconds_per_image)
+
+
+class _RefitNets:
+    """The slim net (its prototxt from ``ctx``) and the original in pycaffe, what the refit reads of the slim net's
+    layers, and the original's held-out logits once forwarded: what every round shares."""
+
+    def __init__(self, ctx: Context, original_weights: PathLike) -> None:
+        caffe = import_caffe()
+        self.ctx = ctx
+        self.geometry: dict[str, ConvGeometry] = {}
+        self.concats: set[str] = set()
+        for layer in ctx.slim.layers():
+            if layer.type == "Convolution":
+                param = layer.proto.convolution_param
+                found = conv_geometry(param)
+                if param.group in (0, 1) and found.dilation == (1, 1):
+                    self.geometry[layer.name] = found
+            elif layer.type == "Concat" and layer.proto.concat_param.axis == 1 and \
+                    not layer.proto.concat_param.HasField("concat_dim"):
+                self.concats.add(layer.name)
+        path = ctx.work / "refit.prototxt"
+        caffe_io.write_prototxt(path, ctx.slim.to_net())
+        self.slim_net = caffe.Net(str(path), caffe.TEST)
+        self.original_net = caffe.Net(str(ctx.original_proto), caffe.TEST, weights=str(original_weights))
+        self.live = live_activations_per_image(self.slim_net)
+        self.reference: np.ndarray | None = None
+
+    def round(self, store: Weights, seed: int, only_relearned: bool, progress: LayerProgress | None,
+              round_index: int, deadline: float | None, seconds_per_image: float) -> RefitResult:
+        ctx = self.ctx
         to_deadline = None if deadline is None else max(0.0, deadline - time.monotonic())
-        images = sample_size(len(ctx.train_indices), live_activations_per_image(slim_net), to_deadline,
-                             seconds_per_image)
+        images = sample_size(len(ctx.train_indices), self.live, to_deadline, seconds_per_image)
         order = np.random.default_rng(seed).permutation(ctx.train_indices)
         indices = np.sort(np.roll(order, -(round_index * images) % max(len(order), 1))[:images])
         chunk = chunk_size(images, activations_per_image(ctx.original))
-        return refit_layers(slim_net, original_net, ctx.io.input, ctx.logits, set(ctx.steps[-1].relearn), store,
-                            geometry, concats, ctx.train, indices, ctx.val, ctx.val_indices, seed + round_index,
-                            only_relearned, progress, deadline, chunk)
-    finally:
-        del slim_net, original_net  # their activations at a chunk's batch are gigabytes on a big net
+        if self.reference is None:
+            self.reference = _outputs(self.original_net, ctx.io.input, ctx.logits, ctx.val, ctx.val_indices, chunk)
+        return refit_layers(self.slim_net, self.original_net, ctx.io.input, ctx.logits, set(ctx.steps[-1].relearn),
+                            store, self.geometry, self.concats, ctx.train, indices, ctx.val, ctx.val_indices,
+                            seed + round_index, only_relearned, progress, deadline, chunk, self.reference)

@@ -128,13 +128,16 @@ def read_params(net: Any, names: Sequence[str]) -> Weights:
 PER_WEIGHT_STEP_SOLVERS = ("adam", "rmsprop", "adagrad", "adadelta")  # steps of about the rate per weight
 
 
-def relative_steps(train_net: pb.NetParameter, learned: list[str],
-                   init: Callable[[str], list[np.ndarray]]) -> pb.NetParameter:
-    """``train_net`` with each learned layer's lr_mult scaled by its weights' RMS over the median layer's. Adam and
+def relative_steps(train_net: pb.NetParameter, learned: list[str], init: Callable[[str], list[np.ndarray]],
+                   solver: str = "adam") -> pb.NetParameter:
+    """``train_net`` as ``solver`` trains it: for ``PER_WEIGHT_STEP_SOLVERS``, with each learned layer's lr_mult
+    scaled by its weights' RMS over the median layer's (other solvers: as it is). Adam and
     its kin step each weight by about the rate, whatever its scale; where layers' weights differ by orders of
     magnitude (a stem reading raw 0-255 pixels: 5e-4 against 0.05 on a ResNet-50 with its BatchNorm folded in), a
     rate that moves most layers gently moves the smallest by a fifth per step. Scaled, every layer moves by about
     the same share of its weights."""
+    if solver not in PER_WEIGHT_STEP_SOLVERS:
+        return train_net
     rms = {}
     for name in learned:
         blobs = init(name)

@@ -16,7 +16,7 @@ import numpy as np
 
 from deeprebirth.caffe.runtime import import_caffe
 from deeprebirth.finetune.phase_types import PhaseData, PhaseSpec, Weights
-from deeprebirth.finetune.train import PER_WEIGHT_STEP_SOLVERS, SolverOptions, load_params, make_solver, relative_steps
+from deeprebirth.finetune.train import SolverOptions, load_params, make_solver, relative_steps
 from deeprebirth.io import caffe_io
 
 
@@ -28,8 +28,7 @@ class Trainer:
         self.spec, self.data = spec, data
         # Caffe's own seed (Dropout, the fillers) is the run's --seed, as in the phase's exported solver
         self.options, self.tag, self.seed = options, tag, data.seed
-        self.train_net = (relative_steps(spec.train_net, spec.learned, init or spec.init)
-                          if options.solver in PER_WEIGHT_STEP_SOLVERS else spec.train_net)
+        self.train_net = relative_steps(spec.train_net, spec.learned, init or spec.init, options.solver)
         self.solver = make_solver(data.work, tag, self.train_net, options, iterations, self.seed)
         self.net = self.solver.net
         load_params(self.net, init or spec.init)
