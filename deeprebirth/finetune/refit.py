@@ -371,6 +371,7 @@ class _RefitNets:
         self.slim_net = caffe.Net(str(path), caffe.TEST)
         self.original_net = caffe.Net(str(ctx.original_proto), caffe.TEST, weights=str(original_weights))
         self.live = live_activations_per_image(self.slim_net)
+        self.original_activations = activations_per_image(ctx.original)
         self.reference: np.ndarray | None = None
 
     def round(self, store: Weights, seed: int, only_relearned: bool, progress: LayerProgress | None,
@@ -380,7 +381,7 @@ class _RefitNets:
         images = sample_size(len(ctx.train_indices), self.live, to_deadline, seconds_per_image)
         order = np.random.default_rng(seed).permutation(ctx.train_indices)
         indices = np.sort(np.roll(order, -(round_index * images) % max(len(order), 1))[:images])
-        chunk = chunk_size(images, activations_per_image(ctx.original))
+        chunk = chunk_size(images, self.original_activations)
         if self.reference is None:
             self.reference = _outputs(self.original_net, ctx.io.input, ctx.logits, ctx.val, ctx.val_indices, chunk)
         return refit_layers(self.slim_net, self.original_net, ctx.io.input, ctx.logits, set(ctx.steps[-1].relearn),
