@@ -16,7 +16,9 @@ After:   layer by layer in network order, each Convolution and InnerProduct down
 Preconditions on a refit layer: group 1 and dilation 1 (Convolution), a bias, an output blob whose Caffe name and
 shape are the same in both nets (or that is a part of a channel Concat's output that is), and at least as many
 sample rows as X has columns (a fully connected layer over 1,024 features wants 1,025 images; with fewer it is left
-as it is). The run keeps the refit weights only if they bring the slim net's held-out outputs closer to the
+as it is). A Tucker chain's bias-free core and its 1x1 expand, whose blob the original has, are fit as one map onto
+that blob and split back at the core's rank (``reduced_rank``); the chain's 1x1 reduce, whose blob is new and
+which feeds no blob of the original's directly, stays as it is. The run keeps the refit weights only if they bring the slim net's held-out outputs closer to the
 original's (KL at T=1), and says so either way.
 
 Memory: the original runs once over the sample in chunks (as many images as ``NET_BYTES`` of both nets hold),
@@ -24,8 +26,8 @@ keeping only each layer's target rows; the slim net runs one layer at a time ove
 layer reads kept as numpy (``LIVE_BYTES``). So the sample is not what the nets hold at once: 256 images on a
 ResNet-50 at 224x224 (1.2 M live activations an image, chunks of 15), where a one-batch refit held 30.
 
-The weight math is ``deeprebirth.weights.ridge``; ``refit_layers`` runs the two nets in pycaffe, one layer at a
-time.
+The weight math is ``deeprebirth.weights.ridge``; which layers are fit, onto which blob, at which rows, is
+``deeprebirth.finetune.refit_plan``; ``refit_layers`` runs the two nets in pycaffe, one layer at a time.
 """
 
 from __future__ import annotations
@@ -43,13 +45,12 @@ from deeprebirth.caffe.layer_by_layer import LayerByLayer, live_activations_per_
 from deeprebirth.caffe.runtime import import_caffe
 from deeprebirth.finetune.context import Context
 from deeprebirth.finetune.losses import distillation_losses
+from deeprebirth.finetune.refit_plan import Plan, plan_layer
 from deeprebirth.finetune.state import Weights
 from deeprebirth.io import caffe_io
 from deeprebirth.ir.shapes import ConvGeometry, conv_geometry
-from deeprebirth.weights.ridge import choose_alpha, conv_rows, fit_layer
+from deeprebirth.weights.ridge import choose_alpha, conv_rows, fit_layer, reduced_rank
 
-MIN_ROWS_PER_COLUMN = 1  # sample rows per column of X, at least
-MAX_ROWS = 32768  # sample rows per layer (output positions over the sampled images)
 MAX_IMAGES = 256
 NET_BYTES = 2 * 2**30  # both pycaffe nets at a chunk's batch ...
 LIVE_BYTES = 2 * 2**30  # ... and the slim net's live blobs over the whole sample: about the peak the refit adds
@@ -100,19 +101,6 @@ def sample_size(images: int, live_activations_per_image: float, seconds: float |
     return max(min(8, images), min(images, MAX_IMAGES, affordable))
 
 
-@dataclass
-class _Plan:
-    """One layer to refit: where its target comes from and which of its output positions are rows."""
-
-    name: str
-    relu: bool
-    blob: str  # the original's blob holding the target ...
-    channels: slice  # ... these channels of it (a merged inception branch: its part of the Concat)
-    image: np.ndarray  # sample rows: the image (index into the sample), output row, output column
-    oy: np.ndarray | None  # None: an InnerProduct, one row per image
-    ox: np.ndarray | None
-
-
 def refit_layers(slim_net: Any, original_net: Any, input_name: str, logits: str, relearned: set[str],
                  weights: dict[str, list[np.ndarray]], geometry: dict[str, ConvGeometry], concats: set[str],
                  train: Batches, indices: np.ndarray, val: Batches | None, val_indices: np.ndarray, seed: int,
@@ -154,13 +142,17 @@ def refit_layers(slim_net: Any, original_net: Any, input_name: str, logits: str,
             drifted.update(tops[name])
     todo = [n for k, n in enumerate(names) if slim_net.layers[k].type in ("Convolution", "InnerProduct")
             and (n in relearned or (not only_relearned and any(b in drifted for b in bottoms[n])))]
-    plans: dict[str, _Plan] = {}
+    plans: dict[str, Plan] = {}
+    expands: set[str] = set()
     for name in todo:
-        plan = _plan(slim_net, original_net, name, names, tops, bottoms, geometry, concats, len(indices), rng)
+        if name in expands:
+            continue
+        plan = plan_layer(slim_net, original_net, name, names, tops, bottoms, geometry, concats, len(indices), rng)
         if isinstance(plan, str):
             result.skipped[name] = plan
         else:
             plans[name] = plan
+            expands.update([plan.expand] if plan.expand else [])
     targets = _target_rows(original_net, input_name, x, parts, plans)
     new = dict(weights)
     live = LayerByLayer(slim_net, {input_name: [x[p] for p in parts]})
@@ -176,7 +168,7 @@ def refit_layers(slim_net: Any, original_net: Any, input_name: str, logits: str,
             if why:
                 result.skipped[name] = why
             else:
-                result.refit.append(name)
+                result.refit.extend([name, *filter(None, [plans[name].expand])])
         live.forward(k)
     if result.refit:
         result.kl_before = kl_before
@@ -188,60 +180,8 @@ def refit_layers(slim_net: Any, original_net: Any, input_name: str, logits: str,
     return result
 
 
-def _plan(slim_net: Any, original_net: Any, name: str, names: list[str], tops: dict[str, list[str]],
-          bottoms: dict[str, list[str]], geometry: dict[str, ConvGeometry], concats: set[str], images: int,
-          rng: np.random.Generator) -> _Plan | str:
-    """What refitting layer ``name`` takes (its target's source, its sample rows), or why it is not refit."""
-    k = names.index(name)
-    layer = slim_net.layers[k]
-    params = slim_net.params.get(name, [])
-    if len(params) != 2:
-        return "no bias"
-    if layer.type == "Convolution" and name not in geometry:
-        return "grouped or dilated"
-    top = tops[name][0]
-    later = [n for n in names[k + 1:] if top in bottoms[n]]
-    relu = bool(later) and _in_place_relu(slim_net, names, later[0], bottoms, tops)
-    source = _original_source(slim_net, original_net, top, later, bottoms, tops, concats)
-    if source is None:
-        return "no blob of that name and shape in the original, nor a Concat's part of one"
-    columns = int(np.prod(params[0].data.shape[1:])) + 1
-    if layer.type == "InnerProduct":
-        if images < MIN_ROWS_PER_COLUMN * columns:
-            return f"{images} sample rows for {columns} columns"
-        return _Plan(name, relu, *source, np.arange(images), None, None)
-    shape = slim_net.blobs[top].data.shape
-    positions = shape[2] * shape[3]
-    total = images * positions
-    if total < MIN_ROWS_PER_COLUMN * columns:
-        return f"{total} sample rows for {columns} columns"
-    picks = np.sort(rng.choice(total, min(total, MAX_ROWS, max(8192, 4 * columns)), replace=False))
-    image, rest = np.divmod(picks, positions)
-    oy, ox = np.divmod(rest, shape[3])
-    return _Plan(name, relu, *source, image, oy, ox)
-
-
-def _original_source(slim_net: Any, original_net: Any, top: str, later: list[str], bottoms: dict[str, list[str]],
-                     tops: dict[str, list[str]], concats: set[str]) -> tuple[str, slice] | None:
-    """Where the original holds the slim net's blob ``top``: its blob of the same name and shape; else, where
-    ``top`` goes (after in-place layers) into a channel Concat whose output the original has at the same shape
-    (a merged inception branch: the rewrite keeps the Concat's width and channel order), that output's channels at
-    ``top``'s place."""
-    shape = slim_net.blobs[top].data.shape
-    if top in original_net.blobs and original_net.blobs[top].data.shape == shape:
-        return top, slice(None)
-    concat = next((n for n in later if bottoms[n] != tops[n]), None)
-    if concat is None or concat not in concats or tops[concat][0] not in original_net.blobs:
-        return None
-    whole = tops[concat][0]
-    if original_net.blobs[whole].data.shape != slim_net.blobs[whole].data.shape:
-        return None
-    start = sum(slim_net.blobs[b].data.shape[1] for b in bottoms[concat][:bottoms[concat].index(top)])
-    return whole, slice(start, start + shape[1])
-
-
 def _target_rows(original_net: Any, input_name: str, x: np.ndarray, parts: list[slice],
-                 plans: dict[str, _Plan]) -> dict[str, np.ndarray]:
+                 plans: dict[str, Plan]) -> dict[str, np.ndarray]:
     """The original's values at each plan's sample rows (rows x output channels), one forward pass per chunk; kept
     as float32 until their layer is fit (every layer's are held at once)."""
     found: dict[str, list[np.ndarray]] = {name: [] for name in plans}
@@ -257,7 +197,7 @@ def _target_rows(original_net: Any, input_name: str, x: np.ndarray, parts: list[
     return {name: np.concatenate(rows) for name, rows in found.items()}
 
 
-def _input_rows(chunks: list[np.ndarray], plan: _Plan, geometry: dict[str, ConvGeometry]) -> np.ndarray:
+def _input_rows(chunks: list[np.ndarray], plan: Plan, geometry: dict[str, ConvGeometry]) -> np.ndarray:
     """A layer's input rows at ``plan``'s sample rows, from its input blob's ``chunks``."""
     found, offset = [], 0
     for x in chunks:
@@ -272,27 +212,33 @@ def _input_rows(chunks: list[np.ndarray], plan: _Plan, geometry: dict[str, ConvG
     return np.concatenate(found)
 
 
-def _refit_one(slim_net: Any, k: int, plan: _Plan, y: np.ndarray, x_rows: np.ndarray,
+def _refit_one(slim_net: Any, k: int, plan: Plan, y: np.ndarray, x_rows: np.ndarray,
                new: dict[str, list[np.ndarray]]) -> str:
     """Refit layer ``plan.name`` (index ``k``) in ``slim_net`` and ``new`` from its rows; returns why not, or ''."""
     params = slim_net.params[plan.name]
     w0 = np.asarray(params[0].data, dtype=np.float64).reshape(len(params[0].data), -1)
+    if plan.expand:
+        outer = slim_net.params[plan.expand]
+        w0 = np.asarray(outer[0].data, dtype=np.float64).reshape(len(outer[0].data), -1) @ w0
+        params = [params[0], outer[1]]
     b0 = np.asarray(params[1].data, dtype=np.float64).reshape(-1)
     y = y.astype(np.float64)
     alpha = choose_alpha(x_rows, y, plan.image, w0, b0, plan.relu)
     w, b = fit_layer(x_rows, y, w0, b0, plan.relu, alpha)
     if not (np.isfinite(w).all() and np.isfinite(b).all()):
         return "the fit was not finite"
+    if plan.expand:
+        w, expand_w, b = reduced_rank(x_rows, w, b, len(params[0].data))
+        outer[0].data[...] = expand_w.reshape(outer[0].data.shape)
     params[0].data[...] = w.reshape(params[0].data.shape)
     params[1].data[...] = b.reshape(params[1].data.shape)
-    new[plan.name] = [np.array(params[0].data, dtype=np.float32), np.array(params[1].data, dtype=np.float32)]
+    weight, bias = np.array(params[0].data, dtype=np.float32), np.array(params[1].data, dtype=np.float32)
+    if plan.expand:
+        new[plan.name] = [weight]
+        new[plan.expand] = [np.array(outer[0].data, dtype=np.float32), bias]
+    else:
+        new[plan.name] = [weight, bias]
     return ""
-
-
-def _in_place_relu(net: Any, names: list[str], consumer: str, bottoms: dict[str, list[str]],
-                   tops: dict[str, list[str]]) -> bool:
-    layer = net.layers[names.index(consumer)]
-    return layer.type == "ReLU" and bottoms[consumer] == tops[consumer]
 
 
 def _outputs(net: Any, input_name: str, logits: str, val: Batches | None, indices: np.ndarray,

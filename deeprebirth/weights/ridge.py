@@ -7,6 +7,9 @@ X: the layer's input rows (a convolution's input patches, ``conv_rows``), W₀: 
 Where T is post-ReLU it is made ReLU-aware in ``RELU_ROUNDS`` rounds: T = Y where Y > 0, else min(XW + b, −m), m
 ``RELU_MARGIN`` x the channel's std (aimed at 0 the units sit on the ReLU's kink and the first SGD steps flip them).
 α is chosen from ``ALPHAS`` on the rows of images left out of the fit (``choose_alpha``).
+
+A Tucker chain's core and expand (no non-linearity between them) are one linear map of rank R2: fitted as one layer,
+then brought back to rank R2 by reduced-rank regression (``reduced_rank``).
 """
 
 from __future__ import annotations
@@ -67,6 +70,23 @@ def fit_layer_alphas(x: np.ndarray, y: np.ndarray, w0: np.ndarray, b0: np.ndarra
                 w, b = ridge_toward(x1, gram, np.where(y > 0, y, np.minimum(x @ w.T + b, off)), w0, b0, alpha)
         fits.append((w, b))
     return fits
+
+
+def reduced_rank(x: np.ndarray, w: np.ndarray, b: np.ndarray,
+                 rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rank-``rank`` map nearest to (``w``, ``b``) in its outputs on the rows ``x`` (reduced-rank regression,
+    Izenman 1975: for a least-squares ``w`` it is the least-squares fit of that rank). With Z = x Wᵀ, μ its mean
+    and V (outputs x rank) the top principal directions of Z − μ:
+
+        x Wᵀ + b  ≈  x (V Vᵀ W)ᵀ + b + (I − V Vᵀ) μ
+
+    Returns (inner = Vᵀ W: rank x columns, outer = V, the bias)."""
+    z = x @ w.T
+    mean = z.mean(axis=0)
+    centred = z - mean
+    _, vectors = np.linalg.eigh(centred.T @ centred)
+    outer = vectors[:, ::-1][:, :rank]
+    return outer.T @ w, outer, b + mean - outer @ (outer.T @ mean)
 
 
 def relative_error(z: np.ndarray, y: np.ndarray, relu: bool) -> float:

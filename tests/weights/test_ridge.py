@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from deeprebirth.weights.ridge import ALPHAS, choose_alpha, fit_layer, relative_error
+from deeprebirth.weights.ridge import ALPHAS, choose_alpha, fit_layer, reduced_rank, relative_error
 
 
 def test_the_ridge_solves_least_squares_and_pulls_towards_the_start() -> None:
@@ -47,3 +47,25 @@ def test_the_pull_is_chosen_on_left_out_images() -> None:
     many = rng.standard_normal((5000, 40))
     w0 = np.zeros((4, 40))
     assert choose_alpha(many, many @ w_true.T, np.arange(5000) // 50, w0, b0, relu=False) == min(ALPHAS)
+
+
+def test_reduced_rank_is_the_best_fit_of_that_rank_on_the_rows() -> None:
+    """A map of rank 3 in 8 outputs, fitted in full on noisy rows: brought back to rank 3 along the fitted outputs'
+    principal directions it predicts better than the truncated SVD of its weights (which ignores where the rows
+    lie), and a map already of rank 3 comes back unchanged."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, 20)) * np.geomspace(0.03, 3.0, 20)  # the inputs' scales differ, as features do
+    w_true = rng.standard_normal((8, 3)) @ rng.standard_normal((3, 20))
+    b_true = rng.standard_normal(8)
+    y = x @ w_true.T + b_true + 2.0 * rng.standard_normal((300, 8))
+    w, b = fit_layer(x, y, np.zeros((8, 20)), np.zeros(8), relu=False, alpha=1e-9)
+    inner, outer, bias = reduced_rank(x, w, b, 3)
+    assert inner.shape == (3, 20) and outer.shape == (8, 3)
+    u, s, vt = np.linalg.svd(w, full_matrices=False)
+    truncated = (u[:, :3] * s[:3]) @ vt[:3]
+    ours = relative_error(x @ (outer @ inner).T + bias, y, relu=False)
+    svd = relative_error(x @ truncated.T + b, y, relu=False)
+    full = relative_error(x @ w.T + b, y, relu=False)
+    assert ours < 1.1 * full and svd > 2 * ours, (full, ours, svd)  # measured: 0.048, 0.050, 0.27
+    inner, outer, bias = reduced_rank(x, w_true, b_true, 3)
+    assert np.max(np.abs(outer @ inner - w_true)) < 1e-9 and np.max(np.abs(bias - b_true)) < 1e-9
