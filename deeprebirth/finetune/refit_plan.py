@@ -35,20 +35,18 @@ class Plan:
 
 
 def plan_layer(slim_net: Any, original_net: Any, name: str, names: list[str], tops: dict[str, list[str]],
-          bottoms: dict[str, list[str]], geometry: dict[str, ConvGeometry], concats: set[str], images: int,
-          rng: np.random.Generator) -> Plan | str:
+               bottoms: dict[str, list[str]], geometry: dict[str, ConvGeometry], concats: set[str], images: int,
+               rng: np.random.Generator) -> Plan | str:
     """What refitting layer ``name`` takes (its target's source, its sample rows), or why it is not refit."""
-    k = names.index(name)
-    layer = slim_net.layers[k]
+    layer = slim_net.layers[names.index(name)]
     params = slim_net.params.get(name, [])
     expand = tucker_expand(slim_net, name, names, tops, bottoms, geometry) if len(params) == 1 else None
     if len(params) != 2 and expand is None:
         return "no bias"
     if layer.type == "Convolution" and name not in geometry:
         return "grouped or dilated"
-    top = tops[expand or name][0]
-    k = names.index(expand or name)
-    later = [n for n in names[k + 1:] if top in bottoms[n]]
+    top = tops[expand or name][0]  # a Tucker core's target is its expand's
+    later = [n for n in names[names.index(expand or name) + 1:] if top in bottoms[n]]
     relu = bool(later) and in_place_relu(slim_net, names, later[0], bottoms, tops)
     source = original_source(slim_net, original_net, top, later, bottoms, tops, concats)
     if source is None:
@@ -70,7 +68,7 @@ def plan_layer(slim_net: Any, original_net: Any, name: str, names: list[str], to
 
 
 def tucker_expand(slim_net: Any, name: str, names: list[str], tops: dict[str, list[str]],
-                   bottoms: dict[str, list[str]], geometry: dict[str, ConvGeometry]) -> str | None:
+                  bottoms: dict[str, list[str]], geometry: dict[str, ConvGeometry]) -> str | None:
     """The expand of a bias-free Convolution ``name`` (a Tucker core): the one layer reading its output, a 1x1
     Convolution with stride 1, no pad and a bias, that reads nothing else; None where there is none."""
     readers = [n for n in names if tops[name][0] in bottoms[n]]
@@ -82,7 +80,7 @@ def tucker_expand(slim_net: Any, name: str, names: list[str], tops: dict[str, li
 
 
 def original_source(slim_net: Any, original_net: Any, top: str, later: list[str], bottoms: dict[str, list[str]],
-                     tops: dict[str, list[str]], concats: set[str]) -> tuple[str, slice] | None:
+                    tops: dict[str, list[str]], concats: set[str]) -> tuple[str, slice] | None:
     """Where the original holds the slim net's blob ``top``: its blob of the same name and shape; else, where
     ``top`` goes (after in-place layers) into a channel Concat whose output the original has at the same shape
     (a merged inception branch: the rewrite keeps the Concat's width and channel order), that output's channels at
@@ -101,6 +99,6 @@ def original_source(slim_net: Any, original_net: Any, top: str, later: list[str]
 
 
 def in_place_relu(net: Any, names: list[str], consumer: str, bottoms: dict[str, list[str]],
-                   tops: dict[str, list[str]]) -> bool:
+                  tops: dict[str, list[str]]) -> bool:
     layer = net.layers[names.index(consumer)]
     return layer.type == "ReLU" and bottoms[consumer] == tops[consumer]
