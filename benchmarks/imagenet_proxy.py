@@ -6,11 +6,12 @@ the features' mean over real photos (without that a few classes win every photo)
 2.5 (ImageNet-like). Top-1 agreement with it is as fine-grained as with a real ImageNet head: over 63 flower photos
 the proxy gives 52 distinct classes. Then, as a user would:
 
-    deeprebirth rewrite proxy.prototxt slim.prototxt --weights ... (defaults)
+    deeprebirth rewrite proxy.prototxt slim.prototxt --weights ... (defaults, or --preset P)
     deeprebirth finetune ... --data 500 photos --mode mimic --budget 7m   (plus --extra flags, if given)
     deeprebirth evaluate slim final --data 272 test photos --reference the proxy
 
     .venv/bin/python benchmarks/imagenet_proxy.py [--budget 7m] [--tag NAME --extra "--solver adam"]
+        [--preset deeprebirth+tucker]
 
 Writes benchmarks/results/imagenet_proxy[_TAG].md. Photos: flowers17 (``--flowers17``, as recovery_cases).
 It is a proxy: its head was never trained, so its class boundaries are arbitrary directions in feature space.
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", default="7m")
     parser.add_argument("--extra", default="", help="more finetune flags, e.g. \"--solver adam\"")
     parser.add_argument("--tag", default="")
+    parser.add_argument("--preset", default="deeprebirth", help="the rewrite's preset (deeprebirth+tucker: slim_tucker.*)")
     parser.add_argument("--cache", type=Path, default=rc.CACHE)
     parser.add_argument("--flowers17", type=Path, default=rc.FLOWERS17)
     args = parser.parse_args(argv)
@@ -102,17 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     rc.log(f"[proxy] built: {head['distinct_top1']} distinct top-1 classes over {head['photos']} photos")
     cli, p = rc.deeprebirth_cli(), lambda name: str(folder / name)
     tag = args.tag or "default"
-    run([cli, "rewrite", p("proxy.prototxt"), p("slim.prototxt"), "--weights", p("proxy.caffemodel"),
-         "--out-weights", p("slim.caffemodel"), "--report", p("slim.json")], folder / "rewrite.log")
-    evaluate = [cli, "evaluate", p("slim.prototxt"), "", "--data", case.test, "--reference", p("proxy.prototxt"),
+    slim = "slim" if args.preset == "deeprebirth" else "slim_" + args.preset.split("+")[-1]
+    run([cli, "rewrite", p("proxy.prototxt"), p(f"{slim}.prototxt"), "--weights", p("proxy.caffemodel"),
+         "--out-weights", p(f"{slim}.caffemodel"), "--report", p(f"{slim}.json"), "--preset", args.preset],
+        folder / f"rewrite_{slim}.log")
+    evaluate = [cli, "evaluate", p(f"{slim}.prototxt"), "", "--data", case.test, "--reference", p("proxy.prototxt"),
                 p("proxy.caffemodel"), *case.transform, "--json", ""]
-    before = folder / "before.json"
+    before = folder / ("before.json" if slim == "slim" else f"before_{slim}.json")
     if not before.is_file():
-        run([*evaluate[:3], p("slim.caffemodel"), *evaluate[4:-1], str(before)], folder / "evaluate_before.log")
+        run([*evaluate[:3], p(f"{slim}.caffemodel"), *evaluate[4:-1], str(before)], folder / f"evaluate_{before.stem}.log")
     final = p(f"final_{tag}.caffemodel")
     started = time.perf_counter()
-    run([cli, "finetune", p("proxy.prototxt"), p("proxy.caffemodel"), p("slim.prototxt"), p("slim.caffemodel"),
-         "--report", p("slim.json"), "--data", str(Path(case.folder) / "train500.txt"), "--mode", "mimic",
+    run([cli, "finetune", p("proxy.prototxt"), p("proxy.caffemodel"), p(f"{slim}.prototxt"), p(f"{slim}.caffemodel"),
+         "--report", p(f"{slim}.json"), "--data", str(Path(case.folder) / "train500.txt"), "--mode", "mimic",
          "--budget", args.budget, *case.transform, *args.extra.split(), "--out", final, "--json",
          p(f"finetune_{tag}.json"), "--work-dir", p(f"work_{tag}")], folder / f"finetune_{tag}.log")
     seconds = time.perf_counter() - started
@@ -123,16 +127,22 @@ def main(argv: list[str] | None = None) -> int:
     b, a = json.loads(before.read_text()), json.loads(after.read_text())
     lines = [f"# ImageNet-size proxy: mimic fine-tuning in {args.budget} ({tag})", "",
              f"`.venv/bin/python benchmarks/imagenet_proxy.py --budget {args.budget}"
-             + (f" --tag {args.tag} --extra \"{args.extra}\"" if args.tag else "") + f"` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit()}, 1 OpenBLAS thread)."
+             + (f" --tag {args.tag} --extra \"{args.extra}\"" if args.tag else "")
+             + (f" --preset {args.preset}" if args.preset != "deeprebirth" else "")
+             + f"` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit()}, 1 OpenBLAS thread)."
              " The proxy: open_nsfw's real ResNet-50 trunk, a fixed random 1000-way head (see the script). 500 "
              "unlabelled flowers17 photos to fine-tune on, 272 test photos.", "",
              "| slim net | top-1 agreement with the proxy (test) | updates x batch | solver, rate, loss | wall time |",
              "|---|---|---|---|---|",
-             f"| before fine-tuning | {b['agreement']:.2%} | - | - | - |",
+             f"| before fine-tuning ({args.preset} rewrite) | {b['agreement']:.2%} | - | - | - |",
              (f"| after `finetune --mode mimic --budget {args.budget}` {args.extra} | {a['agreement']:.2%} | "
               f"{step['iterations']} x {report.get('batch')} | {step['solver']} {step['lr']:g}, {step['loss']} | "
               f"{seconds:.0f} s |"), "",
-             f"Search: {step.get('search')}; probes: {step.get('lr_search')}.", ""]
+             f"Search: {step.get('search')}; probes: {step.get('lr_search')}.", "",
+             "Refit rounds (images, layers refit, left as they were, held-out KL before -> after, kept, seconds): "
+             + "; ".join(f"{r['images']}, {r['layers']}, {len(r['skipped'])}, {r['kl_before']:.4g} -> "
+                         f"{r['kl_after']:.4g}, {r['kept']}, {r['seconds']} s" for r in step.get("refit") or [])
+             + ".", ""]
     out = HERE / "results" / f"imagenet_proxy{'_' + args.tag if args.tag else ''}.md"
     out.write_text("\n".join(lines))
     rc.log(f"wrote {out}: agreement {b['agreement']:.2%} -> {a['agreement']:.2%}")

@@ -18,8 +18,8 @@ shape are the same in both nets (or that is a part of a channel Concat's output 
 sample rows as X has columns (a fully connected layer over 1,024 features wants 1,025 images; with fewer it is left
 as it is). A Tucker chain's bias-free core and its 1x1 expand, whose blob the original has, are fit as one map onto
 that blob and split back at the core's rank (``reduced_rank``); the chain's 1x1 reduce, whose blob is new and
-which feeds no blob of the original's directly, stays as it is. The run keeps the refit weights only if they bring the slim net's held-out outputs closer to the
-original's (KL at T=1), and says so either way.
+which feeds no blob of the original's directly, stays as it is. The run keeps the refit weights only if they bring
+the slim net's held-out outputs closer to the original's (KL at T=1), and says so either way.
 
 Memory: the original runs once over the sample in chunks (as many images as ``NET_BYTES`` of both nets hold),
 keeping only each layer's target rows; the slim net runs one layer at a time over the chunks, its blobs that a later
@@ -214,30 +214,26 @@ def _input_rows(chunks: list[np.ndarray], plan: Plan, geometry: dict[str, ConvGe
 
 def _refit_one(slim_net: Any, k: int, plan: Plan, y: np.ndarray, x_rows: np.ndarray,
                new: dict[str, list[np.ndarray]]) -> str:
-    """Refit layer ``plan.name`` (index ``k``) in ``slim_net`` and ``new`` from its rows; returns why not, or ''."""
-    params = slim_net.params[plan.name]
-    w0 = np.asarray(params[0].data, dtype=np.float64).reshape(len(params[0].data), -1)
+    """Refit layer ``plan.name`` (index ``k``; with a Tucker core, its expand too) in ``slim_net`` and ``new`` from
+    its rows; returns why not, or ''."""
+    core = slim_net.params[plan.name]
+    last = slim_net.params[plan.expand] if plan.expand else core  # its output is what the target is of
+    w0 = np.asarray(core[0].data, dtype=np.float64).reshape(len(core[0].data), -1)
     if plan.expand:
-        outer = slim_net.params[plan.expand]
-        w0 = np.asarray(outer[0].data, dtype=np.float64).reshape(len(outer[0].data), -1) @ w0
-        params = [params[0], outer[1]]
-    b0 = np.asarray(params[1].data, dtype=np.float64).reshape(-1)
+        w0 = np.asarray(last[0].data, dtype=np.float64).reshape(len(last[0].data), -1) @ w0
+    b0 = np.asarray(last[1].data, dtype=np.float64).reshape(-1)
     y = y.astype(np.float64)
     alpha = choose_alpha(x_rows, y, plan.image, w0, b0, plan.relu)
     w, b = fit_layer(x_rows, y, w0, b0, plan.relu, alpha)
     if not (np.isfinite(w).all() and np.isfinite(b).all()):
         return "the fit was not finite"
     if plan.expand:
-        w, expand_w, b = reduced_rank(x_rows, w, b, len(params[0].data))
-        outer[0].data[...] = expand_w.reshape(outer[0].data.shape)
-    params[0].data[...] = w.reshape(params[0].data.shape)
-    params[1].data[...] = b.reshape(params[1].data.shape)
-    weight, bias = np.array(params[0].data, dtype=np.float32), np.array(params[1].data, dtype=np.float32)
-    if plan.expand:
-        new[plan.name] = [weight]
-        new[plan.expand] = [np.array(outer[0].data, dtype=np.float32), bias]
-    else:
-        new[plan.name] = [weight, bias]
+        w, expand_w, b = reduced_rank(x_rows, w, b, len(core[0].data))
+        last[0].data[...] = expand_w.reshape(last[0].data.shape)
+    core[0].data[...] = w.reshape(core[0].data.shape)
+    last[1].data[...] = b.reshape(last[1].data.shape)
+    for name in filter(None, (plan.name, plan.expand)):
+        new[name] = [np.array(blob.data, dtype=np.float32) for blob in slim_net.params[name]]
     return ""
 
 
