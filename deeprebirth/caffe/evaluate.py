@@ -40,11 +40,17 @@ def activations_per_image(graph: Graph) -> float:
     return float(sum(largest.values()))
 
 
+def images_within(budget_bytes: float, activations: float,
+                  bytes_per_activation: float = NET_BYTES_PER_ACTIVATION) -> int:
+    """How many images of ``activations`` each fit in ``budget_bytes`` (by default as a pycaffe net holds them;
+    4 for float32 numpy); may be 0."""
+    return int(budget_bytes // max(bytes_per_activation * activations, 1.0))
+
+
 def evaluation_batch(graph: Graph) -> int:
     """Images per forward pass where none is given: as many as ``EVALUATION_BYTES`` of the net holds, at most
     ``MAX_EVALUATION_BATCH`` (a ResNet-50 at 224x224, 8.8 M activations an image: 15; at 100 it held 7 GB)."""
-    per_image = NET_BYTES_PER_ACTIVATION * activations_per_image(graph)
-    return max(1, min(MAX_EVALUATION_BATCH, int(EVALUATION_BYTES // max(per_image, 1.0))))
+    return max(1, min(MAX_EVALUATION_BATCH, images_within(EVALUATION_BYTES, activations_per_image(graph))))
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ class LayerByLayer:
         self.net = net
         self.names = list(net._layer_names)
         self.chunks = dict(inputs)
-        self.last_read = {b: k for k, n in enumerate(self.names) for b in net.bottom_names[n]}
+        self.last_read = last_readers(net)
 
     def forward(self, k: int) -> None:
         """Run layer ``k`` on every chunk; keep its tops where a later layer reads them."""
@@ -42,11 +42,16 @@ class LayerByLayer:
                 del self.chunks[blob]
 
 
+def last_readers(net: Any) -> dict[str, int]:
+    """Each blob of ``net`` that a layer reads: the index of the last layer reading it."""
+    return {b: k for k, n in enumerate(net._layer_names) for b in net.bottom_names[n]}
+
+
 def live_activations_per_image(net: Any) -> float:
     """The most activations of one image that ``LayerByLayer`` keeps at once on ``net``: the blobs written so far
     that a later layer reads (a Split's tops are its bottom)."""
     names = list(net._layer_names)
-    last_read = {b: k for k, n in enumerate(names) for b in net.bottom_names[n]}
+    last_read = last_readers(net)
     live: dict[str, int] = {}
     most = 0
     for k, name in enumerate(names):

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from deeprebirth.caffe.data import Batches, PathLike
-from deeprebirth.caffe.evaluate import NET_BYTES_PER_ACTIVATION, NetIO, activations_per_image, predict, set_input
+from deeprebirth.caffe.evaluate import NetIO, activations_per_image, images_within, predict, set_input
 from deeprebirth.caffe.layer_by_layer import LayerByLayer, live_activations_per_image
 from deeprebirth.caffe.runtime import import_caffe
 from deeprebirth.finetune.context import Context
@@ -85,8 +85,7 @@ LayerProgress = Callable[[int, int, str], None]  # (layers done, layers to refit
 def chunk_size(images: int, activations_per_image: float) -> int:
     """Images per pass of the two pycaffe nets: all up to ``MAX_IMAGES``, fewer where both nets would pass
     ``NET_BYTES`` (open_nsfw at 224x224, 8.8 M activations an image: 15); at least 1."""
-    affordable = int(NET_BYTES // max(2.0 * NET_BYTES_PER_ACTIVATION * activations_per_image, 1.0))
-    return max(1, min(images, MAX_IMAGES, affordable))
+    return max(1, min(images, MAX_IMAGES, images_within(NET_BYTES, 2.0 * activations_per_image)))
 
 
 def sample_size(images: int, live_activations_per_image: float, seconds: float | None = None,
@@ -95,7 +94,7 @@ def sample_size(images: int, live_activations_per_image: float, seconds: float |
     between its layer-by-layer passes) would pass ``LIVE_BYTES``, or where, with ``seconds`` to the refit's
     deadline, the two nets' passes over them (each about the original's ``seconds_per_image``) would take more
     than ``FORWARD_SHARE`` of it; at least 8 (or all there are)."""
-    affordable = int(LIVE_BYTES // max(4.0 * live_activations_per_image, 1.0))
+    affordable = images_within(LIVE_BYTES, live_activations_per_image, bytes_per_activation=4.0)  # float32
     if seconds is not None and seconds_per_image > 0:
         affordable = min(affordable, int(FORWARD_SHARE * seconds / (2 * seconds_per_image)))
     return max(min(8, images), min(images, MAX_IMAGES, affordable))
