@@ -151,7 +151,8 @@ def refit_layers(slim_net: Any, original_net: Any, input_name: str, logits: str,
             result.skipped[name] = plan
         else:
             plans[name] = plan
-            expands.update([plan.expand] if plan.expand else [])
+            if plan.expand:
+                expands.add(plan.expand)
     targets = _target_rows(original_net, input_name, x, parts, plans)
     new = dict(weights)
     live = LayerByLayer(slim_net, {input_name: [x[p] for p in parts]})
@@ -163,7 +164,7 @@ def refit_layers(slim_net: Any, original_net: Any, input_name: str, logits: str,
             if progress is not None:
                 progress(todo.index(name) + 1, len(todo), name)
             rows = _input_rows(live.chunks[bottoms[name][0]], plans[name], geometry)
-            why = _refit_one(slim_net, k, plans[name], targets.pop(name), rows, new)
+            why = _refit_one(slim_net, plans[name], targets.pop(name), rows, new)
             if why:
                 result.skipped[name] = why
             else:
@@ -211,9 +212,8 @@ def _input_rows(chunks: list[np.ndarray], plan: Plan, geometry: dict[str, ConvGe
     return np.concatenate(found)
 
 
-def _refit_one(slim_net: Any, k: int, plan: Plan, y: np.ndarray, x_rows: np.ndarray,
-               new: dict[str, list[np.ndarray]]) -> str:
-    """Refit layer ``plan.name`` (index ``k``; with a Tucker core, its expand too) in ``slim_net`` and ``new`` from
+def _refit_one(slim_net: Any, plan: Plan, y: np.ndarray, x_rows: np.ndarray, new: dict[str, list[np.ndarray]]) -> str:
+    """Refit layer ``plan.name`` (with a Tucker core, its expand too) in ``slim_net`` and ``new`` from
     its rows; returns why not, or ''."""
     core = slim_net.params[plan.name]
     last = slim_net.params[plan.expand] if plan.expand else core  # its output is what the target is of
@@ -257,7 +257,7 @@ def _held_out_kl(slim_net: Any, reference: np.ndarray | None, input_name: str, l
 def refit_rounds(ctx: Context, store: Weights, original_weights: PathLike, seed: int, only_relearned: bool = False,
                  seconds: float | None = None, progress: LayerProgress | None = None,
                  seconds_per_image: float = 0.0) -> list[RefitResult]:
-    """Up to ``MAX_ROUNDS`` of ``refit_slim``, round k on the k-th sample of training images (``sample_size``: 256
+    """Up to ``MAX_ROUNDS`` rounds of ``refit_layers``, round k on the k-th sample of training images (``sample_size``: 256
     on a ResNet-50 at 224x224): another round while the last was kept and cut the held-out
     KL by ``MIN_ROUND_GAIN`` or more, and, under a time budget of ``seconds`` for the phase, took at most a third of
     what is left of it. Under a time budget the rounds end at ``TIME_SHARE`` of it, mid-round if need be, and a
