@@ -12,8 +12,8 @@ core = ``G``, expand = ``U_out``. With R1 = C and R2 = N the three convolutions 
 fine-tuning then improves. ``config.init == "filler"`` draws them from the conv's fillers instead.
 
 Ranks, per layer, by ``config.rank_method`` (see ``deeprebirth.weights.tucker``): "vbmf:0.5" (default: Kim et al.'s
-VBMF, raised to keep at least half of each unfolding's energy), "vbmf" (pure), "energy:F", "speedup:X", "ranks:R1,R2", "full". A factor whose chosen rank is full (R1 = C, e.g. GoogLeNet's conv1
-with C = 3) is an orthogonal change of basis: it is folded into the core and that 1x1 is not made (Tucker-1, as Kim
+VBMF, raised to keep at least half of each unfolding's energy), "vbmf" (pure), "energy:F", "speedup:X", "ranks:R1,R2", "full". A factor whose chosen rank is full (R1 = C, e.g. a conv that reads the net's
+input image, at most 4 channels: vbmf and energy keep them whole) is an orthogonal change of basis: it is folded into the core and that 1x1 is not made (Tucker-1, as Kim
 et al. do for the first layer), except with "full", which always builds all three so the decomposition itself can be
 verified.
 
@@ -54,6 +54,7 @@ from deeprebirth.weights.tucker import (
 
 NAME = "decompose_conv_tucker"
 PIECE = re.compile(r"_tucker_(reduce|core|expand)")  # in the name: a piece, or a layer later made from one
+IMAGE_CHANNELS = 4  # grey, RGB, RGBA: a net input this narrow is an image, whose channels vbmf and energy keep
 
 
 def rank_method(config: RuleConfig) -> RankMethod:
@@ -105,7 +106,8 @@ def match(graph: Graph, config: RuleConfig) -> Iterator[Match | Skip]:
             continue
         size = ConvSize(bottom[1], top[1], conv_geometry(conv.proto.convolution_param).kernel,
                         bottom[0] * bottom[2] * bottom[3], top[0] * top[2] * top[3])
-        ranks = choose_ranks(method, conv.blobs[0] if conv.blobs else None, size)
+        reads_image = size.c <= IMAGE_CHANNELS and not graph.producer(conv.bottoms[0]).bottoms
+        ranks = choose_ranks(method, conv.blobs[0] if conv.blobs else None, size, reads_image)
         if ranks is None:
             what = {"vbmf": "VBMF finds no component above the estimated noise (an untrained kernel?)",
                     "energy": "no energy in the kernel (all zero)"}.get(method.kind, "even ranks (1, 1) need more MACs")

@@ -140,6 +140,24 @@ def test_planted_ranks_found_by_vbmf_and_energy() -> None:
         assert graph.layer("conv_tucker_core").proto.convolution_param.num_output == 6, method
 
 
+def test_a_conv_on_the_image_keeps_its_colour_channels() -> None:
+    """An RGB input read by a 3x3 conv of random weights (each colour about a third of the energy): energy:0.5 cuts
+    the output mode only (no reduce: Tucker-1). The same conv behind another conv gets its 3-channel input cut to
+    2, as before."""
+    rgb = INPUT.replace("dim: 8", "dim: 3") + conv_text().replace("num_output: 12", "num_output: 32")
+    graph = graph_from_text(rgb, seed=0)
+    [change] = decompose(graph, "energy:0.5").changes
+    assert change.added == ["conv_tucker_core", "conv_tucker_expand"]
+    assert graph.layer("conv_tucker_core").proto.convolution_param.num_output < 32
+    inner = (INPUT + 'layer { name: "pre" type: "Convolution" bottom: "data" top: "x" convolution_param { '
+             'num_output: 3 kernel_size: 1 weight_filler { type: "xavier" } } }\n'
+             + conv_text().replace('bottom: "data"', 'bottom: "x"').replace("num_output: 12", "num_output: 32"))
+    graph = graph_from_text(inner, seed=0)
+    changes = decompose(graph, "energy:0.5").changes
+    assert [c.added for c in changes] == [["conv_tucker_reduce", "conv_tucker_core", "conv_tucker_expand"]]
+    assert graph.layer("conv_tucker_reduce").proto.convolution_param.num_output == 2
+
+
 def reasons(text: str, method: str = "vbmf", seed: int | None = 0) -> list[str]:
     graph = graph_from_text(text, seed=seed)
     report = decompose(graph, method)

@@ -20,8 +20,10 @@ from deeprebirth.weights.tucker import (
     evbmf_rank,
     parse_rank_method,
     speedup_ranks,
+    squared_singular_values,
     tucker2,
     tucker2_compose,
+    unfold,
     vbmf_ranks,
 )
 
@@ -194,3 +196,21 @@ def test_importing_tucker_needs_no_caffe_or_scipy() -> None:
             "print(json.dumps(sorted(m for m in ('caffe', 'scipy') if m in sys.modules)))")
     out = subprocess.check_output([sys.executable, "-c", "import json; " + code], cwd=Path(__file__).parents[2])
     assert json.loads(out) == []
+
+
+def test_a_colour_stem_keeps_its_input_channels() -> None:
+    """An RGB stem whose three input directions carry about a third of the energy each (flowers17's: 0.37, 0.33,
+    0.31): the energy floor alone would cut it to two colour channels; where the conv reads the net's input, vbmf
+    and energy keep all three (Tucker-1) and still cut the output mode. Elsewhere, and with explicit ranks, nothing
+    changes."""
+    rng = np.random.default_rng(2)
+    size = ConvSize(c=3, n=32, kernel=(5, 5), in_pixels=1024, out_pixels=256)
+    stem = rng.standard_normal((32, 3, 5, 5))
+    share = squared_singular_values(unfold(stem, 1))
+    assert share.min() / share.sum() > 0.25
+    floor = energy_ranks(stem, 0.5)
+    assert floor[0] == 2 and floor[1] < 32
+    for method in (RankMethod("vbmf", 0.5), RankMethod("energy", 0.5)):
+        assert choose_ranks(method, stem, size, reads_image=True) == (3, floor[1])
+        assert choose_ranks(method, stem, size) == floor
+    assert choose_ranks(parse_rank_method("ranks:2,8"), stem, size, reads_image=True) == (2, 8)
