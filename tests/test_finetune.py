@@ -383,3 +383,28 @@ def test_without_held_out_data_sgd_users_get_adam(nets: dict[str, str], tmp_path
     step = result.steps[0]
     assert (step.solver, step.lr, step.lr_search) == ("adam", 1e-4, {})
     assert result.held_out == 0 and step.iterations == 20
+
+
+def test_a_net_with_only_exact_changes_is_written_unchanged(nets: dict[str, str], tmp_path: Path) -> None:
+    """Every merge left out (here: the exact rules only, as when --max-drop keeps none): the slim net already computes
+    the original's outputs, so `finetune` trains nothing, whatever the budget, and says so."""
+    from deeprebirth.api import RewriteOptions
+
+    exact = {"slim": str(tmp_path / "exact.prototxt"), "slim_weights": str(tmp_path / "exact.caffemodel"),
+             "report": str(tmp_path / "exact.json")}
+    rewrite_files(nets["original"], exact["slim"], nets["original_weights"], exact["slim_weights"], exact["report"],
+                  RewriteOptions(rules="exact"))
+    assert not json.loads(Path(exact["report"]).read_text())["relearn"]
+    out = tmp_path / "final.caffemodel"
+    result = run({**nets, **exact}, out, options(budget="10m", schedule="whole"))
+    assert result.complete and result.steps == [] and "nothing to re-learn" in result.note
+    assert result.seconds < 60  # not the 10-minute budget
+    written, given = weights(out), weights(exact["slim_weights"])
+    assert written.keys() == given.keys()
+    assert all(np.array_equal(a, b) for name in given for a, b in zip(written[name], given[name]))
+    assert "nothing to re-learn" in json.loads((tmp_path / "final.finetune.json").read_text())["note"]
+    cli = CliRunner().invoke(main, ["finetune", nets["original"], nets["original_weights"], exact["slim"],
+                                    exact["slim_weights"], "--report", exact["report"], "--data", nets["data"],
+                                    "--out", str(tmp_path / "cli.caffemodel"), "--scale", "0.00390625"])
+    assert cli.exit_code == 0, cli.output
+    assert "nothing to re-learn" in cli.output and (tmp_path / "cli.caffemodel").is_file()

@@ -43,8 +43,11 @@ def finetune_command(original_prototxt: str, original_weights: str, slim_prototx
     result = api.finetune_files(original_prototxt, original_weights, slim_prototxt, slim_weights, report_path, data, out,
                             options, progress=FinetuneProgress())
     click.echo("", err=True)
-    click.echo(finetune_table(result.steps))
-    click.echo(f"batch {result.batch} ({result.batch_rule})")
+    if result.note:
+        click.echo(result.note)
+    else:
+        click.echo(finetune_table(result.steps))
+        click.echo(f"batch {result.batch} ({result.batch_rule})")
     if result.held_out:
         click.echo(f"held-out top-1 ({result.held_out} images): original {pct(result.original_accuracy)}, slim "
                    f"before fine-tuning {pct(result.slim_accuracy)}, after {pct(result.final_accuracy)}")

@@ -87,6 +87,8 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
     clock = Clock(budget.amount if budget.timed else None)  # loading the nets and data counts too
     ctx, store, state, fingerprint = prepare(original_prototxt, original_weights, slim_prototxt, slim_weights,
                                               report_path, data, out, options)
+    if not ctx.steps[-1].relearn:
+        return _nothing_to_relearn(ctx, store, out, options, budget, fingerprint, started)
     teacher = Teacher(ctx.original, ctx.original_proto, original_weights, NetIO.of(ctx.original).input)
     seconds_per_image = _forward_seconds_per_image(ctx, teacher)
     if "batch" not in state:  # a resumed run keeps the batch it started with
@@ -228,6 +230,27 @@ def resolve_refit(setting: str, schedule: str, budget: Budget, images: int, seco
     if setting == "auto" and budget.unit == "it":  # an iteration budget keeps the default batch: no pace rule
         return "off"
     return resolve_auto(setting, budget, images, seconds_per_image, BATCHES[-2])
+
+
+NOTHING_TO_RELEARN = ("nothing to re-learn: the rewrite report lists no lossy change (exact folds only, e.g. every "
+                      "merge left out by --max-drop), so the slim net already computes the original's outputs; its "
+                      "weights were written unchanged")
+
+
+def _nothing_to_relearn(ctx: Context, store: Weights, out: PathLike, options: FinetuneOptions, budget: Budget,
+                        fingerprint: str, started: float) -> FinetuneResult:
+    """Writes the slim net's weights as they are: distilling a net that already matches its teacher could only move
+    it away (and would spend the whole budget doing so)."""
+    caffe_io.write_caffemodel(out, ctx.slim.to_net(), store)
+    report = str(options.report or default_report(out))
+    result = FinetuneResult(options.mode, options.schedule, str(budget), [], [], True, 0, 0, None, None, None,
+                            str(out), report, str(ctx.work), time.perf_counter() - started,
+                            options.batch or DEFAULT_BATCH, "nothing trained", NOTHING_TO_RELEARN)
+    payload = result.to_json()
+    payload["options"] = options_json(options)
+    payload["fingerprint"] = fingerprint
+    write_text(Path(report), json.dumps(payload, indent=2))
+    return result
 
 
 def _forward_seconds_per_image(ctx: Context, teacher: Teacher) -> float:

@@ -156,6 +156,7 @@ class FinetuneResult:
     seconds: float  # this run's wall time
     batch: int = DEFAULT_BATCH
     batch_rule: str = ""  # why this batch size
+    note: str = ""  # why nothing was trained, where nothing was
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
