@@ -14,7 +14,13 @@ the proxy gives 52 distinct classes. Then, as a user would:
         [--preset deeprebirth+tucker]
 
 Writes benchmarks/results/imagenet_proxy[_TAG].md. Photos: flowers17 (``--flowers17``, as recovery_cases).
-It is a proxy: its head was never trained, so its class boundaries are arbitrary directions in feature space.
+It is a proxy: its head was never trained, so its class boundaries are arbitrary directions in feature space, and
+its top-1 margins are far thinner than a trained classifier's (the pessimistic side).
+
+``--head trained`` is the other side: the same trunk with a 17-way head trained here (softmax regression on the
+pooled features of the 500 photos, their flowers17 classes as labels), so its logits have a trained classifier's
+margins but only 17 classes. With it the table also has test top-1 against the labels, and ``--mode label`` runs
+fine-tuning with those labels (default ``mimic``: the labels are not read).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,41 +45,118 @@ import recovery_cases as rc
 
 HEAD = "fc_nsfw"  # open_nsfw's 2-way classifier, on the pooled features ("pool")
 CLASSES, SPREAD = 1000, 2.5
+FLOWER_CLASSES = 17  # --head trained
 
 
-def build_proxy(case: rc.Case, folder: Path) -> dict[str, float]:
-    """proxy.prototxt / proxy.caffemodel in ``folder``; returns how the head came out."""
+def pooled_features(prototxt: Path, caffemodel: Path, listing: Path, every: int = 1, chunk: int = 25) -> np.ndarray:
+    """The trunk's pooled features of every ``every``-th photo in ``listing`` (no mirror), as float64 rows, in
+    batches of ``chunk``."""
     from deeprebirth.caffe.data import Batches, open_data
     from deeprebirth.caffe.runtime import open_net
+
+    photos = open_data(listing, channels=3, input_size=(224, 224), transform=rc.NSFW_TRANSFORM)
+    batches = Batches(photos, rc.NSFW_TRANSFORM, (224, 224))
+    net = open_net(str(prototxt), str(caffemodel))
+    indices = np.arange(0, len(photos), every)
+    rows = []
+    for start in range(0, len(indices), chunk):
+        x = batches.batch(indices[start:start + chunk])
+        net.blobs["data"].reshape(*x.shape)
+        net.blobs["data"].data[...] = x
+        net.forward(end="pool")
+        rows.append(np.asarray(net.blobs["pool"].data, dtype=np.float64).reshape(len(x), -1))
+    return np.concatenate(rows)
+
+
+def flower_labels(listing: Path) -> np.ndarray:
+    """flowers17's class of each photo, from its folder (c1 ... c17)."""
+    lines = listing.read_text().split()
+    return np.array([int(re.search(r"/c(\d+)/", path).group(1)) - 1 for path in lines[0::2]])
+
+
+def relabel(listing: Path, out: Path) -> Path:
+    """``listing`` with each photo's flowers17 class as its label (the open_nsfw case lists them all as 0)."""
+    paths = listing.read_text().split()[0::2]
+    out.write_text("".join(f"{path} {label}\n" for path, label in zip(paths, flower_labels(listing))))
+    return out
+
+
+def softmax_regression(features: np.ndarray, labels: np.ndarray, classes: int, decay: float = 1e-2,
+                       iterations: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """A linear classifier on standardised features (full-batch gradient descent with momentum, L2 ``decay``),
+    returned as weights and bias on the raw features."""
+    mean, std = features.mean(axis=0), features.std(axis=0) + 1e-6
+    z = (features - mean) / std
+    onehot = np.eye(classes)[labels]
+    w, b = np.zeros((classes, z.shape[1])), np.zeros(classes)
+    vw, vb = np.zeros_like(w), np.zeros_like(b)
+    for _ in range(iterations):
+        logits = z @ w.T + b
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        g = (p - onehot) / len(z)
+        vw = 0.9 * vw - 0.5 * (g.T @ z + decay * w)
+        vb = 0.9 * vb - 0.5 * g.sum(axis=0)
+        w, b = w + vw, b + vb
+    return w / std, b - (w / std) @ mean
+
+
+def build_proxy(case: rc.Case, folder: Path, head: str) -> dict[str, float]:
+    """The proxy's prototxt / caffemodel in ``folder`` (proxy.* for the random head, proxy_trained.* for the trained
+    one); returns how the head came out."""
     from deeprebirth.io import caffe_io
     from deeprebirth.ir.model import load_model
 
     original = Path(case.folder)
+    classes = CLASSES if head == "random" else FLOWER_CLASSES
+    name = "proxy" if head == "random" else "proxy_trained"
     text = (original / "original.prototxt").read_text()
-    head = text.index(f'name: "{HEAD}"')
-    text = text[:head] + re.sub(r"num_output:\s*2\b", f"num_output: {CLASSES}", text[head:], count=1)
-    prototxt = folder / "proxy.prototxt"
+    at = text.index(f'name: "{HEAD}"')
+    text = text[:at] + re.sub(r"num_output:\s*2\b", f"num_output: {classes}", text[at:], count=1)
+    prototxt = folder / f"{name}.prototxt"
     prototxt.write_text(text)
     weights = caffe_io.read_weights(original / "original.caffemodel")
-    features = weights[HEAD][0].shape[1]
-    w = np.random.default_rng(0).standard_normal((CLASSES, features)) / np.sqrt(features)
-    weights[HEAD] = [w.astype(np.float32), np.zeros(CLASSES, np.float32)]
     graph = load_model(prototxt)
-    caffemodel = folder / "proxy.caffemodel"
+    caffemodel = folder / f"{name}.caffemodel"
+    zeros = np.zeros((classes, weights[HEAD][0].shape[1]), np.float32)  # the head is not read before it is set
+    caffe_io.write_caffemodel(caffemodel, graph.to_net(), weights | {HEAD: [zeros, zeros[:, 0]]})
+    if head == "random":  # scaled on every 8th photo, in one batch (as the proxy has always been built)
+        f = pooled_features(prototxt, caffemodel, original / "train500.txt", every=8, chunk=500)
+        w = np.random.default_rng(0).standard_normal((CLASSES, f.shape[1])) / np.sqrt(f.shape[1])
+        mean = f.mean(axis=0)
+        logits = (f - mean) @ w.T
+        scale = SPREAD / float(logits.std(axis=1).mean())
+        w, b = w * scale, -(w @ mean) * scale
+        found = {"distinct_top1": len(set((logits * scale).argmax(1).tolist()))}
+    else:
+        f = pooled_features(prototxt, caffemodel, original / "train500.txt")
+        w, b = softmax_regression(f, flower_labels(original / "train500.txt"), FLOWER_CLASSES)
+        test = pooled_features(prototxt, caffemodel, original / "test272.txt")
+        found = {"train_top1": float(((f @ w.T + b).argmax(1) == flower_labels(original / "train500.txt")).mean()),
+                 "test_top1": float(((test @ w.T + b).argmax(1) == flower_labels(original / "test272.txt")).mean())}
+    weights[HEAD] = [w.astype(np.float32), b.astype(np.float32)]
     caffe_io.write_caffemodel(caffemodel, graph.to_net(), weights)
-    photos = open_data(original / "train500.txt", channels=3, input_size=(224, 224), transform=rc.NSFW_TRANSFORM)
-    x = Batches(photos, rc.NSFW_TRANSFORM, (224, 224)).batch(np.arange(0, len(photos), 8))
-    net = open_net(str(prototxt), str(caffemodel))
-    net.blobs["data"].reshape(*x.shape)
-    net.blobs["data"].data[...] = x
-    net.forward(end="pool")
-    f = np.asarray(net.blobs["pool"].data, dtype=np.float64).reshape(len(x), -1)
-    mean = f.mean(axis=0)
-    logits = (f - mean) @ w.T
-    scale = SPREAD / float(logits.std(axis=1).mean())
-    weights[HEAD] = [(w * scale).astype(np.float32), (-(w @ mean) * scale).astype(np.float32)]
-    caffe_io.write_caffemodel(caffemodel, graph.to_net(), weights)
-    return {"photos": len(x), "distinct_top1": len(set((logits * scale).argmax(1).tolist()))}
+    return {"photos": len(f), **found}
+
+
+def choice_lines(report: Path) -> list[str]:
+    """What ``rewrite --max-drop`` kept and left out, from its report (nothing without --max-drop)."""
+    accuracy = json.loads(report.read_text()).get("accuracy")
+    if not accuracy:
+        return []
+    rows = [f"- {'kept' if d['kept'] else 'left out'}: {d['summary']} (saves {d['time_saved_pct']:.1f}% of the "
+            f"net's Caffe time): {d['reason']}" for d in accuracy["decisions"] if d["risk"] == "lossy"]
+    return [(f"`rewrite --max-drop {accuracy['max_drop']:g} --budget {accuracy['budget']}` "
+            f"(risk runs {accuracy['seconds']:.0f} s):"), "", *rows, ""]
+
+
+def refit_line(step: dict[str, Any]) -> str:
+    rounds = []
+    for r in step.get("refit") or []:
+        kl = f"{r['kl_before']:.4g} -> {r['kl_after']:.4g}" if r["kl_before"] is not None else "-"
+        rounds.append(f"{r['images']}, {r['layers']}, {len(r['skipped'])}, {kl}, {r['kept']}, {r['seconds']} s")
+    return ("Refit rounds (images, layers refit, left as they were, held-out KL before -> after, kept, seconds): "
+            + ("; ".join(rounds) or "none") + ".")
 
 
 def commit() -> str:
@@ -94,56 +178,88 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra", default="", help="more finetune flags, e.g. \"--solver adam\"")
     parser.add_argument("--tag", default="")
     parser.add_argument("--preset", default="deeprebirth", help="the rewrite's preset (deeprebirth+tucker: slim_tucker.*)")
+    parser.add_argument("--head", choices=("random", "trained"), default="random")
+    parser.add_argument("--max-drop", default="", help="rewrite with --data (the 500 photos) --max-drop P --budget")
+    parser.add_argument("--mode", choices=("mimic", "label"), default="mimic", help="label: --head trained only")
     parser.add_argument("--cache", type=Path, default=rc.CACHE)
     parser.add_argument("--flowers17", type=Path, default=rc.FLOWERS17)
     args = parser.parse_args(argv)
+    if args.mode == "label" and args.head == "random":
+        parser.error("--mode label needs --head trained (the random head has no labels)")
     case = rc.prepare(["open_nsfw"], args.cache, False, args.flowers17)["open_nsfw"]
     folder = Path(case.folder) / "imagenet_proxy"
     folder.mkdir(exist_ok=True)
-    head = build_proxy(case, folder)
-    rc.log(f"[proxy] built: {head['distinct_top1']} distinct top-1 classes over {head['photos']} photos")
+    head = build_proxy(case, folder, args.head)
+    rc.log(f"[proxy] built: {head}")
     cli, p = rc.deeprebirth_cli(), lambda name: str(folder / name)
+    trained = args.head == "trained"
+    prefix = "trained_" if trained else ""  # the random head's files keep their names
+    proxy = "proxy_trained" if trained else "proxy"
+    train, test = Path(case.folder) / "train500.txt", Path(case.test)
+    if trained:
+        train, test = relabel(train, folder / "train500_labels.txt"), relabel(test, folder / "test272_labels.txt")
     tag = args.tag or "default"
-    slim = "slim" if args.preset == "deeprebirth" else "slim_" + args.preset.split("+")[-1]
-    run([cli, "rewrite", p("proxy.prototxt"), p(f"{slim}.prototxt"), "--weights", p("proxy.caffemodel"),
-         "--out-weights", p(f"{slim}.caffemodel"), "--report", p(f"{slim}.json"), "--preset", args.preset],
+    slim = prefix + ("slim" if args.preset == "deeprebirth" else "slim_" + args.preset.split("+")[-1])
+    accuracy_aware = ["--data", str(train), "--max-drop", args.max_drop, "--budget", args.budget, *case.transform]
+    if args.max_drop:
+        slim += f"_maxdrop{args.max_drop}"
+    run([cli, "rewrite", p(f"{proxy}.prototxt"), p(f"{slim}.prototxt"), "--weights", p(f"{proxy}.caffemodel"),
+         "--out-weights", p(f"{slim}.caffemodel"), "--report", p(f"{slim}.json"), "--preset", args.preset,
+         *(accuracy_aware if args.max_drop else [])],
         folder / f"rewrite_{slim}.log")
-    evaluate = [cli, "evaluate", p(f"{slim}.prototxt"), "", "--data", case.test, "--reference", p("proxy.prototxt"),
-                p("proxy.caffemodel"), *case.transform, "--json", ""]
+    evaluate = [cli, "evaluate", p(f"{slim}.prototxt"), "", "--data", str(test), "--reference", p(f"{proxy}.prototxt"),
+                p(f"{proxy}.caffemodel"), *case.transform, "--json", ""]
     before = folder / ("before.json" if slim == "slim" else f"before_{slim}.json")
     if not before.is_file():
         run([*evaluate[:3], p(f"{slim}.caffemodel"), *evaluate[4:-1], str(before)], folder / f"evaluate_{before.stem}.log")
-    final = p(f"final_{tag}.caffemodel")
+    final = p(f"final_{prefix}{tag}.caffemodel")
     started = time.perf_counter()
-    run([cli, "finetune", p("proxy.prototxt"), p("proxy.caffemodel"), p(f"{slim}.prototxt"), p(f"{slim}.caffemodel"),
-         "--report", p(f"{slim}.json"), "--data", str(Path(case.folder) / "train500.txt"), "--mode", "mimic",
+    run([cli, "finetune", p(f"{proxy}.prototxt"), p(f"{proxy}.caffemodel"), p(f"{slim}.prototxt"),
+         p(f"{slim}.caffemodel"), "--report", p(f"{slim}.json"), "--data", str(train), "--mode", args.mode,
          "--budget", args.budget, *case.transform, *args.extra.split(), "--out", final, "--json",
-         p(f"finetune_{tag}.json"), "--work-dir", p(f"work_{tag}")], folder / f"finetune_{tag}.log")
+         p(f"finetune_{prefix}{tag}.json"), "--work-dir", p(f"work_{prefix}{tag}")],
+        folder / f"finetune_{prefix}{tag}.log")
     seconds = time.perf_counter() - started
-    after = folder / f"after_{tag}.json"
-    run([*evaluate[:3], final, *evaluate[4:-1], str(after)], folder / f"evaluate_{tag}.log")
-    report = json.loads((folder / f"finetune_{tag}.json").read_text())
-    step = report["steps"][-1]
+    after = folder / f"after_{prefix}{tag}.json"
+    run([*evaluate[:3], final, *evaluate[4:-1], str(after)], folder / f"evaluate_{prefix}{tag}.log")
+    report = json.loads((folder / f"finetune_{prefix}{tag}.json").read_text())
     b, a = json.loads(before.read_text()), json.loads(after.read_text())
-    lines = [f"# ImageNet-size proxy: mimic fine-tuning in {args.budget} ({tag})", "",
-             f"`.venv/bin/python benchmarks/imagenet_proxy.py --budget {args.budget}"
-             + (f" --tag {args.tag} --extra \"{args.extra}\"" if args.tag else "")
-             + (f" --preset {args.preset}" if args.preset != "deeprebirth" else "")
-             + f"` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit()}, 1 OpenBLAS thread)."
-             " The proxy: open_nsfw's real ResNet-50 trunk, a fixed random 1000-way head (see the script). 500 "
-             "unlabelled flowers17 photos to fine-tune on, 272 test photos.", "",
-             "| slim net | top-1 agreement with the proxy (test) | updates x batch | solver, rate, loss | wall time |",
-             "|---|---|---|---|---|",
-             f"| before fine-tuning ({args.preset} rewrite) | {b['agreement']:.2%} | - | - | - |",
-             (f"| after `finetune --mode mimic --budget {args.budget}` {args.extra} | {a['agreement']:.2%} | "
-              f"{step['iterations']} x {report.get('batch')} | {step['solver']} {step['lr']:g}, {step['loss']} | "
-              f"{seconds:.0f} s |"), "",
-             f"Search: {step.get('search')}; probes: {step.get('lr_search')}.", "",
-             "Refit rounds (images, layers refit, left as they were, held-out KL before -> after, kept, seconds): "
-             + "; ".join(f"{r['images']}, {r['layers']}, {len(r['skipped'])}, {r['kl_before']:.4g} -> "
-                         f"{r['kl_after']:.4g}, {r['kept']}, {r['seconds']} s" for r in step.get("refit") or [])
-             + ".", ""]
-    out = HERE / "results" / f"imagenet_proxy{'_' + args.tag if args.tag else ''}.md"
+    command = (f"`.venv/bin/python benchmarks/imagenet_proxy.py --budget {args.budget}"
+               + (f" --tag {args.tag} --extra \"{args.extra}\"" if args.tag else "")
+               + (f" --preset {args.preset}" if args.preset != "deeprebirth" else "")
+               + (f" --head trained --mode {args.mode}" if trained else "")
+               + (f" --max-drop {args.max_drop}" if args.max_drop else "")
+               + f"` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit()}, 1 OpenBLAS thread).")
+    if trained:
+        about = (f" The proxy: open_nsfw's real ResNet-50 trunk with a 17-way head trained here on the 500 photos' "
+                 f"flowers17 classes (softmax regression on the pooled features: top-1 {head['train_top1']:.2%} on "
+                 f"them, {head['test_top1']:.2%} on the 272 test photos). Fine-tuned on the 500 photos "
+                 + ("with their labels." if args.mode == "label" else "without labels."))
+        columns = "| slim net | test top-1 (labels) | top-1 agreement with the proxy | updates x batch | solver, rate, loss | wall time |"
+        original = [f"| the proxy itself | {b['reference_top1']:.2%} | 100% | - | - | - |"]
+    else:
+        about = (" The proxy: open_nsfw's real ResNet-50 trunk, a fixed random 1000-way head (see the script). 500 "
+                 "unlabelled flowers17 photos to fine-tune on, 272 test photos.")
+        columns = "| slim net | top-1 agreement with the proxy (test) | updates x batch | solver, rate, loss | wall time |"
+        original = []
+
+    def row(result: dict[str, float]) -> str:
+        return (f"{result['top1']:.2%} | " if trained else "") + f"{result['agreement']:.2%}"
+
+    finetuned = f"| after `finetune --mode {args.mode} --budget {args.budget}` {args.extra} | {row(a)} | "
+    if report["steps"]:
+        step = report["steps"][-1]
+        finetuned += (f"{step['iterations']} x {report.get('batch')} | {step['solver']} {step['lr']:g}, "
+                      f"{step['loss']} | {seconds:.0f} s |")
+        details = [f"Search: {step.get('search')}; probes: {step.get('lr_search')}.", "", refit_line(step), ""]
+    else:
+        finetuned += f"- | - | {seconds:.0f} s |"
+        details = [f"`finetune`: {report.get('note')}.", ""]
+    lines = [f"# ImageNet-size proxy ({args.head} head): {args.mode} fine-tuning in {args.budget} ({tag})", "",
+             command + about, "", columns, "|---" * (columns.count("|") - 1) + "|", *original,
+             f"| before fine-tuning ({args.preset} rewrite) | {row(b)} | - | - | - |", finetuned, "",
+             *choice_lines(Path(p(f"{slim}.json"))), *details]
+    out = HERE / "results" / f"imagenet_proxy{'_' + prefix[:-1] if prefix else ''}{'_' + args.tag if args.tag else ''}.md"
     out.write_text("\n".join(lines))
     rc.log(f"wrote {out}: agreement {b['agreement']:.2%} -> {a['agreement']:.2%}")
     return 0
