@@ -12,10 +12,11 @@ core = ``G``, expand = ``U_out``. With R1 = C and R2 = N the three convolutions 
 fine-tuning then improves. ``config.init == "filler"`` draws them from the conv's fillers instead.
 
 Ranks, per layer, by ``config.rank_method`` (see ``deeprebirth.weights.tucker``): "vbmf:0.5" (default: Kim et al.'s
-VBMF, raised to keep at least half of each unfolding's energy), "vbmf" (pure), "energy:F", "speedup:X", "ranks:R1,R2", "full". A factor whose chosen rank is full (R1 = C, e.g. a conv that reads the net's
-input image, at most 4 channels: vbmf and energy keep them whole) is an orthogonal change of basis: it is folded into the core and that 1x1 is not made (Tucker-1, as Kim
-et al. do for the first layer), except with "full", which always builds all three so the decomposition itself can be
-verified.
+VBMF, raised to keep at least half of each unfolding's energy), "vbmf" (pure), "energy:F", "speedup:X",
+"ranks:R1,R2", "full". A factor whose chosen rank is full (R1 = C, e.g. a conv that reads the net's input image of at
+most 4 channels, whose channels vbmf and energy keep whole) is an orthogonal change of basis: it is folded into the
+core and that 1x1 is not made (Tucker-1, as Kim et al. do for the first layer), except with "full", which always
+builds all three so the decomposition itself can be verified.
 
 MACs (P_in, P_out = input and output pixels): ``P_in*C*R1 + P_out*R1*R2*kh*kw + P_out*R2*N`` against
 ``P_out*C*N*kh*kw``.
