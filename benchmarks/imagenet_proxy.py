@@ -129,10 +129,10 @@ def build_proxy(case: rc.Case, folder: Path, head: str) -> dict[str, float]:
         w, b = w * scale, -(w @ mean) * scale
         found = {"distinct_top1": len(set((logits * scale).argmax(1).tolist()))}
     else:
-        f = pooled_features(prototxt, caffemodel, original / "train500.txt")
-        w, b = softmax_regression(f, flower_labels(original / "train500.txt"), FLOWER_CLASSES)
+        f, labels = pooled_features(prototxt, caffemodel, original / "train500.txt"), flower_labels(original / "train500.txt")
+        w, b = softmax_regression(f, labels, FLOWER_CLASSES)
         test = pooled_features(prototxt, caffemodel, original / "test272.txt")
-        found = {"train_top1": float(((f @ w.T + b).argmax(1) == flower_labels(original / "train500.txt")).mean()),
+        found = {"train_top1": float(((f @ w.T + b).argmax(1) == labels).mean()),
                  "test_top1": float(((test @ w.T + b).argmax(1) == flower_labels(original / "test272.txt")).mean())}
     weights[HEAD] = [w.astype(np.float32), b.astype(np.float32)]
     caffe_io.write_caffemodel(caffemodel, graph.to_net(), weights)
@@ -200,12 +200,13 @@ def main(argv: list[str] | None = None) -> int:
         train, test = relabel(train, folder / "train500_labels.txt"), relabel(test, folder / "test272_labels.txt")
     tag = args.tag or "default"
     slim = prefix + ("slim" if args.preset == "deeprebirth" else "slim_" + args.preset.split("+")[-1])
-    accuracy_aware = ["--data", str(train), "--max-drop", args.max_drop, "--budget", args.budget, *case.transform]
+    accuracy_aware = []
     if args.max_drop:
         slim += f"_maxdrop{args.max_drop}"
+        accuracy_aware = ["--data", str(train), "--max-drop", args.max_drop, "--budget", args.budget, *case.transform]
     run([cli, "rewrite", p(f"{proxy}.prototxt"), p(f"{slim}.prototxt"), "--weights", p(f"{proxy}.caffemodel"),
          "--out-weights", p(f"{slim}.caffemodel"), "--report", p(f"{slim}.json"), "--preset", args.preset,
-         *(accuracy_aware if args.max_drop else [])],
+         *accuracy_aware],
         folder / f"rewrite_{slim}.log")
     evaluate = [cli, "evaluate", p(f"{slim}.prototxt"), "", "--data", str(test), "--reference", p(f"{proxy}.prototxt"),
                 p(f"{proxy}.caffemodel"), *case.transform, "--json", ""]

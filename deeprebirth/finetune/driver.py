@@ -133,12 +133,18 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
                             str(out) if complete else None, report, str(ctx.work), time.perf_counter() - started,
                             batch, state["batch_rule"])
     if report is not None:
-        payload = result.to_json()
-        payload["options"] = options_json(options)
-        payload["fingerprint"] = fingerprint
-        write_text(Path(report), json.dumps(payload, indent=2))
+        _write_report(result, options, fingerprint)
     notify(Progress("finished", len(finished), len(ctx.steps)))
     return result
+
+
+def _write_report(result: FinetuneResult, options: FinetuneOptions, fingerprint: str) -> None:
+    """The JSON report at ``result.report``: the result, the options it ran with and the inputs' fingerprint."""
+    assert result.report is not None
+    payload = result.to_json()
+    payload["options"] = options_json(options)
+    payload["fingerprint"] = fingerprint
+    write_text(Path(result.report), json.dumps(payload, indent=2))
 
 
 def _run_steps(ctx: Context, store: Weights, state: dict[str, Any], finished: dict[int, StepResult],
@@ -242,14 +248,11 @@ def _nothing_to_relearn(ctx: Context, store: Weights, out: PathLike, options: Fi
     """Writes the slim net's weights as they are: distilling a net that already matches its teacher could only move
     it away (and would spend the whole budget doing so)."""
     caffe_io.write_caffemodel(out, ctx.slim.to_net(), store)
-    report = str(options.report or default_report(out))
     result = FinetuneResult(options.mode, options.schedule, str(budget), [], [], True, 0, 0, None, None, None,
-                            str(out), report, str(ctx.work), time.perf_counter() - started,
-                            options.batch or DEFAULT_BATCH, "nothing trained", NOTHING_TO_RELEARN)
-    payload = result.to_json()
-    payload["options"] = options_json(options)
-    payload["fingerprint"] = fingerprint
-    write_text(Path(report), json.dumps(payload, indent=2))
+                            str(out), str(options.report or default_report(out)), str(ctx.work),
+                            time.perf_counter() - started, options.batch or DEFAULT_BATCH, "nothing trained",
+                            NOTHING_TO_RELEARN)
+    _write_report(result, options, fingerprint)
     return result
 
 

@@ -257,8 +257,8 @@ def _held_out_kl(slim_net: Any, reference: np.ndarray | None, input_name: str, l
 def refit_rounds(ctx: Context, store: Weights, original_weights: PathLike, seed: int, only_relearned: bool = False,
                  seconds: float | None = None, progress: LayerProgress | None = None,
                  seconds_per_image: float = 0.0) -> list[RefitResult]:
-    """Up to ``MAX_ROUNDS`` rounds of ``refit_layers``, round k on the k-th sample of training images (``sample_size``: 256
-    on a ResNet-50 at 224x224): another round while the last was kept and cut the held-out
+    """Up to ``MAX_ROUNDS`` rounds of ``refit_layers``, round k on the k-th sample of training images
+    (``sample_size``: 256 on a ResNet-50 at 224x224): another round while the last was kept and cut the held-out
     KL by ``MIN_ROUND_GAIN`` or more, and, under a time budget of ``seconds`` for the phase, took at most a third of
     what is left of it. Under a time budget the rounds end at ``TIME_SHARE`` of it, mid-round if need be, and a
     round's sample is what fits the time to that end (``sample_size``; ``seconds_per_image``: the original's forward
