@@ -129,7 +129,8 @@ def build_proxy(case: rc.Case, folder: Path, head: str) -> dict[str, float]:
         w, b = w * scale, -(w @ mean) * scale
         found = {"distinct_top1": len(set((logits * scale).argmax(1).tolist()))}
     else:
-        f, labels = pooled_features(prototxt, caffemodel, original / "train500.txt"), flower_labels(original / "train500.txt")
+        f = pooled_features(prototxt, caffemodel, original / "train500.txt")
+        labels = flower_labels(original / "train500.txt")
         w, b = softmax_regression(f, labels, FLOWER_CLASSES)
         test = pooled_features(prototxt, caffemodel, original / "test272.txt")
         found = {"train_top1": float(((f @ w.T + b).argmax(1) == labels).mean()),
