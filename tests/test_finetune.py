@@ -408,3 +408,42 @@ def test_a_net_with_only_exact_changes_is_written_unchanged(nets: dict[str, str]
                                     "--out", str(tmp_path / "cli.caffemodel"), "--scale", "0.00390625"])
     assert cli.exit_code == 0, cli.output
     assert "nothing to re-learn" in cli.output and (tmp_path / "cli.caffemodel").is_file()
+
+
+def test_the_originals_dropout_trains_again_but_the_written_net_has_none(nets: dict[str, str],
+                                                                          tmp_path: Path) -> None:
+    out, work = tmp_path / "final.caffemodel", tmp_path / "work"
+    assert "Dropout" not in Path(nets["slim"]).read_text()  # the rewrite took it out: the identity at inference
+    result = run(nets, out, options(schedule="whole", budget="10it", patience=0, work_dir=work))
+    assert result.steps[0].dropout == ["drop"]
+    train = caffe_io.read_prototxt(next(work.glob("*train*.prototxt")))
+    names = [layer.name for layer in train.layer]
+    drop = train.layer[names.index("drop")]
+    assert names.index("drop") == names.index("gap") + 1  # in place on the pooled features, before the classifier
+    assert list(drop.bottom) == list(drop.top) == ["gap"] and drop.dropout_param.dropout_ratio == pytest.approx(0.4)
+    assert sum(layer.type == "Dropout" for layer in train.layer) == 1  # the embedded original leaves its own out
+    assert "Dropout" not in Path(nets["slim"]).read_text()
+    assert set(caffe_io.read_weights(out)) == set(caffe_io.read_weights(nets["slim_weights"]))
+
+
+def test_restore_dropout_puts_each_one_after_the_last_writer_of_its_blob() -> None:
+    from deeprebirth.finetune.train import restore_dropout
+
+    original = caffe_io.parse_prototxt(
+        'layer { name: "fc6" type: "InnerProduct" bottom: "x" top: "fc6" }\n'
+        'layer { name: "relu6" type: "ReLU" bottom: "fc6" top: "fc6" }\n'
+        'layer { name: "drop6" type: "Dropout" bottom: "fc6" top: "fc6" dropout_param { dropout_ratio: 0.5 } }\n'
+        'layer { name: "fc7" type: "InnerProduct" bottom: "fc6" top: "fc7" }\n'
+        'layer { name: "drop7" type: "Dropout" bottom: "fc7" top: "fc7_dropped" dropout_param { dropout_ratio: 0.3 } }\n'
+        'layer { name: "fc8" type: "InnerProduct" bottom: "fc7_dropped" top: "fc8" }\n'
+        'layer { name: "gone" type: "Dropout" bottom: "merged_away" top: "merged_away" }\n')
+    slim = caffe_io.parse_prototxt(
+        'layer { name: "fc6" type: "InnerProduct" bottom: "x" top: "fc6" }\n'
+        'layer { name: "relu6" type: "ReLU" bottom: "fc6" top: "fc6" }\n'
+        'layer { name: "fc7" type: "InnerProduct" bottom: "fc6" top: "fc7" }\n'
+        'layer { name: "drop7" type: "Dropout" bottom: "fc7" top: "fc7" dropout_param { dropout_ratio: 0.1 } }\n'
+        'layer { name: "fc8" type: "InnerProduct" bottom: "fc7" top: "fc8" }\n')
+    assert restore_dropout(slim, original) == ["drop6"]  # fc7 has one already; nothing writes "merged_away"
+    assert [layer.name for layer in slim.layer] == ["fc6", "relu6", "drop6", "fc7", "drop7", "fc8"]
+    assert slim.layer[2].dropout_param.dropout_ratio == pytest.approx(0.5) and list(slim.layer[2].top) == ["fc6"]
+    assert slim.layer[4].dropout_param.dropout_ratio == pytest.approx(0.1)  # a Dropout the net has is left alone

@@ -147,6 +147,8 @@ def finetune_table(steps: Sequence[Any]) -> str:
         reuse = "" if s.teacher_reuse is None else f", the original's outputs reused for {s.teacher_reuse:.0%}"
         lines.append(f"phase {s.index}: learning rate {s.lr:.3g} {s.solver} ({s.search or 'no search'}); loss "
                      f"{s.loss or '-'}; {s.iterations} updates, {s.images_per_second:.0f} training images/s{reuse}")
+        if s.dropout:
+            lines.append(f"  trained with the original's Dropout again: {', '.join(s.dropout)}")
         lines += [f"  backed off: {b}" for b in s.backoffs]
         if s.refit is not None:
             lines.append("  " + refit_text(s.refit))

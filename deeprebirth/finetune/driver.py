@@ -350,4 +350,4 @@ def _run_step(ctx: Context, step: Step, store: Weights, teacher: Teacher, cache:
                       b.get("blob_error"), a.get("blob_error"), b.get("output_error"), a.get("output_error"),
                       b.get("agreement"), a.get("agreement"), outcome.seconds, outcome.evaluations, outcome.loss,
                       outcome.backoffs, outcome.search_note, outcome.images_per_second,
-                      (cache.reused - reused) / served if served else None)
+                      (cache.reused - reused) / served if served else None, dropout=spec.dropout)

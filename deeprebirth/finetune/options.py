@@ -112,6 +112,7 @@ class StepResult:
     images_per_second: float = 0.0  # training images per second of solver steps
     teacher_reuse: float | None = None  # share of the original's training outputs served from memory
     refit: list[dict[str, Any]] | None = None  # the least-squares start's rounds (``RefitResult.to_json``)
+    dropout: list[str] = field(default_factory=list)  # the original's Dropout layers it trained with
 
 
 @dataclass

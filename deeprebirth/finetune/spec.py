@@ -25,7 +25,7 @@ from deeprebirth.finetune.options import FinetuneOptions
 from deeprebirth.finetune.phase_types import PhaseSpec
 from deeprebirth.finetune.state import Weights
 from deeprebirth.finetune.steps import Step, StepNet, build_step_net
-from deeprebirth.finetune.train import training_net
+from deeprebirth.finetune.train import restore_dropout, training_net
 from deeprebirth.ir.graph import GraphError
 
 
@@ -104,6 +104,7 @@ def phase_spec(ctx: Context, step: Step, store: Weights, teacher: Teacher, optio
     assert options.batch is not None
     counts = blob_counts(ctx, train_student, store)
     net = training_net(train_student.net, train_student.factor, counts, options.batch, "none", "")
+    dropout = restore_dropout(net, ctx.original.to_net())
     compare: dict[str, tuple[str, str]] = {}
     hints: list[str] = []
     if not step.final:
@@ -135,7 +136,8 @@ def phase_spec(ctx: Context, step: Step, store: Weights, teacher: Teacher, optio
                      options.mode == "label" and "label" in [p.name for p in net.layer], options.temperature,
                      options.kd_weight,
                      teacher_name(ctx.logits) if cached_teacher and target in ("labels+kd", "kd") else None,
-                     loss_label(loss, options.temperature) + (f" + {len(hints)} hints" if hints else ""))
+                     loss_label(loss, options.temperature) + (f" + {len(hints)} hints" if hints else ""),
+                     dropout)
     return spec, train_student, target
 
 

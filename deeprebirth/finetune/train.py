@@ -78,6 +78,34 @@ def training_net(deploy: pb.NetParameter, factor: dict[str, float], blobs: dict[
     return net
 
 
+def restore_dropout(net: pb.NetParameter, original: pb.NetParameter) -> list[str]:
+    """Put the original's Dropout layers back into a training net made from the slim deploy net, and return their
+    names. The rewrite removes Dropout (the identity at inference), but the original's weights were learned with it,
+    and fine-tuning on a few hundred images without it lets the wide fully connected layers memorise them.
+
+    Each Dropout (its ``dropout_param`` as in the original) goes in place on the blob it read, right after the last
+    layer of ``net`` that writes that blob; a blob ``net`` does not make, or one a Dropout already reads, gets none.
+    The deploy net, the net that is measured and the weights written are unchanged."""
+    taken = {param.name for param in net.layer}
+    read = {param.bottom[0] for param in net.layer if param.type == "Dropout" and param.bottom}
+    restored = []
+    for drop in (param for param in original.layer if param.type == "Dropout" and len(param.bottom) == 1):
+        blob = drop.bottom[0]
+        writers = [i for i, param in enumerate(net.layer) if blob in param.top]
+        if blob in read or not writers:
+            continue
+        name = drop.name
+        while name in taken:
+            name += "/restored"
+        layer = pb.LayerParameter(name=name, type="Dropout", bottom=[blob], top=[blob])
+        layer.dropout_param.CopyFrom(drop.dropout_param)
+        net.layer.insert(writers[-1] + 1, layer)
+        taken.add(name)
+        read.add(blob)
+        restored.append(name)
+    return restored
+
+
 def validate_net(net: pb.NetParameter, what: str) -> None:
     """Shape-check a generated net in the IR first: a mistake becomes an error here, not a Caffe abort."""
     try:
