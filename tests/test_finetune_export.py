@@ -126,6 +126,8 @@ def test_export_writes_each_phase_as_caffe_files(nets: dict[str, str], tmp_path:
         assert not [layer.name for layer in net.layer if layer.type == "Input"]
         teacher = [layer for layer in net.layer if layer.name.startswith("teacher/")]
         assert teacher and all(p.lr_mult == 0 for layer in teacher for p in layer.param)
+        dropout = [(layer.name, list(layer.bottom)) for layer in net.layer if layer.type == "Dropout"]
+        assert dropout == [("drop", ["gap"])]  # the student trains with the original's; the teacher runs without
         init = caffe_io.read_weights(folder / f"step_{step.index}" / "init.caffemodel")
         for layer in teacher:  # the frozen teacher's weights are the original's
             if layer.name in init:
@@ -151,8 +153,10 @@ def test_export_refuses_what_a_plain_solver_cannot_do(nets: dict[str, str], tmp_
 def test_exported_step_trains_in_caffe_as_it_does_in_process(nets: dict[str, str], tmp_path: Path,
                                                               mode: str) -> None:
     """The whole-net phase: `caffe train` on the exported files gives the in-process run's losses, iteration for
-    iteration (same seed, same data order), and over 200 iterations the loss falls."""
-    opts = options(mode=mode, schedule="whole", budget="200it")
+    iteration (same seed, same data order), and over 200 iterations the loss falls. Without the original's Dropout:
+    its masks come from Caffe's one random stream, which the two train nets' set-ups draw from differently (the
+    exported one embeds the original, with fillers), so with it the losses agree only on average."""
+    opts = options(mode=mode, schedule="whole", budget="200it", dropout=False)
     seen: list[float] = []
 
     def progress(event: Progress) -> None:

@@ -145,10 +145,9 @@ def finetune_table(steps: Sequence[Any]) -> str:
                     "error at blob", "error at output", "seconds"], rows)]
     for s in steps:
         reuse = "" if s.teacher_reuse is None else f", the original's outputs reused for {s.teacher_reuse:.0%}"
+        loss = (s.loss or "-") + (f", with the original's Dropout ({', '.join(s.dropout)})" if s.dropout else "")
         lines.append(f"phase {s.index}: learning rate {s.lr:.3g} {s.solver} ({s.search or 'no search'}); loss "
-                     f"{s.loss or '-'}; {s.iterations} updates, {s.images_per_second:.0f} training images/s{reuse}")
-        if s.dropout:
-            lines.append(f"  trained with the original's Dropout again: {', '.join(s.dropout)}")
+                     f"{loss}; {s.iterations} updates, {s.images_per_second:.0f} training images/s{reuse}")
         lines += [f"  backed off: {b}" for b in s.backoffs]
         if s.refit is not None:
             lines.append("  " + refit_text(s.refit))

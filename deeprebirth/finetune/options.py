@@ -59,6 +59,9 @@ class FinetuneOptions:
     solver: SolverOptions = field(default_factory=lambda: SolverOptions(solver="sgd", lr=None))  # lr None: search
     new_lr_mult: float = setting(10.0, float, "layer-wise steps: learning-rate multiplier of the step's new layers")
     freeze_rest: bool = setting(False, bool, "only the new layers learn (the rest stays bit-identical)", switch=True)
+    dropout: bool = setting(True, bool, "train with the original's Dropout layers, which the rewrite removed (the "
+                            "written net has none); --no-dropout for an original that was not trained with them",
+                            switch=True, negatable=True)
     resume: bool = setting(False, bool, "continue an interrupted run without redoing finished phases", switch=True)
     transform: Transform = field(default_factory=lambda: Transform(mirror=True))  # training preprocessing
     val: PathLike | None = None  # held-out data; default: ``holdout`` of --data

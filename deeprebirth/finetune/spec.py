@@ -104,7 +104,7 @@ def phase_spec(ctx: Context, step: Step, store: Weights, teacher: Teacher, optio
     assert options.batch is not None
     counts = blob_counts(ctx, train_student, store)
     net = training_net(train_student.net, train_student.factor, counts, options.batch, "none", "")
-    dropout = restore_dropout(net, ctx.original.to_net())
+    dropout = restore_dropout(net, ctx.original.to_net()) if options.dropout else []
     compare: dict[str, tuple[str, str]] = {}
     hints: list[str] = []
     if not step.final:
