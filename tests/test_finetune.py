@@ -135,9 +135,9 @@ def test_without_freeze_rest_the_slim_layers_learn_too(nets: dict[str, str], tmp
 
 @pytest.mark.parametrize("target", ["local", "next", "logits"])
 def test_mimic_targets(nets: dict[str, str], tmp_path: Path, target: str) -> None:
-    # --no-dropout: this original has random weights, never trained with the Dropout its prototxt has
+    # --dropout off: this original has random weights, never trained with the Dropout its prototxt has
     result = run(nets, tmp_path / "final.caffemodel", options(mode="mimic", mimic_at=target, budget="200it",
-                                                               freeze_rest=True, patience=0, dropout=False))
+                                                               freeze_rest=True, patience=0, dropout="off"))
     assert result.steps[-1].name == "whole net" and result.steps[-1].target == "kd"
     for step in result.steps[:-1]:
         expected = {"local": "local", "logits": "kd"}.get(target, "next:")
@@ -425,6 +425,10 @@ def test_the_originals_dropout_trains_again_but_the_written_net_has_none(nets: d
     assert sum(layer.type == "Dropout" for layer in train.layer) == 1  # the embedded original leaves its own out
     assert "Dropout" not in Path(nets["slim"]).read_text()
     assert set(caffe_io.read_weights(out)) == set(caffe_io.read_weights(nets["slim_weights"]))
+    for mode, setting, expected in (("mimic", "auto", []), ("mimic", "on", ["drop"]), ("label", "off", [])):
+        found = run(nets, tmp_path / f"{mode}_{setting}.caffemodel", options(schedule="whole", budget="2it",
+                                                                               mode=mode, dropout=setting))
+        assert found.steps[0].dropout == expected, (mode, setting)  # auto: the soft targets alone need none
 
 
 def test_restore_dropout_puts_each_one_after_the_last_writer_of_its_blob() -> None:

@@ -156,7 +156,7 @@ def test_exported_step_trains_in_caffe_as_it_does_in_process(nets: dict[str, str
     iteration (same seed, same data order), and over 200 iterations the loss falls. Without the original's Dropout:
     its masks come from Caffe's one random stream, which the two train nets' set-ups draw from differently (the
     exported one embeds the original, with fillers), so with it the losses agree only on average."""
-    opts = options(mode=mode, schedule="whole", budget="200it", dropout=False)
+    opts = options(mode=mode, schedule="whole", budget="200it", dropout="off")
     seen: list[float] = []
 
     def progress(event: Progress) -> None:

@@ -59,9 +59,10 @@ class FinetuneOptions:
     solver: SolverOptions = field(default_factory=lambda: SolverOptions(solver="sgd", lr=None))  # lr None: search
     new_lr_mult: float = setting(10.0, float, "layer-wise steps: learning-rate multiplier of the step's new layers")
     freeze_rest: bool = setting(False, bool, "only the new layers learn (the rest stays bit-identical)", switch=True)
-    dropout: bool = setting(True, bool, "train with the original's Dropout layers, which the rewrite removed (the "
-                            "written net has none); --no-dropout for an original that was not trained with them",
-                            switch=True, negatable=True)
+    dropout: str = setting("auto", str, "train with the original's Dropout layers, which the rewrite removed (the "
+                           "written net has none); auto: in label mode, where the labels' cross-entropy memorises a "
+                           "small training set (the original's soft targets in mimic mode do not); off for an "
+                           "original that was not trained with them", choices=HINT_CHOICES)
     resume: bool = setting(False, bool, "continue an interrupted run without redoing finished phases", switch=True)
     transform: Transform = field(default_factory=lambda: Transform(mirror=True))  # training preprocessing
     val: PathLike | None = None  # held-out data; default: ``holdout`` of --data
@@ -175,7 +176,7 @@ def check_options(options: FinetuneOptions) -> Budget:
         raise DeepRebirthError(f"unknown mimic target {options.mimic_at!r} ({', '.join(MIMIC_TARGETS)})")
     if options.loss not in LOSS_CHOICES:
         raise DeepRebirthError(f"unknown loss {options.loss!r} ({', '.join(LOSS_CHOICES)})")
-    for name, value in (("hints", options.hints), ("refit", options.refit)):
+    for name, value in (("hints", options.hints), ("refit", options.refit), ("dropout", options.dropout)):
         if value not in HINT_CHOICES:
             raise DeepRebirthError(f"unknown {name} setting {value!r} ({', '.join(HINT_CHOICES)})")
     if options.refit == "on" and options.schedule != "whole":

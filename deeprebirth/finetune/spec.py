@@ -104,7 +104,8 @@ def phase_spec(ctx: Context, step: Step, store: Weights, teacher: Teacher, optio
     assert options.batch is not None
     counts = blob_counts(ctx, train_student, store)
     net = training_net(train_student.net, train_student.factor, counts, options.batch, "none", "")
-    dropout = restore_dropout(net, ctx.original.to_net()) if options.dropout else []
+    with_dropout = options.dropout == "on" or (options.dropout == "auto" and target == "labels+kd")
+    dropout = restore_dropout(net, ctx.original.to_net()) if with_dropout else []
     compare: dict[str, tuple[str, str]] = {}
     hints: list[str] = []
     if not step.final:
