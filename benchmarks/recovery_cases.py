@@ -348,21 +348,30 @@ def flowers_folder(flowers: Path) -> Path:
     return flowers
 
 
-def prepare_flowers17(cache: Path, fresh: bool, flowers: Path, iters: int) -> Case:
+def prepare_flowers_net(cache: Path, fresh: bool, flowers: Path, iters: int, name: str, text: str,
+                        transform: Transform, flags: list[str], lr: float, description: str) -> Case:
+    """A colour net trained from scratch on the flowers17 photos, with label, label-free and slim+Tucker rows."""
     flowers = flowers_folder(flowers)
-    folder = cache / "flowers17"
+    folder = cache / name
     folder.mkdir(parents=True, exist_ok=True)
     train, test = flowers / "train", flowers / "test"
-    trained = train_stage(folder, flowers_prototxt(), train, FLOWERS_TRANSFORM, iters=iters, lr=0.02, batch=32,
-                          key_data=folder_key(train), fresh=fresh)
-    case = Case("flowers17", str(folder), str(test), FLOWERS_FLAGS,
-                [Variant("flowers17/label", "label", "slim", str(train), "8ep", "top1"),
-                 Variant("flowers17/mimic", "mimic", "slim", str(train), "8ep", "agreement",
+    trained = train_stage(folder, text, train, transform, iters=iters, lr=lr, batch=32, key_data=folder_key(train),
+                          fresh=fresh)
+    label = Variant(f"{name}/label", "label", "slim", str(train), "8ep", "top1")
+    case = Case(name, str(folder), str(test), flags,
+                [label,
+                 Variant(f"{name}/mimic", "mimic", "slim", str(train), "8ep", "agreement",
                          "label-free: the 1,088 training photos, labels unused"),
-                 *tucker_rows(Variant("flowers17/label", "label", "slim", str(train), "8ep", "top1"))],
-                "flowers17 (1,088 training / 272 test photos, 17 classes), GoogLeNet-style colour net trained from "
-                "scratch at 64x64 (resize 72, random crop 64, mirror)", original={"training": trained})
-    return finish(folder, case, FLOWERS_TRANSFORM, fresh)
+                 *tucker_rows(label)],
+                "flowers17 (1,088 training / 272 test photos, 17 classes), " + description,
+                original={"training": trained})
+    return finish(folder, case, transform, fresh)
+
+
+def prepare_flowers17(cache: Path, fresh: bool, flowers: Path, iters: int) -> Case:
+    return prepare_flowers_net(cache, fresh, flowers, iters, "flowers17", flowers_prototxt(), FLOWERS_TRANSFORM,
+                               FLOWERS_FLAGS, 0.02, "GoogLeNet-style colour net trained from scratch at 64x64 "
+                               "(resize 72, random crop 64, mirror)")
 
 
 CAFFENET_TRANSFORM = Transform(scale=1 / 255, crop=32, mirror=True, resize=(36, 36))
@@ -397,22 +406,10 @@ def caffenet_prototxt() -> str:
 
 
 def prepare_flowers17_caffenet(cache: Path, fresh: bool, flowers: Path, iters: int) -> Case:
-    flowers = flowers_folder(flowers)
-    folder = cache / "flowers17_caffenet"
-    folder.mkdir(parents=True, exist_ok=True)
-    train, test = flowers / "train", flowers / "test"
-    trained = train_stage(folder, caffenet_prototxt(), train, CAFFENET_TRANSFORM, iters=iters, lr=0.01, batch=32,
-                          key_data=folder_key(train), fresh=fresh)
-    label = Variant("flowers17_caffenet/label", "label", "slim", str(train), "8ep", "top1")
-    case = Case("flowers17_caffenet", str(folder), str(test), CAFFENET_FLAGS,
-                [label,
-                 Variant("flowers17_caffenet/mimic", "mimic", "slim", str(train), "8ep", "agreement",
-                         "label-free: the 1,088 training photos, labels unused"),
-                 *tucker_rows(label)],
-                "flowers17 (1,088 training / 272 test photos, 17 classes), CaffeNet-style colour net trained from "
-                "scratch at 32x32 (resize 36, random crop 32, mirror, scale 1/255); held out from the defaults' "
-                "tuning", original={"training": trained})
-    return finish(folder, case, CAFFENET_TRANSFORM, fresh)
+    return prepare_flowers_net(cache, fresh, flowers, iters, "flowers17_caffenet", caffenet_prototxt(),
+                               CAFFENET_TRANSFORM, CAFFENET_FLAGS, 0.01, "CaffeNet-style colour net trained from "
+                               "scratch at 32x32 (resize 36, random crop 32, mirror, scale 1/255); held out from the "
+                               "defaults' tuning")
 
 
 NSFW_TRANSFORM = Transform(mean=(104.0, 117.0, 123.0), resize=(224, 224), mirror=True)
