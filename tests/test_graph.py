@@ -182,3 +182,12 @@ def test_graph_is_independent_of_pycaffe(model_zoo: Path) -> None:
     assert graph.outputs() == ["prob"]
     assert len(graph) == 143
 
+
+
+def test_sources_are_input_and_data_layer_tops_alike(model_zoo: Path) -> None:
+    deploy = Graph.from_net(caffe_io.load_net(model_zoo / "bvlc_googlenet" / "deploy.prototxt"))
+    train = Graph.from_net(caffe_io.load_net(model_zoo / "bvlc_googlenet" / "train_val.prototxt", phase="TRAIN"))
+    assert [blob for blob in deploy.blobs() if deploy.is_source(blob)] == deploy.inputs() == ["data"]
+    assert [train.caffe_name(b) for b in train.blobs() if train.is_source(b)] == ["data", "label"]
+    assert train.inputs() == []
+    assert not train.is_source(train.consumers(train.blobs()[0])[0].tops[0])

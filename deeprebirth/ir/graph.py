@@ -269,6 +269,11 @@ class Graph:
     def inputs(self) -> list[str]:
         return [top for layer in self.layers() if layer.type == "Input" for top in layer.tops]
 
+    def is_source(self, blob: str) -> bool:
+        """Is ``blob`` fed from outside the net: an Input's top, or a data layer's (Data, ImageData, ... read
+        files, not blobs)? ``inputs()`` lists only the Input form, the one a deploy net has."""
+        return not self.producer(blob).bottoms
+
     def layer_types(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for layer in self.layers():

@@ -107,7 +107,7 @@ def match(graph: Graph, config: RuleConfig) -> Iterator[Match | Skip]:
             continue
         size = ConvSize(bottom[1], top[1], conv_geometry(conv.proto.convolution_param).kernel,
                         bottom[0] * bottom[2] * bottom[3], top[0] * top[2] * top[3])
-        reads_image = size.c <= IMAGE_CHANNELS and not graph.producer(conv.bottoms[0]).bottoms
+        reads_image = size.c <= IMAGE_CHANNELS and graph.is_source(conv.bottoms[0])
         ranks = choose_ranks(method, conv.blobs[0] if conv.blobs else None, size, reads_image)
         if ranks is None:
             what = {"vbmf": "VBMF finds no component above the estimated noise (an untrained kernel?)",
