@@ -146,6 +146,46 @@ def test_views_are_a_fixed_finite_set_of_crops_and_mirrors() -> None:
     assert Batches(_photos(size=8), Transform(), (8, 8)).views == 1
 
 
+def test_a_grown_crop_bank_draws_distinct_crops_up_to_every_position() -> None:
+    batches = Batches(_photos(count=5, size=11), Transform(crop=8), (8, 8), bank_seed=2)  # 4 x 4 = 16 positions
+    assert batches.crop_positions == 16 and batches.views == CROP_BANK
+    assert batches.set_crop_bank(10) == 10 and batches.views == 10
+    images = batches.batch(np.arange(5))  # centred crops of the same images, to find each view's position
+    whole = batches._normalised(np.arange(5))
+    for image in range(5):
+        crops = batches.view_batch(np.full(10, image), np.arange(10))
+        found = {(t, s) for crop in crops for t in range(4) for s in range(4)
+                 if np.array_equal(crop, whole[image, :, t:t + 8, s:s + 8])}
+        assert len(found) == 10  # ten distinct positions, each view one of them
+    assert np.array_equal(images[0], whole[0, :, 1:9, 1:9])
+    assert batches.set_crop_bank(100) == 16  # at most every position ...
+    crops = batches.view_batch(np.zeros(16, dtype=np.int64), np.arange(16))
+    assert len({crop.tobytes() for crop in crops}) == 16  # ... and then every one of them
+    assert Batches(_photos(size=8), Transform(mirror=True), (8, 8)).set_crop_bank(9) == 1  # no random crop
+
+
+def test_the_crop_bank_grows_with_the_passes_the_budget_buys() -> None:
+    from deeprebirth.finetune.driver import READS_PER_VIEW, choose_crop_bank
+
+    train = Batches(_photos(count=100, size=40), Transform(crop=32, mirror=True), (32, 32))  # 81 positions
+    assert choose_crop_bank(train, Budget.parse("2ep"), 100, 0.01, 32)[0] == CROP_BANK  # few passes: the default
+    crops, words = choose_crop_bank(train, Budget.parse("64ep"), 100, 0.01, 32)
+    assert crops == 64 // (2 * READS_PER_VIEW) and "8 of 81 crop positions per image x mirror" in words
+    assert "64 passes" in words and "read about 4.0 times" in words
+    assert choose_crop_bank(train, Budget.parse("1000ep"), 100, 0.01, 32)[0] == 81  # every position, no more
+    assert choose_crop_bank(train, Budget.parse("1600it"), 100, 0.01, 32)[0] == 1600 * 32 // 100 // 8  # 64
+    # a time budget: the passes its training part buys at the given seconds per training image
+    from deeprebirth.finetune.budget import EVAL_SHARE
+    from deeprebirth.finetune.search import SEARCH_SHARE
+
+    passes = 420 * (1 - SEARCH_SHARE - EVAL_SHARE) / (0.002 * 100)
+    crops, words = choose_crop_bank(train, Budget.parse("7m"), 100, 0.002, 32)
+    assert crops == min(81, int(np.ceil(passes / (2 * READS_PER_VIEW)))) and f"about {passes:.0f} passes" in words
+    assert choose_crop_bank(train, Budget.parse("7m"), 100, 0.2, 32)[0] == CROP_BANK  # dear iterations: few passes
+    flat = Batches(_photos(count=100, size=32), Transform(mirror=True), (32, 32))
+    assert choose_crop_bank(flat, Budget.parse("1000ep"), 100, 0.01, 32) == (1, "")
+
+
 class _CountingTeacher:
     def __init__(self) -> None:
         self.images = 0

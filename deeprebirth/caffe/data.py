@@ -388,7 +388,10 @@ def write_lmdb(data: DataSet, indices: Sequence[int] | np.ndarray, path: PathLik
     return len(indices)
 
 
-CROP_BANK = 4  # random crops per image when views are fixed (``Batches.views``)
+CROP_BANK = 4  # random crops per image when views are fixed (``Batches.views``), unless a run asks for more
+
+
+BANK_CHUNK = 4096  # images whose crop banks are drawn at once (bounds the memory: chunk x positions keys)
 
 
 class Batches:
@@ -396,9 +399,10 @@ class Batches:
 
     Two ways to draw training augmentations: ``batch(indices, rng)`` draws a fresh random crop and mirror per image
     (Caffe's way); ``view_batch(indices, views)`` picks one of a finite set of ``views`` per image: mirror or not,
-    times a fixed bank of ``CROP_BANK`` crop positions per image (drawn once, from ``bank_seed``) where the crop is
-    random. With fixed views, anything computed from an augmented image (the original net's outputs) can be kept
-    and reused. Decoded, resized image files are kept in memory up to ``cache_bytes``."""
+    times a fixed bank of ``crop_bank`` distinct crop positions per image (``CROP_BANK`` unless set; drawn once,
+    from ``bank_seed``) where the crop is random. With fixed views, anything computed from an augmented image (the
+    original net's outputs) can be kept and reused. Decoded, resized image files are kept in memory up to
+    ``cache_bytes``."""
 
     def __init__(self, data: DataSet, transform: Transform, input_size: tuple[int, int], cache_bytes: float = 0,
                  bank_seed: int = 0) -> None:
@@ -421,6 +425,7 @@ class Batches:
         self.decoded: dict[int, np.ndarray] = {}
         self.decoded_bytes = 0
         self.bank_seed = bank_seed
+        self.crop_bank = CROP_BANK
         self._bank: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
@@ -433,9 +438,25 @@ class Batches:
         return bool(self.transform.mirror or self.random_crop)
 
     @property
+    def crop_positions(self) -> int:
+        """How many distinct crops an image has (1 without a random crop)."""
+        if not self.random_crop:
+            return 1
+        (height, width), (h, w) = self.data.size, self.input_size
+        return (height - h + 1) * (width - w + 1)
+
+    def set_crop_bank(self, crops: int) -> int:
+        """Draw ``view_batch``'s crops from a bank of ``crops`` per image (at most every position); returns the
+        bank's size. Views already drawn from change: set it before anything is keyed by view."""
+        self.crop_bank = max(1, min(int(crops), self.crop_positions))
+        self._bank = None
+        return self.crop_bank
+
+    @property
     def views(self) -> int:
         """How many fixed augmentations ``view_batch`` draws from per image."""
-        return (CROP_BANK if self.random_crop else 1) * (2 if self.transform.mirror else 1)
+        return (min(self.crop_bank, self.crop_positions) if self.random_crop else 1) * (2 if self.transform.mirror
+                                                                                         else 1)
 
     def _images(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         indices = np.asarray(indices, dtype=np.int64)
@@ -497,9 +518,13 @@ class Batches:
     def _crop_bank(self) -> tuple[np.ndarray, np.ndarray]:
         if self._bank is None:
             rng = np.random.default_rng([self.bank_seed, 7])
-            (height, width), (h, w) = self.data.size, self.input_size
-            shape = (len(self.data), CROP_BANK)
-            self._bank = rng.integers(0, height - h + 1, shape), rng.integers(0, width - w + 1, shape)
+            across = self.data.size[1] - self.input_size[1] + 1  # crop positions along a row
+            positions, bank = self.crop_positions, min(self.crop_bank, self.crop_positions)
+            chosen = np.empty((len(self.data), bank), dtype=np.int64)
+            for first in range(0, len(self.data), BANK_CHUNK):  # distinct per image: argsort of random keys
+                rows = min(BANK_CHUNK, len(self.data) - first)
+                chosen[first:first + rows] = np.argsort(rng.random((rows, positions)), axis=1)[:, :bank]
+            self._bank = chosen // across, chosen % across
         return self._bank
 
     def labels(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:

@@ -48,6 +48,8 @@ def finetune_command(original_prototxt: str, original_weights: str, slim_prototx
     else:
         click.echo(finetune_table(result.steps))
         click.echo(f"batch {result.batch} ({result.batch_rule})")
+        if result.views_rule:
+            click.echo(f"training views: {result.views_rule}")
     if result.held_out:
         click.echo(f"held-out top-1 ({result.held_out} images): original {pct(result.original_accuracy)}, slim "
                    f"before fine-tuning {pct(result.slim_accuracy)}, after {pct(result.final_accuracy)}")

@@ -25,6 +25,7 @@ one-line errors, not aborts); the library never prints: progress goes to a callb
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import replace
 from functools import partial
@@ -33,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from deeprebirth.caffe.data import Batches, PathLike
-from deeprebirth.caffe.evaluate import NetIO, predict, top_k
+from deeprebirth.caffe.data import CROP_BANK, Batches, PathLike
+from deeprebirth.caffe.evaluate import NetIO, predict, set_input, top_k
 from deeprebirth.caffe.runtime import import_caffe, on_device
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.finetune.budget import EVAL_SHARE, Budget, Clock, phase_weights, share_time
@@ -65,6 +66,7 @@ BATCHES = (DEFAULT_BATCH, 16, 8)  # the batch sizes the pace rule picks from, la
 MIN_UPDATES = 400  # the pace rule halves the batch while the budget buys fewer updates than this
 TRAIN_COST = 4.0  # a training iteration per image: ~3 forwards of the student (forward, backward) and the
 # original's forward where its outputs are not cached yet, priced at the original's forward (an upper bound)
+READS_PER_VIEW = 4  # a fixed training view is read about this often before the crop bank grows instead
 
 
 def finetune_files(original_prototxt: PathLike, original_weights: PathLike, slim_prototxt: PathLike,
@@ -99,6 +101,12 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
     if "refit" not in state:
         state["refit"] = resolve_refit(options.refit, options.schedule, budget, len(ctx.train_indices),
                                        seconds_per_image)
+    if "crop_bank" not in state:
+        pace = (training_seconds_per_image(_student_seconds_per_image(ctx, slim_weights), seconds_per_image)
+                if ctx.train.random_crop and budget.timed else 0.0)
+        state["crop_bank"], state["views_rule"] = choose_crop_bank(ctx.train, budget, len(ctx.train_indices),
+                                                                   pace, int(state["batch"]))
+    ctx.train.set_crop_bank(int(state["crop_bank"]))
     batch = int(state["batch"])
     options = replace(options, batch=batch, hints=str(state["hints"]), refit=str(state["refit"]))
     if budget.timed:
@@ -131,7 +139,7 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
                             [s.name for s in ctx.steps], complete, resumed, len(ctx.val_indices),
                             state["baseline"].get("original"), state["baseline"].get("slim"), final_accuracy,
                             str(out) if complete else None, report, str(ctx.work), time.perf_counter() - started,
-                            batch, state["batch_rule"])
+                            batch, state["batch_rule"], str(state.get("views_rule", "")))
     if report is not None:
         _write_report(result, options, fingerprint)
     notify(Progress("finished", len(finished), len(ctx.steps)))
@@ -206,6 +214,34 @@ def choose_batch(given: int | None, budget: Budget, images: int, seconds_per_ima
     return batch, f"{batch}: about {bought[batch]:.0f} updates in {unit} (at least {MIN_UPDATES} wanted)"
 
 
+def training_seconds_per_image(student: float, original: float) -> float:
+    """A training iteration's seconds per image once views repeat: the student's forward and backward (about
+    three forwards) and the original's forward for the share of views not yet cached (``1 / READS_PER_VIEW``)."""
+    return 3 * student + original / READS_PER_VIEW
+
+
+def choose_crop_bank(train: Batches, budget: Budget, images: int, seconds_per_training_image: float,
+                     batch: int) -> tuple[int, str]:
+    """How many crops per image the training views draw from, and the rule's words. A bank of a few crops lets the
+    original's outputs be computed once per view and reused, but over many passes the student then sees each fixed
+    view again and again and learns those views rather than the images (measured: docs/decisions/crop-bank.md). So
+    the bank grows with the passes the budget buys (its iterations x batch / images; for time, the training part of
+    the budget over ``seconds_per_training_image``) until each view is read about ``READS_PER_VIEW`` times:
+    ``ceil(passes / (mirrors x READS_PER_VIEW))`` crops, at least ``CROP_BANK``, at most every crop position."""
+    if not train.random_crop:
+        return 1, ""
+    mirrors = 2 if train.transform.mirror else 1
+    if budget.timed:
+        passes = budget.amount * (1 - SEARCH_SHARE - EVAL_SHARE) / (seconds_per_training_image * max(images, 1))
+    else:
+        passes = updates_bought(budget, images, 0.0, batch) * batch / max(images, 1)
+    wanted = max(CROP_BANK, math.ceil(passes / (mirrors * READS_PER_VIEW)))
+    crops = min(wanted, train.crop_positions)
+    reads = passes / (mirrors * crops)
+    return crops, (f"{crops} of {train.crop_positions} crop positions per image{' x mirror' if mirrors == 2 else ''}"
+                   f": about {passes:.0f} passes over {images} images, each view read about {reads:.1f} times")
+
+
 def updates_bought(budget: Budget, images: int, seconds_per_image: float, batch: int) -> float:
     """Updates of ``batch`` the budget buys: its iterations; for time, ``seconds x (1 - search and evaluation
     shares) / (batch x TRAIN_COST x the original's forward per image)``; for epochs, ``epochs x images / batch``."""
@@ -251,7 +287,7 @@ def _nothing_to_relearn(ctx: Context, store: Weights, out: PathLike, options: Fi
     result = FinetuneResult(options.mode, options.schedule, str(budget), [], [], True, 0, 0, None, None, None,
                             str(out), str(options.report or default_report(out)), str(ctx.work),
                             time.perf_counter() - started, options.batch or DEFAULT_BATCH, "nothing trained",
-                            NOTHING_TO_RELEARN)
+                            note=NOTHING_TO_RELEARN)
     _write_report(result, options, fingerprint)
     return result
 
@@ -263,6 +299,16 @@ def _forward_seconds_per_image(ctx: Context, teacher: Teacher) -> float:
     teacher.outputs(x, [ctx.logits])
     started = time.monotonic()
     teacher.outputs(x, [ctx.logits])
+    return (time.monotonic() - started) / len(x)
+
+
+def _student_seconds_per_image(ctx: Context, slim_weights: PathLike) -> float:
+    """The slim net's forward pass per image, timed as ``_forward_seconds_per_image`` times the original's."""
+    net, x = _slim_net(ctx, slim_weights), ctx.train.batch(ctx.train_indices[:8])
+    set_input(net, ctx.io.input, x)
+    net.forward()
+    started = time.monotonic()
+    net.forward()
     return (time.monotonic() - started) / len(x)
 
 

@@ -161,6 +161,7 @@ class FinetuneResult:
     seconds: float  # this run's wall time
     batch: int = DEFAULT_BATCH
     batch_rule: str = ""  # why this batch size
+    views_rule: str = ""  # how many crops per image the training views draw from, and why ("": no random crop)
     note: str = ""  # why nothing was trained, where nothing was
 
     def to_json(self) -> dict[str, Any]:
