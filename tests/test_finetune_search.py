@@ -249,6 +249,21 @@ def test_a_run_reports_its_pace_and_reuse(finetune_nets: dict[str, str], tmp_pat
     assert hinted.steps[-1].teacher_reuse is None and hinted.steps[-1].loss.endswith("hints")
 
 
+def test_a_timed_run_on_small_data_grows_its_crop_bank(finetune_nets: dict[str, str], tmp_path: Path) -> None:
+    photos = np.random.default_rng(4).integers(0, 256, (96, 36, 36, 3), dtype=np.uint8)  # 5 x 5 crops of 32
+    np.savez(tmp_path / "photos.npz", x=photos, y=np.zeros(96, dtype=np.int64))
+    options = FinetuneOptions(budget="20s", transform=Transform(scale=1 / 255, mirror=True, crop=32), holdout=0.25,
+                              mode="mimic", solver=SolverOptions("adam", lr=1e-3), hints="off")
+    result = finetune_files(finetune_nets["original"], finetune_nets["original_weights"], finetune_nets["slim"],
+                            finetune_nets["slim_weights"], finetune_nets["report"], str(tmp_path / "photos.npz"),
+                            tmp_path / "final.caffemodel", options)
+    # a tiny net buys hundreds of passes over 72 images in 20 s: more crops than the default 4, at most all 25
+    crops = int(result.views_rule.split(" of ")[0])
+    assert CROP_BANK < crops <= 25 and "of 25 crop positions per image x mirror" in result.views_rule, result.views_rule
+    step = result.steps[-1]
+    assert step.teacher_reuse is not None and step.iterations * result.batch > 2 * 72 * crops  # views repeat
+
+
 def test_small_data_holds_out_enough_images_to_mean_something() -> None:
     from deeprebirth.finetune.context import held_out_share
 

@@ -102,10 +102,13 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
         state["refit"] = resolve_refit(options.refit, options.schedule, budget, len(ctx.train_indices),
                                        seconds_per_image)
     if "crop_bank" not in state:
-        pace = (training_seconds_per_image(_student_seconds_per_image(ctx, slim_weights), seconds_per_image)
-                if ctx.train.random_crop and budget.timed else 0.0)
-        state["crop_bank"], state["views_rule"] = choose_crop_bank(ctx.train, budget, len(ctx.train_indices),
-                                                                   pace, int(state["batch"]))
+        def bank(student_seconds_per_image: float) -> tuple[int, str]:
+            pace = training_seconds_per_image(student_seconds_per_image, seconds_per_image)
+            return choose_crop_bank(ctx.train, budget, len(ctx.train_indices), pace, int(state["batch"]))
+
+        state["crop_bank"], state["views_rule"] = bank(0.0)  # the most passes the budget could buy ...
+        if budget.timed and state["crop_bank"] > CROP_BANK:  # ... and where that grows the bank, at the real pace
+            state["crop_bank"], state["views_rule"] = bank(_student_seconds_per_image(ctx, slim_weights))
     ctx.train.set_crop_bank(int(state["crop_bank"]))
     batch = int(state["batch"])
     options = replace(options, batch=batch, hints=str(state["hints"]), refit=str(state["refit"]))
