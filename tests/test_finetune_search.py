@@ -165,7 +165,7 @@ def test_a_grown_crop_bank_draws_distinct_crops_up_to_every_position() -> None:
 
 
 def test_the_crop_bank_grows_with_the_passes_the_budget_buys() -> None:
-    from deeprebirth.finetune.driver import READS_PER_VIEW, choose_crop_bank
+    from deeprebirth.finetune.teacher_cache import READS_PER_VIEW, choose_crop_bank
 
     train = Batches(_photos(count=100, size=40), Transform(crop=32, mirror=True), (32, 32))  # 81 positions
     assert choose_crop_bank(train, Budget.parse("2ep"), 100, 0.01, 32)[0] == CROP_BANK  # few passes: the default

@@ -25,7 +25,6 @@ one-line errors, not aborts); the library never prints: progress goes to a callb
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import replace
 from functools import partial
@@ -57,7 +56,7 @@ from deeprebirth.finetune.search import SEARCH_SHARE
 from deeprebirth.finetune.spec import blob_counts, phase_spec, uses_hints
 from deeprebirth.finetune.state import Weights, save_state, snapshot
 from deeprebirth.finetune.steps import Step
-from deeprebirth.finetune.teacher_cache import TeacherCache
+from deeprebirth.finetune.teacher_cache import TeacherCache, choose_crop_bank, training_seconds_per_image
 from deeprebirth.io import caffe_io
 from deeprebirth.io.atomic import atomic_write_bytes as write_text
 
@@ -66,7 +65,6 @@ BATCHES = (DEFAULT_BATCH, 16, 8)  # the batch sizes the pace rule picks from, la
 MIN_UPDATES = 400  # the pace rule halves the batch while the budget buys fewer updates than this
 TRAIN_COST = 4.0  # a training iteration per image: ~3 forwards of the student (forward, backward) and the
 # original's forward where its outputs are not cached yet, priced at the original's forward (an upper bound)
-READS_PER_VIEW = 4  # a fixed training view is read about this often before the crop bank grows instead
 
 
 def finetune_files(original_prototxt: PathLike, original_weights: PathLike, slim_prototxt: PathLike,
@@ -215,34 +213,6 @@ def choose_batch(given: int | None, budget: Budget, images: int, seconds_per_ima
     bought = {b: updates_bought(budget, images, seconds_per_image, b) for b in BATCHES}
     batch = next((b for b in BATCHES if bought[b] >= MIN_UPDATES), BATCHES[-1])
     return batch, f"{batch}: about {bought[batch]:.0f} updates in {unit} (at least {MIN_UPDATES} wanted)"
-
-
-def training_seconds_per_image(student: float, original: float) -> float:
-    """A training iteration's seconds per image once views repeat: the student's forward and backward (about
-    three forwards) and the original's forward for the share of views not yet cached (``1 / READS_PER_VIEW``)."""
-    return 3 * student + original / READS_PER_VIEW
-
-
-def choose_crop_bank(train: Batches, budget: Budget, images: int, seconds_per_training_image: float,
-                     batch: int) -> tuple[int, str]:
-    """How many crops per image the training views draw from, and the rule's words. A bank of a few crops lets the
-    original's outputs be computed once per view and reused, but over many passes the student then sees each fixed
-    view again and again and learns those views rather than the images (measured: docs/decisions/crop-bank.md). So
-    the bank grows with the passes the budget buys (its iterations x batch / images; for time, the training part of
-    the budget over ``seconds_per_training_image``) until each view is read about ``READS_PER_VIEW`` times:
-    ``ceil(passes / (mirrors x READS_PER_VIEW))`` crops, at least ``CROP_BANK``, at most every crop position."""
-    if not train.random_crop:
-        return 1, ""
-    mirrors = 2 if train.transform.mirror else 1
-    if budget.timed:
-        passes = budget.amount * (1 - SEARCH_SHARE - EVAL_SHARE) / (seconds_per_training_image * max(images, 1))
-    else:
-        passes = updates_bought(budget, images, 0.0, batch) * batch / max(images, 1)
-    wanted = max(CROP_BANK, math.ceil(passes / (mirrors * READS_PER_VIEW)))
-    crops = min(wanted, train.crop_positions)
-    reads = passes / (mirrors * crops)
-    return crops, (f"{crops} of {train.crop_positions} crop positions per image{' x mirror' if mirrors == 2 else ''}"
-                   f": about {passes:.0f} passes over {images} images, each view read about {reads:.1f} times")
 
 
 def updates_bought(budget: Budget, images: int, seconds_per_image: float, batch: int) -> float:

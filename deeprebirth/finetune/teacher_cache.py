@@ -5,13 +5,22 @@ each image in one of a finite set of fixed views (``data.Batches.view_batch``: m
 logits of an (image, view) pair never change: the first time a pair comes up the original runs on it, afterwards
 its logits come from memory. Logits are small (classes x 4 bytes), so even 1,000 classes x 8 views x 10,000 images
 fit in a few hundred MB; past ``cache_bytes`` new pairs are computed every time (nothing is evicted).
+
+How many views: ``choose_crop_bank`` weighs the reuse against showing the student the same few crops too often.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
+
+from deeprebirth.caffe.data import CROP_BANK, Batches
+from deeprebirth.finetune.budget import EVAL_SHARE, Budget
+from deeprebirth.finetune.search import SEARCH_SHARE
+
+READS_PER_VIEW = 4  # a fixed training view is read about this often before the crop bank grows instead
 
 
 class TeacherCache:
@@ -42,3 +51,33 @@ class TeacherCache:
                     self.stored_bytes += row.nbytes
         self.reused += len(keys) - len(fresh)
         return np.stack([self.stored[key] if key in self.stored else computed[key] for key in keys])
+
+
+def training_seconds_per_image(student: float, original: float) -> float:
+    """A training iteration's seconds per image once views repeat: the student's forward and backward (about
+    three forwards) and the original's forward for the share of views not yet cached (``1 / READS_PER_VIEW``)."""
+    return 3 * student + original / READS_PER_VIEW
+
+
+def choose_crop_bank(train: Batches, budget: Budget, images: int, seconds_per_training_image: float,
+                     batch: int) -> tuple[int, str]:
+    """How many crops per image the training views draw from, and the rule's words. A bank of a few crops lets the
+    original's outputs be computed once per view and reused, but over many passes the student then sees each fixed
+    view again and again and learns those views rather than the images (docs/decisions/crop-bank.md). So
+    the bank grows with the passes the budget buys (its iterations x batch / images; for time, the training part of
+    the budget over ``seconds_per_training_image``) until each view is read about ``READS_PER_VIEW`` times:
+    ``ceil(passes / (mirrors x READS_PER_VIEW))`` crops, at least ``CROP_BANK``, at most every crop position."""
+    if not train.random_crop:
+        return 1, ""
+    mirrors = 2 if train.transform.mirror else 1
+    if budget.timed:
+        passes = budget.amount * (1 - SEARCH_SHARE - EVAL_SHARE) / (seconds_per_training_image * max(images, 1))
+    elif budget.unit == "ep":
+        passes = budget.amount
+    else:
+        passes = budget.amount * batch / max(images, 1)
+    wanted = max(CROP_BANK, math.ceil(passes / (mirrors * READS_PER_VIEW)))
+    crops = min(wanted, train.crop_positions)
+    reads = passes / (mirrors * crops)
+    return crops, (f"{crops} of {train.crop_positions} crop positions per image{' x mirror' if mirrors == 2 else ''}"
+                   f": about {passes:.0f} passes over {images} images, each view read about {reads:.1f} times")
