@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -90,7 +91,7 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
     if not ctx.steps[-1].relearn:
         return _nothing_to_relearn(ctx, store, out, options, budget, fingerprint, started)
     teacher = Teacher(ctx.original, ctx.original_proto, original_weights, NetIO.of(ctx.original).input)
-    seconds_per_image = _forward_seconds_per_image(ctx, teacher)
+    seconds_per_image = _forward_seconds_per_image(ctx, lambda x: teacher.outputs(x, [ctx.logits]))
     if "batch" not in state:  # a resumed run keeps the batch it started with
         state["batch"], state["batch_rule"] = choose_batch(options.batch, budget, len(ctx.train_indices),
                                                            seconds_per_image)
@@ -106,7 +107,7 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
 
         state["crop_bank"], state["views_rule"] = bank(0.0)  # the most passes the budget could buy ...
         if budget.timed and state["crop_bank"] > CROP_BANK:  # ... and where that grows the bank, at the real pace
-            state["crop_bank"], state["views_rule"] = bank(_student_seconds_per_image(ctx, slim_weights))
+            state["crop_bank"], state["views_rule"] = bank(_forward_seconds_per_image(ctx, _net_forward(_slim_net(ctx, slim_weights), ctx.io.input)))
     ctx.train.set_crop_bank(int(state["crop_bank"]))
     batch = int(state["batch"])
     options = replace(options, batch=batch, hints=str(state["hints"]), refit=str(state["refit"]))
@@ -265,24 +266,20 @@ def _nothing_to_relearn(ctx: Context, store: Weights, out: PathLike, options: Fi
     return result
 
 
-def _forward_seconds_per_image(ctx: Context, teacher: Teacher) -> float:
-    """The original's forward pass per image, timed on a few training images (the second pass: the first
-    allocates)."""
+def _forward_seconds_per_image(ctx: Context, forward: Callable[[np.ndarray], object]) -> float:
+    """A forward pass per image, timed on a few training images (the second pass: the first allocates)."""
     x = ctx.train.batch(ctx.train_indices[:8])
-    teacher.outputs(x, [ctx.logits])
+    forward(x)
     started = time.monotonic()
-    teacher.outputs(x, [ctx.logits])
+    forward(x)
     return (time.monotonic() - started) / len(x)
 
 
-def _student_seconds_per_image(ctx: Context, slim_weights: PathLike) -> float:
-    """The slim net's forward pass per image, timed as ``_forward_seconds_per_image`` times the original's."""
-    net, x = _slim_net(ctx, slim_weights), ctx.train.batch(ctx.train_indices[:8])
-    set_input(net, ctx.io.input, x)
-    net.forward()
-    started = time.monotonic()
-    net.forward()
-    return (time.monotonic() - started) / len(x)
+def _net_forward(net: Any, input_name: str) -> Callable[[np.ndarray], object]:
+    def forward(x: np.ndarray) -> object:
+        set_input(net, input_name, x)
+        return net.forward()
+    return forward
 
 
 def _affordable_held_out(ctx: Context, seconds: float, seconds_per_image: float) -> np.ndarray:
