@@ -10,7 +10,13 @@ import pytest
 from click.testing import CliRunner
 from helpers import graph_from_text, save
 
-from deeprebirth.caffe.evaluate import activations_per_image, evaluate_files, evaluation_batch, top_k
+from deeprebirth.caffe.evaluate import (
+    activations_per_image,
+    evaluate_files,
+    evaluation_batch,
+    paired_change_error,
+    top_k,
+)
 from deeprebirth.cli import main
 from deeprebirth.errors import DeepRebirthError
 
@@ -66,6 +72,21 @@ def test_agreement_with_a_reference(tmp_path: Path, data) -> None:  # type: igno
     result = evaluate_files(*pass_through(tmp_path, "net"), path, reference=reference)
     assert result.agreement == pytest.approx(np.mean(~np.isin(predicted, [0, 1])))
     assert result.reference_top1 == pytest.approx(np.mean(swap[predicted] == labels))
+    change = (predicted == labels).astype(float) - (swap[predicted] == labels)
+    assert np.any(change != 0)  # the swap moves some images' verdict, so the change has noise to report
+    assert result.top1_change_error == pytest.approx(np.std(change, ddof=1) / np.sqrt(len(change)))
+
+
+def test_the_noise_on_a_top1_change_comes_only_from_the_images_the_nets_disagree_on() -> None:
+    net = np.array([1, 1, 0, 0, 1, 1, 0, 0], bool)
+    reference = np.array([1, 0, 1, 0, 1, 0, 1, 0], bool)  # d = 0, 1, -1, 0, 0, 1, -1, 0
+    assert paired_change_error(net, reference) == pytest.approx(np.sqrt(4 / 7) / np.sqrt(8))
+    assert paired_change_error(net, net) == 0.0  # the same verdicts: a change of exactly 0, no noise
+    both_right = np.ones(100, bool)
+    one_flip = both_right.copy()
+    one_flip[0] = False
+    assert paired_change_error(one_flip, both_right) == pytest.approx(0.01)  # std of (-1, 0 x 99) is 0.1
+    assert np.isnan(paired_change_error(net[:1], reference[:1]))
 
 
 def test_top_k_counts_ties_by_position() -> None:
@@ -111,6 +132,7 @@ def test_cli(tmp_path: Path, data) -> None:  # type: ignore[no-untyped-def]
     done = CliRunner().invoke(main, ["evaluate", *net, "--data", str(path), "--reference", *net, "--json", str(out)])
     assert done.exit_code == 0, done.output
     assert "50.00%" in done.output and "100.00%" in done.output
+    assert "top-1 change +0.00 points, standard error 0.00" in done.output  # the net against itself
     assert json.loads(out.read_text())["top1"] == 0.5
     bad = CliRunner().invoke(main, ["evaluate", *net, "--data", str(tmp_path / "nowhere")])
     assert bad.exit_code == 2 and bad.output.count("\n") == 1

@@ -122,7 +122,17 @@ class Evaluation:
     agreement: float | None = None  # fraction of images where the top-1 equals the reference's
     reference_top1: float | None = None
     reference_top5: float | None = None
+    top1_change_error: float | None = None  # standard error of top1 - reference_top1 (``paired_change_error``)
     seconds: float = 0.0
+
+
+def paired_change_error(net_correct: np.ndarray, reference_correct: np.ndarray) -> float:
+    """The standard error of a top-1 change measured on one set of images: ``std(d) / sqrt(n)`` of the per-image
+    differences ``d = net right - reference right`` (each -1, 0 or 1). Both nets see the same images, so the images
+    both get right or both get wrong add no noise; only the ones they disagree on do. On a few hundred images a
+    change of a point or two is often within twice this, i.e. not shown by the data. NaN below two images."""
+    d = np.asarray(net_correct, dtype=np.float64) - np.asarray(reference_correct, dtype=np.float64)
+    return float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
 
 
 def _predict_files(prototxt: PathLike, caffemodel: PathLike, gpu: int | None, io: NetIO, batches: Batches,
@@ -173,5 +183,7 @@ def evaluate_files(prototxt: PathLike, caffemodel: PathLike, data: PathLike | Da
         result.agreement = float(np.mean(scores.argmax(axis=1) == ref_scores.argmax(axis=1)))
         result.reference_top1 = top_k(ref_scores, labels, 1)
         result.reference_top5 = top_k(ref_scores, labels, 5) if five else None
+        result.top1_change_error = paired_change_error(scores.argmax(axis=1) == labels,
+                                                       ref_scores.argmax(axis=1) == labels)
     result.seconds = time.perf_counter() - start
     return result

@@ -347,12 +347,12 @@ def accuracy_text(chosen: Any) -> str:
 
 
 def evaluate_text(result: Any, reference: bool) -> str:
-    rows = [["net", pct(result.top1), pct(result.top5), "-"]]
-    if reference:
-        rows.append(["reference", pct(result.reference_top1), pct(result.reference_top5), ""])
-        rows[0][3] = pct(result.agreement)
+    rows = [["net", pct(result.top1), pct(result.top5), pct(result.agreement) if reference else "-"]]
+    rows += [["reference", pct(result.reference_top1), pct(result.reference_top5), ""]] if reference else []
+    change = (f"\ntop-1 change {100 * (result.top1 - result.reference_top1):+.2f} points, standard error "
+              f"{100 * result.top1_change_error:.2f} (paired; a change within twice that is noise)" if reference else "")
     return "\n".join([table(["", "top-1", "top-5", "top-1 agrees with reference"], rows),
-                      f"{result.images} images, {result.classes} classes, {result.seconds:.1f} s"])
+                      f"{result.images} images, {result.classes} classes, {result.seconds:.1f} s{change}"])
 
 
 def draw_text(result: Any) -> str:
