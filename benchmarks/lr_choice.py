@@ -134,6 +134,7 @@ def run_one(case: rc.Case, row: rc.Variant, label: str, extra: list[str], budget
     steps = report_json.get("steps", [])
     result = {"label": label, "budget": budget, "extra": extra, "top1": evaluation.get("top1"),
               "agreement": evaluation.get("agreement"), "reference_top1": evaluation.get("reference_top1"),
+              "top1_change_error": evaluation.get("top1_change_error"),
               "images": evaluation.get("images"), "output_distance": distance,
               "chosen": [{"name": s.get("name"), "solver": s.get("solver"), "lr": s.get("lr"), "loss": s.get("loss"),
                           "backoffs": s.get("backoffs"), "search": s.get("search"),
@@ -213,6 +214,18 @@ def score(result: dict[str, Any], row: rc.Variant) -> float | None:
     return float(value) if row.score in LOWER_IS_BETTER else 100 * value
 
 
+def noise(result: dict[str, Any], row: rc.Variant) -> str:
+    """One standard error of the row's score, in points, from the test set's size: paired over the images for a
+    top-1 change against the original (``evaluate``'s), binomial for an agreement; '-' for a distance or where not
+    recorded (runs made before evaluate reported it)."""
+    if row.score == "top1" and result.get("top1_change_error") is not None:
+        return f"{100 * result['top1_change_error']:.2f}"
+    if row.score == "agreement" and result.get("agreement") is not None and result.get("images"):
+        a = float(result["agreement"])
+        return f"{100 * (a * (1 - a) / int(result['images'])) ** 0.5:.2f}"
+    return "-"
+
+
 def chosen_text(result: dict[str, Any]) -> str:
     if result.get("failed"):
         return "failed"
@@ -266,7 +279,7 @@ def before_values(case: rc.Case, row: rc.Variant) -> tuple[str, float]:
 
 
 def lr_table(data: dict[str, Any], rates: list[float]) -> list[str]:
-    lines = [("| row | mode | budget | score | before fine-tuning | default: chosen | default | "
+    lines = [("| row | mode | budget | score | before fine-tuning | default: chosen | default (± 1 s.e.) | "
               + "".join(f"lr {r:g} | " for r in rates) + "hindsight best | gap (pt) | within 0.3 pt |"),
              "|" + "---|" * (10 + len(rates))]
     for name, entry in data.items():
@@ -286,7 +299,7 @@ def lr_table(data: dict[str, Any], rates: list[float]) -> list[str]:
                     ok = "n/a (distance)"
         budget = " ".join([entry["budget"], *entry.get("flags", [])])
         lines.append(f"| {name} | {entry['mode']} | {budget} | {entry['score']} | {entry['before']} | "
-                     f"{default.get('chosen', '-')} | {pct(default.get('score'))} | "
+                     f"{default.get('chosen', '-')} | {pct(default.get('score'))} (± {default.get('noise', '-')}) | "
                      + "".join(f"{pct(fixed[r])} | " for r in rates) + f"{best_text} | {gap_text} | {ok} |")
     return lines
 
@@ -381,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
                                               "runs": {}})
         if entry["before"] is None:
             entry["before"], entry["before_distance"] = before_values(case, row)
-        entry["runs"][name] = {**result, "score": score(result, row), "chosen": chosen_text(result),
+        entry["runs"][name] = {**result, "score": score(result, row), "noise": noise(result, row),
+                               "chosen": chosen_text(result),
                                "chosen_steps": result.get("chosen", [])}
     stem = "loss_choice" if args.loss_table else "lr_choice"
     stem += f"_{args.tag}" if args.tag else ""
