@@ -298,8 +298,9 @@ def lr_table(data: dict[str, Any], rates: list[float]) -> list[str]:
                 if lower:
                     ok = "n/a (distance)"
         budget = " ".join([entry["budget"], *entry.get("flags", [])])
+        spread = f" (± {default['noise']})" if default.get("noise", "-") != "-" else ""
         lines.append(f"| {name} | {entry['mode']} | {budget} | {entry['score']} | {entry['before']} | "
-                     f"{default.get('chosen', '-')} | {pct(default.get('score'))} (± {default.get('noise', '-')}) | "
+                     f"{default.get('chosen', '-')} | {pct(default.get('score'))}{spread} | "
                      + "".join(f"{pct(fixed[r])} | " for r in rates) + f"{best_text} | {gap_text} | {ok} |")
     return lines
 
