@@ -16,10 +16,12 @@ from helpers import graph_from_text, save
 
 from deeprebirth import caffe_pb2 as pb
 from deeprebirth.api import rewrite_files
-from deeprebirth.caffe.data import Transform
+from deeprebirth.caffe.data import Transform, split_holdout
+from deeprebirth.caffe.evaluate import evaluate_files
 from deeprebirth.cli import main
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.finetune import FinetuneOptions, Progress, finetune_files, plan_steps
+from deeprebirth.finetune.context import held_out_share
 from deeprebirth.finetune.train import SolverOptions
 from deeprebirth.io import caffe_io
 from deeprebirth.ir.model import load_model
@@ -95,6 +97,40 @@ def test_freeze_rest_lowers_loss_and_changes_only_the_new_layers(nets: dict[str,
     report = json.loads(Path(result.report).read_text())  # type: ignore[arg-type]
     assert report["steps"][0]["name"] == "conv1_merge" and report["final_accuracy"] is not None
     assert report["schedule"] == "layerwise" and report["budget"] == "150it"
+    assert report["change_error"] == pytest.approx(change_error_by_evaluate(nets, out, result, tmp_path))
+
+
+def test_the_final_change_carries_its_paired_standard_error(nets: dict[str, str], tmp_path: Path) -> None:
+    """Ten updates: the slim net ends below the original on some held-out images (not all: a change of the same
+    size on every image would have no spread), and the run reports the noise `evaluate` finds on them."""
+    out = tmp_path / "final.caffemodel"
+    result = run(nets, out, options(schedule="whole", budget="10it", patience=0))
+    assert result.final_accuracy < result.original_accuracy  # type: ignore[operator]
+    expected = change_error_by_evaluate(nets, out, result, tmp_path)
+    assert expected > 0 and result.change_error == pytest.approx(expected)
+    report = tmp_path / "cli.json"
+    done = CliRunner().invoke(main, ["finetune", nets["original"], nets["original_weights"], nets["slim"],
+                                     nets["slim_weights"], "--report", nets["report"], "--data", nets["data"],
+                                     "--out", str(tmp_path / "cli.caffemodel"), "--json", str(report),
+                                     "--budget", "10it", "--batch", "16", "--holdout", "0.25", "--scale",
+                                     repr(1 / 255), "--solver", "adam", "--lr", "1e-3", "--schedule", "whole"])
+    assert done.exit_code == 0, done.output
+    shown = json.loads(report.read_text())
+    change = 100 * (shown["final_accuracy"] - shown["original_accuracy"])
+    assert f"(change {change:+.2f} points, standard error {100 * shown['change_error']:.2f}, paired)" in done.output
+
+
+def change_error_by_evaluate(nets: dict[str, str], out: Path, result, tmp_path: Path) -> float:  # type: ignore[no-untyped-def]
+    """The noise on the final change as `evaluate --reference` finds it on the run's held-out images (the same
+    split of ``options()``' data, the same transform), checked to be the images the run measured."""
+    arrays = np.load(nets["data"])
+    _, held = split_holdout(len(arrays["x"]), held_out_share(0.25, len(arrays["x"])), 0)
+    np.savez(tmp_path / "held.npz", x=arrays["x"][held], y=arrays["y"][held])
+    check = evaluate_files(nets["slim"], out, tmp_path / "held.npz", transform=Transform(scale=1 / 255),
+                           reference=(nets["original"], nets["original_weights"]))
+    assert check.images == result.held_out and check.top1 == pytest.approx(result.final_accuracy)
+    assert check.top1_change_error is not None
+    return check.top1_change_error
 
 
 def test_whole_schedule_distils_every_layer_at_once(nets: dict[str, str], tmp_path: Path) -> None:
@@ -151,6 +187,8 @@ def test_mimic_targets(nets: dict[str, str], tmp_path: Path, target: str) -> Non
     if target == "next":  # a step looks at the next merge's blob; the last one at the logits
         assert result.steps[0].target == f"next:{result.steps[1].reproduces}" and result.steps[-2].target == "kd"
     assert result.final_accuracy is not None  # labels exist, so held-out accuracy is measured too
+    expected = change_error_by_evaluate(nets, tmp_path / "final.caffemodel", result, tmp_path)
+    assert result.change_error == pytest.approx(expected)
     assert result.steps[-1].output_error_after < result.steps[0].output_error_before  # type: ignore[operator]
 
 

@@ -52,7 +52,9 @@ def finetune_command(original_prototxt: str, original_weights: str, slim_prototx
             click.echo(f"training views: {result.views_rule}")
     if result.held_out:
         click.echo(f"held-out top-1 ({result.held_out} images): original {pct(result.original_accuracy)}, slim "
-                   f"before fine-tuning {pct(result.slim_accuracy)}, after {pct(result.final_accuracy)}")
+                   f"before fine-tuning {pct(result.slim_accuracy)}, after {pct(result.final_accuracy)}"
+                   + (f" (change {100 * (result.final_accuracy - result.original_accuracy):+.2f} points, standard "
+                      f"error {100 * result.change_error:.2f}, paired)" if result.change_error is not None else ""))
     if not result.complete:
         click.echo(f"stopped after {len(result.steps)} of {len(result.planned)} phases; state in {result.work_dir}; "
                    "continue with --resume")

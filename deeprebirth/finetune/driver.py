@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from deeprebirth.caffe.data import CROP_BANK, Batches, PathLike
-from deeprebirth.caffe.evaluate import NetIO, predict, set_input, top_k
+from deeprebirth.caffe.evaluate import NetIO, paired_change_error, predict, set_input
 from deeprebirth.caffe.runtime import import_caffe, on_device
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.finetune.budget import EVAL_SHARE, Budget, Clock, phase_weights, share_time
@@ -124,7 +124,7 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
     _run_steps(ctx, store, state, finished, teacher, cache, options, budget, clock, notify, original_weights,
                seconds_per_image)
     complete = len(finished) == len(ctx.steps)
-    final_accuracy = None
+    final_accuracy = change_error = None
     report = None
     if complete:
         for name, blobs in store.items():  # a NaN caffemodel loads in Caffe and silently outputs NaN on the phone
@@ -135,13 +135,16 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
                                        layer=name)
         caffe_io.write_caffemodel(out, ctx.slim.to_net(), store)
         if ctx.val is not None and ctx.val.data.labels is not None:
-            final_accuracy = _accuracy(_slim_net(ctx, out), ctx.io, ctx.val, ctx.val_indices, batch)
+            final = _hits(_slim_net(ctx, out), ctx.io, ctx.val, ctx.val_indices, batch)
+            final_accuracy, original_hits = _mean(final), state["baseline"].get("original_hits")
+            if final is not None and original_hits is not None and len(original_hits) == len(final):
+                change_error = paired_change_error(final, np.asarray(original_hits, dtype=bool))
         report = str(options.report or default_report(out))
     result = FinetuneResult(options.mode, options.schedule, str(budget), [finished[i] for i in sorted(finished)],
                             [s.name for s in ctx.steps], complete, resumed, len(ctx.val_indices),
                             state["baseline"].get("original"), state["baseline"].get("slim"), final_accuracy,
                             str(out) if complete else None, report, str(ctx.work), time.perf_counter() - started,
-                            batch, state["batch_rule"], str(state.get("views_rule", "")))
+                            batch, state["batch_rule"], str(state.get("views_rule", "")), change_error=change_error)
     if report is not None:
         _write_report(result, options, fingerprint)
     notify(Progress("finished", len(finished), len(ctx.steps)))
@@ -292,14 +295,17 @@ def _affordable_held_out(ctx: Context, seconds: float, seconds_per_image: float)
     return ctx.val_indices[:max(min(MIN_HELD_OUT, len(ctx.val_indices)), affordable)]
 
 
-def _accuracy(net: Any, io: NetIO, val: Batches, indices: np.ndarray, batch: int) -> float | None:
-    """Held-out top-1, forwarded ``batch`` images at a time: a Caffe blob keeps the largest size it was given, so
-    a bigger chunk would hold the original's activations at that size for the whole run (about 13 GB at 100
-    images for a ResNet-50 at 224x224)."""
+def _hits(net: Any, io: NetIO, val: Batches, indices: np.ndarray, batch: int) -> np.ndarray | None:
+    """Per held-out image, whether the net's top-1 is its label; forwarded ``batch`` images at a time: a Caffe blob
+    keeps the largest size it was given, so a bigger chunk would hold the original's activations at that size for
+    the whole run (about 13 GB at 100 images for a ResNet-50 at 224x224)."""
     if val.data.labels is None or not len(indices):
         return None
-    scores = predict(net, io, val, indices, batch)
-    return top_k(scores, val.labels(indices), 1)
+    return predict(net, io, val, indices, batch).argmax(axis=1) == val.labels(indices)  # type: ignore[no-any-return]
+
+
+def _mean(hits: np.ndarray | None) -> float | None:
+    return None if hits is None else float(np.mean(hits))
 
 
 def _slim_net(ctx: Context, caffemodel: PathLike) -> Any:
@@ -314,10 +320,11 @@ def _baseline(ctx: Context, teacher: Teacher, slim_weights: PathLike, batch: int
     the slim net's measurement took (what the closing one will cost)."""
     if ctx.val is None:
         return {"original": None, "slim": None}, 0.0
-    original = _accuracy(teacher.net, NetIO.of(ctx.original), ctx.val, ctx.val_indices, batch)
+    original = _hits(teacher.net, NetIO.of(ctx.original), ctx.val, ctx.val_indices, batch)
     started = time.monotonic()
-    slim = _accuracy(_slim_net(ctx, slim_weights), ctx.io, ctx.val, ctx.val_indices, batch)
-    return {"original": original, "slim": slim}, time.monotonic() - started
+    slim = _hits(_slim_net(ctx, slim_weights), ctx.io, ctx.val, ctx.val_indices, batch)
+    hits = None if original is None else original.astype(int).tolist()  # for the paired error of the final change
+    return {"original": _mean(original), "slim": _mean(slim), "original_hits": hits}, time.monotonic() - started
 
 
 def _run_step(ctx: Context, step: Step, store: Weights, teacher: Teacher, cache: TeacherCache,

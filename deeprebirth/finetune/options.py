@@ -163,6 +163,7 @@ class FinetuneResult:
     batch_rule: str = ""  # why this batch size
     views_rule: str = ""  # how many crops per image the training views draw from, and why ("": no random crop)
     note: str = ""  # why nothing was trained, where nothing was
+    change_error: float | None = None  # standard error of final - original held-out top-1, paired over the images
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
