@@ -255,9 +255,13 @@ def choose_ranks(method: RankMethod, weight: np.ndarray | None, size: ConvSize,
 
 def _leading(matrix: np.ndarray, rank: int) -> np.ndarray:
     """The ``rank`` leading left singular vectors of ``matrix`` (rows x rank, orthonormal columns): eigenvectors of
-    its Gram matrix, a complete orthonormal basis even where ``matrix`` has fewer columns than rows."""
+    its Gram matrix, a complete orthonormal basis even where ``matrix`` has fewer columns than rows. Each one's sign
+    is fixed (its entry of largest magnitude positive): LAPACK returns either sign, as its CPU kernels have it, and
+    a written caffemodel should not depend on the machine that wrote it."""
     _, vectors = np.linalg.eigh(matrix @ matrix.T)
-    return vectors[:, ::-1][:, :rank]
+    leading = vectors[:, ::-1][:, :rank]
+    signs = np.sign(leading[np.argmax(np.abs(leading), axis=0), np.arange(leading.shape[1])])
+    return leading * np.where(signs == 0, 1.0, signs)  # type: ignore[no-any-return]
 
 
 def tucker2(weight: np.ndarray, r1: int, r2: int,

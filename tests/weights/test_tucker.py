@@ -108,6 +108,22 @@ def test_factors_are_orthonormal() -> None:
     np.testing.assert_allclose(u_out.T @ u_out, np.eye(6), atol=1e-5)
 
 
+def test_the_factors_do_not_depend_on_the_eigensolvers_signs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An eigensolver that returns some eigenvectors negated (as another CPU's LAPACK may) gives the same weights."""
+    w = planted()
+    expected = tucker2(w, 4, 6)
+    eigh = np.linalg.eigh
+    rng = np.random.default_rng(1)
+
+    def flipping(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        values, vectors = eigh(matrix)
+        return values, vectors * rng.choice([-1.0, 1.0], size=vectors.shape[1])
+
+    monkeypatch.setattr(np.linalg, "eigh", flipping)
+    for got, want in zip(tucker2(w, 4, 6), expected):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
 def test_macs_formula() -> None:
     size = ConvSize(c=16, n=32, kernel=(3, 3), in_pixels=2 * 20 * 20, out_pixels=2 * 10 * 10)
     assert size.macs() == 200 * 32 * 16 * 9
