@@ -49,4 +49,5 @@ def test_rewrite_matches_golden(net: str, case: str, golden: dict[str, dict[str,
     if "caffemodel_norms" in want:  # Tucker pieces: LAPACK's last bits differ between CPUs (record.py)
         assert got["caffemodel_norms"].keys() == want["caffemodel_norms"].keys(), f"{net} {case}: layers"
         for layer, norms in want["caffemodel_norms"].items():
-            assert got["caffemodel_norms"][layer] == [pytest.approx(n, rel=1e-4) for n in norms], f"{net} {case}: {layer}"
+            assert got["caffemodel_norms"][layer] == [pytest.approx(n, rel=1e-4) for n in norms], \
+                f"{net} {case}: {layer}"

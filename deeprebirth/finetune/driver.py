@@ -107,7 +107,8 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
 
         state["crop_bank"], state["views_rule"] = bank(0.0)  # the most passes the budget could buy ...
         if budget.timed and state["crop_bank"] > CROP_BANK:  # ... and where that grows the bank, at the real pace
-            state["crop_bank"], state["views_rule"] = bank(_forward_seconds_per_image(ctx, _net_forward(_slim_net(ctx, slim_weights), ctx.io.input)))
+            slim_forward = _net_forward(_slim_net(ctx, slim_weights), ctx.io.input)
+            state["crop_bank"], state["views_rule"] = bank(_forward_seconds_per_image(ctx, slim_forward))
     ctx.train.set_crop_bank(int(state["crop_bank"]))
     batch = int(state["batch"])
     options = replace(options, batch=batch, hints=str(state["hints"]), refit=str(state["refit"]))

@@ -96,8 +96,11 @@ def weight_norms(path: str | Path) -> dict[str, list[list[float]]]:
     an eigenvector's sign, and by rounding in the last bits beyond a relative 1e-6 or so."""
     from deeprebirth.io import caffe_io
 
-    return {name: [[float(f"{np.abs(b).sum(dtype=np.float64):.9g}"), float(f"{np.linalg.norm(b.astype(np.float64)):.9g}")]
-                   for b in blobs] for name, blobs in sorted(caffe_io.read_weights(path).items())}
+    def norms(blob: np.ndarray) -> list[float]:
+        wide = blob.astype(np.float64)
+        return [float(f"{np.abs(wide).sum():.9g}"), float(f"{np.linalg.norm(wide):.9g}")]
+
+    return {name: [norms(b) for b in blobs] for name, blobs in sorted(caffe_io.read_weights(path).items())}
 
 
 def decomposes(report: dict[str, Any]) -> bool:
