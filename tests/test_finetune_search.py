@@ -44,8 +44,8 @@ def test_the_reference_rate_stays_unless_a_higher_one_is_better_beyond_the_noise
     rng = np.random.default_rng(1)
     truth = rng.normal(1.0, 0.3, 300)
     start = truth + 1.0
-    scores = {Candidate("sgd", 1e-3): truth - 0.3, Candidate("sgd", 3e-3): truth - 0.2,  # lower rates look better:
-              Candidate("sgd", 1e-2): truth + 0.005 + rng.normal(0, 0.2, 300),       # short probes favour them
+    scores = {Candidate("sgd", 1e-3): truth - 0.3, Candidate("sgd", 3e-3): truth - 0.2,  # lower rates look better,
+              Candidate("sgd", 1e-2): truth + 0.005 + rng.normal(0, 0.2, 300),       # but cost top-1 (removed.md)
               Candidate("sgd", 3e-2): truth + rng.normal(0, 0.2, 300)}
     assert pick_rate(scores, start, 1e-2) == Candidate("sgd", 1e-2)  # 0.03 better only by noise, lower rates ignored
     scores[Candidate("sgd", 3e-2)] = truth - 0.3  # now clearly better

@@ -8,15 +8,15 @@ held-out image (``Evaluator.scores``: one scale for every loss) and the candidat
     d = scores(a) - scores(b);   a is worse than b when mean(d) > SIGNIFICANCE · std(d) / sqrt(len(d))
 
 The **rate** (``pick_rate``) starts from the phase's reference rate (``reference_rate``: ``REFERENCE_LR`` scaled to
-the batch and to the loss's gradient scale; the candidates are ``LR_FACTORS`` x it). Short probes favour low rates
-(a few decaying steps at a low rate disturb the net least: the short-horizon bias of greedy rate tuning), so the
-evidence is read one way only: the reference stays while its probe improves the held-out score on the start; a
-higher rate replaces it only when it beats it beyond the noise; a lower rate only when the reference itself made
-things worse than the start (then the highest lower rate that improved). So noise picks nothing, and the bias
-cannot drag the rate down. The probes run in the order that rule reads them (``next_rate``): the reference first,
-then the higher rates while it improved, else the lower ones down to the first that improves. A probe whose result
-could not change the choice is not run: the choice is the full grid's, at about half its cost where the reference
-holds (two probes of four; one of two).
+the batch and to the loss's gradient scale; the candidates are ``LR_FACTORS`` x it). The evidence is read one way
+only: the reference stays while its probe improves the held-out score on the start; a higher rate replaces it only
+when it beats it beyond the noise; a lower rate only when the reference itself made things worse than the start
+(then the highest lower rate that improved). So noise picks nothing. A lower rate that merely wins its probe does
+not replace the reference: taken (half a step down), it made the slim net follow the original more closely but
+cost top-1 against the labels (docs/decisions/removed.md, "Half a step down"). The probes run in the order that
+rule reads them (``next_rate``): the reference first, then the higher rates while it improved, else the lower ones
+down to the first that improves. A probe whose result could not change the choice is not run: the choice is the
+full grid's, at about half its cost where the reference holds (two probes of four; one of two).
 
 **Cost** (``plan_probes``): the probes share ``SEARCH_SHARE`` of the phase's allotment, their training and their
 evaluations (on up to ``SEARCH_IMAGES`` held-out images, each costing what the phase's first evaluation cost per
