@@ -12,8 +12,8 @@ the batch and to the loss's gradient scale; the candidates are ``LR_FACTORS`` x 
 only: the reference stays while its probe improves the held-out score on the start; a higher rate replaces it only
 when it beats it beyond the noise; a lower rate only when the reference itself made things worse than the start
 (then the highest lower rate that improved). So noise picks nothing. A lower rate that merely wins its probe does
-not replace the reference: taken (half a step down), it made the slim net follow the original more closely but
-cost top-1 against the labels (docs/decisions/removed.md, "Half a step down"). The probes run in the order that
+not replace the reference: taken (half a step down) without labels, it made the slim net follow the original more
+closely but cost top-1 (docs/decisions/removed.md, "Half a step down"). The probes run in the order that
 rule reads them (``next_rate``): the reference first, then the higher rates while it improved, else the lower ones
 down to the first that improves. A probe whose result could not change the choice is not run: the choice is the
 full grid's, at about half its cost where the reference holds (two probes of four; one of two).
