@@ -23,8 +23,12 @@ MACs (P_in, P_out = input and output pixels): ``P_in*C*R1 + P_out*R1*R2*kh*kw + 
 
 Preconditions: a Convolution (not Deconvolution) with one bottom, group 1, channel axis 1, a kernel larger than 1x1,
 known input shape, no shared (named) parameters; not itself a piece of an earlier decomposition (names
-``*_tucker_reduce|core|expand``, so a second rewrite changes nothing); the decomposition saves MACs ("full" excepted);
-vbmf and energy need weights (they read the ranks off the kernel) and must find rank >= 1 on both modes: pure VBMF
+``*_tucker_reduce|core|expand``, so a second rewrite changes nothing); the decomposition saves MACs ("full" excepted),
+and with ranks read off the kernel (vbmf, energy) at least ``MIN_SAVING`` of them: a kernel that keeps nearly full
+ranks is not low-rank. In Caffe, pieces that save under a tenth of a conv's MACs gain under a tenth of its time, and
+nothing on an RGB stem (Tucker-1 at 1.3% fewer MACs: 6% slower; benchmarks/tucker_breakeven.py), for an
+approximation that must be re-learned. Explicit ranks and speedup targets are taken as given. vbmf and energy
+need weights (they read the ranks off the kernel) and must find rank >= 1 on both modes: pure VBMF
 finds none in an untrained, random kernel (the default's energy floor does). speedup, ranks and full also work without weights: then only the prototxt
 changes, and the new layers start from their fillers whenever weights are later made.
 
@@ -56,6 +60,7 @@ from deeprebirth.weights.tucker import (
 NAME = "decompose_conv_tucker"
 PIECE = re.compile(r"_tucker_(reduce|core|expand)")  # in the name: a piece, or a layer later made from one
 IMAGE_CHANNELS = 4  # grey, RGB, RGBA: a net input this narrow is an image, whose channels vbmf and energy keep
+MIN_SAVING = 0.1  # of the conv's MACs, for ranks read off the kernel (see the module docstring)
 
 
 def rank_method(config: RuleConfig) -> RankMethod:
@@ -122,6 +127,10 @@ def match(graph: Graph, config: RuleConfig) -> Iterator[Match | Skip]:
         macs = size.tucker_macs(r1, r2, reduce, expand)
         if method.kind != "full" and macs >= size.macs():
             yield Skip(conv.name, f"ranks ({r1}, {r2}) would not save MACs ({macs:,} >= {size.macs():,})")
+            continue
+        if method.needs_weights and macs > (1 - MIN_SAVING) * size.macs():
+            yield Skip(conv.name, f"{method.kind} ranks ({r1}, {r2}) would save {1 - macs / size.macs():.2%} of its "
+                                  f"MACs: under {MIN_SAVING:.0%}, too little for the error and the extra layers")
             continue
         yield Match((conv.name,), {"ranks": (r1, r2), "c": size.c, "n": size.n, "reduce": reduce,
                                    "expand": expand, "macs": macs, "original_macs": size.macs()})

@@ -178,6 +178,20 @@ def test_refusals() -> None:
     assert "shared" in reasons(shared, "full")[0]
 
 
+def test_ranks_read_off_the_kernel_must_save_a_tenth_of_the_macs() -> None:
+    """energy:0.9 keeps ranks (7, 10) of this 8 -> 12 kernel: 6.7% fewer MACs, not worth two more layers; at 0.85
+    it saves 15%; the same ranks given explicitly are taken as given."""
+    [reason] = reasons(net(), "energy:0.9")
+    assert reason == ("energy ranks (7, 10) would save 6.71% of its MACs: under 10%, too little for the error and the extra "
+                      "layers")
+    kept = graph_from_text(net(), seed=0)
+    [change] = decompose(kept, "energy:0.85").changes
+    assert 1 - macs(kept, change.added) / 171072 > 0.1
+    explicit = graph_from_text(net(), seed=0)
+    [change] = decompose(explicit, "ranks:7,10").changes
+    assert macs(explicit, change.added) == 159588  # 6.7% fewer
+
+
 def test_without_weights_speedup_decomposes_the_prototxt_only() -> None:
     graph = graph_from_text(net(), seed=None)
     [change] = decompose(graph, "speedup:2").changes
