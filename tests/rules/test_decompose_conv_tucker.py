@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import graph_from_text, input_feed, relative_error, run_caffe, save
+from helpers import graph_from_text, input_feed, planted, relative_error, run_caffe, save
 from nets import tiny_inception
 
 from deeprebirth.api import PRESETS, preset_options, rewrite_files
@@ -127,8 +127,6 @@ def test_a_full_rank_factor_is_folded_into_the_core(tmp_path: Path) -> None:
 
 
 def test_planted_ranks_found_by_vbmf_and_energy() -> None:
-    from test_tucker import planted
-
     for method in ("vbmf", "energy:0.99"):
         text = INPUT.replace("dim: 8", "dim: 24") + conv_text().replace("num_output: 12", "num_output: 32")
         graph = graph_from_text(text, seed=0)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import planted
 
 from deeprebirth.weights.tucker import (
     ConvSize,
@@ -26,18 +27,6 @@ from deeprebirth.weights.tucker import (
     unfold,
     vbmf_ranks,
 )
-
-
-def planted(n: int = 32, c: int = 24, ranks: tuple[int, int] = (4, 6), kernel: tuple[int, int] = (3, 3),
-            noise: float = 1e-3, seed: int = 0) -> np.ndarray:
-    """A kernel (N, C, kh, kw) of exact Tucker ranks (R1 on C, R2 on N), plus Gaussian noise relative to its peak."""
-    rng = np.random.default_rng(seed)
-    r1, r2 = ranks
-    core = rng.standard_normal((r2, r1, *kernel))
-    u_in = np.linalg.qr(rng.standard_normal((c, r1)))[0]
-    u_out = np.linalg.qr(rng.standard_normal((n, r2)))[0]
-    w = np.einsum("srhw,cr,ns->nchw", core, u_in, u_out)
-    return w + noise * np.abs(w).max() * rng.standard_normal(w.shape)
 
 
 def test_tau_bar_matches_the_papers_approximation() -> None:
