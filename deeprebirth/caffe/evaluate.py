@@ -104,6 +104,11 @@ def predict(net: Any, io: NetIO, batches: Batches, indices: np.ndarray, batch: i
     return scores
 
 
+def top1_hits(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per row, whether the highest score (the first, on a tie) is the label: what ``paired_change_error`` pairs."""
+    return scores.argmax(axis=1) == labels  # type: ignore[no-any-return]
+
+
 def top_k(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
     """Fraction of rows whose label is among the ``k`` highest scores (ties broken by position)."""
     if len(labels) == 0:
@@ -183,7 +188,6 @@ def evaluate_files(prototxt: PathLike, caffemodel: PathLike, data: PathLike | Da
         result.agreement = float(np.mean(scores.argmax(axis=1) == ref_scores.argmax(axis=1)))
         result.reference_top1 = top_k(ref_scores, labels, 1)
         result.reference_top5 = top_k(ref_scores, labels, 5) if five else None
-        result.top1_change_error = paired_change_error(scores.argmax(axis=1) == labels,
-                                                       ref_scores.argmax(axis=1) == labels)
+        result.top1_change_error = paired_change_error(top1_hits(scores, labels), top1_hits(ref_scores, labels))
     result.seconds = time.perf_counter() - start
     return result

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from deeprebirth.caffe.data import CROP_BANK, Batches, PathLike
-from deeprebirth.caffe.evaluate import NetIO, paired_change_error, predict, set_input
+from deeprebirth.caffe.evaluate import NetIO, paired_change_error, predict, set_input, top1_hits
 from deeprebirth.caffe.runtime import import_caffe, on_device
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.finetune.budget import EVAL_SHARE, Budget, Clock, phase_weights, share_time
@@ -302,7 +302,7 @@ def _hits(net: Any, io: NetIO, val: Batches, indices: np.ndarray, batch: int) ->
     the whole run (about 13 GB at 100 images for a ResNet-50 at 224x224)."""
     if val.data.labels is None or not len(indices):
         return None
-    return predict(net, io, val, indices, batch).argmax(axis=1) == val.labels(indices)  # type: ignore[no-any-return]
+    return top1_hits(predict(net, io, val, indices, batch), val.labels(indices))
 
 
 def _mean(hits: np.ndarray | None) -> float | None:
