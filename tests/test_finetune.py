@@ -202,12 +202,16 @@ def test_mimic_mode_needs_no_labels(nets: dict[str, str], tmp_path: Path) -> Non
         run(nets, tmp_path / "label.caffemodel", options(budget="12it"), data=str(unlabelled))
 
 
-def test_the_learning_rate_is_searched_on_held_out_data(nets: dict[str, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode, temperature", [("label", 4.0), ("mimic", 1.0)])
+def test_the_learning_rate_is_searched_on_held_out_data(nets: dict[str, str], tmp_path: Path, mode: str,
+                                                         temperature: float) -> None:
     result = run(nets, tmp_path / "final.caffemodel", options(schedule="whole", budget="400it", patience=0,
-                                                               solver=SolverOptions("sgd", lr=None)))
+                                                               solver=SolverOptions("sgd", lr=None), mode=mode,
+                                                               temperature=temperature))
     step = result.steps[0]
     rates = [c for c in step.lr_search if " " not in c]
-    reference = 0.01 * 16 / 32  # batch 16, label mode (see search.reference_rate)
+    # batch 16; label mode's 0.5 CE + 0.5 KD at T=4 is the reference's loss, KD alone at T=1 pulls 2.5x less
+    reference = 0.01 * 16 / 32 * (1 if mode == "label" else 2.5)  # (see search.reference_rate)
     grid = [reference * f for f in (0.1, 0.3, 1, 3)]
     assert float(rates[0]) == pytest.approx(reference, rel=1e-2)  # read outward from the reference
     assert all(any(float(c) == pytest.approx(g, rel=1e-2) for g in grid) for c in rates) and len(set(rates)) == len(rates)
@@ -215,14 +219,21 @@ def test_the_learning_rate_is_searched_on_held_out_data(nets: dict[str, str], tm
     assert step.search.startswith("up to 4 rates x 15 iterations"), step.search
     assert step.lr in [float(c) for c in rates]
     others = [c for c in step.lr_search if " " in c]  # losses compared at the chosen rate (scaled per loss)
-    if step.agreement_before is not None and step.agreement_before < 0.5:
+    default_loss = f"KD T={temperature:g}"
+    if step.agreement_before is not None and step.agreement_before < 0.5 and mode == "label":
         (kd1_rate, kd1), (regression_rate, regression) = (c.split() for c in others)
         assert (kd1, regression) == ("kd1", "regression") and regression_rate in rates, step.lr_search
         # KD at T=1 pulls 2.5 times less hard than label mode's 0.5 CE + 0.5 KD at T=4: probed at 2.5x the rate
         assert float(kd1_rate) == pytest.approx(2.5 * float(regression_rate), rel=1e-2), step.lr_search
         assert step.loss.split(" + ")[0] in ("KD T=4", "KD T=1", "logit regression")
+    elif step.agreement_before is not None and step.agreement_before < 0.5:  # distilling at T=1 already
+        [(regression_rate, regression)] = (c.split() for c in others)
+        # regression is rated as KD at T=4, which pulls 4 times as hard as KD at T=1: a quarter of the rate
+        assert regression == "regression", step.lr_search
+        assert any(float(r) == pytest.approx(4 * float(regression_rate), rel=1e-2) for r in rates), step.lr_search
+        assert step.loss.split(" + ")[0] in ("KD T=1", "logit regression")
     else:
-        assert others == [] and step.loss == "KD T=4"
+        assert others == [] and step.loss == default_loss
     # the probes come out of the budget; the winner's probe is not lost: training went on from it
     assert step.iterations == 400 - 15 * len(step.lr_search) + 15
 

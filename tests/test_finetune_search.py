@@ -8,12 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from deeprebirth import caffe_pb2 as pb
 from deeprebirth.caffe.data import CROP_BANK, Batches, DataSet, Transform
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.finetune import FinetuneOptions, finetune_files
 from deeprebirth.finetune.budget import Budget
 from deeprebirth.finetune.driver import MIN_UPDATES, choose_batch
 from deeprebirth.finetune.phase import keeps
+from deeprebirth.finetune.phase_types import PhaseSpec
+from deeprebirth.finetune.probes import gradient_scale, loss_rate
 from deeprebirth.finetune.search import (
     FEW_FACTORS,
     LR_FACTORS,
@@ -88,6 +91,29 @@ def test_another_loss_wins_only_beyond_the_noise() -> None:
     far = dict(close)
     far[Candidate("sgd", 1e-2, "regression")] = truth - 0.4
     assert choose(far, default_loss_first).loss == "regression"
+
+
+def phase(objective: str, temperature: float) -> PhaseSpec:
+    net = pb.NetParameter()
+    return PhaseSpec(1, "whole net", net, {}, lambda name: [], [], net, "z", "t", {}, objective, objective == "label",
+                     temperature, 0.5)
+
+
+def test_each_loss_is_probed_at_the_rate_its_gradient_scale_asks() -> None:
+    chosen = Candidate("sgd", 0.01)
+    label, mimic, mimic_t4 = phase("label", 4.0), phase("kd", 1.0), phase("kd", 4.0)
+    # label mode: 0.5 CE + 0.5 KD at T=4 (scale 2.5) against 0.5 CE + 0.5 KD at T=1 (scale 1)
+    assert loss_rate(label, "kd1", chosen) == pytest.approx(0.025)
+    assert loss_rate(label, "regression", chosen) == pytest.approx(0.01)
+    # mimic mode given --temperature 1: regression is rated as KD at T=4, four times the pull
+    assert loss_rate(mimic, "regression", chosen) == pytest.approx(0.0025)
+    assert loss_rate(mimic_t4, "kd1", chosen) == pytest.approx(0.04)
+    assert loss_rate(mimic_t4, "regression", chosen) == pytest.approx(0.01)
+    assert loss_rate(mimic, "regression", Candidate("adam", 1e-4)) == 1e-4  # Adam normalises its steps
+    # a phase that trains regression starts from the same rate whatever the temperature
+    assert gradient_scale(replace(mimic, output_loss="regression")) == gradient_scale(
+        replace(mimic_t4, output_loss="regression")) == 4.0
+    assert reference_rate("sgd", 32, gradient_scale(mimic)) == pytest.approx(0.025)
 
 
 def test_probes_shrink_where_iterations_are_expensive() -> None:

@@ -14,6 +14,7 @@ from deeprebirth.finetune.budget import Budget
 from deeprebirth.finetune.train import SOLVER_TYPES, SolverOptions
 
 MODES = ("label", "mimic")
+DEFAULT_TEMPERATURE = 4.0  # of the distillation loss, in both modes (docs/decisions/temperature.md)
 DEFAULT_BATCH = 32  # the largest batch the pace rule picks, and the batch of iteration budgets and exports
 SCHEDULES = ("whole", "layerwise")
 MIMIC_TARGETS = ("local", "next", "logits")
@@ -40,12 +41,12 @@ class FinetuneOptions:
     budget: str = "10m"  # time (90s, 10m, 1.5h), solver iterations (3000it) or epochs (5ep) for the whole run
     kd_weight: float = setting(0.5, float, "label mode: share of the distillation loss (the labels get the rest)",
                                minimum=0, maximum=1)
-    temperature: float = setting(4.0, float, "softmax temperature of the distillation loss", minimum=0,
-                                 open_bounds="min")
+    temperature: float = setting(DEFAULT_TEMPERATURE, float, "softmax temperature of the distillation loss",
+                                 minimum=0, open_bounds="min")
     loss: str = setting("auto", str, "what matches the original's logits: distillation at --temperature, "
                         "regression on the logits, or auto: KD, and where the slim net starts far off (agreement "
-                        "< 50%) the better of KD at --temperature, KD at T=1 and regression, probed on held-out data",
-                        choices=LOSS_CHOICES)
+                        "< 50%) the better of KD at --temperature, KD at T=1 (when that is not 1) and regression, "
+                        "probed on held-out data", choices=LOSS_CHOICES)
     hints: str = setting("auto", str, "whole-net phase: also match up to 4 blobs of the original between the merges "
                          "and the logits (cuts: block outputs) by relative squared error, beside the logits; auto: "
                          "on where the budget buys fewer than 400 updates of 32 (docs/decisions/hints.md)",

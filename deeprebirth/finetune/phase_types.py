@@ -37,6 +37,7 @@ class PhaseSpec:
     teacher_input: str | None = None  # an Input blob of the train net fed with the original's cached logits
     loss: str = "KD T=4"  # what matches the original's outputs, as the report says it
     dropout: list[str] = field(default_factory=list)  # the original's Dropout layers the train net has again
+    output_loss: str = "kd"  # the same, one of ``spec.LOSSES`` (its gradient scale sets the reference rate)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from deeprebirth.finetune.evaluator import Evaluator
+from deeprebirth.finetune.options import DEFAULT_TEMPERATURE
 from deeprebirth.finetune.phase_types import Allotment, PhaseData, PhaseSpec, Weights
 from deeprebirth.finetune.search import (
     LOW_AGREEMENT,
@@ -52,22 +53,27 @@ class Choice:
 
 
 def gradient_scale(spec: PhaseSpec) -> float:
-    """``w·T + (1 - w)`` of the phase's loss (KD weight w at temperature T; see ``search.reference_rate``)."""
+    """``w·T + (1 - w)`` of the phase's loss (KD weight w at temperature T; see ``search.reference_rate``). KD at
+    T=1 has T = 1; regression on the logits has no temperature and is rated as KD at ``DEFAULT_TEMPERATURE``, whose
+    rates it was measured at: a run given ``--temperature 1`` probes it at a quarter of its rate in mimic mode (at
+    that rate itself it diverged on both colour nets), and ``--loss regression`` starts from the same rate whatever
+    ``--temperature`` says."""
+    temperature = {"kd1": 1.0, "regression": DEFAULT_TEMPERATURE}.get(spec.output_loss, spec.temperature)
     if spec.objective == "kd":
-        return spec.temperature
+        return temperature
     if spec.objective == "label":
-        return spec.kd_weight * spec.temperature + 1 - spec.kd_weight
+        return spec.kd_weight * temperature + 1 - spec.kd_weight
     return REFERENCE_GRADIENT
 
 
 def loss_rate(spec: PhaseSpec, loss: str, chosen: Candidate) -> float:
-    """The rate another loss is probed at: KD at T=1 pulls less hard than KD at ``--temperature`` (its gradient
-    scale, ``gradient_scale``, is ``w + (1 - w)`` instead of ``w·T + (1 - w)``), so SGD-type solvers take the
-    chosen rate times the ratio of the two scales, the rate a run given that loss would start from
-    (``search.reference_rate``). Probed at KD's rate it lost on a rate too low for it, not on the loss."""
-    if loss != "kd1" or chosen.solver not in MOMENTUM_SOLVERS:
+    """The rate another loss is probed at: the chosen rate times the ratio of the two losses' gradient scales
+    (``gradient_scale``: KD at T=1 pulls less hard than KD at T=4, ``w + (1 - w)`` against ``w·T + (1 - w)``), the
+    rate a run given that loss would start from (``search.reference_rate``), for SGD-type solvers. Probed at KD
+    at T=4's rate, KD at T=1 lost on a rate too low for it, not on the loss."""
+    if chosen.solver not in MOMENTUM_SOLVERS:
         return chosen.lr
-    return float(f"{chosen.lr * gradient_scale(spec) / gradient_scale(replace(spec, temperature=1.0)):.3g}")
+    return float(f"{chosen.lr * gradient_scale(spec) / gradient_scale(replace(spec, output_loss=loss)):.3g}")
 
 
 class Probes:
@@ -113,9 +119,10 @@ class Probes:
 
     def pick_loss(self, chosen: Candidate) -> Candidate:
         """The other losses probed at the chosen rate, moved by their gradient scale (``loss_rate``), compared on
-        top-1 misses: a smooth score would favour the loss it is made of."""
+        top-1 misses: a smooth score would favour the loss it is made of. KD at T=1 is not probed where the phase
+        distils at T=1 already (``--temperature 1``)."""
         contenders = [chosen]
-        for loss in ("kd1", "regression"):
+        for loss in ("kd1", "regression") if self.spec.temperature != 1.0 else ("regression",):
             contenders.append(Candidate(chosen.solver, loss_rate(self.spec, loss, chosen), loss))
             self.run(contenders[-1])
         return choose({c: self.misses[c] for c in contenders}, default_loss_first)
@@ -156,7 +163,9 @@ def search(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: Allo
     note = f"{plan.reason}; reference rate {reference:.3g}"
     if variant is not None and before.get("agreement", 1.0) < LOW_AGREEMENT:
         chosen = probes.pick_loss(chosen)
-        note += f"; agreement at the start {before['agreement']:.0%}: losses compared (KD at T=1 at the rate scaled to its pull)"
+        against = ("KD at T=1 at the rate scaled to its pull" if spec.temperature != 1.0 else
+                   "logit regression beside KD at T=1")
+        note += f"; agreement at the start {before['agreement']:.0%}: losses compared ({against})"
     described = {c.describe(options.solver): float(np.mean(s)) for c, s in probes.scores.items()}
     return Choice(probes.spec_for(chosen), replace(options, solver=chosen.solver, lr=chosen.lr),
                   probes.weights[chosen], plan.iterations, plan.iterations * len(probes.scores), described, note,

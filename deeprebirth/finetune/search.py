@@ -27,10 +27,10 @@ no tuning to be safe. The winner is not started over: training goes on from its 
 **Rescue**: when every SGD rate leaves the held-out score worse than at the start, Adam at 1e-4 is probed too
 (why, measured: docs/decisions/adam-rescue.md).
 **Losses**: where the slim net's top-1 agreement with the original starts below ``LOW_AGREEMENT``, KD at T=1
-and regression on the logits (``spec.LOSSES``) are probed beside KD at ``--temperature``, at the chosen rate moved
-by the loss's gradient scale (``probes.loss_rate``),
-compared on per-image top-1 misses (the smooth search score is KL at T=1, itself one of the losses, and would
-favour it): another loss replaces KD only when it misses fewer images beyond the noise.
+(unless the phase distils at T=1 already: ``--temperature 1``) and regression on the logits (``spec.LOSSES``) are
+probed beside KD at the run's temperature, at the chosen rate moved by the loss's gradient scale
+(``probes.loss_rate``), compared on per-image top-1 misses (the smooth search score is KL at T=1, itself one of the
+losses, and would favour it): another loss replaces KD only when it misses fewer images beyond the noise.
 """
 
 from __future__ import annotations

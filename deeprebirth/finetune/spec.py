@@ -138,7 +138,7 @@ def phase_spec(ctx: Context, step: Step, store: Weights, teacher: Teacher, optio
                      options.kd_weight,
                      teacher_name(ctx.logits) if cached_teacher and target in ("labels+kd", "kd") else None,
                      loss_label(loss, options.temperature) + (f" + {len(hints)} hints" if hints else ""),
-                     dropout)
+                     dropout, loss)
     return spec, train_student, target
 
 
