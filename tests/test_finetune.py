@@ -20,7 +20,7 @@ from deeprebirth.caffe.data import Transform, split_holdout
 from deeprebirth.caffe.evaluate import evaluate_files
 from deeprebirth.cli import main
 from deeprebirth.errors import DeepRebirthError
-from deeprebirth.finetune import FinetuneOptions, Progress, finetune_files, plan_steps
+from deeprebirth.finetune import FinetuneOptions, Progress, finetune_files, plan_steps, probes
 from deeprebirth.finetune.context import held_out_share
 from deeprebirth.finetune.train import SolverOptions
 from deeprebirth.io import caffe_io
@@ -236,6 +236,20 @@ def test_the_learning_rate_is_searched_on_held_out_data(nets: dict[str, str], tm
         assert others == [] and step.loss == default_loss
     # the probes come out of the budget; the winner's probe is not lost: training went on from it
     assert step.iterations == 400 - 15 * len(step.lr_search) + 15
+
+
+def test_when_no_probe_improves_on_the_start_training_starts_over_slower(nets: dict[str, str], tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(probes, "improves", lambda probe, start: False)  # every probe ended worse than the start
+    result = run(nets, tmp_path / "final.caffemodel", options(schedule="whole", budget="400it", patience=0,
+                                                               solver=SolverOptions("sgd", lr=None)))
+    step = result.steps[0]
+    probed = [float(c) for c in step.lr_search if " " not in c]
+    assert "no probe improved on the start: training starts from it at sgd" in step.search, step.search
+    assert any(3 * step.lr == pytest.approx(r, rel=1e-2) for r in probed)  # a third of a probed rate (slower_rate)
+    assert [c for c in step.lr_search if " " in c] == []  # no loss probes from a start no probe improved on
+    # the probes' iterations are spent; training starts from the phase's start, not from a probe
+    assert step.iterations == 400 - 15 * len(step.lr_search)
 
 
 def on_time(took: float, budget: float) -> bool:

@@ -42,7 +42,7 @@ from deeprebirth.finetune.phase_types import (
     Weights,
 )
 from deeprebirth.finetune.probes import Choice, Notify, Variant, search
-from deeprebirth.finetune.search import MOMENTUM_SOLVERS, RESCUE, significantly_worse
+from deeprebirth.finetune.search import MOMENTUM_SOLVERS, RESCUE, significantly_worse, slower_rate
 from deeprebirth.finetune.train import SolverOptions
 from deeprebirth.finetune.trainer import Trainer, eval_net, overlay, time_iterations
 
@@ -249,12 +249,10 @@ class _TrainingRun:
         """Never better than the start after ``patience`` evaluations: restart from the start with a safer
         solver or rate, when enough of the allotment is left for it to mean something."""
         options = self.options
-        if options.solver in MOMENTUM_SOLVERS and not self.backoffs:
-            safer = replace(options, lr=options.base_lr() / 3)
-        elif options.solver in MOMENTUM_SOLVERS:
+        if options.solver in MOMENTUM_SOLVERS and self.backoffs:
             safer = replace(options, solver=RESCUE[0], lr=RESCUE[1])
         else:
-            safer = replace(options, lr=options.base_lr() / 10)
+            safer = replace(options, lr=options.base_lr() * slower_rate(options.solver))
         left = self.deadline.left()
         if left is not None and self.seconds_per_iteration is not None and \
                 left < 2 * self.reserve + 8 * self.seconds_per_iteration:

@@ -26,10 +26,12 @@ from deeprebirth.finetune.search import (
     ProbePlan,
     choose,
     default_loss_first,
+    improves,
     next_rate,
     pick_rate,
     plan_probes,
     reference_rate,
+    slower_rate,
 )
 from deeprebirth.finetune.train import SolverOptions
 from deeprebirth.finetune.trainer import Trainer, eval_net, time_iterations
@@ -161,6 +163,14 @@ def search(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: Allo
         probes.run(candidate)
     chosen = probes.pick_rate(reference, rescue)
     note = f"{plan.reason}; reference rate {reference:.3g}"
+    described = {c.describe(options.solver): float(np.mean(s)) for c, s in probes.scores.items()}
+    if not improves(probes.scores[chosen], probes.start):
+        # every probe left the net worse than its start: going on from one would begin the run behind it
+        slower = replace(options, solver=chosen.solver, lr=float(f"{chosen.lr * slower_rate(chosen.solver):.3g}"))
+        note += (f"; no probe improved on the start: training starts from it at {slower.solver} "
+                 f"{slower.lr:g}, {1 / slower_rate(chosen.solver):g} times slower than the probe that came closest")
+        return Choice(spec, slower, None, 0, plan.iterations * len(probes.scores), described, note,
+                      seconds_per_iteration)
     if variant is not None and before.get("agreement", 1.0) < LOW_AGREEMENT:
         chosen = probes.pick_loss(chosen)
         against = ("KD at T=1 at the rate scaled to its pull" if spec.temperature != 1.0 else

@@ -25,7 +25,9 @@ image), sized for the whole grid. Four rates when each probe still gets ``MIN_PR
 no tuning to be safe. The winner is not started over: training goes on from its probe's weights.
 
 **Rescue**: when every SGD rate leaves the held-out score worse than at the start, Adam at 1e-4 is probed too
-(why, measured: docs/decisions/adam-rescue.md).
+(why, measured: docs/decisions/adam-rescue.md). When no probe at all improved on the start (a least-squares refit
+start on an ImageNet-size net), training does not go on from one: it starts from the phase's start at the chosen
+rate times ``slower_rate`` (a tenth for Adam), as a back-off would after three evaluations, and no loss is probed.
 **Losses**: where the slim net's top-1 agreement with the original starts below ``LOW_AGREEMENT``, KD at T=1
 (unless the phase distils at T=1 already: ``--temperature 1``) and regression on the logits (``spec.LOSSES``) are
 probed beside KD at the run's temperature, at the chosen rate moved by the loss's gradient scale
@@ -183,6 +185,13 @@ def next_rate(candidates: Sequence[Candidate], scores: dict[Candidate, np.ndarra
         if improved(c):
             return None
     return None
+
+
+def slower_rate(solver: str) -> float:
+    """The factor a rate comes down by when training from it never improved on the start (``phase.back_off``) or
+    when no probe did: a third for SGD and its kin, a tenth for adaptive solvers, whose per-parameter steps
+    do not shrink as the gradients do."""
+    return 1 / 3 if solver in MOMENTUM_SOLVERS else 1 / 10
 
 
 def default_loss_first(candidate: Candidate) -> tuple[float, ...]:
