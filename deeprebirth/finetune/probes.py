@@ -110,6 +110,10 @@ class Probes:
         self.notify("search", {"lr": candidate.lr, "solver": candidate.solver,
                                "loss": float(np.mean(self.scores[candidate])), "objective": candidate.loss})
 
+    def described(self, solver: str) -> dict[str, float]:
+        """Each probe's mean held-out search score, by its description (for the report)."""
+        return {c.describe(solver): float(np.mean(s)) for c, s in self.scores.items()}
+
     def pick_rate(self, reference: float, rescue: bool) -> Candidate:
         """``search.pick_rate`` over the probes run; Adam's rescue probe when no SGD rate improved on the start."""
         picked = pick_rate(self.scores, self.start, reference)
@@ -163,20 +167,18 @@ def search(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: Allo
         probes.run(candidate)
     chosen = probes.pick_rate(reference, rescue)
     note = f"{plan.reason}; reference rate {reference:.3g}"
-    described = {c.describe(options.solver): float(np.mean(s)) for c, s in probes.scores.items()}
     if not improves(probes.scores[chosen], probes.start):
         # every probe left the net worse than its start: going on from one would begin the run behind it
         slower = replace(options, solver=chosen.solver, lr=float(f"{chosen.lr * slower_rate(chosen.solver):.3g}"))
-        note += (f"; no probe improved on the start: training starts from it at {slower.solver} "
-                 f"{slower.lr:g}, {1 / slower_rate(chosen.solver):g} times slower than the probe that came closest")
-        return Choice(spec, slower, None, 0, plan.iterations * len(probes.scores), described, note,
-                      seconds_per_iteration)
+        note += (f"; no probe improved on the start: training starts from it at {slower.solver} {slower.lr:g} "
+                 f"({1 / slower_rate(chosen.solver):g} times below {chosen.describe(options.solver)})")
+        return Choice(spec, slower, None, 0, plan.iterations * len(probes.scores), probes.described(options.solver),
+                      note, seconds_per_iteration)
     if variant is not None and before.get("agreement", 1.0) < LOW_AGREEMENT:
         chosen = probes.pick_loss(chosen)
         against = ("KD at T=1 at the rate scaled to its pull" if spec.temperature != 1.0 else
                    "logit regression beside KD at T=1")
         note += f"; agreement at the start {before['agreement']:.0%}: losses compared ({against})"
-    described = {c.describe(options.solver): float(np.mean(s)) for c, s in probes.scores.items()}
     return Choice(probes.spec_for(chosen), replace(options, solver=chosen.solver, lr=chosen.lr),
-                  probes.weights[chosen], plan.iterations, plan.iterations * len(probes.scores), described, note,
-                  seconds_per_iteration)
+                  probes.weights[chosen], plan.iterations, plan.iterations * len(probes.scores),
+                  probes.described(options.solver), note, seconds_per_iteration)
