@@ -123,12 +123,16 @@ class Probes:
             picked = pick_rate({adam: self.scores[adam]}, self.start, RESCUE[1])
         return picked or min(self.scores, key=lambda c: c.lr)
 
+    def other_losses(self) -> tuple[str, ...]:
+        """The losses probed beside the phase's KD: KD at T=1 only where the phase does not distil at T=1 already
+        (``--temperature 1``)."""
+        return ("kd1", "regression") if self.spec.temperature != 1.0 else ("regression",)
+
     def pick_loss(self, chosen: Candidate) -> Candidate:
-        """The other losses probed at the chosen rate, moved by their gradient scale (``loss_rate``), compared on
-        top-1 misses: a smooth score would favour the loss it is made of. KD at T=1 is not probed where the phase
-        distils at T=1 already (``--temperature 1``)."""
+        """The other losses (``other_losses``) probed at the chosen rate, moved by their gradient scale
+        (``loss_rate``), compared on top-1 misses: a smooth score would favour the loss it is made of."""
         contenders = [chosen]
-        for loss in ("kd1", "regression") if self.spec.temperature != 1.0 else ("regression",):
+        for loss in self.other_losses():
             contenders.append(Candidate(chosen.solver, loss_rate(self.spec, loss, chosen), loss))
             self.run(contenders[-1])
         return choose({c: self.misses[c] for c in contenders}, default_loss_first)
@@ -176,7 +180,7 @@ def search(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: Allo
                       note, seconds_per_iteration)
     if variant is not None and before.get("agreement", 1.0) < LOW_AGREEMENT:
         chosen = probes.pick_loss(chosen)
-        against = ("KD at T=1 at the rate scaled to its pull" if spec.temperature != 1.0 else
+        against = ("KD at T=1 at the rate scaled to its pull" if "kd1" in probes.other_losses() else
                    "logit regression beside KD at T=1")
         note += f"; agreement at the start {before['agreement']:.0%}: losses compared ({against})"
     return Choice(probes.spec_for(chosen), replace(options, solver=chosen.solver, lr=chosen.lr),
