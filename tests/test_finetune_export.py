@@ -142,6 +142,8 @@ def test_export_writes_each_phase_as_caffe_files(nets: dict[str, str], tmp_path:
 def test_export_refuses_what_a_plain_solver_cannot_do(nets: dict[str, str], tmp_path: Path) -> None:
     with pytest.raises(DeepRebirthError, match="a time budget cannot be exported"):
         export(nets, tmp_path / "plan", options(budget="10m"))
+    with pytest.raises(DeepRebirthError, match="--mixup on blends images in-process"):
+        export(nets, tmp_path / "plan", options(mode="mimic", mixup="on"))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
     with pytest.raises(DeepRebirthError, match="not empty"):

@@ -57,7 +57,12 @@ from deeprebirth.finetune.search import SEARCH_SHARE
 from deeprebirth.finetune.spec import blob_counts, phase_spec, uses_hints
 from deeprebirth.finetune.state import Weights, save_state, snapshot
 from deeprebirth.finetune.steps import Step
-from deeprebirth.finetune.teacher_cache import TeacherCache, choose_crop_bank, training_seconds_per_image
+from deeprebirth.finetune.teacher_cache import (
+    TeacherCache,
+    choose_blends,
+    choose_crop_bank,
+    training_seconds_per_image,
+)
 from deeprebirth.io import caffe_io
 from deeprebirth.io.atomic import atomic_write_bytes as write_text
 
@@ -109,6 +114,8 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
         if budget.timed and state["crop_bank"] > CROP_BANK:  # ... and where that grows the bank, at the real pace
             slim_forward = _net_forward(_slim_net(ctx, slim_weights), ctx.io.input)
             state["crop_bank"], state["views_rule"] = bank(_forward_seconds_per_image(ctx, slim_forward))
+        blends = choose_blends(options.mixup)[1]
+        state["views_rule"] = "; ".join(words for words in (str(state["views_rule"]), blends) if words)
     ctx.train.set_crop_bank(int(state["crop_bank"]))
     batch = int(state["batch"])
     options = replace(options, batch=batch, hints=str(state["hints"]), refit=str(state["refit"]))
@@ -343,7 +350,7 @@ def _run_step(ctx: Context, step: Step, store: Weights, teacher: Teacher, cache:
 
     data = PhaseData(ctx.work, ctx.io.input, ctx.train, ctx.train_indices, ctx.val, ctx.val_indices, teacher,
                      options.batch, options.seed, options.cache_mb * 2**20 / 4, options.patience, options.shuffle,
-                     cache)
+                     cache, choose_blends(options.mixup)[0])
     computed, reused = cache.computed, cache.reused
 
     def relay(event: str, fields: dict[str, Any]) -> None:

@@ -95,6 +95,9 @@ def export_plan(original_prototxt: PathLike, original_weights: PathLike, slim_pr
     options = options or FinetuneOptions()
     options = replace(options, batch=options.batch or DEFAULT_BATCH)
     budget = check_options(options)
+    if options.mixup == "on":
+        raise DeepRebirthError("--mixup on blends images in-process; an exported plan reads Caffe's own data layers "
+                               "(leave --mixup off with --export)")
     if budget.timed:
         raise DeepRebirthError(f"budget {options.budget}: a time budget cannot be exported (how many iterations "
                                "fit depends on the machine that runs them); give iterations (e.g. 3000it) or "

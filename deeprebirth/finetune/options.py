@@ -21,6 +21,7 @@ MIMIC_TARGETS = ("local", "next", "logits")
 LOSS_CHOICES = ("auto", "kd", "regression")  # auto: KD at --temperature, or the search's pick where far off
 HINT_CHOICES = ("auto", "on", "off")  # ``finetune.hints``; auto: on where updates are few (``driver.resolve_auto``)
 REFIT_CHOICES = HINT_CHOICES  # ``finetune.refit``; auto: where updates are fewest (``driver.resolve_refit``)
+BLEND_CHOICES = ("off", "on")  # ``finetune.mixup``: asked for, never automatic (docs/decisions/blends.md)
 
 
 def setting(default: Any, kind: type, help: str, **declaration: Any) -> Any:
@@ -64,6 +65,10 @@ class FinetuneOptions:
                            "written net has none); auto: in label mode, where the labels' cross-entropy memorises a "
                            "small training set (the original's soft targets in mimic mode do not); off for an "
                            "original that was not trained with them", choices=HINT_CHOICES)
+    mixup: str = setting("off", str, "mimic mode: half of each training batch blends two training images, the "
+                         "original's outputs on each blend the target; over many passes the slim net comes closer to "
+                         "the original's outputs, its own mistakes included (docs/decisions/blends.md)",
+                         choices=BLEND_CHOICES)
     resume: bool = setting(False, bool, "continue an interrupted run without redoing finished phases", switch=True)
     transform: Transform = field(default_factory=lambda: Transform(mirror=True))  # training preprocessing
     val: PathLike | None = None  # held-out data; default: ``holdout`` of --data
@@ -185,6 +190,10 @@ def check_options(options: FinetuneOptions) -> Budget:
     if options.refit == "on" and options.schedule != "whole":
         raise DeepRebirthError("--refit on starts the whole schedule; with --schedule layerwise the paper's steps are "
                                "the start (use --refit auto or off)")
+    if options.mixup not in BLEND_CHOICES:
+        raise DeepRebirthError(f"unknown mixup setting {options.mixup!r} ({', '.join(BLEND_CHOICES)})")
+    if options.mixup == "on" and options.mode != "mimic":
+        raise DeepRebirthError("--mixup on needs --mode mimic: a blend of two photos has no label")
     if options.batch is not None and options.batch < 1:
         raise DeepRebirthError("the batch size must be at least 1")
     if not 0.0 <= options.kd_weight <= 1.0:

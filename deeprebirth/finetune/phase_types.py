@@ -83,3 +83,4 @@ class PhaseData:
     patience: int = PATIENCE  # 0: never stop early
     shuffle: bool = True  # False: the training images in their order (as Caffe reads an LMDB)
     cache: Any = None  # deeprebirth.finetune.teacher_cache.TeacherCache for specs with a ``teacher_input``
+    mixup: float = 0.0  # share of each training batch that blends two images (``teacher_cache.choose_blends``)

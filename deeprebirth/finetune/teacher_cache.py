@@ -7,6 +7,8 @@ its logits come from memory. Logits are small (classes x 4 bytes), so even 1,000
 fit in a few hundred MB; past ``cache_bytes`` new pairs are computed every time (nothing is evicted).
 
 How many views: ``choose_crop_bank`` weighs the reuse against showing the student the same few crops too often.
+With ``--mixup on`` an image also has as many fixed blends with other training images (``choose_blends``), keyed
+past its views.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from deeprebirth.finetune.budget import EVAL_SHARE, Budget
 from deeprebirth.finetune.search import SEARCH_SHARE
 
 READS_PER_VIEW = 4  # a fixed training view is read about this often before the crop bank grows instead
+BLEND_SHARE = 0.5  # of each training batch, with ``--mixup on``
 
 
 class TeacherCache:
@@ -70,14 +73,30 @@ def choose_crop_bank(train: Batches, budget: Budget, images: int, seconds_per_tr
     if not train.random_crop:
         return 1, ""
     mirrors = 2 if train.transform.mirror else 1
-    if budget.timed:
-        passes = budget.amount * (1 - SEARCH_SHARE - EVAL_SHARE) / (seconds_per_training_image * max(images, 1))
-    elif budget.unit == "ep":
-        passes = budget.amount
-    else:
-        passes = budget.amount * batch / max(images, 1)
+    passes = passes_bought(budget, images, seconds_per_training_image, batch)
     wanted = max(CROP_BANK, math.ceil(passes / (mirrors * READS_PER_VIEW)))
     crops = min(wanted, train.crop_positions)
     reads = passes / (mirrors * crops)
     return crops, (f"{crops} of {train.crop_positions} crop positions per image{' x mirror' if mirrors == 2 else ''}"
                    f": about {passes:.0f} passes over {images} images, each view read about {reads:.1f} times")
+
+
+def passes_bought(budget: Budget, images: int, seconds_per_training_image: float, batch: int) -> float:
+    """Passes over the training images the budget buys: epochs as given, iterations x batch / images, or the
+    training part of a time budget over ``seconds_per_training_image``."""
+    if budget.timed:
+        return budget.amount * (1 - SEARCH_SHARE - EVAL_SHARE) / (seconds_per_training_image * max(images, 1))
+    if budget.unit == "ep":
+        return budget.amount
+    return budget.amount * batch / max(images, 1)
+
+
+def choose_blends(setting: str) -> tuple[float, str]:
+    """``--mixup``: the share of each training batch that blends two images (``trainer.blend_views``), and the
+    words for the report. Without labels the student learns the original only on the training images; over many
+    passes it learns those few, and a blend shows it the original between them (the original's output on a blend is
+    not a mix of its outputs on the two). Measured: closer to the original's outputs, not better top-1 against
+    labels (docs/decisions/blends.md), so it is asked for, not automatic."""
+    if setting != "on":
+        return 0.0, ""
+    return BLEND_SHARE, f"{BLEND_SHARE:.0%} of each batch blends two images"

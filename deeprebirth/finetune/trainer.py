@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from deeprebirth.caffe.data import Batches
 from deeprebirth.caffe.runtime import import_caffe
 from deeprebirth.finetune.phase_types import PhaseData, PhaseSpec, Weights
 from deeprebirth.finetune.train import SolverOptions, load_params, make_solver, relative_steps
@@ -52,6 +53,11 @@ class Trainer:
         if spec.teacher_input is not None:
             views = rng.integers(0, self.views, len(idx))
             x = data.train.view_batch(idx, views)
+            mixed = round(data.mixup * len(idx)) if not spec.labels else 0
+            if mixed:  # a blend's outputs are keyed past the image's views
+                blends = rng.integers(0, self.views, mixed)
+                x[:mixed] = blend_views(data.train, data.train_indices, data.seed, idx[:mixed], blends)
+                views[:mixed] = blends + self.views
             teacher = data.cache.logits(idx, views, x)
             self.net.blobs[spec.teacher_input].data[...] = teacher.reshape(self.net.blobs[spec.teacher_input].shape)
         else:
@@ -82,6 +88,21 @@ class Trainer:
         self.net = self.solver.net
         state.unlink()
         model.unlink()
+
+
+def blend_views(train: Batches, pool: np.ndarray, seed: int, indices: np.ndarray, blends: np.ndarray) -> np.ndarray:
+    """Blend ``b`` of image ``i`` (``b`` below ``train.views``): one of its views mixed with a view of a partner
+    image from ``pool`` in a share drawn uniformly from [0, 1], all fixed by (``seed``, ``i``, ``b``), so that the
+    original's outputs on a blend can be cached like a view's."""
+    rows = []
+    for i, b in zip(np.asarray(indices).tolist(), np.asarray(blends).tolist()):
+        pick = np.random.default_rng([seed, 11, i, b])
+        partner = int(pool[pick.integers(len(pool))])
+        own, other = pick.integers(0, train.views, 2)
+        share = np.float32(pick.uniform())
+        pair = train.view_batch([i, partner], [own, other])
+        rows.append(share * pair[0] + (1 - share) * pair[1])
+    return np.stack(rows)
 
 
 def time_iterations(spec: PhaseSpec, data: PhaseData, options: SolverOptions, tag: str) -> float:
