@@ -68,3 +68,17 @@ def test_a_run_with_blends_caches_the_originals_outputs_on_them(finetune_nets: d
     assert reuse_blended is not None and reuse_plain is not None
     drawn = blended.steps[-1].iterations * 16
     assert 144 / drawn < 1 - reuse_blended <= 288 / drawn + 1e-9 and 1 - reuse_plain <= 144 / drawn + 1e-9
+
+
+def test_blends_reach_an_original_that_runs_inside_the_train_net(finetune_nets: dict[str, str],
+                                                                 tmp_path: Path) -> None:
+    """With hints the original runs inside the train net on the same input blob: it sees the blends too."""
+    options = FinetuneOptions(budget="3ep", batch=16, transform=Transform(scale=1 / 255, mirror=True), holdout=0.25,
+                              mode="mimic", solver=SolverOptions("adam", lr=1e-3), hints="on", mixup="on", patience=0)
+    paths = [finetune_nets[k] for k in ("original", "original_weights", "slim", "slim_weights", "report", "data")]
+    blended = finetune_files(*paths, tmp_path / "blended.caffemodel", options)
+    plain = finetune_files(*paths, tmp_path / "plain.caffemodel", replace(options, mixup="off"))
+    assert blended.steps[-1].teacher_reuse is None and blended.steps[-1].loss.endswith("hints")
+    assert "blends two images" in blended.views_rule
+    # the same seed, data, solver and start: only the blends can make the training losses differ
+    assert blended.steps[-1].loss_start != pytest.approx(plain.steps[-1].loss_start, rel=1e-6)

@@ -50,18 +50,21 @@ class Trainer:
         first = (position * data.batch) % len(self.order)
         idx = np.take(self.order, np.arange(first, first + data.batch), mode="wrap")
         rng = self._rng(position)
-        if spec.teacher_input is not None:
+        cached = spec.teacher_input is not None
+        if cached:
             views = rng.integers(0, self.views, len(idx))
             x = data.train.view_batch(idx, views)
-            mixed = round(data.mixup * len(idx)) if not spec.labels else 0
-            if mixed:  # a blend's outputs are keyed past the image's views
-                blends = rng.integers(0, self.views, mixed)
-                x[:mixed] = blend_views(data.train, data.train_indices, data.seed, idx[:mixed], blends)
-                views[:mixed] = blends + self.views
-            teacher = data.cache.logits(idx, views, x)
-            self.net.blobs[spec.teacher_input].data[...] = teacher.reshape(self.net.blobs[spec.teacher_input].shape)
         else:
             x = data.train.batch(idx, rng)
+        mixed = round(data.mixup * len(idx)) if not spec.labels else 0
+        if mixed:  # an original inside the train net sees the blends too; cached, a blend is keyed past the views
+            blends = rng.integers(0, self.views, mixed)
+            x[:mixed] = blend_views(data.train, data.train_indices, data.seed, idx[:mixed], blends)
+            if cached:
+                views[:mixed] = blends + self.views
+        if cached:
+            teacher = data.cache.logits(idx, views, x)
+            self.net.blobs[spec.teacher_input].data[...] = teacher.reshape(self.net.blobs[spec.teacher_input].shape)
         self.net.blobs[data.input].data[...] = x
         if spec.labels:
             self.net.blobs["label"].data[...] = data.train.labels(idx).astype(np.float32)
