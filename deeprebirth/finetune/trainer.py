@@ -56,7 +56,7 @@ class Trainer:
             x = data.train.view_batch(idx, views)
         else:
             x = data.train.batch(idx, rng)
-        mixed = round(data.mixup * len(idx)) if not spec.labels else 0
+        mixed = round(data.mixup * len(idx))  # 0 in label mode (``options.check_options``)
         if mixed:  # an original inside the train net sees the blends too; cached, a blend is keyed past the views
             blends = rng.integers(0, self.views, mixed)
             x[:mixed] = blend_views(data.train, data.train_indices, data.seed, idx[:mixed], blends)
@@ -97,15 +97,12 @@ def blend_views(train: Batches, pool: np.ndarray, seed: int, indices: np.ndarray
     """Blend ``b`` of image ``i`` (``b`` below ``train.views``): one of its views mixed with a view of a partner
     image from ``pool`` in a share drawn uniformly from [0, 1], all fixed by (``seed``, ``i``, ``b``), so that the
     original's outputs on a blend can be cached like a view's."""
-    rows = []
-    for i, b in zip(np.asarray(indices).tolist(), np.asarray(blends).tolist()):
-        pick = np.random.default_rng([seed, 11, i, b])
-        partner = int(pool[pick.integers(len(pool))])
-        own, other = pick.integers(0, train.views, 2)
-        share = np.float32(pick.uniform())
-        pair = train.view_batch([i, partner], [own, other])
-        rows.append(share * pair[0] + (1 - share) * pair[1])
-    return np.stack(rows)
+    images = np.asarray(indices).tolist()
+    picks = [np.random.default_rng([seed, 11, i, b]) for i, b in zip(images, np.asarray(blends).tolist())]
+    partners = [int(pool[pick.integers(len(pool))]) for pick in picks]
+    views = np.array([pick.integers(0, train.views, 2) for pick in picks]).reshape(-1, 2)
+    shares = np.array([pick.uniform() for pick in picks], dtype=np.float32).reshape(-1, 1, 1, 1)
+    return shares * train.view_batch(images, views[:, 0]) + (1 - shares) * train.view_batch(partners, views[:, 1])
 
 
 def time_iterations(spec: PhaseSpec, data: PhaseData, options: SolverOptions, tag: str) -> float:
