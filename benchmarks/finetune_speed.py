@@ -5,8 +5,11 @@ Three settings, the same slim net, data, rate and epochs:
 * **before**: the old defaults: the original runs inside the train net as a frozen copy at every iteration
   (``cache_teacher=False``), batch 32;
 * **cache**: the original's logits computed once per (image, view) and fed in
-  (``deeprebirth.finetune.teacher_cache``), decoded images kept; still batch 32 (the cache's share alone);
-* **after**: the new defaults: the cache, and the batch the pace rule (``driver.choose_batch``) picks for a user's
+  (``deeprebirth.finetune.teacher_cache``), decoded images kept, in this process (``teacher_process=False``);
+  still batch 32 (the cache's share alone);
+* **ahead**: the same, with the views not cached yet run ahead in a second process on a spare core
+  (``deeprebirth.finetune.teacher_process``; Caffe's BLAS in this process on the other cores); batch 32;
+* **after**: the defaults: the cache, the second process, and the batch the pace rule (``driver.choose_batch``) picks for a user's
   ``--budget 7m`` on this machine, from the original's forward time measured here.
 
 Nets: the Fashion-MNIST example's net (random weights), the BVLC GoogLeNet (random weights) and the real open_nsfw
@@ -88,9 +91,11 @@ def pace_batch(case: dict[str, str], images: int) -> tuple[int, str]:
     return choose_batch(None, Budget.parse(USER_BUDGET), images, (time.perf_counter() - started) / len(x))
 
 
-def run(case: dict[str, str], folder: Path, tag: str, batch: int, epochs: int, cache: bool) -> dict[str, float]:
+def run(case: dict[str, str], folder: Path, tag: str, batch: int, epochs: int, cache: bool,
+        ahead: bool) -> dict[str, float]:
     options = FinetuneOptions(mode="mimic", budget=f"{epochs}ep", batch=batch, holdout=0.0,
                               transform=Transform(scale=1 / 255, mirror=True), cache_teacher=cache,
+                              teacher_process=ahead,
                               solver=SolverOptions("adam", lr=1e-4), patience=0, work_dir=folder / tag, hints="off")
     result = finetune_files(case["original"], case["original_weights"], case["slim"], case["slim_weights"],
                             case["report"], case["data"], folder / f"{tag}.caffemodel", options)
@@ -119,10 +124,11 @@ def main() -> int:
             raw[net] = []
             for k in range(args.rounds):
                 measured = {}
-                for name, cache, size in (("before", False, OLD_BATCH), ("cache", True, OLD_BATCH),
-                                          ("after", True, batch)):
+                for name, cache, ahead, size in (("before", False, False, OLD_BATCH),
+                                                 ("cache", True, False, OLD_BATCH), ("ahead", True, True, OLD_BATCH),
+                                                 ("after", True, True, batch)):
                     started = time.perf_counter()
-                    measured[name] = run(case, folder, f"{name}{k}", size, epochs, cache)
+                    measured[name] = run(case, folder, f"{name}{k}", size, epochs, cache, ahead)
                     print(f"[{net}] round {k + 1}/{args.rounds} {name}: {measured[name]['per_minute']:.1f} updates/min "
                           f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
                 raw[net].append(measured)
@@ -132,25 +138,26 @@ def main() -> int:
                 return statistics.median(r[name][key] for r in rounds)
 
             cache_ratios = [r["cache"]["per_minute"] / r["before"]["per_minute"] for r in raw[net]]
+            ahead_ratios = [r["ahead"]["per_minute"] / r["cache"]["per_minute"] for r in raw[net]]
             ratios = [r["after"]["per_minute"] / r["before"]["per_minute"] for r in raw[net]]
             reuse = raw[net][-1]["cache"]["reuse"]
             rows.append(f"| {net} | {images} x {epochs} epochs | {median('before'):.1f} "
                         f"({median('before', 'images_per_second'):.1f}) | {median('cache'):.1f} "
                         f"({median('cache', 'images_per_second'):.1f}) | {statistics.median(cache_ratios):.2f}x | "
-                        f"{reuse:.0%} | {batch} | {median('after'):.1f} | {statistics.median(ratios):.2f}x "
+                        f"{reuse:.0%} | {median('ahead'):.1f} | {statistics.median(ahead_ratios):.2f}x | {batch} | {median('after'):.1f} | {statistics.median(ratios):.2f}x "
                         f"({', '.join(f'{r:.2f}' for r in ratios)}) |")
     threads = os.environ.get("OPENBLAS_NUM_THREADS", "unset")
     text = "\n".join([
-        "# Fine-tuning updates per minute: the original's outputs cached (after) or run in the train net (before)",
+        "# Fine-tuning updates per minute: the original's outputs cached, run ahead in a second process, or run in the train net",
         "",
         (f"{time.strftime('%Y-%m-%d')}, {platform.node()}, {os.cpu_count()} cores, OPENBLAS_NUM_THREADS={threads}; "
          f"`benchmarks/finetune_speed.py --rounds {args.rounds}`; mimic mode, Adam 1e-4, random mirror, no held-out "
          "data; ratios are medians of the rounds' ratios."),
         "",
         ("| net | data | before: updates/min (images/s), batch 32 | cache: updates/min (images/s), batch 32 | "
-         "cache / before | original's outputs reused | batch for --budget 7m | after: updates/min | after / before "
-         "(per round) |"),
-        "|---|---|---|---|---|---|---|---|---|",
+         "cache / before | original's outputs reused | ahead: updates/min, batch 32 | ahead / cache | "
+         "batch for --budget 7m | after: updates/min | after / before (per round) |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows, ""])
     args.out.write_text(text)
     args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1))

@@ -23,7 +23,15 @@ from deeprebirth.finetune.budget import Budget
 from deeprebirth.finetune.context import prepare
 from deeprebirth.finetune.driver import resolve_refit
 from deeprebirth.finetune.options import check_options
-from deeprebirth.finetune.refit import MAX_ROUNDS, MIN_ROUND_GAIN, chunk_size, refit_slim, sample_size
+from deeprebirth.finetune.refit import (
+    MAX_ROUNDS,
+    MIN_ROUND_GAIN,
+    RefitResult,
+    chunk_size,
+    refit_slim,
+    sample_size,
+    worth_another_round,
+)
 from deeprebirth.finetune.train import SolverOptions, relative_steps
 from deeprebirth.pipeline import preset_options, rewrite_files
 from deeprebirth.weights.ridge import conv_rows
@@ -221,3 +229,16 @@ def test_per_weight_step_solvers_step_each_layer_by_the_same_share_of_its_weight
     assert mults["stem"] == pytest.approx([0.01, 0.02]) and mults["head"] == pytest.approx([10.0, 20.0])
     assert mults["frozen"] == [0.0, 0.0]
     assert [p.lr_mult for p in net.layer[0].param] == [1.0, 2.0]  # the spec's own net is left as it was
+
+
+def test_another_round_only_after_a_real_cut_of_a_positive_kl() -> None:
+    def result(before: float, after: float, kept: bool = True) -> RefitResult:
+        return RefitResult(images=8, kl_before=before, kl_after=after, kept=kept)
+
+    assert worth_another_round(result(1.0, 1 - MIN_ROUND_GAIN))
+    assert not worth_another_round(result(1.0, 0.96))  # a cut under 5%
+    assert not worth_another_round(result(1.0, 0.5, kept=False))
+    assert worth_another_round(result(1.73e-8, -5.51e-17))  # the float sum a hair below 0 is 0: a real cut
+    # an original that is all one class: the KL is 0 give or take rounding, nothing left to cut
+    assert not worth_another_round(result(-5.51e-17, -5.52e-17))
+    assert not worth_another_round(result(0.0, 0.0))

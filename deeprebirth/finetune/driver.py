@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -63,6 +64,7 @@ from deeprebirth.finetune.teacher_cache import (
     choose_crop_bank,
     training_seconds_per_image,
 )
+from deeprebirth.finetune.teacher_process import spare_cores, start_teacher_process
 from deeprebirth.io import caffe_io
 from deeprebirth.io.atomic import atomic_write_bytes as write_text
 
@@ -105,9 +107,11 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
     if "refit" not in state:
         state["refit"] = resolve_refit(options.refit, options.schedule, budget, len(ctx.train_indices),
                                        seconds_per_image)
+    ahead = options.teacher_process and options.cache_teacher and options.gpu is None and spare_cores() > 0 and \
+        not all(uses_hints(step, replace(options, hints=str(state["hints"]))) for step in ctx.steps)
     if "crop_bank" not in state:
         def bank(student_seconds_per_image: float) -> tuple[int, str]:
-            pace = training_seconds_per_image(student_seconds_per_image, seconds_per_image)
+            pace = training_seconds_per_image(student_seconds_per_image, seconds_per_image, ahead)
             return choose_crop_bank(ctx.train, budget, len(ctx.train_indices), pace, int(state["batch"]))
 
         state["crop_bank"], state["views_rule"] = bank(0.0)  # the most passes the budget could buy ...
@@ -121,7 +125,9 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
     options = replace(options, batch=batch, hints=str(state["hints"]), refit=str(state["refit"]))
     if budget.timed:
         ctx.val_indices = _affordable_held_out(ctx, budget.amount, seconds_per_image)
-    cache = TeacherCache(teacher, ctx.logits, options.cache_mb * 2**20 / 4)
+    process = start_teacher_process(ctx.original_proto, Path(original_weights), teacher.input, ctx.logits,
+                                    teacher.end_of(ctx.logits)) if ahead else None
+    cache = TeacherCache(teacher, ctx.logits, options.cache_mb * 2**20 / 4, process)
     finished = {r["index"]: StepResult(**r) for r in state.get("finished", [])}
     resumed = len(finished)
     clock.start -= float(state.get("seconds", 0.0))  # what earlier runs of a resumed one spent
@@ -129,8 +135,9 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
         notify(Progress("baseline", steps=len(ctx.steps)))
         state["baseline"], state["final_eval_seconds"] = _baseline(ctx, teacher, slim_weights, batch)
         save_state(ctx.work, state)
-    _run_steps(ctx, store, state, finished, teacher, cache, options, budget, clock, notify, original_weights,
-               seconds_per_image)
+    with process or nullcontext():
+        _run_steps(ctx, store, state, finished, teacher, cache, options, budget, clock, notify, original_weights,
+                   seconds_per_image)
     complete = len(finished) == len(ctx.steps)
     final_accuracy = change_error = None
     report = None
@@ -365,8 +372,9 @@ def _run_step(ctx: Context, step: Step, store: Weights, teacher: Teacher, cache:
             notify(Progress("evaluate", step.index, total, step.name, fields["iteration"],
                             metrics=fields["metrics"]))
 
-    outcome: PhaseOutcome = run_phase(spec, data, options.solver, allot, relay,
-                                      variant if options.loss == "auto" and target in ("labels+kd", "kd") else None)
+    with cache.ahead() if cached else nullcontext():
+        outcome: PhaseOutcome = run_phase(spec, data, options.solver, allot, relay, variant if options.loss == "auto"
+                                          and target in ("labels+kd", "kd") else None)
     served = cache.computed - computed + cache.reused - reused
     for name, blobs in outcome.weights.items():
         where, layer = student.source[name]

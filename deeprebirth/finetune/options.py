@@ -86,6 +86,8 @@ class FinetuneOptions:
     shuffle: bool = True  # False: every phase reads the training images in their order (as an unshuffled LMDB)
     cache_teacher: bool = True  # False: the original runs inside the train net at every iteration (the old way;
     # benchmarks/finetune_speed.py's baseline)
+    teacher_process: bool = True  # the cached original's new views run ahead in a second process where a core is
+    # spare (``teacher_process``); False: in this one (the same numbers, later: benchmarks/finetune_speed.py)
 
 
 @dataclass

@@ -270,12 +270,20 @@ def refit_rounds(ctx: Context, store: Weights, original_weights: PathLike, seed:
     for k in range(MAX_ROUNDS):
         result = nets.round(store, seed, only_relearned, progress, k, deadline, seconds_per_image)
         rounds.append(result)
-        if not result.kept or result.kl_before is None or result.kl_after is None or \
-                result.kl_after > (1 - MIN_ROUND_GAIN) * result.kl_before:
+        if not worth_another_round(result):
             break
         if seconds is not None and result.seconds > (seconds - (time.monotonic() - started)) / 3:
             break
     return rounds
+
+
+def worth_another_round(result: RefitResult) -> bool:
+    """A round that was kept and cut the held-out KL by ``MIN_ROUND_GAIN`` or more. A KL summed in floating point
+    can end a hair below 0 where the slim net already matches (a degenerate original, all one class); it is 0
+    there, else a "cut" from -5.51e-17 to -5.52e-17 would read as a gain and buy another round for nothing."""
+    if not result.kept or result.kl_before is None or result.kl_after is None:
+        return False
+    return max(result.kl_after, 0.0) <= (1 - MIN_ROUND_GAIN) * max(result.kl_before, 0.0) and result.kl_before > 0
 
 
 def refit_slim(ctx: Context, store: Weights, original_weights: PathLike, seed: int, only_relearned: bool = False,

@@ -25,7 +25,7 @@ STATE_VERSION = 2
 
 def run_fingerprint(paths: Sequence[PathLike], options: FinetuneOptions) -> str:
     relevant = options_json(options)
-    for key in ("resume", "max_steps", "work_dir", "report", "cache_mb", "gpu"):
+    for key in ("resume", "max_steps", "work_dir", "report", "cache_mb", "gpu", "teacher_process"):
         relevant.pop(key)
     return fingerprint(paths, relevant)
 

@@ -14,6 +14,7 @@ past its views.
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -21,44 +22,103 @@ import numpy as np
 from deeprebirth.caffe.data import CROP_BANK, Batches
 from deeprebirth.finetune.budget import EVAL_SHARE, Budget
 from deeprebirth.finetune.search import SEARCH_SHARE
+from deeprebirth.finetune.teacher_process import ProcessLost, TeacherProcess, blas_threads, spare_cores
 
 READS_PER_VIEW = 4  # a fixed training view is read about this often before the crop bank grows instead
 BLEND_SHARE = 0.5  # of each training batch, with ``--mixup on``
 
 
 class TeacherCache:
-    """``logits(indices, views, x)``: the original's ``blob`` for each image of batch ``x``."""
+    """``logits(indices, views, x)``: the original's ``blob`` for each image of batch ``x``. With a ``process``
+    (``teacher_process.TeacherProcess``), ``prefetch`` hands the next batch's new views to it ahead of time."""
 
-    def __init__(self, teacher: Any, blob: str, cache_bytes: float) -> None:
-        self.teacher, self.blob, self.cache_bytes = teacher, blob, cache_bytes
+    def __init__(self, teacher: Any, blob: str, cache_bytes: float, process: TeacherProcess | None = None) -> None:
+        self.teacher, self.blob, self.cache_bytes, self.process = teacher, blob, cache_bytes, process
         self.stored: dict[tuple[int, int], np.ndarray] = {}
         self.stored_bytes = 0
+        self.pending: dict[tuple[int, int], tuple[int, int]] = {}  # key -> (ticket, row of its request)
         self.computed = 0  # images the original ran on
         self.reused = 0  # images served from memory
 
+    def ahead(self) -> AbstractContextManager[None]:
+        """Around a phase that reads the cache: with the second process running, the student keeps every core but
+        its one (Caffe's BLAS threads)."""
+        return blas_threads(spare_cores()) if self.process is not None else nullcontext()
+
+    def _fresh(self, keys: list[tuple[int, int]]) -> dict[tuple[int, int], int]:
+        """The batch's keys the original has not run on yet -> their first position in the batch."""
+        fresh: dict[tuple[int, int], int] = {}
+        for k, key in enumerate(keys):
+            if key not in self.stored and key not in self.pending and key not in fresh:
+                fresh[key] = k
+        return fresh
+
+    def _keep(self, key: tuple[int, int], row: np.ndarray, computed: dict[tuple[int, int], np.ndarray]) -> None:
+        computed[key] = row
+        if self.stored_bytes + row.nbytes <= self.cache_bytes:
+            self.stored[key] = row
+            self.stored_bytes += row.nbytes
+
+    def prefetch(self, indices: np.ndarray, views: np.ndarray, x: np.ndarray) -> None:
+        """Start the original on the views of the coming batch that ``logits`` would have to compute, as the one
+        batch it would compute them in."""
+        if self.process is None or not self.process.alive:
+            return
+        fresh = self._fresh(list(zip(np.asarray(indices).tolist(), np.asarray(views).tolist())))
+        if not fresh:
+            return
+        rows = list(fresh.values())
+        try:
+            ticket = self.process.submit(x[rows])
+        except ProcessLost:  # computed here from now on
+            self._recompute_pending()
+            return
+        self.computed += len(rows)
+        for position, key in enumerate(fresh):
+            self.pending[key] = (ticket, position)
+
     def logits(self, indices: np.ndarray, views: np.ndarray, x: np.ndarray) -> np.ndarray:
         keys = list(zip(np.asarray(indices).tolist(), np.asarray(views).tolist()))
-        fresh: dict[tuple[int, int], int] = {}  # key -> its first position in the batch
-        for k, key in enumerate(keys):
-            if key not in self.stored and key not in fresh:
-                fresh[key] = k
         computed: dict[tuple[int, int], np.ndarray] = {}
+        self._take_pending(keys, computed)
+        fresh = self._fresh(keys)
         if fresh:
             rows = list(fresh.values())
             out = self.teacher.outputs(x[rows], [self.blob])[self.blob]
             self.computed += len(rows)
             for key, row in zip(fresh, out):
-                computed[key] = row
-                if self.stored_bytes + row.nbytes <= self.cache_bytes:
-                    self.stored[key] = row
-                    self.stored_bytes += row.nbytes
-        self.reused += len(keys) - len(fresh)
+                self._keep(key, row, computed)
+        self.reused += len(keys) - len(fresh) - sum(1 for key in set(keys) if key in computed and key not in fresh)
         return np.stack([self.stored[key] if key in self.stored else computed[key] for key in keys])
 
+    def _take_pending(self, keys: list[tuple[int, int]], computed: dict[tuple[int, int], np.ndarray]) -> None:
+        """Move the second process's results for ``keys`` (and whatever else its requests carried) into memory."""
+        tickets = sorted({self.pending[key][0] for key in keys if key in self.pending})
+        for ticket in tickets:
+            assert self.process is not None  # pending results imply a process (``_recompute_pending``)
+            try:
+                out = self.process.result(ticket)
+            except ProcessLost:
+                self._recompute_pending()
+                return
+            for key, (owner, row) in list(self.pending.items()):
+                if owner == ticket:
+                    del self.pending[key]
+                    self._keep(key, out[row], computed)
 
-def training_seconds_per_image(student: float, original: float) -> float:
+    def _recompute_pending(self) -> None:
+        """The second process is gone: what it was asked for is computed in-process when it comes up."""
+        self.computed -= len(self.pending)
+        self.pending.clear()
+        self.process = None
+
+
+def training_seconds_per_image(student: float, original: float, ahead: bool = False) -> float:
     """A training iteration's seconds per image once views repeat: the student's forward and backward (about
-    three forwards) and the original's forward for the share of views not yet cached (``1 / READS_PER_VIEW``)."""
+    three forwards) and the original's forward for the share of views not yet cached (``1 / READS_PER_VIEW``);
+    ``ahead``: that forward runs in a second process meanwhile (``teacher_process``), so the slower of the two."""
+    if ahead:
+        return max(3 * student, original / READS_PER_VIEW)
     return 3 * student + original / READS_PER_VIEW
 
 

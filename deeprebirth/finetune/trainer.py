@@ -39,32 +39,44 @@ class Trainer:
         self.views = data.train.views
         self.start = start  # batches of the common order already read (by a probe this one goes on from)
         self.done = 0
+        self.upcoming: tuple[int, tuple[np.ndarray, np.ndarray | None, np.ndarray]] | None = None
         self.images_seconds = 0.0  # spent in the student's solver steps
 
     def _rng(self, position: int) -> np.random.Generator:
         return np.random.default_rng([self.data.seed, self.spec.index, position])
 
-    def step(self) -> float:
-        data, spec = self.data, self.spec
-        position = self.start + self.done
+    def _batch(self, position: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """Batch ``position`` of the common order: its images, their views (cached teacher: the keys of its outputs;
+        a blend is keyed past the views) and the input array."""
+        data = self.data
         first = (position * data.batch) % len(self.order)
         idx = np.take(self.order, np.arange(first, first + data.batch), mode="wrap")
         rng = self._rng(position)
-        cached = spec.teacher_input is not None
-        if cached:
+        views = None
+        if self.spec.teacher_input is not None:
             views = rng.integers(0, self.views, len(idx))
             x = data.train.view_batch(idx, views)
         else:
             x = data.train.batch(idx, rng)
         mixed = round(data.mixup * len(idx))  # 0 in label mode (``options.check_options``)
-        if mixed:  # an original inside the train net sees the blends too; cached, a blend is keyed past the views
+        if mixed:  # an original inside the train net sees the blends too
             blends = rng.integers(0, self.views, mixed)
             x[:mixed] = blend_views(data.train, data.train_indices, data.seed, idx[:mixed], blends)
-            if cached:
+            if views is not None:
                 views[:mixed] = blends + self.views
-        if cached:
+        return idx, views, x
+
+    def step(self) -> float:
+        data, spec = self.data, self.spec
+        position = self.start + self.done
+        upcoming, self.upcoming = self.upcoming, None
+        idx, views, x = upcoming[1] if upcoming is not None and upcoming[0] == position else self._batch(position)
+        if views is not None:
             teacher = data.cache.logits(idx, views, x)
             self.net.blobs[spec.teacher_input].data[...] = teacher.reshape(self.net.blobs[spec.teacher_input].shape)
+            if data.cache.process is not None:  # the second process runs the original on the next batch meanwhile
+                self.upcoming = (position + 1, self._batch(position + 1))
+                data.cache.prefetch(*self.upcoming[1])
         self.net.blobs[data.input].data[...] = x
         if spec.labels:
             self.net.blobs["label"].data[...] = data.train.labels(idx).astype(np.float32)
