@@ -136,10 +136,10 @@ def test_a_pace_with_the_original_ahead_is_the_slower_of_the_two() -> None:
 
 
 def test_blas_threads_are_set_inside_and_restored_after(finetune_nets: dict[str, str]) -> None:
-    from deeprebirth.finetune.teacher_process import _openblas
+    from deeprebirth.caffe.runtime import caffe_openblas
 
     _teacher_and_views(finetune_nets)  # Caffe, and so its OpenBLAS, loaded
-    lib = _openblas()
+    lib = caffe_openblas()
     if lib is None:
         pytest.skip("Caffe is not linked against OpenBLAS here")
     before = lib.openblas_get_num_threads()

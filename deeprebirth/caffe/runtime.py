@@ -6,6 +6,7 @@ Caffe aborts the whole process on a fatal check (glog ``LOG(FATAL)``), so runs t
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 from collections.abc import Iterator, Sequence
@@ -50,6 +51,24 @@ def import_caffe(gpu: int | None = None) -> ModuleType:
     caffe.set_device(gpu)
     caffe.set_mode_gpu()
     return caffe
+
+
+def caffe_openblas() -> Any | None:
+    """The OpenBLAS that Caffe loaded into this process (``ctypes``; numpy's own copy has renamed symbols), or None
+    where Caffe is not loaded or not linked against OpenBLAS."""
+    try:
+        with open("/proc/self/maps") as maps:
+            libs = sorted({line.split()[-1] for line in maps if "openblas" in line and "/" in line})
+    except OSError:
+        return None
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+            lib.openblas_get_num_threads()
+            return lib
+        except (OSError, AttributeError):
+            continue
+    return None
 
 
 @contextmanager

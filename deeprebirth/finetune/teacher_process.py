@@ -14,7 +14,6 @@ other on a full pipe. A process that dies or cannot start leaves the cache compu
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
 from collections.abc import Iterator
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
+
+from deeprebirth.caffe.runtime import caffe_openblas
 
 BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -36,27 +37,10 @@ def spare_cores() -> int:
     return max(0, cores - 1)
 
 
-def _openblas() -> Any | None:
-    """The OpenBLAS that Caffe loaded (numpy's own copy has renamed symbols), or None."""
-    try:
-        with open("/proc/self/maps") as maps:
-            libs = sorted({line.split()[-1] for line in maps if "openblas" in line and "/" in line})
-    except OSError:
-        return None
-    for path in libs:
-        try:
-            lib = ctypes.CDLL(path)
-            lib.openblas_get_num_threads()
-            return lib
-        except (OSError, AttributeError):
-            continue
-    return None
-
-
 @contextmanager
 def blas_threads(threads: int) -> Iterator[None]:
     """Caffe's OpenBLAS on ``threads`` threads inside, as it was after (nothing where it is not OpenBLAS)."""
-    lib = _openblas()
+    lib = caffe_openblas()
     if lib is None:
         yield
         return

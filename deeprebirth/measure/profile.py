@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from deeprebirth.caffe.runtime import open_net
+from deeprebirth.caffe.runtime import caffe_openblas, open_net
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.io import caffe_io
 from deeprebirth.io.caffe_io import set_batch
@@ -257,18 +257,9 @@ def plot_by_type(profiles: Sequence[NetProfile], labels: Sequence[str], path: Pa
 
 
 def _blas_threads() -> int | None:
-    """Ask the OpenBLAS that Caffe loaded how many threads it uses (numpy's own copy has renamed symbols)."""
-    try:
-        with open("/proc/self/maps") as maps:
-            libs = sorted({line.split()[-1] for line in maps if "openblas" in line and "/" in line})
-    except OSError:
-        return None
-    for path in libs:
-        try:
-            return int(ctypes.CDLL(path).openblas_get_num_threads())
-        except (OSError, AttributeError):
-            continue
-    return None
+    """How many threads the OpenBLAS that Caffe loaded uses."""
+    lib = caffe_openblas()
+    return None if lib is None else int(lib.openblas_get_num_threads())
 
 
 def _peak_rss() -> int:
