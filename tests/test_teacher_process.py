@@ -146,3 +146,23 @@ def test_blas_threads_are_set_inside_and_restored_after(finetune_nets: dict[str,
     with blas_threads(1):
         assert lib.openblas_get_num_threads() == 1
     assert lib.openblas_get_num_threads() == before
+
+
+def test_ctrl_c_is_left_to_the_parent(finetune_nets: dict[str, str]) -> None:
+    """A terminal's Ctrl-C reaches the whole process group; the second process must neither die nor print a
+    traceback of its own: the parent stops the run and closes the pipe."""
+    import os
+    import signal
+    import time
+
+    teacher, views = _teacher_and_views(finetune_nets)
+    with _process(finetune_nets, teacher) as process:
+        idx, keys = _batches(1, seed=3)[0]
+        x = views.view_batch(idx, keys)
+        first = process.result(process.submit(x))  # started and serving
+        assert process.process.pid is not None
+        os.kill(process.process.pid, signal.SIGINT)
+        time.sleep(0.2)
+        assert process.process.is_alive()
+        assert np.array_equal(process.result(process.submit(x)), first)
+    assert not process.process.is_alive()

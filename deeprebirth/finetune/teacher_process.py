@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -134,6 +135,8 @@ class ProcessLost(RuntimeError):
 
 
 def _serve(connection: Any, prototxt: str, weights: str, input_name: str, blob: str, end: str) -> None:
+    # Ctrl-C reaches the whole process group: the parent handles it and closes the pipe, which ends this loop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for name in BLAS_ENV:  # read when Caffe's OpenBLAS loads, below
         os.environ[name] = "1"
     try:
