@@ -4,7 +4,7 @@ student trains on this one (``TeacherProcess``), and the BLAS threads of this pr
 Caffe's CPU training runs one layer after another; on a 2-core machine OpenBLAS's second thread bought 1.2x on a
 ResNet-50's student step and lost 22% on a 64x64 colour net's (measured: docs/decisions/teacher-process.md), so
 one core stays nearly idle. The original's forward pass on the views not cached yet (``TeacherCache``) cost a
-fifth to a third of each iteration. A process of its own, on one BLAS thread, runs it for batch k + 1 while the
+fifth of each iteration on a colour net. A process of its own, on one BLAS thread, runs it for batch k + 1 while the
 student steps on batch k; the student keeps the other cores. The process computes exactly the rows the
 iteration would have computed, as one batch, with the same net: the outputs are the same numbers.
 
@@ -30,7 +30,7 @@ BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def spare_cores() -> int:
-    """Cores this process may run on, less the one the student keeps (0: no second process)."""
+    """Cores this process may run on, less one for the second process: the student's share (0: none to spare)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
