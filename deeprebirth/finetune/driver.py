@@ -64,7 +64,7 @@ from deeprebirth.finetune.teacher_cache import (
     choose_crop_bank,
     training_seconds_per_image,
 )
-from deeprebirth.finetune.teacher_process import spare_cores, start_teacher_process
+from deeprebirth.finetune.teacher_process import start_teacher_process
 from deeprebirth.io import caffe_io
 from deeprebirth.io.atomic import atomic_write_bytes as write_text
 
@@ -107,8 +107,13 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
     if "refit" not in state:
         state["refit"] = resolve_refit(options.refit, options.schedule, budget, len(ctx.train_indices),
                                        seconds_per_image)
-    ahead = options.teacher_process and options.cache_teacher and options.gpu is None and spare_cores() > 0 and \
-        not all(uses_hints(step, replace(options, hints=str(state["hints"]))) for step in ctx.steps)
+    batch = int(state["batch"])
+    options = replace(options, batch=batch, hints=str(state["hints"]), refit=str(state["refit"]))
+    wanted = options.teacher_process and options.cache_teacher and options.gpu is None and \
+        not all(uses_hints(step, options) for step in ctx.steps)
+    process = start_teacher_process(ctx.original_proto, Path(original_weights), teacher.input, ctx.logits,
+                                    teacher.end_of(ctx.logits)) if wanted else None
+    ahead = process is not None
     if "crop_bank" not in state:
         def bank(student_seconds_per_image: float) -> tuple[int, str]:
             pace = training_seconds_per_image(student_seconds_per_image, seconds_per_image, ahead)
@@ -121,12 +126,8 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
         blends = choose_blends(options.mixup)[1]
         state["views_rule"] = "; ".join(words for words in (str(state["views_rule"]), blends) if words)
     ctx.train.set_crop_bank(int(state["crop_bank"]))
-    batch = int(state["batch"])
-    options = replace(options, batch=batch, hints=str(state["hints"]), refit=str(state["refit"]))
     if budget.timed:
         ctx.val_indices = _affordable_held_out(ctx, budget.amount, seconds_per_image)
-    process = start_teacher_process(ctx.original_proto, Path(original_weights), teacher.input, ctx.logits,
-                                    teacher.end_of(ctx.logits)) if ahead else None
     cache = TeacherCache(teacher, ctx.logits, options.cache_mb * 2**20 / 4, process)
     finished = {r["index"]: StepResult(**r) for r in state.get("finished", [])}
     resumed = len(finished)
