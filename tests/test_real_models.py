@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import save
+from helpers import load_script, save
 
 from deeprebirth.api import RewriteOptions, rewrite_files
-from deeprebirth.caffe.runtime import image_feeds, opencv_forward
+from deeprebirth.caffe.runtime import caffe_outputs, image_feeds, opencv_forward
 from deeprebirth.ir.initializers import random_weights
 from deeprebirth.ir.model import load_model
 
@@ -50,6 +50,31 @@ def test_ssd_face_detector_exact_folds(assets: dict[str, str], photos: list[str]
     confident = lambda d: d[0, 0][d[0, 0, :, 2] > 0.5]
     assert len(confident(before)) == len(confident(after)) == 1
     assert np.max(np.abs(confident(before) - confident(after))) <= 1e-4
+
+
+def test_efficientnet_lite0_exact_folds(assets: dict[str, str], photos: list[str], tmp_path: Path) -> None:
+    """A real ImageNet classifier of the MobileNet kind (depthwise convs, ReLU6, residual adds): the 49 BatchNorm +
+    Scale pairs fold away and the classes of a cat and an espresso stay, in Caffe and in OpenCV dnn."""
+    lite0 = load_script("benchmarks/efficientnet_lite0.py")
+    proto, weights = lite0.build(tmp_path, Path(assets["efficientnet_lite0.pth"]))
+    out_proto, out_model = tmp_path / "folded.prototxt", tmp_path / "folded.caffemodel"
+    result = rewrite_files(proto, out_proto, weights, out_model,
+                           options=RewriteOptions(rules="exact", check=3, images=photos, tolerance=1e-5))
+    report, check = result.report, result.check
+    assert report.before.layers_by_type["BatchNorm"] == report.before.layers_by_type["Scale"] == 49
+    assert report.after is not None and "BatchNorm" not in report.after.layers_by_type
+    assert report.after.layers_by_type["ReLU6"] == 33 and report.after.layers_by_type["Eltwise"] == 9
+    assert check is not None and check.passed and check.predictions_changed == 0
+
+    cat, espresso = photos[1], photos[2]  # chelsea, coffee
+    feeds = image_feeds([cat, espresso], "data", (1, 3, 224, 224), mean=(127.0,) * 3, scale=1 / 128)
+    before = [o["prob"][0] for o in caffe_outputs(proto, weights, feeds, ["prob"])]
+    after = [o["prob"][0] for o in caffe_outputs(out_proto, out_model, feeds, ["prob"])]
+    assert 281 <= before[0].argmax() <= 285 and before[1].argmax() == 967  # ImageNet's cats; espresso
+    assert [p.argmax() for p in after] == [p.argmax() for p in before]
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(before, after)) <= 1e-5
+    for feed, expected in zip(feeds, before):
+        assert np.max(np.abs(opencv_forward(out_proto, out_model, feed)[0] - expected)) <= 1e-5
 
 
 @pytest.mark.parametrize("model", ["bvlc_googlenet", "bvlc_alexnet", "bvlc_reference_caffenet"])

@@ -206,6 +206,14 @@ def _relu(ctx: _Context, layer: Layer) -> None:
         ctx.node("Relu", [ctx.inp(layer.bottoms[0])], [ctx.top(layer)], layer)
 
 
+def _relu6(ctx: _Context, layer: Layer) -> None:
+    p = layer.proto.relu6_param  # a mobile Caffe layer (MobileNet v2 ports): min(max(x, 0), threshold)
+    if p.negative_slope:
+        raise _refuse(layer, "a ReLU6 with a negative slope has no single ONNX operator")
+    ctx.node("Clip", [ctx.inp(layer.bottoms[0]), ctx.const(layer, "min", 0.0), ctx.const(layer, "max", p.threshold)],
+             [ctx.top(layer)], layer)
+
+
 def _prelu(ctx: _Context, layer: Layer) -> None:
     (slope,) = _blobs(layer, 1)[:1]
     rank = len(ctx.shape(layer.bottoms[0]))
@@ -405,7 +413,7 @@ Converter = Callable[[_Context, Layer], None]
 
 CONVERTERS: dict[str, Converter] = {
     "Convolution": _convolution, "Deconvolution": _convolution, "Pooling": _pooling, "InnerProduct": _inner_product,
-    "ReLU": _relu, "PReLU": _prelu, "ELU": _elu, "Sigmoid": _unary("Sigmoid"), "TanH": _unary("Tanh"),
+    "ReLU": _relu, "ReLU6": _relu6, "PReLU": _prelu, "ELU": _elu, "Sigmoid": _unary("Sigmoid"), "TanH": _unary("Tanh"),
     "AbsVal": _unary("Abs"), "BNLL": _unary("Softplus"), "LRN": _lrn, "Concat": _concat, "Eltwise": _eltwise,
     "Softmax": _softmax, "BatchNorm": _batchnorm, "Scale": _scale_or_bias, "Bias": _scale_or_bias, "Power": _power,
     "Flatten": _reshape, "Reshape": _reshape, "Slice": _slice, "Split": _identity, "Crop": _crop,

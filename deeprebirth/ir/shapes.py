@@ -317,7 +317,7 @@ SHAPE_FUNCTIONS: dict[str, ShapeFn] = {
     "MultinomialLogisticLoss": _scalar_loss, "Silence": lambda layer, b: [],
 }
 for _type in ("LRN", "BatchNorm", "Scale", "Bias", "ReLU", "PReLU", "ELU", "Sigmoid", "TanH", "AbsVal", "BNLL",
-              "Power", "Exp", "Log", "Threshold", "Dropout", "Softmax", "Clip", "Swish", "MVN", "Split",
+              "Power", "Exp", "Log", "Threshold", "Dropout", "Softmax", "Clip", "ReLU6", "Swish", "MVN", "Split",
               "Normalize"):
     SHAPE_FUNCTIONS[_type] = _same
 

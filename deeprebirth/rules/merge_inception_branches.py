@@ -74,7 +74,7 @@ from deeprebirth.weights.fillers import fill, layer_rng
 
 NAME = "merge_inception_branches"
 
-POINTWISE = ("ReLU", "ELU", "Sigmoid", "TanH", "AbsVal", "BNLL", "Power", "Exp", "Log", "Clip", "Swish", "Dropout")
+POINTWISE = ("ReLU", "ELU", "Sigmoid", "TanH", "AbsVal", "BNLL", "Power", "Exp", "Log", "Clip", "ReLU6", "Swish", "Dropout")
 CHANNEL_BLOBS = ("BatchNorm", "Scale", "Bias", "PReLU")
 Shapes = dict[str, Shape | None]
 
