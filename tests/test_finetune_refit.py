@@ -242,3 +242,21 @@ def test_another_round_only_after_a_real_cut_of_a_positive_kl() -> None:
     # an original that is all one class: the KL is 0 give or take rounding, nothing left to cut
     assert not worth_another_round(result(-5.51e-17, -5.52e-17))
     assert not worth_another_round(result(0.0, 0.0))
+
+
+def test_without_a_search_a_refit_start_gets_a_tenth_of_the_rescue_rate(finetune_nets: dict[str, str],
+                                                                         tmp_path: Path) -> None:
+    """40 iterations fit no search: SGD's users get Adam at 1e-4, or 1e-5 from a kept least-squares refit, which
+    starts close to the original (docs/decisions/adam-rescue.md)."""
+    steps = {}
+    for refit in ("on", "off"):
+        result = finetune_files(finetune_nets["original"], finetune_nets["original_weights"], finetune_nets["slim"],
+                                finetune_nets["slim_weights"], finetune_nets["report"], finetune_nets["data"],
+                                tmp_path / f"{refit}.caffemodel",
+                                options(refit=refit, solver=SolverOptions("sgd"), work_dir=tmp_path / refit))
+        steps[refit] = result.steps[-1]
+    assert steps["on"].refit is not None and steps["on"].refit[0]["kept"] and steps["off"].refit is None
+    assert (steps["off"].solver, steps["off"].lr) == ("adam", pytest.approx(1e-4))
+    assert (steps["on"].solver, steps["on"].lr) == ("adam", pytest.approx(1e-5))
+    assert "least-squares refit" in steps["on"].search
+    assert "refit" not in steps["off"].search and "no search" in steps["off"].search

@@ -204,7 +204,8 @@ def _run_steps(ctx: Context, store: Weights, state: dict[str, Any], finished: di
                                   told, seconds_per_image)
             if allot.seconds is not None:
                 allot = replace(allot, seconds=max(0.0, allot.seconds - (time.monotonic() - phase_started)))
-        step_result = _run_step(ctx, step, store, teacher, cache, options, allot, clock, notify)
+        step_result = _run_step(ctx, step, store, teacher, cache, options, allot, clock, notify,
+                                any(r.kept for r in rounds))
         step_result.refit = [r.to_json() for r in rounds] or None
         finished[step.index] = step_result
         done_now += 1
@@ -344,7 +345,8 @@ def _baseline(ctx: Context, teacher: Teacher, slim_weights: PathLike, batch: int
 
 
 def _run_step(ctx: Context, step: Step, store: Weights, teacher: Teacher, cache: TeacherCache,
-              options: FinetuneOptions, allot: Allotment, clock: Clock, notify: ProgressCallback) -> StepResult:
+              options: FinetuneOptions, allot: Allotment, clock: Clock, notify: ProgressCallback,
+              refit_start: bool = False) -> StepResult:
     total = len(ctx.steps)
     notify(Progress("step", step.index, total, step.name))
     assert options.batch is not None
@@ -375,7 +377,7 @@ def _run_step(ctx: Context, step: Step, store: Weights, teacher: Teacher, cache:
 
     with cache.ahead() if cached else nullcontext():
         outcome: PhaseOutcome = run_phase(spec, data, options.solver, allot, relay, variant if options.loss == "auto"
-                                          and target in ("labels+kd", "kd") else None)
+                                          and target in ("labels+kd", "kd") else None, refit_start)
     served = cache.computed - computed + cache.reused - reused
     for name, blobs in outcome.weights.items():
         where, layer = student.source[name]

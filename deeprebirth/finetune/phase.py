@@ -80,9 +80,10 @@ class Deadline:
 
 
 def run_phase(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: Allotment, notify: Notify,
-              variant: Variant | None = None) -> PhaseOutcome:
+              variant: Variant | None = None, refit_start: bool = False) -> PhaseOutcome:
     """Run one phase (see the module docstring). ``notify(event, fields)`` reports "search", "iteration" and
-    "evaluate" events. ``variant(loss)`` builds the phase with another loss, for the loss search."""
+    "evaluate" events. ``variant(loss)`` builds the phase with another loss, for the loss search.
+    ``refit_start``: the phase starts from a kept least-squares refit (the search's fallback rate is lower)."""
     started = time.monotonic()
     deadline = Deadline(allot.seconds)
     tag = f"phase{spec.index}"
@@ -97,7 +98,7 @@ def run_phase(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: A
         if evaluate.cached is not None:  # later evaluations reuse the original's outputs
             eval_seconds -= evaluate.teacher_seconds
         notify("evaluate", {"iteration": 0, "metrics": before})
-    choice = search(spec, data, options, allot, evaluate, before, eval_seconds, tag, notify, variant)
+    choice = search(spec, data, options, allot, evaluate, before, eval_seconds, tag, notify, variant, refit_start)
     run = _TrainingRun(choice, data, allot, deadline, evaluate, before, eval_seconds, tag, notify)
     run.train()
     return run.outcome(time.monotonic() - started)

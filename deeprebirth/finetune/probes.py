@@ -140,14 +140,17 @@ class Probes:
 
 def search(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: Allotment, evaluate: Evaluator | None,
            before: dict[str, float], eval_seconds: float, tag: str, notify: Notify,
-           variant: Variant | None) -> Choice:
-    """The phase's solver, rate and loss (see ``deeprebirth.finetune.search``), and the probe to go on from."""
+           variant: Variant | None, refit_start: bool = False) -> Choice:
+    """The phase's solver, rate and loss (see ``deeprebirth.finetune.search``), and the probe to go on from.
+    ``refit_start``: the phase starts from a kept least-squares refit."""
     if options.lr is not None:
         return Choice(spec, options, note="rate given")
     rescue = options.solver in MOMENTUM_SOLVERS
     reference = reference_rate(options.solver, data.batch, gradient_scale(spec))
-    # without a search: Adam's per-parameter steps are the safe choice for SGD's users
-    fallback = (replace(options, solver=RESCUE[0], lr=RESCUE[1]) if rescue else
+    # without a search: Adam's per-parameter steps are the safe choice for SGD's users; a refit start is close to
+    # the original already, and the rescue rate stepped away from it (docs/decisions/adam-rescue.md)
+    rescue_lr = RESCUE[1] * slower_rate(RESCUE[0]) if refit_start else RESCUE[1]
+    fallback = (replace(options, solver=RESCUE[0], lr=rescue_lr) if rescue else
                 replace(options, lr=reference * LR_FACTORS[0]))
     seconds_per_iteration = None
     if allot.seconds is not None:
@@ -163,7 +166,8 @@ def search(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: Allo
     plan = plan_probes(options.solver, fit, seconds_per_iteration, eval_seconds / len(evaluate.indices),
                        len(evaluate.indices), reference)
     if not plan.candidates:
-        return Choice(spec, fallback, note=f"no search ({plan.reason}): {fallback.solver} {fallback.lr:g}",
+        why = " (a tenth of the rescue rate: the phase starts from a least-squares refit)" if refit_start and rescue else ""
+        return Choice(spec, fallback, note=f"no search ({plan.reason}): {fallback.solver} {fallback.lr:g}{why}",
                       seconds_per_iteration=seconds_per_iteration)
     probes = Probes(spec, data, options, plan, Evaluator(spec, data, evaluate.indices[:plan.images]), tag, notify,
                     variant)
