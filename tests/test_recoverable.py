@@ -18,7 +18,7 @@ from deeprebirth.finetune import FinetuneOptions, FinetuneResult, StepResult
 from deeprebirth.io.caffe_io import read_prototxt
 from deeprebirth.plan.candidates import Candidate
 from deeprebirth.plan.recoverable import permit, select
-from deeprebirth.plan.risk import RISK_BATCH, Risk, measured, risk_options, share_budget
+from deeprebirth.plan.risk import RISK_BATCH, Risk, labels_are_its_classes, measured, risk_options, share_budget
 from deeprebirth.rules import RULES, Match
 
 SIZE = 32
@@ -112,12 +112,34 @@ def test_drop_is_top1_points_with_labels_and_agreement_points_without() -> None:
     assert labelled.resolution == pytest.approx(0.5)
 
 
+def test_labels_the_original_only_guesses_on_are_read_as_no_labels() -> None:
+    """Photos listed with one placeholder label (the original's top-1 against it 0%), or class folders in another
+    order than the net's outputs: the drop is read from the agreement, not as 0 points of a 0% top-1."""
+    assert not labels_are_its_classes(0.0, 125, 1000) and not labels_are_its_classes(1 / 125, 125, 1000)
+    assert labels_are_its_classes(2 / 125, 125, 1000) and labels_are_its_classes(0.9, 125, 17)
+    assert not labels_are_its_classes(0.10, 125, 17) and not labels_are_its_classes(0.6, 125, 2)
+    assert labels_are_its_classes(1.0, 125, 2) and not labels_are_its_classes(None, 125, 2)
+
+    def short_run(original: float, before: float, after: float) -> FinetuneResult:
+        step = StepResult(1, "whole", [], [], "", "kd", 10, 0, 40, 40, False, 1e-4, {}, "adam", 1.0, 0.5, before,
+                          after, None, None, 0.4, 0.1, 0.04, 0.7, 60.0)
+        return FinetuneResult("mimic", "whole", "1m", [step], ["whole"], True, 0, 125, original, before, None, "o",
+                              "r", "w", 60.0)
+
+    placeholder = measured(0, [0], short_run(0.0, 0.0, 0.0), classes=1000)
+    assert placeholder.labels_ignored and not placeholder.labelled
+    assert placeholder.drop_before == pytest.approx(96.0) and placeholder.drop_after == pytest.approx(30.0)
+    real = measured(0, [0], short_run(0.9, 0.2, 0.85), classes=17)
+    assert not real.labels_ignored and real.labelled
+    assert real.drop_before == pytest.approx(70.0) and real.drop_after == pytest.approx(5.0)
+
+
 def test_a_short_run_without_an_update_reports_no_after_figures() -> None:
     step = StepResult(1, "whole", [], [], "", "kd", 10, 0, 0, 0, False, 1e-4, {}, "adam", float("nan"), float("nan"),
                       None, None, None, None, 0.4, 0.4, 0.9, 0.9, 12.0)
     result = FinetuneResult("mimic", "whole", "30s", [step], ["whole"], True, 0, 64, None, None, None, "o", "r", "w",
                             30.0)
-    r = measured(3, [1, 3], result)
+    r = measured(3, [1, 3], result, classes=10)
     assert r.with_merges == [1] and not r.updated and r.iterations == 0
     assert r.agreement_before == 0.9 and r.agreement_after is None and r.output_error_after is None
     assert r.drop_before == pytest.approx(10.0) and r.drop_after is None

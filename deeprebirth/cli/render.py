@@ -282,10 +282,9 @@ def plan_text(prototxt: str, plan: Any, risks: dict[int, Any], risk_budget: str)
     lines.append(table(headers, rows))
     if risks:
         some = next(iter(risks.values()))
-        measure = "top-1" if some.labelled else "agreement"
         lines.append(f"agrees: held-out top-1 agreement with the original of the net with only that merge (and "
                      f"those it builds on), as merged -> after a {risk_budget} mimic; exact merges agree fully; "
-                     f"drop: points of held-out {measure} lost ({some.held_out} images: one is "
+                     f"drop: points of held-out {some.measure} lost ({some.held_out} images: one is "
                      f"{some.resolution or 0:.2g} points); updates: solver iterations of the mimic (0: no update, "
                      "so no figures after it)")
     if not plan.candidates:
@@ -336,6 +335,7 @@ def accuracy_text(chosen: Any) -> str:
                             "seconds", "why"], rows))
     else:
         lines.append("no lossy merge to choose from")
+    lines += [f"drop: points of held-out {r.measure}" for r in chosen.risks.values() if r.labels_ignored][:1]
     out = chosen.left_out
     if out:
         saved = sum(chosen.share_of_net(d.candidate) for d in out)
