@@ -22,7 +22,8 @@ The **drop** a merge costs, in points: with labels, the original's held-out top-
 (1 - top-1 agreement with the original). Labels count only where they are the net's own classes
 (``labels_are_its_classes``): the original's top-1 against them must beat a guess beyond the noise. Photos listed
 with one placeholder label, or class folders numbered in another order than the net's outputs, are read as
-unlabelled, so that a drop of 0 points is not read off a top-1 of 0% before and after. ``share_budget`` splits a fine-tuning budget over the runs.
+unlabelled, so that a drop of 0 points is not read off a top-1 of 0% before and after. ``share_budget`` splits a
+fine-tuning budget over the runs.
 """
 
 from __future__ import annotations
