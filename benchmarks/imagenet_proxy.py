@@ -121,14 +121,19 @@ def softmax_regression(features: np.ndarray, labels: np.ndarray, classes: int, d
 
 
 def build_proxy(case: rc.Case, folder: Path, head: str) -> dict[str, float]:
-    """The proxy's prototxt / caffemodel in ``folder`` (proxy.* for the random head, proxy_trained.* for the trained
-    one); returns how the head came out."""
+    """The proxy's prototxt / caffemodel in ``folder`` (proxy.* for the random head, proxy_<head>.* for the others);
+    returns how the head came out. The distilled head (minutes of two nets' forward passes) is fitted once and kept
+    with its figures in proxy_distilled.json."""
     from deeprebirth.io import caffe_io
     from deeprebirth.ir.model import load_model
 
     original = Path(case.folder)
     classes = FLOWER_CLASSES if head == "trained" else CLASSES
     name = "proxy" if head == "random" else f"proxy_{head}"
+    kept = folder / f"{name}.json"
+    files = [folder / f"{name}{end}" for end in (".json", ".prototxt", ".caffemodel")]
+    if head == "distilled" and all(path.is_file() for path in files):
+        return dict(json.loads(kept.read_text()))
     text = (original / "original.prototxt").read_text()
     at = text.index(f'name: "{HEAD}"')
     text = text[:at] + re.sub(r"num_output:\s*2\b", f"num_output: {classes}", text[at:], count=1)
@@ -158,6 +163,8 @@ def build_proxy(case: rc.Case, folder: Path, head: str) -> dict[str, float]:
                  "test_top1": float(((test @ w.T + b).argmax(1) == flower_labels(original / "test272.txt")).mean())}
     weights[HEAD] = [w.astype(np.float32), b.astype(np.float32)]
     caffe_io.write_caffemodel(caffemodel, graph.to_net(), weights)
+    if head == "distilled":
+        kept.write_text(json.dumps(found))
     return found
 
 
@@ -205,12 +212,6 @@ def refit_line(step: dict[str, Any]) -> str:
         rounds.append(f"{r['images']}, {r['layers']}, {len(r['skipped'])}, {kl}, {r['kept']}, {r['seconds']} s")
     return ("Refit rounds (images, layers refit, left as they were, held-out KL before -> after, kept, seconds): "
             + ("; ".join(rounds) or "none") + ".")
-
-
-def commit() -> str:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE.parent, capture_output=True, text=True,
-                          check=False)
-    return done.stdout.strip()
 
 
 def run(command: list[str], log: Path) -> None:
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                + (f" --head trained --mode {args.mode}" if trained else "")
                + (" --head distilled" if args.head == "distilled" else "")
                + (f" --max-drop {args.max_drop}" if args.max_drop else "")
-               + f"` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit()}, 1 OpenBLAS thread).")
+               + f"` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {rc.commit()}, 1 OpenBLAS thread).")
     if trained:
         about = (f" The proxy: open_nsfw's real ResNet-50 trunk with a 17-way head trained here on the 500 photos' "
                  f"flowers17 classes (softmax regression on the pooled features: top-1 {head['train_top1']:.2%} on "

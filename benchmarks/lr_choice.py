@@ -257,8 +257,7 @@ def select(names: list[str], cases: dict[str, rc.Case]) -> list[tuple[rc.Case, r
 
 
 def machine() -> dict[str, Any]:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, cwd=ROOT, capture_output=True, text=True)
-    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit.stdout.strip(),
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": rc.commit(),
             "host": platform.node(), "cpus": os.cpu_count(), "load": os.getloadavg(),
             "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS")}
 

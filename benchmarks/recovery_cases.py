@@ -87,6 +87,13 @@ def log(message: str) -> None:
 example.log = log  # the example's stages report on stdout; here stdout is for the manifests
 
 
+def commit() -> str:
+    """The checkout's short commit, for the result files."""
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          check=False)
+    return done.stdout.strip()
+
+
 def deeprebirth_cli() -> str:
     return str(Path(sys.executable).parent / "deeprebirth")
 

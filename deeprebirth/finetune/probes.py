@@ -149,9 +149,9 @@ def search(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: Allo
     reference = reference_rate(options.solver, data.batch, gradient_scale(spec))
     # without a search: Adam's per-parameter steps are the safe choice for SGD's users; a refit start is close to
     # the original already, and the rescue rate stepped away from it (docs/decisions/adam-rescue.md)
-    rescue_lr = RESCUE[1] * slower_rate(RESCUE[0]) if refit_start else RESCUE[1]
-    fallback = (replace(options, solver=RESCUE[0], lr=rescue_lr) if rescue else
-                replace(options, lr=reference * LR_FACTORS[0]))
+    rescue_from_refit = rescue and refit_start
+    fallback = (replace(options, solver=RESCUE[0], lr=RESCUE[1] * (slower_rate(RESCUE[0]) if rescue_from_refit else 1))
+                if rescue else replace(options, lr=reference * LR_FACTORS[0]))
     seconds_per_iteration = None
     if allot.seconds is not None:
         seconds_per_iteration = time_iterations(spec, data, replace(options, lr=reference, lr_policy="fixed"), tag)
@@ -166,8 +166,7 @@ def search(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: Allo
     plan = plan_probes(options.solver, fit, seconds_per_iteration, eval_seconds / len(evaluate.indices),
                        len(evaluate.indices), reference)
     if not plan.candidates:
-        why = " (a tenth of the rescue rate: the phase starts from a least-squares refit)" if refit_start and rescue \
-            else ""
+        why = " (a tenth of the rescue rate: the phase starts from a least-squares refit)" if rescue_from_refit else ""
         return Choice(spec, fallback, note=f"no search ({plan.reason}): {fallback.solver} {fallback.lr:g}{why}",
                       seconds_per_iteration=seconds_per_iteration)
     probes = Probes(spec, data, options, plan, Evaluator(spec, data, evaluate.indices[:plan.images]), tag, notify,
