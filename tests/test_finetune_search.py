@@ -18,6 +18,7 @@ from deeprebirth.finetune.phase import keeps
 from deeprebirth.finetune.phase_types import PhaseSpec
 from deeprebirth.finetune.probes import gradient_scale, loss_rate
 from deeprebirth.finetune.search import (
+    ADAPTIVE,
     FEW_FACTORS,
     LR_FACTORS,
     MIN_PROBE,
@@ -25,7 +26,9 @@ from deeprebirth.finetune.search import (
     choose,
     default_loss_first,
     next_rate,
+    next_solver,
     pick_rate,
+    pick_solver,
     plan_probes,
     reference_rate,
     significantly_worse,
@@ -91,6 +94,28 @@ def test_another_loss_wins_only_beyond_the_noise() -> None:
     far = dict(close)
     far[Candidate("sgd", 1e-2, "regression")] = truth - 0.4
     assert choose(far, default_loss_first).loss == "regression"
+
+
+def test_without_labels_adam_replaces_sgds_rate_only_beyond_the_noise() -> None:
+    rng = np.random.default_rng(4)
+    truth = rng.normal(1.0, 0.3, 300)
+    sgd = Candidate("sgd", 6.25e-3)
+    solver, first, (lower, higher) = ADAPTIVE
+    head, low, high = Candidate(solver, first), Candidate(solver, lower), Candidate(solver, higher)
+    assert next_solver({sgd: truth}, sgd) == head
+    # the first rate level with SGD's (better by noise only): the lower one is read, against SGD's
+    level = {sgd: truth, head: truth - 0.002 + rng.normal(0, 0.1, 300)}
+    assert next_solver(level, sgd) == low and pick_solver(level, sgd) == sgd
+    lower_won = {**level, low: truth - 0.2}
+    assert pick_solver(lower_won, sgd) == low and next_solver(lower_won, sgd) is None
+    assert pick_solver({**level, low: truth + rng.normal(0, 0.1, 300)}, sgd) == sgd
+    # the first rate clearly better: the higher one is read, against it
+    clear = {sgd: truth, head: truth - 0.2}
+    assert next_solver(clear, sgd) == high and pick_solver(clear, sgd) == head
+    assert pick_solver({**clear, high: truth - 0.2 + rng.normal(0, 0.1, 300)}, sgd) == head
+    higher_won = {**clear, high: truth - 0.4}
+    assert pick_solver(higher_won, sgd) == high and next_solver(higher_won, sgd) is None
+    assert pick_solver({**clear, high: np.full(300, np.inf)}, sgd) == head  # a diverged probe never wins
 
 
 def phase(objective: str, temperature: float) -> PhaseSpec:

@@ -17,6 +17,7 @@ from deeprebirth.finetune.evaluator import Evaluator
 from deeprebirth.finetune.options import DEFAULT_TEMPERATURE
 from deeprebirth.finetune.phase_types import Allotment, PhaseData, PhaseSpec, Weights
 from deeprebirth.finetune.search import (
+    ADAPTIVE,
     LOW_AGREEMENT,
     LR_FACTORS,
     MOMENTUM_SOLVERS,
@@ -28,7 +29,9 @@ from deeprebirth.finetune.search import (
     default_loss_first,
     improves,
     next_rate,
+    next_solver,
     pick_rate,
+    pick_solver,
     plan_probes,
     reference_rate,
     slower_rate,
@@ -182,6 +185,13 @@ def search(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: Allo
                  f"({1 / slower_rate(chosen.solver):g} times below {chosen.describe(options.solver)})")
         return Choice(spec, slower, None, 0, plan.iterations * len(probes.scores), probes.described(options.solver),
                       note, seconds_per_iteration)
+    if spec.objective == "kd" and chosen.solver in MOMENTUM_SOLVERS:  # distillation without labels, SGD kept
+        sgd = chosen
+        while (candidate := next_solver(probes.scores, sgd)) is not None:
+            probes.run(candidate)
+        chosen = pick_solver(probes.scores, sgd)
+        note += (f"; {chosen.describe(options.solver)} beat {sgd.describe(options.solver)} beyond the noise"
+                 if chosen != sgd else f"; {ADAPTIVE[0]} probed, {sgd.describe(options.solver)} kept")
     if variant is not None and before.get("agreement", 1.0) < LOW_AGREEMENT:
         chosen = probes.pick_loss(chosen)
         against = ("KD at T=1 at the rate scaled to its pull" if "kd1" in probes.other_losses() else

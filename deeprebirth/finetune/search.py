@@ -31,6 +31,12 @@ started over: training goes on from its probe's weights.
 (why, measured: docs/decisions/adam-rescue.md). When no probe at all improved on the start (a least-squares refit
 start on an ImageNet-size net), training does not go on from one: it starts from the phase's start at the chosen
 rate times ``slower_rate`` (a tenth for Adam), as a back-off would after three evaluations, and no loss is probed.
+**Solver without labels** (``pick_solver``): in mimic mode SGD's chosen rate is probed against Adam, its steps
+relative to each layer's weights (``ADAPTIVE``): first at 3e-3; where that beats SGD beyond the noise, at 1e-2
+too, which replaces it only beyond the noise again; where it does not, at 1e-3, which replaces SGD only beyond the
+noise. Distilling the original's outputs, Adam at its best rate came closer to them than SGD at its best on all
+four small nets measured, and the best rate differed from net to net (docs/decisions/adam-without-labels.md);
+where SGD holds, its two probes cost two shares of the search.
 **Losses**: where the slim net's top-1 agreement with the original starts below ``LOW_AGREEMENT``, KD at T=1
 (unless the phase distils at T=1 already: ``--temperature 1``) and regression on the logits (``spec.LOSSES``) are
 probed beside KD at the run's temperature, at the chosen rate moved by the loss's gradient scale
@@ -53,6 +59,8 @@ MOMENTUM_SOLVERS = ("sgd", "nesterov")
 REFERENCE_BATCH = 32  # the batch REFERENCE_LR is for ...
 REFERENCE_GRADIENT = 2.5  # ... and the loss's gradient scale: label mode's w·T + (1 - w) at w = 0.5, T = 4
 RESCUE = ("adam", 1e-4)  # for SGD's users: without a search, or when every SGD rate diverges
+ADAPTIVE = ("adam", 3e-3, (1e-3, 1e-2))  # without labels, probed against SGD's choice: solver, first rate, then
+# the higher one after the first won, or the lower one after it lost
 SEARCH_SHARE = 0.15  # of the phase's allotment (the winner's probe is not lost: training goes on from it)
 MIN_PROBE = 8  # iterations per probe; fewer say nothing
 MAX_PROBE = 200
@@ -187,6 +195,42 @@ def next_rate(candidates: Sequence[Candidate], scores: dict[Candidate, np.ndarra
             return c
         if improved(c):
             return None
+    return None
+
+
+def adaptive_order(scores: dict[Candidate, np.ndarray], chosen: Candidate) -> tuple[list[Candidate], Candidate]:
+    """Adam's probes in the order ``pick_solver`` reads them, and what they are measured against: the first rate
+    against SGD's ``chosen``; after it won, the higher rate against it; after it lost, the lower against SGD's."""
+    solver, first, others = ADAPTIVE
+    head = Candidate(solver, first)
+    if head not in scores or not significantly_worse(scores[chosen], scores[head]):
+        return [head, *(Candidate(solver, lr) for lr in sorted(others, reverse=True) if lr < first)], chosen
+    return [head, *(Candidate(solver, lr) for lr in sorted(others) if lr > first)], head
+
+
+def pick_solver(scores: dict[Candidate, np.ndarray], chosen: Candidate) -> Candidate:
+    """Without labels: SGD's ``chosen`` rate, or the Adam probe that beats it beyond the noise (``ADAPTIVE``): the
+    first rate, the higher one where that beats the first too, the lower one where the first lost."""
+    order, against = adaptive_order(scores, chosen)
+    best = chosen if against == chosen else against
+    for candidate in order[1:]:
+        if candidate not in scores or not significantly_worse(scores[best], scores[candidate]):
+            break
+        best = candidate
+    return best
+
+
+def next_solver(scores: dict[Candidate, np.ndarray], chosen: Candidate) -> Candidate | None:
+    """The next of Adam's probes ``pick_solver`` would read; None once its choice is settled."""
+    order, against = adaptive_order(scores, chosen)
+    best = chosen if against == chosen else against
+    for candidate in order:
+        if candidate not in scores:
+            return candidate
+        if candidate != order[0]:
+            if not significantly_worse(scores[best], scores[candidate]):
+                return None
+            best = candidate
     return None
 
 
