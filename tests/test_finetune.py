@@ -120,6 +120,32 @@ def test_the_final_change_carries_its_paired_standard_error(nets: dict[str, str]
     assert f"(change {change:+.2f} points, standard error {100 * shown['change_error']:.2f}, paired)" in done.output
 
 
+def test_labels_the_original_only_guesses_on_are_reported_as_ignored(nets: dict[str, str], tmp_path: Path) -> None:
+    """Labels one class off the original's predictions (class folders numbered in another order): its held-out
+    top-1 against them is 0%, so the run reports agreement instead of a top-1 "change" measured against nonsense."""
+    shifted = tmp_path / "shifted.npz"
+    data = np.load(nets["data"])
+    np.savez(shifted, x=data["x"], y=(data["y"] + 1) % (int(data["y"].max()) + 1))
+    flags = ["--budget", "10it", "--batch", "16", "--holdout", "0.25", "--scale", repr(1 / 255), "--solver", "adam",
+             "--lr", "1e-3", "--mode", "mimic"]
+    shown = {}
+    for name, path in (("shifted", str(shifted)), ("own", nets["data"])):
+        report = tmp_path / f"{name}.json"
+        done = CliRunner().invoke(main, ["finetune", nets["original"], nets["original_weights"], nets["slim"],
+                                         nets["slim_weights"], "--report", nets["report"], "--data", path,
+                                         "--out", str(tmp_path / f"{name}.caffemodel"), "--json", str(report), *flags])
+        assert done.exit_code == 0, done.output
+        shown[name] = (json.loads(report.read_text()), done.output)
+    (shifted_report, shifted_output), (own_report, own_output) = shown["shifted"], shown["own"]
+    assert shifted_report["original_accuracy"] == 0.0 and shifted_report["labels_ignored"]
+    assert "labels ignored" in shifted_output and "held-out top-1 (" not in shifted_output
+    after = shifted_report["steps"][-1]["agreement_after"]
+    assert "agreement with the original: before fine-tuning" in shifted_output
+    assert f"after {100 * after:.2f}%" in shifted_output
+    assert own_report["original_accuracy"] == 1.0 and not own_report["labels_ignored"]
+    assert "held-out top-1 (" in own_output and "labels ignored" not in own_output
+
+
 def change_error_by_evaluate(nets: dict[str, str], out: Path, result, tmp_path: Path) -> float:  # type: ignore[no-untyped-def]
     """The noise on the final change as `evaluate --reference` finds it on the run's held-out images (the same
     split of ``options()``' data, the same transform), checked to be the images the run measured."""

@@ -13,12 +13,13 @@ from helpers import graph_from_text, save
 from nets import tiny_inception
 
 from deeprebirth import api
+from deeprebirth.caffe.evaluate import labels_are_its_classes
 from deeprebirth.cli import main
 from deeprebirth.finetune import FinetuneOptions, FinetuneResult, StepResult
 from deeprebirth.io.caffe_io import read_prototxt
 from deeprebirth.plan.candidates import Candidate
 from deeprebirth.plan.recoverable import permit, select
-from deeprebirth.plan.risk import RISK_BATCH, Risk, labels_are_its_classes, measured, risk_options, share_budget
+from deeprebirth.plan.risk import RISK_BATCH, Risk, measured, risk_options, share_budget
 from deeprebirth.rules import RULES, Match
 
 SIZE = 32

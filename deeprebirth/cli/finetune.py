@@ -50,7 +50,11 @@ def finetune_command(original_prototxt: str, original_weights: str, slim_prototx
         click.echo(f"batch {result.batch} ({result.batch_rule})")
         if result.views_rule:
             click.echo(f"training views: {result.views_rule}")
-    if result.held_out:
+    if result.labels_ignored:
+        click.echo(f"held-out labels ignored ({result.held_out} images): the original's top-1 against them, "
+                   f"{pct(result.original_accuracy)}, is no better than a guess; agreement with the original: before "
+                   f"fine-tuning {pct(result.steps[0].agreement_before)}, after {pct(result.steps[-1].agreement_after)}")
+    elif result.held_out:
         click.echo(f"held-out top-1 ({result.held_out} images): original {pct(result.original_accuracy)}, slim "
                    f"before fine-tuning {pct(result.slim_accuracy)}, after {pct(result.final_accuracy)}"
                    + (f" (change {100 * (result.final_accuracy - result.original_accuracy):+.2f} points, standard "

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from deeprebirth.caffe.data import CROP_BANK, Batches, PathLike
-from deeprebirth.caffe.evaluate import NetIO, paired_change_error, predict, set_input, top1_hits
+from deeprebirth.caffe.evaluate import NetIO, labels_are_its_classes, paired_change_error, predict, set_input, top1_hits
 from deeprebirth.caffe.runtime import import_caffe, on_device
 from deeprebirth.errors import DeepRebirthError
 from deeprebirth.finetune.budget import EVAL_SHARE, Budget, Clock, phase_weights, share_time
@@ -160,7 +160,9 @@ def _finetune(original_prototxt: PathLike, original_weights: PathLike, slim_prot
                             [s.name for s in ctx.steps], complete, resumed, len(ctx.val_indices),
                             state["baseline"].get("original"), state["baseline"].get("slim"), final_accuracy,
                             str(out) if complete else None, report, str(ctx.work), time.perf_counter() - started,
-                            batch, state["batch_rule"], str(state.get("views_rule", "")), change_error=change_error)
+                            batch, state["batch_rule"], str(state.get("views_rule", "")), change_error=change_error,
+                            labels_ignored=state["baseline"].get("original") is not None and not labels_are_its_classes(
+                                state["baseline"]["original"], len(ctx.val_indices), ctx.io.classes))
     if report is not None:
         _write_report(result, options, fingerprint)
     notify(Progress("finished", len(finished), len(ctx.steps)))

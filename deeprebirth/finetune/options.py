@@ -172,6 +172,7 @@ class FinetuneResult:
     views_rule: str = ""  # how many crops per image the training views draw from, and why ("": no random crop)
     note: str = ""  # why nothing was trained, where nothing was
     change_error: float | None = None  # standard error of final - original held-out top-1, paired over the images
+    labels_ignored: bool = False  # the original only guesses on the held-out labels (placeholders): no top-1
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from deeprebirth.caffe.data import PathLike
-from deeprebirth.caffe.evaluate import NetIO
+from deeprebirth.caffe.evaluate import NetIO, labels_are_its_classes
 from deeprebirth.finetune import FinetuneOptions, FinetuneResult, StepResult, finetune_files
 from deeprebirth.finetune.budget import Budget
 from deeprebirth.finetune.train import SolverOptions
@@ -125,17 +124,6 @@ def risk_options(budget: str = DEFAULT_BUDGET, **settings: object) -> FinetuneOp
     return replace(FinetuneOptions(budget=budget, batch=RISK_BATCH, solver=RISK_SOLVER), **settings)  # type: ignore[arg-type]
 
 
-CHANCE_Z = 3.0  # binomial standard deviations above a guess that make labels the net's own classes
-
-
-def labels_are_its_classes(accuracy: float | None, images: int, classes: int) -> bool:
-    """Whether held-out labels are the net's classes: the original's top-1 against them (``accuracy`` over
-    ``images``) beats a guess among ``classes`` by more than ``CHANCE_Z`` standard deviations. On 125 images that is
-    2 hits of 1,000 classes, 12% of 17 and 64% of 2."""
-    if accuracy is None or images == 0:
-        return False
-    guess = 1 / max(classes, 1)
-    return accuracy * images > images * guess + CHANCE_Z * math.sqrt(images * guess * (1 - guess))
 
 
 def measured(k: int, chain: Sequence[int], result: FinetuneResult, classes: int) -> Risk:
