@@ -211,8 +211,7 @@ def adaptive_order(scores: dict[Candidate, np.ndarray], chosen: Candidate) -> tu
 def pick_solver(scores: dict[Candidate, np.ndarray], chosen: Candidate) -> Candidate:
     """Without labels: SGD's ``chosen`` rate, or the Adam probe that beats it beyond the noise (``ADAPTIVE``): the
     first rate, the higher one where that beats the first too, the lower one where the first lost."""
-    order, against = adaptive_order(scores, chosen)
-    best = chosen if against == chosen else against
+    order, best = adaptive_order(scores, chosen)
     for candidate in order[1:]:
         if candidate not in scores or not significantly_worse(scores[best], scores[candidate]):
             break
@@ -222,8 +221,7 @@ def pick_solver(scores: dict[Candidate, np.ndarray], chosen: Candidate) -> Candi
 
 def next_solver(scores: dict[Candidate, np.ndarray], chosen: Candidate) -> Candidate | None:
     """The next of Adam's probes ``pick_solver`` would read; None once its choice is settled."""
-    order, against = adaptive_order(scores, chosen)
-    best = chosen if against == chosen else against
+    order, best = adaptive_order(scores, chosen)
     for candidate in order:
         if candidate not in scores:
             return candidate

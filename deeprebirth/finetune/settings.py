@@ -41,7 +41,9 @@ FINETUNE_OPTIONS: tuple[Option, ...] = (
            help="images per update  [default: 32, or 16 or 8 where the budget would buy fewer than 400 updates "
                 "(see docs/finetune.md)]"),
     Option("lr", float, DEFAULT.solver.lr, help="base learning rate (default: searched per phase on held-out data)"),
-    Option("solver", str, DEFAULT.solver.solver, choices=tuple(SOLVER_TYPES), help="the Caffe solver type"),
+    Option("solver", str, DEFAULT.solver.solver, choices=tuple(SOLVER_TYPES),
+           help="the Caffe solver type; with sgd and no --lr the search may switch to adam: where every SGD rate "
+           "diverges, and without labels where Adam's probe beats SGD's beyond the noise"),
     Option("momentum", float, DEFAULT.solver.momentum, help="the solver's momentum"),
     Option("weight_decay", float, DEFAULT.solver.weight_decay, help="the solver's weight decay"),
     Option("val", str, None, path="any", help="held-out data (default: --holdout of --data)"),

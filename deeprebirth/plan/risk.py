@@ -124,8 +124,6 @@ def risk_options(budget: str = DEFAULT_BUDGET, **settings: object) -> FinetuneOp
     return replace(FinetuneOptions(budget=budget, batch=RISK_BATCH, solver=RISK_SOLVER), **settings)  # type: ignore[arg-type]
 
 
-
-
 def measured(k: int, chain: Sequence[int], result: FinetuneResult, classes: int) -> Risk:
     """A candidate's risk from its short run's result (of a net with ``classes`` outputs); a run without an update
     keeps no "after" figures."""
