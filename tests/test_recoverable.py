@@ -121,16 +121,16 @@ def test_labels_the_original_only_guesses_on_are_read_as_no_labels() -> None:
     assert not labels_are_its_classes(0.10, 125, 17) and not labels_are_its_classes(0.6, 125, 2)
     assert labels_are_its_classes(1.0, 125, 2) and not labels_are_its_classes(None, 125, 2)
 
-    def short_run(original: float, before: float, after: float) -> FinetuneResult:
+    def short_run(original: float, before: float, after: float, classes: int) -> FinetuneResult:
         step = StepResult(1, "whole", [], [], "", "kd", 10, 0, 40, 40, False, 1e-4, {}, "adam", 1.0, 0.5, before,
                           after, None, None, 0.4, 0.1, 0.04, 0.7, 60.0)
         return FinetuneResult("mimic", "whole", "1m", [step], ["whole"], True, 0, 125, original, before, None, "o",
-                              "r", "w", 60.0)
+                              "r", "w", 60.0, labels_ignored=not labels_are_its_classes(original, 125, classes))
 
-    placeholder = measured(0, [0], short_run(0.0, 0.0, 0.0), classes=1000)
+    placeholder = measured(0, [0], short_run(0.0, 0.0, 0.0, 1000))
     assert placeholder.labels_ignored and not placeholder.labelled
     assert placeholder.drop_before == pytest.approx(96.0) and placeholder.drop_after == pytest.approx(30.0)
-    real = measured(0, [0], short_run(0.9, 0.2, 0.85), classes=17)
+    real = measured(0, [0], short_run(0.9, 0.2, 0.85, 17))
     assert not real.labels_ignored and real.labelled
     assert real.drop_before == pytest.approx(70.0) and real.drop_after == pytest.approx(5.0)
 
@@ -140,7 +140,7 @@ def test_a_short_run_without_an_update_reports_no_after_figures() -> None:
                       None, None, None, None, 0.4, 0.4, 0.9, 0.9, 12.0)
     result = FinetuneResult("mimic", "whole", "30s", [step], ["whole"], True, 0, 64, None, None, None, "o", "r", "w",
                             30.0)
-    r = measured(3, [1, 3], result, classes=10)
+    r = measured(3, [1, 3], result)
     assert r.with_merges == [1] and not r.updated and r.iterations == 0
     assert r.agreement_before == 0.9 and r.agreement_after is None and r.output_error_after is None
     assert r.drop_before == pytest.approx(10.0) and r.drop_after is None

@@ -19,11 +19,11 @@ A run that made no solver iteration at all says so (``Risk.updated`` is False) a
 "after" would only repeat the merged net's.
 
 The **drop** a merge costs, in points: with labels, the original's held-out top-1 minus the net's; without, 100 x
-(1 - top-1 agreement with the original). Labels count only where they are the net's own classes
-(``labels_are_its_classes``): the original's top-1 against them must beat a guess beyond the noise. Photos listed
-with one placeholder label, or class folders numbered in another order than the net's outputs, are read as
-unlabelled, so that a drop of 0 points is not read off a top-1 of 0% before and after. ``share_budget`` splits a
-fine-tuning budget over the runs.
+(1 - top-1 agreement with the original). Labels count only where they are the net's own classes: the short run
+itself checks that the original's top-1 against them beats a guess beyond the noise
+(``caffe.evaluate.labels_are_its_classes``). Photos listed with one placeholder label, or class folders numbered in
+another order than the net's outputs, are read as unlabelled, so that a drop of 0 points is not read off a top-1 of
+0% before and after. ``share_budget`` splits a fine-tuning budget over the runs.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from deeprebirth.caffe.data import PathLike
-from deeprebirth.caffe.evaluate import NetIO, labels_are_its_classes
 from deeprebirth.finetune import FinetuneOptions, FinetuneResult, StepResult, finetune_files
 from deeprebirth.finetune.budget import Budget
 from deeprebirth.finetune.train import SolverOptions
@@ -124,13 +123,12 @@ def risk_options(budget: str = DEFAULT_BUDGET, **settings: object) -> FinetuneOp
     return replace(FinetuneOptions(budget=budget, batch=RISK_BATCH, solver=RISK_SOLVER), **settings)  # type: ignore[arg-type]
 
 
-def measured(k: int, chain: Sequence[int], result: FinetuneResult, classes: int) -> Risk:
-    """A candidate's risk from its short run's result (of a net with ``classes`` outputs); a run without an update
-    keeps no "after" figures."""
+def measured(k: int, chain: Sequence[int], result: FinetuneResult) -> Risk:
+    """A candidate's risk from its short run's result; a run without an update keeps no "after" figures, and labels
+    the run ignored (``FinetuneResult.labels_ignored``) give no top-1 figures."""
     step: StepResult = result.steps[-1]
     moved = step.iterations > 0
-    ignored = result.original_accuracy is not None and not labels_are_its_classes(result.original_accuracy,
-                                                                                  result.held_out, classes)
+    ignored = result.labels_ignored
     accuracy = (None, None, None) if ignored else (result.original_accuracy, step.accuracy_before,
                                                    step.accuracy_after if moved else None)
     return Risk(k, list(chain[:-1]), step.agreement_before, step.agreement_after if moved else None,
@@ -175,7 +173,6 @@ def assess(prototxt: PathLike, weights: PathLike, candidates: Sequence[Candidate
     whole; default: ``risk_options()``)."""
     config = config or RuleConfig()
     graph = load_model(prototxt, weights)
-    classes = NetIO.of(graph, str(prototxt)).classes
     base = options or risk_options()
     short = replace(base, mode="mimic", schedule="whole", resume=False, max_steps=None, report=None, work_dir=None)
     lossy = [k for k, c in enumerate(candidates) if c.risk == "lossy" and (which is None or k in which)]
@@ -198,5 +195,5 @@ def assess(prototxt: PathLike, weights: PathLike, candidates: Sequence[Candidate
             result = finetune_files(prototxt, weights, slim_proto, slim_model, report, data,
                                     folder / f"merge{k}_tuned.caffemodel",
                                     replace(short, work_dir=folder / f"merge{k}.work"))
-            risks.append(measured(k, chain, result, classes))
+            risks.append(measured(k, chain, result))
     return risks
