@@ -139,6 +139,7 @@ def test_labels_the_original_only_guesses_on_are_reported_as_ignored(nets: dict[
     (shifted_report, shifted_output), (own_report, own_output) = shown["shifted"], shown["own"]
     assert shifted_report["original_accuracy"] == 0.0 and shifted_report["labels_ignored"]
     assert "labels ignored" in shifted_output and "held-out top-1 (" not in shifted_output
+    assert shifted_output.count("labels ignored") == 1 + len(shifted_report["steps"])  # the table's column too
     after = shifted_report["steps"][-1]["agreement_after"]
     assert "agreement with the original: before fine-tuning" in shifted_output
     assert f"after {100 * after:.2f}%" in shifted_output

@@ -46,7 +46,7 @@ def finetune_command(original_prototxt: str, original_weights: str, slim_prototx
     if result.note:
         click.echo(result.note)
     else:
-        click.echo(finetune_table(result.steps))
+        click.echo(finetune_table(result.steps, result.labels_ignored))
         click.echo(f"batch {result.batch} ({result.batch_rule})")
         if result.views_rule:
             click.echo(f"training views: {result.views_rule}")

@@ -128,7 +128,7 @@ def num(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-def finetune_table(steps: Sequence[Any]) -> str:
+def finetune_table(steps: Sequence[Any], labels_ignored: bool = False) -> str:
     def layers(names: Sequence[str]) -> str:
         return ", ".join(names) if len(names) <= 2 else f"{', '.join(names[:2])} +{len(names) - 2}"
 
@@ -137,7 +137,8 @@ def finetune_table(steps: Sequence[Any]) -> str:
 
     rows = [[f"{s.index}. {s.name if s.rules == ['final'] else layers(s.relearn)}",
              "+".join(api.RULE_LABELS.get(r, r) for r in s.rules), s.target, f"{s.lr:.3g} {s.solver}",
-             f"{s.best_iteration}/{s.iterations}", change(s.accuracy_before, s.accuracy_after, pct),
+             f"{s.best_iteration}/{s.iterations}",
+             "labels ignored" if labels_ignored else change(s.accuracy_before, s.accuracy_after, pct),
              change(s.agreement_before, s.agreement_after, pct),
              change(s.error_before, s.error_after, num), change(s.output_error_before, s.output_error_after, num),
              f"{s.seconds:.1f}"] for s in steps]
@@ -330,11 +331,8 @@ def accuracy_text(chosen: Any) -> str:
                      f"{c.time_saved_ms:.2f} ms ({chosen.share_of_net(d.candidate):.1f}%)",
                      f"{points(r.drop_before)} -> {points(r.drop_after)}" if r.updated
                      else f"{points(r.drop_before)} (no update)", r.iterations, f"{r.seconds:.0f}", d.reason])
-    if rows:
-        lines.append(table(["#", "choice", "rule", "at", "time saved (of net)", "drop (points)", "updates",
-                            "seconds", "why"], rows))
-    else:
-        lines.append("no lossy merge to choose from")
+    lines.append(table(["#", "choice", "rule", "at", "time saved (of net)", "drop (points)", "updates", "seconds",
+                        "why"], rows) if rows else "no lossy merge to choose from")
     lines += [f"drop: points of held-out {r.measure}" for r in chosen.risks.values() if r.labels_ignored][:1]
     out = chosen.left_out
     if out:
