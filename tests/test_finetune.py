@@ -229,6 +229,18 @@ def test_mimic_mode_needs_no_labels(nets: dict[str, str], tmp_path: Path) -> Non
         run(nets, tmp_path / "label.caffemodel", options(budget="12it"), data=str(unlabelled))
 
 
+@pytest.mark.parametrize("mode, reference", [("label", 3e-4), ("mimic", 3e-3)])
+def test_adam_given_without_a_rate_is_searched_from_its_modes_reference(nets: dict[str, str], tmp_path: Path,
+                                                                       mode: str, reference: float) -> None:
+    """Without labels, ``--solver adam`` reads its grid outward from the rate its probes against SGD start at."""
+    result = run(nets, tmp_path / "final.caffemodel", options(schedule="whole", budget="400it", patience=0,
+                                                               solver=SolverOptions("adam", lr=None), mode=mode))
+    step = result.steps[0]
+    assert f"reference rate {reference:g}" in step.search, step.search
+    assert float(next(iter(step.lr_search))) == pytest.approx(reference), step.lr_search
+    assert step.solver == "adam" and not any(c.startswith("adam") for c in step.lr_search)
+
+
 @pytest.mark.parametrize("mode, temperature", [("label", 4.0), ("mimic", 1.0)])
 def test_the_learning_rate_is_searched_on_held_out_data(nets: dict[str, str], tmp_path: Path, mode: str,
                                                          temperature: float) -> None:

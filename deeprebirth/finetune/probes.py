@@ -149,12 +149,14 @@ def search(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: Allo
     if options.lr is not None:
         return Choice(spec, options, note="rate given")
     rescue = options.solver in MOMENTUM_SOLVERS
-    reference = reference_rate(options.solver, data.batch, gradient_scale(spec))
+    reference = reference_rate(options.solver, data.batch, gradient_scale(spec), spec.objective == "kd")
     # without a search: Adam's per-parameter steps are the safe choice for SGD's users; a refit start is close to
-    # the original already, and the rescue rate stepped away from it (docs/decisions/adam-rescue.md)
+    # the original already, and the rescue rate stepped away from it (docs/decisions/adam-rescue.md). Users of
+    # another solver get the lowest rate of its grid, from the label-mode reference (no search to back a higher one)
     rescue_from_refit = rescue and refit_start
+    lowest = reference_rate(options.solver, data.batch, gradient_scale(spec)) * LR_FACTORS[0]
     fallback = (replace(options, solver=RESCUE[0], lr=RESCUE[1] * (slower_rate(RESCUE[0]) if rescue_from_refit else 1))
-                if rescue else replace(options, lr=reference * LR_FACTORS[0]))
+                if rescue else replace(options, lr=lowest))
     seconds_per_iteration = None
     if allot.seconds is not None:
         seconds_per_iteration = time_iterations(spec, data, replace(options, lr=reference, lr_policy="fixed"), tag)
