@@ -98,8 +98,8 @@ def reference_rate(solver: str, batch: int, gradient_scale: float, distilling: b
     (``w·T + (1 - w)`` for KD weight w at temperature T: distillation alone at T=4 pulls 4 / 2.5 times as hard as
     label mode's half-and-half mix, so it takes 2.5 / 4 of the rate). Adaptive solvers (Adam, ...) normalise their
     steps: their reference stands, except Adam's when ``distilling`` (mimic mode): ``ADAPTIVE``'s first rate, as
-    the probes against SGD use (fixed at 3e-4, flowers17 ended 3.3 points of agreement below 3e-3's 90.81%;
-    docs/decisions/adam-without-labels.md)."""
+    the probes against SGD use (at a fixed 3e-4 flowers17 ended at 87.50% agreement, at 1e-3 to 5e-3 at 90.07% to
+    90.81%; docs/decisions/adam-without-labels.md)."""
     rate = ADAPTIVE[1] if distilling and solver == ADAPTIVE[0] else REFERENCE_LR.get(solver, 1e-3)
     if solver in MOMENTUM_SOLVERS:
         rate *= batch / REFERENCE_BATCH * REFERENCE_GRADIENT / gradient_scale
