@@ -229,10 +229,10 @@ def test_mimic_mode_needs_no_labels(nets: dict[str, str], tmp_path: Path) -> Non
         run(nets, tmp_path / "label.caffemodel", options(budget="12it"), data=str(unlabelled))
 
 
-@pytest.mark.parametrize("mode, reference", [("label", 3e-4), ("mimic", 3e-3)])
+@pytest.mark.parametrize("mode, reference", [("label", 3e-4), ("mimic", 1e-3)])
 def test_adam_given_without_a_rate_is_searched_from_its_modes_reference(nets: dict[str, str], tmp_path: Path,
                                                                        mode: str, reference: float) -> None:
-    """Without labels, ``--solver adam`` reads its grid outward from the rate its probes against SGD start at."""
+    """Without labels, ``--solver adam`` reads its grid outward from a higher reference (search.reference_rate)."""
     result = run(nets, tmp_path / "final.caffemodel", options(schedule="whole", budget="400it", patience=0,
                                                                solver=SolverOptions("adam", lr=None), mode=mode))
     step = result.steps[0]

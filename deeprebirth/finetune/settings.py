@@ -44,7 +44,7 @@ FINETUNE_OPTIONS: tuple[Option, ...] = (
     Option("solver", str, DEFAULT.solver.solver, choices=tuple(SOLVER_TYPES),
            help="the Caffe solver type; with sgd and no --lr the search may switch to adam: where every SGD rate "
            "diverges, and without labels where Adam's probe beats SGD's beyond the noise; adam with no --lr searches from "
-           "3e-3 without labels, 3e-4 with"),
+           "1e-3 without labels, 3e-4 with"),
     Option("momentum", float, DEFAULT.solver.momentum, help="the solver's momentum"),
     Option("weight_decay", float, DEFAULT.solver.weight_decay, help="the solver's weight decay"),
     Option("val", str, None, path="any", help="held-out data (default: --holdout of --data)"),
