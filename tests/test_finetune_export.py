@@ -32,7 +32,7 @@ from deeprebirth.finetune.context import held_out_share
 from deeprebirth.finetune.export import export_plan
 from deeprebirth.finetune.losses import softmax
 from deeprebirth.finetune.settings import EXPORT_BUDGET, FINETUNE_OPTIONS, finetune_options
-from deeprebirth.finetune.train import SolverOptions
+from deeprebirth.finetune.train import SOLVER_TYPES, SolverOptions
 from deeprebirth.io import caffe_io
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,6 +149,18 @@ def test_export_refuses_what_a_plain_solver_cannot_do(nets: dict[str, str], tmp_
     with pytest.raises(DeepRebirthError, match="not empty"):
         export(nets, tmp_path / "full", options())
     assert not (tmp_path / "plan").exists() and not list(tmp_path.glob(".plan.*"))  # nothing half-written left
+
+
+@pytest.mark.parametrize("solver, mode, rate", [("adam", "label", 3e-4), ("adam", "mimic", 1e-3),
+                                                ("sgd", "mimic", 0.01)])
+def test_an_exported_solver_without_a_rate_gets_the_searchs_reference(nets: dict[str, str], tmp_path: Path,
+                                                                       solver: str, mode: str, rate: float) -> None:
+    """No search runs in a plain ``caffe train``: the reference the search would start from, at its batch and loss
+    (search.reference_rate), with Adam's own reference without labels."""
+    plan = export(nets, tmp_path / "plan", options(mode=mode, solver=SolverOptions(solver, lr=None)))
+    for step in plan.steps:
+        text = (tmp_path / "plan" / f"step_{step.index}" / "solver.prototxt").read_text()
+        assert f"base_lr: {rate:g}\n" in text and f'type: "{SOLVER_TYPES[solver]}"' in text, text
 
 
 @pytest.mark.parametrize("mode", ["label", "mimic"])

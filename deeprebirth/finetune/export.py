@@ -42,7 +42,7 @@ from deeprebirth.finetune.driver import resolve_auto, resolve_refit
 from deeprebirth.finetune.losses import TEACHER
 from deeprebirth.finetune.options import DEFAULT_BATCH, FinetuneOptions, check_options
 from deeprebirth.finetune.refit import refit_rounds
-from deeprebirth.finetune.search import REFERENCE_LR
+from deeprebirth.finetune.search import REFERENCE_BATCH, REFERENCE_GRADIENT, reference_rate
 from deeprebirth.finetune.spec import blob_counts, phase_spec
 from deeprebirth.finetune.steps import StepNet
 from deeprebirth.finetune.train import relative_steps, solver_text, validate_net
@@ -138,7 +138,9 @@ def _write(ctx: Context, store: dict[str, list[np.ndarray]], teacher: Teacher, o
            budget: Any, out: Path, train_val: PathLike | None, display: int | None) -> ExportResult:
     iterations = phase_iterations(ctx, options, budget)
     batch = options.batch or DEFAULT_BATCH
-    lr = options.solver.lr if options.solver.lr is not None else REFERENCE_LR.get(options.solver.solver, 1e-3)
+    # the search's reference for the reference batch and loss: a plain solver has no search to scale or move it
+    lr = (options.solver.lr if options.solver.lr is not None else
+          reference_rate(options.solver.solver, REFERENCE_BATCH, REFERENCE_GRADIENT, options.mode == "mimic"))
     lr_note = "as given" if options.solver.lr is not None else "the search's reference rate; give a rate to choose"
     solver = replace(options.solver, lr=lr)
     data_layer, described, images = _training_data(ctx, options, batch, out, train_val)
