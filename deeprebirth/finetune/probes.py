@@ -154,9 +154,9 @@ def search(spec: PhaseSpec, data: PhaseData, options: SolverOptions, allot: Allo
     # the original already, and the rescue rate stepped away from it (docs/decisions/adam-rescue.md). Users of
     # another solver get the lowest rate of its grid, from the label-mode reference (no search to back a higher one)
     rescue_from_refit = rescue and refit_start
-    lowest = reference_rate(options.solver, data.batch, gradient_scale(spec)) * LR_FACTORS[0]
     fallback = (replace(options, solver=RESCUE[0], lr=RESCUE[1] * (slower_rate(RESCUE[0]) if rescue_from_refit else 1))
-                if rescue else replace(options, lr=lowest))
+                if rescue else
+                replace(options, lr=reference_rate(options.solver, data.batch, gradient_scale(spec)) * LR_FACTORS[0]))
     seconds_per_iteration = None
     if allot.seconds is not None:
         seconds_per_iteration = time_iterations(spec, data, replace(options, lr=reference, lr_policy="fixed"), tag)
